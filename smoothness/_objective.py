@@ -1,0 +1,164 @@
+"""The one place where a model, a loss and a batch become a function of the parameters.
+
+Every estimator goes through :class:`Objective`. It never writes to the model: parameters are passed to
+``torch.func.functional_call`` as fresh tensors, buffers as clones (so train-mode BatchNorm cannot move the
+running statistics), and the module train/eval flags it sets for the chosen ``bn_mode`` are put back on exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+BN_MODES = ("batch", "running")
+Params = Dict[str, torch.Tensor]
+
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def check_bn_mode(bn_mode: str) -> str:
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {bn_mode!r}: use 'batch' (train-mode BatchNorm, batch statistics) "
+                         f"or 'running' (eval-mode BatchNorm, running statistics)")
+    return bn_mode
+
+
+def trainable_parameters(model: nn.Module) -> Params:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no trainable parameters (none with requires_grad=True); "
+                         "there is no loss landscape to measure")
+    return params
+
+
+def check_batch(batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError("batch must be a pair (inputs, targets)")
+    inputs, targets = batch
+    if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+        raise TypeError(f"batch must hold two tensors, got ({type(inputs).__name__}, {type(targets).__name__})")
+    if inputs.ndim == 0 or inputs.shape[0] == 0:
+        raise ValueError("the batch is empty: inputs have no samples")
+    if targets.ndim == 0 or targets.shape[0] != inputs.shape[0]:
+        n_t = "a scalar" if targets.ndim == 0 else str(targets.shape[0])
+        raise ValueError(f"inputs and targets differ in length: {inputs.shape[0]} inputs, {n_t} targets")
+    return inputs, targets
+
+
+@contextlib.contextmanager
+def estimator_mode(model: nn.Module, bn_mode: str) -> Iterator[None]:
+    """Put every module in the mode the estimate needs and restore each module's own flag afterwards.
+
+    ``batch``: every module in train mode (BatchNorm uses batch statistics) except dropout layers, which are put in
+    eval mode so that the loss is a deterministic function of the parameters. ``running``: everything in eval mode.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        if bn_mode == "batch":
+            for m in model.modules():
+                m.training = not isinstance(m, _DROPOUT)
+        else:
+            for m in model.modules():
+                m.training = False
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class Objective:
+    """L(w; B) for one model, loss and batch, as a function of the trainable parameters."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batch, bn_mode: str = "batch"):
+        self.model = model
+        self.loss_fn = loss_fn
+        self.bn_mode = check_bn_mode(bn_mode)
+        self.params = trainable_parameters(model)
+        self.inputs, self.targets = check_batch(batch)
+        self.names = tuple(self.params)
+        self.base = {n: p.detach() for n, p in self.params.items()}
+        self._buffers = dict(model.named_buffers())
+        self.n_params = sum(p.numel() for p in self.params.values())
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        tensors = {**{n: b.clone() for n, b in self._buffers.items()}, **params}
+        with estimator_mode(self.model, self.bn_mode):
+            outputs = functional_call(self.model, tensors, (self.inputs,))
+        loss = self.loss_fn(outputs, self.targets)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError("loss_fn(outputs, targets) must return a scalar tensor (the mean loss)")
+        return loss.reshape(())
+
+    def leaves(self, shift: Mapping[str, torch.Tensor] | None = None, scale: float = 1.0) -> Params:
+        """Fresh leaf tensors holding w (+ scale * shift), requiring grad."""
+        if shift is None:
+            return {n: p.clone().requires_grad_(True) for n, p in self.base.items()}
+        with torch.no_grad():
+            return {n: (p + scale * shift[n]).requires_grad_(True) for n, p in self.base.items()}
+
+    def loss_and_grad(self, shift=None, scale: float = 1.0, *, check_finite: bool = False):
+        leaves = self.leaves(shift, scale)
+        with torch.enable_grad():
+            loss = self.loss(leaves)
+            if check_finite:
+                self.check_finite(loss)
+            grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True)
+        grad = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(self.names, grads)}
+        return loss.detach(), grad
+
+    @staticmethod
+    def check_finite(loss: torch.Tensor) -> None:
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(f"the loss at w is not finite ({value}); the model has probably diverged, "
+                             f"so smoothness estimates are meaningless here")
+
+    # -- directions ---------------------------------------------------------------------------------------------
+    def check_direction(self, direction, what: str = "direction", allow_zero: bool = False) -> Params:
+        if not isinstance(direction, Mapping):
+            raise TypeError(f"{what} must be a dict keyed like dict(model.named_parameters()), "
+                            f"got {type(direction).__name__}")
+        missing = [n for n in self.names if n not in direction]
+        extra = [n for n in direction if n not in self.params]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if extra:
+                parts.append(f"unexpected keys {extra} (only trainable parameters are allowed)")
+            raise ValueError(f"{what} does not match the model's trainable parameters: " + "; ".join(parts))
+        out = {}
+        for n in self.names:
+            d = direction[n]
+            if not isinstance(d, torch.Tensor):
+                raise TypeError(f"{what}[{n!r}] must be a tensor, got {type(d).__name__}")
+            if d.shape != self.base[n].shape:
+                raise ValueError(f"{what}[{n!r}] has shape {tuple(d.shape)}, "
+                                 f"the parameter has shape {tuple(self.base[n].shape)}")
+            out[n] = d.detach().to(dtype=self.base[n].dtype, device=self.base[n].device)
+        if not allow_zero and all(not torch.any(d != 0) for d in out.values()):
+            raise ValueError(f"{what} is all zeros; give a non-zero {what}")
+        if any(not torch.isfinite(d).all() for d in out.values()):
+            raise ValueError(f"{what} holds non-finite values")
+        return out
+
+
+def norm(tensors: Mapping[str, torch.Tensor] | Sequence[torch.Tensor]) -> float:
+    """The true l2 norm over all tensors together (not a sum of per-tensor norms)."""
+    values = tensors.values() if isinstance(tensors, Mapping) else tensors
+    return math.sqrt(sum(float(torch.sum(t.detach().double() ** 2)) for t in values))
+
+
+def diff_norm(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(torch.sum((a[n].detach().double() - b[n].detach().double()) ** 2)) for n in a))
+
+
+def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    return sum(float(torch.sum(a[n].detach().double() * b[n].detach().double())) for n in a)
