@@ -4,15 +4,16 @@ Every estimator leaves the model exactly as it found it and takes ``bn_mode``: `
 train-mode loss (BatchNorm with batch statistics, the loss SGD optimises), ``"running"`` the eval-mode loss.
 Dropout layers are always off (eval mode) inside estimators, so every number is a deterministic function of w.
 """
-from ._objective import BN_MODES
+from ._objective import BN_MODES, NonFiniteLossError
 from .curvature import EigenResult, TraceResult, directional_curvature, hessian_trace, top_eigenvalues
+from .gradient import loss_and_gradient
 from .hvp import hvp
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .lipschitz import local_lipschitz
 from .probes import LineProbe, line_probe
 
 __all__ = [
-    "BN_MODES", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
+    "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
     "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift",
 ]

@@ -20,6 +20,10 @@ Params = Dict[str, torch.Tensor]
 _DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
 
+class NonFiniteLossError(ValueError):
+    """The loss at w is NaN or infinite (the model has diverged); no estimate is meaningful there."""
+
+
 def check_bn_mode(bn_mode: str) -> str:
     if bn_mode not in BN_MODES:
         raise ValueError(f"unknown bn_mode {bn_mode!r}: use 'batch' (train-mode BatchNorm, batch statistics) "
@@ -117,7 +121,7 @@ class Objective:
     def check_finite(loss: torch.Tensor) -> None:
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise ValueError(f"the loss at w is not finite ({value}); the model has probably diverged, "
+            raise NonFiniteLossError(f"the loss at w is not finite ({value}); the model has probably diverged, "
                              f"so smoothness estimates are meaningless here")
 
     # -- directions ---------------------------------------------------------------------------------------------

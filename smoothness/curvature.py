@@ -48,6 +48,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
         raise ValueError(f"k must satisfy 1 <= k < number of trainable parameters ({objective.n_params}); got {k}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
+        raise ValueError(f"max_iter must be an int >= k ({k}) or None; got {max_iter!r}")
     op = HessianOperator(objective)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     out = lanczos_top(op.matvec, op.n, k, tol=tol, max_iter=max_iter, dtype=op.dtype, device=op.device,

@@ -31,8 +31,8 @@ def lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, 
     """The k algebraically largest eigenvalues of the symmetric n×n operator ``matvec``.
 
     Stops when every wanted Ritz value θ has an estimated error at most ``tol·|θ|``. The estimate is the standard
-    one for Hermitian Lanczos: min(r, r²/gap) with r = |β_j·s_j| the residual norm ‖Hy − θy‖ and gap the distance
-    to the nearest other Ritz value. After n products the Krylov space is the whole space and values are exact.
+    one for Hermitian Lanczos: min(r, r²/gap) with r = |β_j·s_j| the residual norm ‖Hy − θy‖ (a rigorous bound)
+    and gap the distance to the nearest other Ritz value (used only once a Ritz value beyond the k wanted exists). After n products the Krylov space is the whole space and values are exact.
     """
     max_iter = n if max_iter is None else min(max_iter, n)
     if start is None:
@@ -60,8 +60,12 @@ def lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, 
         if m >= k:
             top = order[:k]
             resid = np.abs(beta * s[-1, top])
-            gaps = np.array([np.min(np.abs(np.delete(theta, i) - theta[i])) if m > 1 else np.inf for i in top])
-            bounds = np.minimum(resid, resid ** 2 / np.maximum(gaps, 1e-300))
+            if m > k:
+                # the quadratic bound needs a gap estimate: only once there is a Ritz value beyond the wanted ones
+                gaps = np.array([np.min(np.abs(np.delete(theta, i) - theta[i])) for i in top])
+                bounds = np.minimum(resid, resid ** 2 / np.maximum(gaps, 1e-300))
+            else:
+                bounds = resid
             values = theta[top]
             scale = np.maximum(np.abs(values), np.finfo(float).tiny)
             if np.all(bounds <= tol * scale) or m == n:

@@ -1,0 +1,76 @@
+"""Per-run summary numbers, the unit that report tables and the lr-sweep figure aggregate over seeds.
+
+Each metric reduces one run's records to one number: ``last`` takes the value of the latest record (by step), so a
+final non-finite value stays NaN; ``median`` and ``p90`` (linear interpolation, as ``numpy.percentile``) skip NaN.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .load import bn_mode_of, select
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    label: str
+    kind: str
+    field: str
+    reduce: str  # "last", "median" or "p90"
+
+
+METRICS = (
+    Metric("final_train_loss", "final train loss (cross-entropy, whole training subset)", "eval", "train_loss",
+           "last"),
+    Metric("final_test_accuracy", "final test accuracy", "eval", "test_accuracy", "last"),
+    Metric("effective_beta_median", "effective β, median over probes", "probe", "effective_beta", "median"),
+    Metric("effective_beta_p90", "effective β, 90th percentile over probes", "probe", "effective_beta", "p90"),
+    Metric("loss_range_width", "loss range width, median over probes of loss_max − loss_min", "probe",
+           "loss_max-loss_min", "median"),
+    Metric("grad_predictiveness", "gradient predictiveness, median over probes of grad_pred_max", "probe",
+           "grad_pred_max", "median"),
+    Metric("final_sharpness", "final sharpness λ_max(∇²L)", "smoothness", "sharpness", "last"),
+    Metric("final_local_smoothness", "final local smoothness ‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "smoothness",
+           "local_smoothness", "last"),
+)
+RUN_ID_COLUMNS = ["run", "model", "seed", "lr", "status"]
+
+
+def metric_rows(df: pd.DataFrame, metric: Metric) -> pd.DataFrame:
+    """The per-record values a metric reduces: columns run, step, value (derived fields computed per record)."""
+    if "-" in metric.field:
+        hi, lo = (select(df, metric.kind, f).set_index(["run", "step"])["value"]
+                  for f in metric.field.split("-"))
+        diff = (hi - lo).dropna()  # only records that carry both fields
+        return diff.rename("value").reset_index()
+    return select(df, metric.kind, metric.field)[["run", "step", "value"]]
+
+
+def metric_bn_mode(df: pd.DataFrame, metric: Metric) -> str:
+    return bn_mode_of(df, metric.kind, metric.field.split("-")[0])
+
+
+def _reduce(rows: pd.DataFrame, how: str) -> pd.Series:
+    ordered = rows.sort_values(["run", "step"], kind="stable")
+    if how == "last":
+        return ordered.drop_duplicates("run", keep="last").set_index("run")["value"]
+    grouped = ordered.groupby("run")["value"]
+    if how == "median":
+        return grouped.median()
+    if how == "p90":
+        return grouped.quantile(0.9)
+    raise ValueError(f"unknown reduction {how!r}")
+
+
+def run_metrics(df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
+    """One row per run (``RUN_ID_COLUMNS`` + one column per metric name); NaN where a run lacks the records."""
+    runs = df[RUN_ID_COLUMNS].drop_duplicates("run").set_index("run")
+    for m in metrics:
+        rows = metric_rows(df, m)
+        if rows.empty:
+            runs[m.name] = float("nan")
+            continue
+        runs[m.name] = _reduce(rows, m.reduce).reindex(runs.index).astype(float)
+    return runs.reset_index().sort_values(["model", "lr", "seed", "run"], ignore_index=True)

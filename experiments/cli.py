@@ -1,0 +1,354 @@
+"""The `smoothness-lab` command line (click). `smoothness-lab --help` lists the commands."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import click
+
+from .config import ConfigError, RunConfig, StudyConfig
+from .launchers import EXECUTORS
+
+_HELP = {
+    "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10)",
+    "subset": "fraction of the training set used, drawn with the run's seed",
+    "batch_size": "minibatch size",
+    "epochs": "passes over the training subset (a pass is round(n / batch) steps)",
+    "sampling": "minibatches drawn with replacement (the seed's) or by shuffling each pass",
+    "naive_init": "uniform(-1, 1) initialisation of MLP layers (seed 000)",
+    "probe_every": "line probe every N SGD steps (0 = off)",
+    "probe_steps": "number K of step sizes in a line probe",
+    "probe_min": "smallest probe step, in units of lr",
+    "probe_max": "largest probe step, in units of lr",
+    "probe_bn_mode": "BatchNorm mode of the line probes",
+    "local_smoothness_samples": "training images for the per-epoch local smoothness (0 = the whole subset)",
+    "sharpness_samples": "fixed training images for the per-epoch top Hessian eigenvalue (0 = off)",
+    "sharpness_tol": "relative tolerance of the sharpness (Lanczos)",
+    "device": "auto (cuda if available), cpu or cuda",
+    "tensorboard": "also write TensorBoard scalars to <run>/tb",
+}
+_TRACKING_FIELDS = tuple(_HELP)
+
+
+def _field_type(f: dataclasses.Field):
+    if f.name == "sampling":
+        return click.Choice(["replacement", "shuffle"])
+    if f.name == "probe_bn_mode":
+        return click.Choice(["batch", "running"])
+    return {int: int, float: float, str: str, bool: bool}.get(type(f.default), str)
+
+
+def tracking_options(defaults_from_study: bool):
+    """One click option per RunConfig field (STYLE.md). In `run`/`sweep` they override the study's values."""
+    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+
+    def decorate(fn):
+        for name in reversed(_TRACKING_FIELDS):
+            f = fields[name]
+            flag = "--" + name.replace("_", "-")
+            if isinstance(f.default, bool):
+                decl = [f"{flag}/--no-{name.replace('_', '-')}"]
+            else:
+                decl = [flag]
+            if defaults_from_study:
+                fn = click.option(*decl, name, type=_field_type(f), default=None,
+                                  help=f"{_HELP[name]} [default: the study's; {f.default!r} in fashion-mnist-bn]")(fn)
+            else:
+                fn = click.option(*decl, name, type=_field_type(f), default=f.default, show_default=True,
+                                  help=_HELP[name])(fn)
+        return fn
+    return decorate
+
+
+def launch_options(fn):
+    opts = [
+        click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+                     show_default=True, help="where study directories are created"),
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                     help="folder holding the dataset files (else $SMOOTHNESS_DATA, ./data, system paths)"),
+        click.option("--executor", type=click.Choice(EXECUTORS), default="process", show_default=True,
+                     help="how runs are fanned out"),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="parallel runs [default: min(cores, runs); 1 for serial]"),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="torch threads per run [default: cores // workers]"),
+        click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one"),
+        click.option("--resume", is_flag=True, help="continue interrupted runs from their last checkpoint"),
+        click.option("--figures/--no-figures", default=True, show_default=True,
+                     help="write figures and report.md when the runs end"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _parse_list(value: Optional[str], kind, option: str):
+    if value is None:
+        return None
+    items = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            raise click.BadParameter(f"empty item in {value!r}; write a comma-separated list", param_hint=option)
+        if kind is int and "-" in part.lstrip("-"):
+            lo, _, hi = part.partition("-")
+            try:
+                lo_i, hi_i = int(lo), int(hi)
+            except ValueError:
+                raise click.BadParameter(f"{part!r} is not a range like 0-4", param_hint=option) from None
+            if hi_i < lo_i:
+                raise click.BadParameter(f"range {part!r} is empty", param_hint=option)
+            items.extend(range(lo_i, hi_i + 1))
+            continue
+        try:
+            items.append(kind(part))
+        except ValueError:
+            raise click.BadParameter(f"{part!r} is not a valid {kind.__name__}", param_hint=option) from None
+    return items
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds, overrides: dict) -> StudyConfig:
+    base = dataclasses.replace(base_study.base, **{k: v for k, v in overrides.items() if v is not None})
+    return StudyConfig(name=name or base_study.name, models=tuple(models or base_study.models),
+                       lrs=tuple(lrs or base_study.lrs), seeds=tuple(seeds or base_study.seeds),
+                       base=dataclasses.replace(base, study=name or base_study.name))
+
+
+def _check_data(study: StudyConfig, data_dir) -> None:
+    from .data import load_dataset
+    load_dataset(study.base.dataset, subset=study.base.subset, seed=study.seeds[0],
+                 data_dir=None if data_dir is None else str(data_dir))
+
+
+def _steps_per_run(study: StudyConfig, data_dir) -> dict:
+    from .data import load_dataset
+    out = {}
+    for cfg in study.runs():
+        n = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed,
+                         data_dir=None if data_dir is None else str(data_dir)).x_train.shape[0]
+        out[cfg.run_id] = max(1, round(n / cfg.batch_size)) * cfg.epochs
+    return out
+
+
+def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
+    """study.json lists every grid ever launched into this folder (so `status` knows which runs to expect);
+    a new grid is appended, an old one is never dropped."""
+    from .store import atomic_write_json
+    path = study_dir / "study.json"
+    grids = json.loads(path.read_text()).get("grids", []) if path.exists() else []
+    if study.to_dict() not in grids:
+        grids.append(study.to_dict())
+    atomic_write_json(path, {"name": study.name, "grids": grids})
+
+
+def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str, workers, threads, ray_address,
+              resume: bool, figures: bool, quiet: bool) -> None:
+    from .data import DataError
+    from .launchers import launch
+    from .store import StoreError, check_writable
+    study_dir = results_dir / study.name
+    try:
+        check_writable(study_dir)
+        _check_data(study, data_dir)
+        steps = _steps_per_run(study, data_dir)
+        _write_study_json(study_dir, study)
+    except (ConfigError, StoreError, DataError) as exc:
+        _fail(str(exc))
+    runs = study.runs()
+    if not quiet:
+        click.echo(f"{len(runs)} runs ({', '.join(study.models)} x lr {list(study.lrs)} x seeds "
+                   f"{list(study.seeds)}) -> {study_dir} [{executor}]")
+    try:
+        results = launch(runs, study_dir, executor=executor, workers=workers, threads=threads, resume=resume,
+                         data_dir=None if data_dir is None else str(data_dir), ray_address=ray_address,
+                         quiet=quiet, steps_per_run=steps)
+    except ConfigError as exc:
+        _fail(str(exc))
+    counts = {}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    if not quiet:
+        click.echo("runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        click.echo(f"FAILED {r.run_id}: {r.error} (log: {study_dir / r.run_id / 'run.log'})", err=True)
+    if figures and any(r.status != "failed" for r in results):
+        _analyse(study_dir, quiet)
+    if failed:
+        sys.exit(1)
+
+
+def _analyse(study_dir: Path, quiet: bool) -> None:
+    from . import analysis
+    try:
+        paths = analysis.plot_study(study_dir)
+        report = analysis.write_report(study_dir)
+    except analysis.AnalysisError as exc:
+        _fail(str(exc))
+    if not quiet:
+        click.echo(f"figures: {study_dir / 'figures'} ({len(paths)} files); report: {report}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--quiet", "-q", is_flag=True, help="no progress bars or summaries")
+@click.pass_context
+def main(ctx, quiet):
+    """smoothness-lab: how smooth is the loss landscape along SGD, and what does BatchNorm do to it?"""
+    ctx.obj = {"quiet": quiet}
+
+
+@main.command()
+@click.option("--study", "study_name", default="fashion-mnist-bn", show_default=True,
+              help="a preset study (see `smoothness-lab studies`)")
+@click.option("--models", default=None, help="override the study's models, e.g. convnet,bn-convnet,convnet:noisy")
+@click.option("--lrs", default=None, help="override the study's learning rates, e.g. 0.01,0.04")
+@click.option("--seeds", default=None, help="override the study's seeds, e.g. 0-2 or 0,3,7")
+@launch_options
+@tracking_options(defaults_from_study=True)
+@click.pass_context
+def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, workers, threads, ray_address,
+        resume, figures, **overrides):
+    """The main job: train every model x lr x seed of a study, track smoothness, then draw figures and report."""
+    from .presets import get_preset
+    try:
+        study = _study_from(get_preset(study_name), None, _parse_list(models, str, "--models"),
+                            _parse_list(lrs, float, "--lrs"), _parse_list(seeds, int, "--seeds"), overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    run_study(study, results_dir=results_dir, data_dir=data_dir, executor=executor, workers=workers,
+              threads=threads, ray_address=ray_address, resume=resume, figures=figures, quiet=ctx.obj["quiet"])
+
+
+@main.command()
+@click.option("--models", default="convnet,bn-convnet", show_default=True, help="comma-separated models[:norm]")
+@click.option("--lrs", default="0.04", show_default=True, help="comma-separated learning rates")
+@click.option("--seeds", default="0-2", show_default=True, help="seeds: a range 0-4 or a list 0,1,2")
+@click.option("--sweep-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON file with keys models, lrs, seeds and any option (overrides the list options)")
+@click.option("--name", default="sweep", show_default=True, help="study name: results go to RESULTS_DIR/NAME")
+@launch_options
+@tracking_options(defaults_from_study=True)
+@click.pass_context
+def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, executor, workers, threads,
+          ray_address, resume, figures, **overrides):
+    """A learning-rate x model x seed grid; relaunching skips finished runs and resumes interrupted ones."""
+    models_l = _parse_list(models, str, "--models")
+    lrs_l = _parse_list(lrs, float, "--lrs")
+    seeds_l = _parse_list(seeds, int, "--seeds")
+    if sweep_file is not None:
+        try:
+            spec = json.loads(sweep_file.read_text())
+        except ValueError as exc:
+            _fail(f"{sweep_file} is not valid JSON: {exc}")
+        models_l = spec.pop("models", models_l)
+        lrs_l = spec.pop("lrs", lrs_l)
+        seeds_l = spec.pop("seeds", seeds_l)
+        name = spec.pop("name", name)
+        overrides.update(spec)
+    try:
+        study = _study_from(StudyConfig(), name, models_l, lrs_l, seeds_l, overrides)
+        if not models_l or not lrs_l or not seeds_l:
+            raise ConfigError("the grid is empty: give at least one model, lr and seed")
+    except (ConfigError, TypeError) as exc:
+        _fail(str(exc))
+    run_study(study, results_dir=results_dir, data_dir=data_dir, executor=executor, workers=workers,
+              threads=threads, ray_address=ray_address, resume=True if resume is False else resume,
+              figures=figures, quiet=ctx.obj["quiet"])
+
+
+@main.command()
+@click.option("--model", default="convnet", show_default=True, help="a model from the registry")
+@click.option("--norm", default=None, help="none, torch, scratch, noisy, l1, l2, linf [default: the model's]")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--lr", default=0.04, show_default=True, type=float)
+@click.option("--study", "study_name", default="train", show_default=True, help="results go to RESULTS_DIR/STUDY")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
+              show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="folder holding the dataset files")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
+@tracking_options(defaults_from_study=False)
+@click.pass_context
+def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume, **options):
+    """Train one model with one seed (no figures); prints where the records are."""
+    from .data import DataError
+    from .launchers import execute
+    from .store import StoreError, check_writable
+    try:
+        cfg = RunConfig(model=model, norm=norm, seed=seed, lr=lr, study=study_name, **options)
+        study_dir = check_writable(results_dir / study_name)
+        _check_data(StudyConfig(models=(model,), seeds=(seed,), base=cfg), data_dir)
+    except (ConfigError, StoreError, DataError) as exc:
+        _fail(str(exc))
+    from .launchers import ProgressDisplay, _DirectQueue, default_threads
+    steps = _steps_per_run(StudyConfig(models=(model,), seeds=(seed,), lrs=(lr,), base=cfg), data_dir)
+    display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
+    try:
+        result = execute(cfg.to_dict(), str(study_dir), resume, None if data_dir is None else str(data_dir),
+                         default_threads(1), progress_queue=_DirectQueue(display))
+    finally:
+        display.close()
+    if result.status == "failed":
+        _fail(f"{result.error} (log: {study_dir / cfg.run_id / 'run.log'})")
+    if not ctx.obj["quiet"]:
+        click.echo(f"{result.status}: {study_dir / cfg.run_id}")
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.pass_context
+def plot(ctx, results_dir):
+    """Draw the figures of a study directory into RESULTS_DIR/figures (PNG and PDF)."""
+    from . import analysis
+    try:
+        paths = analysis.plot_study(results_dir)
+    except analysis.AnalysisError as exc:
+        _fail(str(exc))
+    if not ctx.obj["quiet"]:
+        for p in paths:
+            click.echo(str(p))
+
+
+@main.command()
+@click.argument("results_dir", type=click.Path(path_type=Path))
+@click.pass_context
+def report(ctx, results_dir):
+    """Write report.md and report.csv: per-model metrics over seeds, BN vs no BN with Welch t-tests."""
+    from . import analysis
+    try:
+        path = analysis.write_report(results_dir)
+    except analysis.AnalysisError as exc:
+        _fail(str(exc))
+    if not ctx.obj["quiet"]:
+        click.echo(path.read_text())
+
+
+@main.command()
+def studies():
+    """List the preset studies."""
+    from .presets import DESCRIPTIONS, PRESETS
+    for name, study in PRESETS.items():
+        click.echo(f"{name:18s} {len(study.runs()):3d} runs  {DESCRIPTIONS[name]}")
+
+
+def _register_commands() -> None:
+    from .status import status_command
+    main.add_command(status_command)
+    try:
+        from .diagnostics import ics_command, variance_command
+    except ImportError:  # pragma: no cover - diagnostics are optional while under construction
+        return
+    main.add_command(variance_command)
+    main.add_command(ics_command)
+
+
+_register_commands()
+
+if __name__ == "__main__":
+    main()

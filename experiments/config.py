@@ -1,0 +1,151 @@
+"""Run and study configuration: frozen dataclasses, validated on creation, saved as JSON, hashed into run ids."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+SAMPLING = ("replacement", "shuffle")
+BN_MODES = ("batch", "running")
+# fields that say where/how a run executes but not what it computes: recorded, never hashed
+EXECUTION_FIELDS = ("study", "device", "tensorboard")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message names the command-line option."""
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one training run's numbers (one model, one lr, one seed)."""
+
+    model: str = "convnet"
+    norm: Optional[str] = None              # None: the model's default (bn-convnet: torch BatchNorm)
+    dataset: str = "fashion-mnist"
+    subset: float = 0.1
+    seed: int = 0
+    lr: float = 0.04
+    batch_size: int = 32
+    epochs: int = 10
+    sampling: str = "replacement"
+    naive_init: bool = False                # the seed MLP's uniform(-1, 1) initialisation
+    probe_every: int = 10                   # Santurkar line probe every N steps (0 = never)
+    probe_steps: int = 8                    # K step sizes ...
+    probe_min: float = 0.5                  # ... evenly spaced in [probe_min, probe_max] x lr
+    probe_max: float = 4.0
+    probe_bn_mode: str = "batch"
+    local_smoothness_samples: int = 0       # 0 = the whole training subset (seed 003)
+    sharpness_samples: int = 512            # fixed training sample for the top Hessian eigenvalue (0 = off)
+    sharpness_tol: float = 1e-3
+    study: str = "fashion-mnist-bn"
+    device: str = "auto"
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        from .models import MODELS, resolve_norm
+        from .norms import NORMS
+        if self.model not in MODELS:
+            raise ConfigError(f"unknown model {self.model!r} (--model); choose one of: {', '.join(MODELS)}")
+        object.__setattr__(self, "norm", resolve_norm(self.model, self.norm))
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm {self.norm!r} (--norm); choose one of: {', '.join(NORMS)}")
+        from .data import DATASETS
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
+        for name in ("lr", "probe_min", "probe_max", "sharpness_tol"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{_option(name)} must be a positive number, got {value!r}")
+        for name in ("batch_size", "epochs", "probe_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{_option(name)} must be a positive integer, got {value!r}")
+        for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{_option(name)} must be a non-negative integer, got {value!r}")
+        if not (isinstance(self.subset, (int, float)) and 0 < self.subset <= 1):
+            raise ConfigError(f"--subset must be in (0, 1], got {self.subset!r}")
+        if self.probe_min > self.probe_max:
+            raise ConfigError(f"--probe-min ({self.probe_min}) must not exceed --probe-max ({self.probe_max})")
+        if self.sampling not in SAMPLING:
+            raise ConfigError(f"unknown --sampling {self.sampling!r}; choose one of: {', '.join(SAMPLING)}")
+        if self.probe_bn_mode not in BN_MODES:
+            raise ConfigError(f"unknown --probe-bn-mode {self.probe_bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    # -- identity ---------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
+    @property
+    def config_hash(self) -> str:
+        blob = json.dumps(self.hashed_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def run_id(self) -> str:
+        from .models import MODELS
+        norm = "" if self.norm == MODELS[self.model].default_norm else f"-{self.norm}"
+        return f"{self.model}{norm}-lr{self.lr:g}-s{self.seed}-{self.config_hash}"
+
+    @property
+    def step_sizes(self) -> Tuple[float, ...]:
+        k = self.probe_steps
+        if k == 1:
+            return (self.probe_min * self.lr,)
+        return tuple(self.lr * (self.probe_min + (self.probe_max - self.probe_min) * i / (k - 1)) for i in range(k))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names - {"run_id", "config_hash"}
+        if unknown:
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A grid of runs: models x learning rates x seeds, all sharing the other options of ``base``."""
+
+    name: str = "fashion-mnist-bn"
+    models: Tuple[str, ...] = ("convnet", "bn-convnet")
+    lrs: Tuple[float, ...] = (0.04,)
+    seeds: Tuple[int, ...] = (0, 1, 2)
+    base: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        if not self.models or not self.lrs or not self.seeds:
+            empty = [n for n in ("models", "lrs", "seeds") if not getattr(self, n)]
+            raise ConfigError(f"the grid is empty: no {', '.join(empty)} given")
+        for name in ("models", "lrs", "seeds"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ConfigError(f"--{name} lists a value twice: {list(values)}")
+
+    def runs(self) -> Tuple[RunConfig, ...]:
+        """One RunConfig per (model, lr, seed). A model may carry a norm as ``model:norm`` (``convnet:noisy``)."""
+        out = []
+        for spec in self.models:
+            model, _, norm = spec.partition(":")
+            for lr in self.lrs:
+                for seed in self.seeds:
+                    out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=float(lr),
+                                                   seed=int(seed), study=self.name))
+        return tuple(out)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "models": list(self.models), "lrs": list(self.lrs), "seeds": list(self.seeds),
+                "base": self.base.to_dict()}

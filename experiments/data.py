@@ -1,0 +1,417 @@
+"""Datasets as in-memory tensors: FashionMNIST (the study's dataset), MNIST-1D, a synthetic set for tests, and the
+torchvision image sets MNIST, MNIST-32x3, SVHN and CIFAR-10.
+
+Every dataset goes through the same three steps (`load_dataset`):
+
+1. the full training and test splits are loaded once per process as tensors (cached; no per-sample PIL transforms);
+2. a seeded random subset of the *training* split is drawn without replacement: ``round(subset * n_train)`` images
+   (at least one), picked by ``torch.randperm`` under a ``torch.Generator`` seeded with ``seed``; the test split is
+   always kept whole. The dataset itself never depends on ``seed`` (MNIST-1D and the synthetic set are generated
+   with fixed seeds of their own), so ``seed`` is purely the choice of training subset;
+3. per-pixel (per-feature) standardisation with the training subset's mean and (unbiased) standard deviation,
+   ``(x - mean) / (std + 1e-6)``, as the seed notebook does, applied to train and test alike. The torchvision sets
+   are standardised the same way (rather than with the usual per-channel constants) so every dataset is treated
+   alike; pixels constant over the subset, such as MNIST-32x3's zero border, become exactly 0.
+
+FashionMNIST is searched for, in order, in ``--data-dir``, ``$SMOOTHNESS_DATA``, ``./data`` and
+``/usr/share/datasets/fashion-mnist`` (where Debian's ``dataset-fashion-mnist`` package installs it), each directory
+directly and in torchvision's layout ``<dir>/FashionMNIST/raw/``. The four ``.gz`` files are md5-checked against
+torchvision's official checksums (or, where an archive was re-compressed, as Debian's are, its decompressed content
+against the official checksums of the idx files) and parsed with gzip + numpy: the idx format is a short header and
+raw bytes, so this is simpler and faster than staging uncompressed copies for torchvision's reader (which needs a
+writable directory, and /usr/share is not). If the files are nowhere, torchvision downloads them (when online).
+"""
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import os
+import random
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+
+__all__ = ["DATASETS", "DataError", "Dataset", "DatasetSpec", "load_dataset", "resolve_data_dir"]
+
+ENV_VAR = "SMOOTHNESS_DATA"
+#: Directories searched after the user's ones; a module attribute so tests can replace it.
+SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+#: Official file names and md5 checksums of the four FashionMNIST archives.
+FASHION_MNIST_FILES: dict[str, str] = dict(torchvision.datasets.FashionMNIST.resources)
+#: md5 of the same files decompressed (the published checksums of the raw idx files). Debian's package re-gzips the
+#: archives without the original file name in the header, so only the content checksums match there.
+FASHION_MNIST_IDX_MD5: dict[str, str] = {
+    "train-images-idx3-ubyte.gz": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte.gz": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte.gz": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte.gz": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+STANDARDISE_EPS = 1e-6
+MNIST1D_SEED = 42  # the package's default: reproduces the published MNIST-1D (4,000 train / 1,000 test)
+SYNTHETIC_SEED = 1234
+
+
+class DataError(RuntimeError):
+    """A dataset could not be loaded; the message says what was wrong and what to do."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors with == is ambiguous
+class Dataset:
+    name: str
+    x_train: torch.Tensor  # float32, standardised, shape (n, *input_shape)
+    y_train: torch.Tensor  # int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    input_shape: tuple
+    num_classes: int
+    info: dict  # provenance: source, path, md5 check, sizes, subset, seed, standardisation
+
+
+@dataclass(frozen=True)
+class _Splits:
+    """Full train/test splits as loaded, before subsetting; x has shape (n, *shape) before `transform`."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    info: dict
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to get one dataset: `load(data_dir, download)` returns the full splits, `transform` maps a batch of
+    loaded images to `input_shape` (applied after subsetting, so only the kept images are transformed)."""
+    name: str
+    input_shape: tuple
+    num_classes: int
+    load: Callable[[str | None, bool], _Splits]
+    description: str
+    transform: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Where to look
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, *, include_system: bool = True) -> list[Path]:
+    """Directories searched for data, in order: `data_dir`, ``$SMOOTHNESS_DATA``, ``./data`` and (if
+    `include_system`) `SYSTEM_DATA_DIRS`. Unset entries are skipped, duplicates dropped."""
+    candidates = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir).expanduser())
+    if os.environ.get(ENV_VAR):
+        candidates.append(Path(os.environ[ENV_VAR]).expanduser())
+    candidates.append(Path.cwd() / "data")
+    if include_system:
+        candidates.extend(SYSTEM_DATA_DIRS)
+    unique: list[Path] = []
+    for path in candidates:
+        path = path.absolute()
+        if path not in unique:
+            unique.append(path)
+    return unique
+
+
+def _download_root(data_dir: str | os.PathLike | None) -> Path:
+    """Where torchvision downloads to: the first user-given directory, else ./data."""
+    return resolve_data_dir(data_dir, include_system=False)[0]
+
+
+def _bullets(lines: list[str]) -> str:
+    return "\n".join(f"  - {line}" for line in lines)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared steps: subset, standardisation
+
+def _check_subset(subset: float) -> None:
+    if isinstance(subset, bool) or not isinstance(subset, (int, float)) or not 0 < subset <= 1:
+        raise ValueError(f"--subset must be a fraction of the training set in (0, 1], e.g. 0.1 for 10%; "
+                         f"got {subset!r}")
+
+
+def _subset_indices(n: int, subset: float, seed: int) -> torch.Tensor:
+    """``max(1, round(subset * n))`` distinct indices in [0, n), drawn by a generator seeded with `seed`."""
+    size = max(1, round(subset * n))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:size]
+
+
+def _standardise(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature ``(x - mean) / (std + eps)`` with the training set's mean and unbiased std."""
+    x_train, x_test = x_train.float(), x_test.float()
+    mean = x_train.mean(dim=0)
+    std = x_train.std(dim=0, correction=1 if len(x_train) > 1 else 0)
+    scale = std + STANDARDISE_EPS
+    return (x_train - mean) / scale, (x_test - mean) / scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FashionMNIST from the four idx .gz files
+
+def _fashion_candidates(dirs: list[Path]) -> list[Path]:
+    return [d for root in dirs for d in (root, root / "FashionMNIST" / "raw")]
+
+
+def _find_fashion_files(dirs: list[Path]) -> tuple[Path | None, list[str]]:
+    """The first directory holding all four files, and a description of every directory looked in."""
+    looked = []
+    for directory in _fashion_candidates(dirs):
+        missing = [name for name in FASHION_MNIST_FILES if not (directory / name).is_file()]
+        if not missing:
+            return directory, looked
+        partial = len(missing) < len(FASHION_MNIST_FILES)
+        looked.append(f"{directory}" + (f"  (incomplete: missing {', '.join(missing)})" if partial else ""))
+    return None, looked
+
+
+def _parse_idx(raw: bytes, name: str) -> np.ndarray:
+    """An idx file (uint8 payload): 2 zero bytes, type code 0x08, ndim, then ndim big-endian uint32 sizes."""
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{name} is not an idx file of unsigned bytes (bad header); re-download it.")
+    ndim = raw[3]
+    shape = tuple(int(s) for s in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    payload = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if payload.size != int(np.prod(shape)):
+        raise DataError(f"{name} is truncated: header says {shape}, found {payload.size} bytes; re-download it.")
+    return payload.reshape(shape).copy()  # copy: frombuffer over bytes is read-only
+
+
+def _verified_idx_bytes(path: Path) -> tuple[bytes, str]:
+    """The decompressed content of one .gz and how it was verified: by the archive's md5 (torchvision's official
+    checksum) or, for a re-compressed archive such as Debian's (same content, different gzip header, so a different
+    md5), by the md5 of the decompressed idx file."""
+    compressed = path.read_bytes()
+    got = hashlib.md5(compressed).hexdigest()
+    expected = FASHION_MNIST_FILES[path.name]
+    if got == expected:
+        return gzip.decompress(compressed), "md5 of .gz"
+    content_expected = FASHION_MNIST_IDX_MD5[path.name]
+    try:
+        content = gzip.decompress(compressed)
+    except (OSError, EOFError, zlib.error) as error:
+        content, content_got = b"", f"none: it does not decompress ({error})"
+    else:
+        content_got = hashlib.md5(content).hexdigest()
+        if content_got == content_expected:
+            return content, "md5 of decompressed idx"
+    raise DataError(
+        f"{path} is corrupt: its md5 is {got}, expected md5 {expected} (decompressed: md5 {content_got}, expected "
+        f"{content_expected}). Delete it and download it again (or reinstall it: "
+        "sudo apt-get install --reinstall dataset-fashion-mnist).")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_fashion_dir(directory: str, fingerprint: tuple) -> tuple[tuple[torch.Tensor, ...], dict[str, str]]:
+    """md5-check and parse the four files; cached per (directory, files' size and mtime)."""
+    arrays, checks = {}, {}
+    for name in FASHION_MNIST_FILES:
+        path = Path(directory) / name
+        content, checks[name] = _verified_idx_bytes(path)
+        arrays[name] = _parse_idx(content, str(path))
+    x_train, y_train, x_test, y_test = (torch.from_numpy(arrays[name]) for name in FASHION_MNIST_FILES)
+    return (x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()), checks
+
+
+def _fingerprint(directory: Path) -> tuple:
+    return tuple((name, (directory / name).stat().st_size, (directory / name).stat().st_mtime_ns)
+                 for name in FASHION_MNIST_FILES)
+
+
+def _load_fashion_mnist(data_dir: str | None, download: bool) -> _Splits:
+    found, looked = _find_fashion_files(resolve_data_dir(data_dir))
+    source = "files"
+    download_note = "download not attempted (download=False)"
+    if found is None and download:
+        root = _download_root(data_dir)
+        try:
+            # Fetches and md5-checks all four archives into <root>/FashionMNIST/raw, which is then searched.
+            _torchvision_dataset("FashionMNIST", root, train=True, download=True)
+        except Exception as error:  # torchvision raises URLError, RuntimeError, OSError... when offline
+            download_note = f"download by torchvision into {root} failed: {type(error).__name__}: {error}"
+        else:
+            found, _ = _find_fashion_files([root])
+            source = "torchvision download"
+            download_note = f"torchvision's download into {root} left no complete set of files there"
+    if found is None:
+        raise DataError(
+            "FashionMNIST not found. Looked for " + ", ".join(FASHION_MNIST_FILES) + " in:\n"
+            + _bullets(looked) + f"\nand {download_note}.\n"
+            "Get the data in one of three ways:\n"
+            "  (1) run once with internet access, so torchvision downloads it into ./data (or --data-dir);\n"
+            f"  (2) pass --data-dir DIR or set {ENV_VAR}=DIR, DIR holding the four .gz files "
+            "(directly or in DIR/FashionMNIST/raw/);\n"
+            "  (3) on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist "
+            "(puts them in /usr/share/datasets/fashion-mnist).")
+    (x_train, y_train, x_test, y_test), checks = _read_fashion_dir(str(found), _fingerprint(found))
+    info = {"source": source, "path": str(found), "md5_checked": checks}
+    return _Splits(x_train, y_train, x_test, y_test, info)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Torchvision image sets (MNIST, SVHN, CIFAR-10)
+
+def _torchvision_dataset(cls_name: str, root: Path, *, train: bool, download: bool):
+    # Looked up at call time so tests can substitute the class.
+    cls = getattr(torchvision.datasets, cls_name)
+    split = {"split": "train" if train else "test"} if cls_name == "SVHN" else {"train": train}
+    return cls(str(root), download=download, **split)
+
+
+@functools.lru_cache(maxsize=8)
+def _torchvision_tensors(cls_name: str, cls: type, root: str, train: bool, download: bool,
+                         channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images as uint8 (n, C, H, W), labels int64); `cls` is part of the cache key only."""
+    dataset = _torchvision_dataset(cls_name, Path(root), train=train, download=download)
+    images = torch.as_tensor(np.asarray(dataset.data))
+    labels = dataset.labels if hasattr(dataset, "labels") else dataset.targets  # SVHN names them labels
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if images.ndim == 3:  # greyscale (n, H, W)
+        images = images.unsqueeze(1)
+    elif channels_last:  # CIFAR-10 stores (n, H, W, C)
+        images = images.permute(0, 3, 1, 2).contiguous()
+    return images, labels
+
+
+def _torchvision_loader(cls_name: str, *, channels_last: bool = False) -> Callable[[str | None, bool], _Splits]:
+    def load(data_dir: str | None, download: bool) -> _Splits:
+        cls = getattr(torchvision.datasets, cls_name)
+
+        def splits(root: Path, fetch: bool) -> tuple[torch.Tensor, ...]:
+            return (*_torchvision_tensors(cls_name, cls, str(root), True, fetch, channels_last),
+                    *_torchvision_tensors(cls_name, cls, str(root), False, fetch, channels_last))
+
+        roots = resolve_data_dir(data_dir, include_system=False)
+        for root in roots:
+            try:
+                return _Splits(*splits(root, False), info={"source": "files", "path": str(root)})
+            except (RuntimeError, OSError):  # torchvision: "Dataset not found ..."
+                continue
+        download_note = "download not attempted (download=False)"
+        if download:
+            root = _download_root(data_dir)
+            try:
+                return _Splits(*splits(root, True), info={"source": "torchvision download", "path": str(root)})
+            except Exception as error:  # offline: URLError, RuntimeError, OSError...
+                download_note = (f"it cannot be downloaded: torchvision's download into {root} failed: "
+                                 f"{type(error).__name__}: {error}")
+        raise DataError(
+            f"{cls_name} not found in torchvision's layout under any of:\n{_bullets([str(r) for r in roots])}\n"
+            f"and {download_note}.\nRun once with internet access so torchvision downloads it, or pass "
+            f"--data-dir DIR (or set {ENV_VAR}=DIR) pointing to a directory where torchvision's {cls_name} "
+            "files already are.")
+    return load
+
+
+def _pad_to_32x3(images: torch.Tensor) -> torch.Tensor:
+    """(n, 1, 28, 28) -> (n, 3, 32, 32): a 2-pixel zero border and the grey channel repeated, as seed 004 feeds
+    MNIST to LeNet-5."""
+    return F.pad(images, (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generated sets
+
+def _preserving_global_rng(fn: Callable[[], object]) -> object:
+    """Run `fn`, restoring Python's and numpy's global RNG state (mnist1d reseeds them)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        return fn()
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist1d_splits() -> _Splits:
+    import mnist1d.data  # imported here: it pulls in matplotlib, which most runs never need
+
+    args = mnist1d.data.get_dataset_args()
+    args.seed = MNIST1D_SEED
+    data = _preserving_global_rng(lambda: mnist1d.data.make_dataset(args))  # generation only, no download
+    def as_x(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.float32).unsqueeze(1)  # (n, 40) -> (n, 1, 40): one channel
+
+    def as_y(a: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=torch.int64)
+
+    info = {"source": "generated", "generator": "mnist1d.data.make_dataset",
+            "generator_args": {k: v for k, v in vars(args).items() if k != "url"}}
+    return _Splits(as_x(data["x"]), as_y(data["y"]), as_x(data["x_test"]), as_y(data["y_test"]), info)
+
+
+SYNTHETIC_SIZES = (2000, 500)
+SYNTHETIC_NOISE = 1.0
+
+
+@functools.lru_cache(maxsize=1)
+def _synthetic_splits() -> _Splits:
+    """Ten smooth random 28x28 templates (7x7 uniform noise upsampled, scaled to [0, 2]) plus iid Gaussian noise of
+    std `SYNTHETIC_NOISE`; balanced, shuffled labels. Linearly separable enough that a small model beats chance in a
+    few steps."""
+    generator = torch.Generator().manual_seed(SYNTHETIC_SEED)
+    coarse = 2 * torch.rand(10, 1, 7, 7, generator=generator)
+    templates = F.interpolate(coarse, size=(28, 28), mode="bilinear", align_corners=False)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randperm(n, generator=generator) % 10
+        noise = SYNTHETIC_NOISE * torch.randn(n, 1, 28, 28, generator=generator)
+        return templates[labels] + noise, labels
+
+    info = {"source": "generated", "generator_seed": SYNTHETIC_SEED, "noise_std": SYNTHETIC_NOISE}
+    return _Splits(*draw(SYNTHETIC_SIZES[0]), *draw(SYNTHETIC_SIZES[1]), info=info)
+
+
+def _generated(make: Callable[[], _Splits]) -> Callable[[str | None, bool], _Splits]:
+    return lambda data_dir, download: make()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry and entry point
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec("fashion-mnist", (1, 28, 28), 10, _load_fashion_mnist,
+                                 "FashionMNIST, 60k/10k greyscale 28x28 (the study's dataset)"),
+    "mnist1d": DatasetSpec("mnist1d", (1, 40), 10, _generated(_mnist1d_splits),
+                           "MNIST-1D, 4k/1k signals of length 40, generated locally by the mnist1d package"),
+    "synthetic": DatasetSpec("synthetic", (1, 28, 28), 10, _generated(_synthetic_splits),
+                             "templates + noise, 2k/500, deterministic; for fast tests"),
+    "mnist": DatasetSpec("mnist", (1, 28, 28), 10, _torchvision_loader("MNIST"), "MNIST via torchvision"),
+    "mnist-32x3": DatasetSpec("mnist-32x3", (3, 32, 32), 10, _torchvision_loader("MNIST"),
+                              "MNIST zero-padded to 32x32, 3 channels (LeNet-5 input, seed 004)",
+                              transform=_pad_to_32x3),
+    "svhn": DatasetSpec("svhn", (3, 32, 32), 10, _torchvision_loader("SVHN"), "SVHN via torchvision"),
+    "cifar10": DatasetSpec("cifar10", (3, 32, 32), 10, _torchvision_loader("CIFAR10", channels_last=True),
+                           "CIFAR-10 via torchvision"),
+}
+
+
+def load_dataset(name: str, *, subset: float = 0.1, seed: int = 0, data_dir: str | None = None,
+                 download: bool = True) -> Dataset:
+    """Load `name` as standardised in-memory tensors: a `subset` fraction of the training split chosen by `seed`,
+    and the whole test split (see the module docstring)."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    _check_subset(subset)
+    spec = DATASETS[name]
+    full = spec.load(data_dir, download)
+    indices = _subset_indices(len(full.x_train), subset, seed)
+    x_train, x_test = _standardise(spec.transform(full.x_train[indices]), spec.transform(full.x_test))
+    if tuple(x_train.shape[1:]) != spec.input_shape or tuple(x_test.shape[1:]) != spec.input_shape:
+        raise DataError(f"{name}: loaded images of shape {tuple(x_train.shape[1:])} / {tuple(x_test.shape[1:])}, "
+                        f"expected {spec.input_shape}; the files are not the expected dataset.")
+    info = {**full.info, "n_train_full": len(full.x_train), "n_train": len(indices), "n_test": len(x_test),
+            "subset": subset, "seed": seed,
+            "standardisation": f"per-feature, training subset mean and unbiased std, eps {STANDARDISE_EPS}"}
+    return Dataset(name=name, x_train=x_train, y_train=full.y_train[indices], x_test=x_test, y_test=full.y_test,
+                   input_shape=spec.input_shape, num_classes=spec.num_classes, info=info)

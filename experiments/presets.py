@@ -1,0 +1,45 @@
+"""Named studies (``smoothness-lab run --study NAME``): the seed labs and Santurkar's controls as grids."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict
+
+from .config import ConfigError, RunConfig, StudyConfig
+
+
+def _study(name: str, models, lrs=(0.04,), seeds=(0, 1, 2), **base) -> StudyConfig:
+    return StudyConfig(name=name, models=tuple(models), lrs=tuple(lrs), seeds=tuple(seeds),
+                       base=RunConfig(study=name, **base))
+
+
+PRESETS: Dict[str, StudyConfig] = {}
+
+
+def _register(study: StudyConfig, description: str) -> None:
+    PRESETS[study.name] = study
+    DESCRIPTIONS[study.name] = description
+
+
+DESCRIPTIONS: Dict[str, str] = {}
+_register(_study("fashion-mnist-bn", ["convnet", "bn-convnet"]),
+          "seed 003: ConvNet vs BN-ConvNet on 10% of FashionMNIST, lr 0.04, batch 32, 10 passes, 3 seeds")
+_register(_study("mnist-mlp-bn", ["mlp", "mlp:scratch", "bn-mlp"], lrs=(0.01,), epochs=20, dataset="mnist",
+                 naive_init=True),
+          "seed 000: MLP 784-50-50-10 with naive init, lr 0.01, 20 epochs; no BN vs scratch BN vs torch BN")
+_register(_study("lenet5-bn", ["lenet5", "bn-lenet5"], dataset="mnist-32x3"),
+          "seed 004: LeNet-5 with and without BN on MNIST padded to 32x32x3 (use --dataset svhn for SVHN)")
+_register(_study("resmlp-variance", ["resmlp", "bn-resmlp"], dataset="mnist1d", subset=1.0),
+          "seed 002: residual MLP on MNIST-1D (see also `smoothness-lab variance`)")
+_register(_study("santurkar-vgg", ["vgg11", "bn-vgg11"], lrs=(0.1,), dataset="cifar10", subset=1.0,
+                 batch_size=128, epochs=15),
+          "Santurkar et al.: VGG-11 on CIFAR-10, lr 0.1, batch 128 (needs the data and a GPU)")
+_register(_study("noisy-bn", ["convnet", "bn-convnet", "convnet:noisy"]),
+          "Santurkar Fig. 2 control: BN with injected covariate shift (noisy BN) vs BN vs none, FashionMNIST")
+_register(_study("lp-norms", ["convnet", "bn-convnet", "convnet:l1", "convnet:l2", "convnet:linf"]),
+          "Santurkar section 3 control: l1, l2, linf normalisation vs BN vs none, FashionMNIST")
+
+
+def get_preset(name: str) -> StudyConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown study {name!r} (--study); choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
