@@ -338,12 +338,9 @@ def studies():
 
 
 def _register_commands() -> None:
+    from .diagnostics import ics_command, variance_command
     from .status import status_command
     main.add_command(status_command)
-    try:
-        from .diagnostics import ics_command, variance_command
-    except ImportError:  # pragma: no cover - diagnostics are optional while under construction
-        return
     main.add_command(variance_command)
     main.add_command(ics_command)
 

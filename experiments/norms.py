@@ -16,6 +16,8 @@ Contents
 --------
 - :func:`batch_norm` -- functional BatchNorm for (N, C), (N, C, L), (N, C, H, W).
 - :class:`BatchNorm` -- module, drop-in (state_dict compatible) for ``nn.BatchNorm1d/2d``.
+- :class:`FunctionalBatchNorm` -- seed 000's "functional" variant: a holder of parameters and
+  buffers whose forward is one call to :func:`batch_norm`.
 - :class:`NoisyBatchNorm` -- Santurkar et al. 2018 "noisy BN" (distributional shift injected
   after every BN layer in training).
 - :class:`LpNorm` -- Santurkar's l_p normalisation, p in {1, 2, inf}.
@@ -33,6 +35,7 @@ from torch import Tensor, nn
 __all__ = [
     "batch_norm",
     "BatchNorm",
+    "FunctionalBatchNorm",
     "NoisyBatchNorm",
     "LpNorm",
     "NORMS",
@@ -293,6 +296,34 @@ class BatchNorm(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# "functional" BatchNorm (seed 000's first variant)
+# --------------------------------------------------------------------------------------------
+class FunctionalBatchNorm(nn.Module):
+    """Seed 000's functional BatchNorm as a layer: it only *holds* ``weight``, ``bias`` and the
+    running buffers (torch's names, so state_dicts match ``nn.BatchNorm1d/2d``) and its forward is
+    a single call to :func:`batch_norm` -- the seed's ``batchnorm(inputs, beta, gamma,
+    stats_dict, train)`` with the stats dict replaced by registered buffers.  Norm kind
+    ``"scratch-fn"``; the numbers are those of :class:`BatchNorm` (momentum 0.1, eps 1e-5)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1):
+        super().__init__()
+        self.num_features, self.eps, self.momentum = int(num_features), eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                          training=self.training, momentum=self.momentum, eps=self.eps,
+                          num_batches_tracked=self.num_batches_tracked)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+# --------------------------------------------------------------------------------------------
 # Noisy BatchNorm (Santurkar et al. 2018, §3, Figure 2)
 # --------------------------------------------------------------------------------------------
 class NoisyBatchNorm(BatchNorm):
@@ -478,6 +509,7 @@ NORMS: dict[str, Callable[[int, int], nn.Module]] = {
     "none": lambda num_features, dims: nn.Identity(),
     "torch": _torch_bn,
     "scratch": lambda num_features, dims: BatchNorm(num_features),
+    "scratch-fn": lambda num_features, dims: FunctionalBatchNorm(num_features),
     "noisy": lambda num_features, dims: NoisyBatchNorm(num_features),
     "l1": lambda num_features, dims: LpNorm(num_features, p=1),
     "l2": lambda num_features, dims: LpNorm(num_features, p=2),

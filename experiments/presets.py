@@ -23,11 +23,14 @@ def _register(study: StudyConfig, description: str) -> None:
 DESCRIPTIONS: Dict[str, str] = {}
 _register(_study("fashion-mnist-bn", ["convnet", "bn-convnet"]),
           "seed 003: ConvNet vs BN-ConvNet on 10% of FashionMNIST, lr 0.04, batch 32, 10 passes, 3 seeds")
-_register(_study("mnist-mlp-bn", ["mlp", "mlp:scratch", "bn-mlp"], lrs=(0.01,), epochs=20, dataset="mnist",
-                 naive_init=True),
-          "seed 000: MLP 784-50-50-10 with naive init, lr 0.01, 20 epochs; no BN vs scratch BN vs torch BN")
+_register(_study("mnist-mlp-bn", ["mlp", "mlp:scratch-fn", "mlp:scratch", "bn-mlp"], lrs=(0.01,), epochs=20,
+                 dataset="mnist", naive_init=True),
+          "seed 000: MLP 784-50-50-10 with naive init, lr 0.01, 20 epochs; no BN vs functional scratch BN vs "
+          "module scratch BN vs torch BN")
 _register(_study("lenet5-bn", ["lenet5", "bn-lenet5"], dataset="mnist-32x3"),
-          "seed 004: LeNet-5 with and without BN on MNIST padded to 32x32x3 (use --dataset svhn for SVHN)")
+          "seed 004: LeNet-5 with and without BN on MNIST padded to 32x32x3")
+_register(_study("lenet5-bn-svhn", ["lenet5", "bn-lenet5"], dataset="svhn"),
+          "seed 004: LeNet-5 with and without BN on SVHN")
 _register(_study("resmlp-variance", ["resmlp", "bn-resmlp"], dataset="mnist1d", subset=1.0),
           "seed 002: residual MLP on MNIST-1D (see also `smoothness-lab variance`)")
 _register(_study("santurkar-vgg", ["vgg11", "bn-vgg11"], lrs=(0.1,), dataset="cifar10", subset=1.0,

@@ -2,7 +2,8 @@
 
 Every figure function takes ``(df, runs)`` from ``load`` / ``load_runs`` and returns a matplotlib Figure drawn on the
 Agg canvas (no display, no pyplot state). Curves are smoothed per run with a centred rolling mean over ``smooth``
-consecutive records (as Santurkar et al. do for Fig. 4) before averaging over seeds. Diverged runs are drawn up to
+consecutive records (as Santurkar et al. do for Fig. 4; capped at a fifth of the run's records) before averaging
+over seeds. Diverged runs are drawn up to
 their last finite record and marked × at the top of the axes at their divergence step/epoch; legends give the number
 of runs per curve and how many of them diverged or are unfinished.
 """
@@ -22,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
-from .load import model_order, read_study, records_frame, runs_frame, select
+from .load import AnalysisError, model_order, read_study, records_frame, runs_frame, select
 from .metrics import METRICS, run_metrics
 
 SMOOTH = 5            # probes (or epochs) per centred rolling mean
@@ -85,9 +86,9 @@ def _rows(df, runs, kind, metric, x, smooth):
     d = d.merge(runs[["run", "label"]], on="run").astype({x: float}).sort_values(["run", x])
     if d.empty:
         return d
-    if smooth > 1:
+    if smooth > 1:  # a short run gets a shorter window, so its curve keeps its shape
         d["value"] = d.groupby("run")["value"].transform(
-            lambda v: v.rolling(smooth, min_periods=1, center=True).mean())
+            lambda v: v.rolling(min(smooth, max(1, len(v) // 5)), min_periods=1, center=True).mean())
     xs = np.sort(d[x].unique())
     keep = xs[:: max(1, math.ceil(len(xs) / MAX_POINTS))]
     return d[d[x].isin(keep)]
@@ -114,6 +115,7 @@ def _mean_ci(ax, df, runs, palette, kind, metric, x, smooth, ylabel, title):
                  errorbar=ERRORBAR, n_boot=N_BOOT, seed=BOOT_SEED, ax=ax, legend=False)
     ax.set(xlabel=STEP if x == "step" else EPOCH, ylabel=ylabel, title=f"{title} [BN: {d['bn_mode'].iloc[0]}]")
     _mark_divergence(ax, runs, palette, x)
+    return True
 
 
 def _band(ax, df, runs, palette, lo, hi, smooth, ylabel, title):
@@ -142,8 +144,8 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH) -
     _band(a, df, runs, palette, "loss_min", "loss_max", smooth, "loss L(w+s·d) (cross-entropy)",
           "(a) loss landscape")
     _band(b, df, runs, palette, "grad_pred_min", "grad_pred_max", smooth, GRAD_DIFF, "(b) gradient predictiveness")
-    _mean_ci(c, df, runs, palette, "probe", "effective_beta", "step", smooth, "max_s " + GRAD_DIFF + " / ‖s·d‖₂",
-             "(c) “effective” β-smoothness")
+    _mean_ci(c, df, runs, palette, "probe", "effective_beta", "step", smooth,
+             "max_s " + GRAD_DIFF + " / ‖s·d‖₂", "(c) “effective” β-smoothness")
     fig.suptitle(f"Along d = −∇L(w): bands span min..max over probe step sizes s (means over seeds); "
                  f"rolling mean over {smooth} probes")
     _legend(fig, palette)
@@ -172,11 +174,13 @@ def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOO
     runs = curve_labels(runs)
     palette = _palette(runs)
     fig, (a, b, c) = _figure(3)
-    _mean_ci(a, df, runs, palette, "step", "loss", "step", smooth_steps,
-             "training loss (cross-entropy)", f"(a) train loss, mean of {smooth_steps} steps")
+    title = f"(a) train loss, rolling mean ≤{smooth_steps} steps"
+    if _mean_ci(a, df, runs, palette, "step", "loss", "step", smooth_steps, "training loss (cross-entropy, log scale)",
+                title):
+        a.set_yscale("log")
     _mean_ci(b, df, runs, palette, "eval", "test_accuracy", "epoch", 1, "test accuracy", "(b) test accuracy")
-    _mean_ci(c, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1, "‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂",
-             "(c) local smoothness, u = −η·g")
+    _mean_ci(c, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1,
+             "‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "(c) local smoothness, u = −η·g")
     _legend(fig, palette)
     return fig
 
@@ -208,7 +212,8 @@ def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     label = {m.name: m.label for m in METRICS}
     axes[0].set_title("(a) " + label["final_test_accuracy"])
     axes[1].set_title("(b) " + label["effective_beta_median"])
-    _legend(fig, palette, [Line2D([], [], ls="", marker="x", color="0.3", mew=2, label="diverged run")])
+    marker = Line2D([], [], ls="", marker="x", color="0.3", mew=2, label="diverged run")
+    _legend(fig, palette, [marker] if (runs["status"] == "diverged").any() else [])
     return fig
 
 
@@ -238,6 +243,8 @@ def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH) -> list[Path]:
     """Make every applicable figure of a study; default ``out_dir`` is ``results_dir/figures``. Returns the paths."""
     study = read_study(results_dir)  # raises AnalysisError before anything is written
     df, runs = records_frame(study), runs_frame(study)
+    if df.empty:
+        raise AnalysisError(f"{results_dir}: no run has any records yet; nothing to plot")
     out_dir = Path(results_dir) / "figures" if out_dir is None else Path(out_dir)
     figures = {"santurkar_fig4": santurkar_fig4(df, runs, smooth=smooth), "sharpness": sharpness(df, runs),
                "seed_homework": seed_homework(df, runs), "lr_sweep": lr_sweep(df, runs)}

@@ -43,7 +43,8 @@ def _records(level: float, seed: int, lr: float, epochs: int, spe: int, probe_ev
         if t % spe == 0:
             e = t // spe
             out.append({"kind": "eval", "step": t, "epoch": e, "bn_mode": "running",
-                        "train_loss": round(2.3 * level * 0.8 ** e + 0.021 * seed, 6), "train_accuracy": round(0.6 + 0.05 * e, 6),
+                        "train_loss": round(2.3 * level * 0.8 ** e + 0.021 * seed, 6),
+                        "train_accuracy": round(0.6 + 0.05 * e, 6),
                         "test_loss": round(2.4 * level * 0.8 ** e, 6),
                         "test_accuracy": round(0.7 + 0.04 * e - 0.1 * level + 0.013 * seed, 6)})
             out.append({"kind": "smoothness", "step": t, "epoch": e, "bn_mode": "batch",

@@ -150,3 +150,13 @@ def test_root_parameter_ics_layer_name(quad, ref):
     assert [s.layer for s in out.layers] == ["<root>"]
     assert out.layers[0].parameters == ("w",)
     assert out.layers[0].grad_diff_norm == 0.0 and out.layers[0].cosine == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.xfail(strict=True, reason="single-vector Lanczos cannot see an exactly repeated eigenvalue: the Krylov "
+                                       "space becomes invariant and the missing copy is reported as converged")
+def test_top_eigenvalues_repeated_eigenvalue(ref):
+    A = torch.diag(torch.tensor([5.0, 5.0, 3.0, 3.0] + [1.0] * 26, dtype=torch.float64))
+    model = ref.Quadratic(torch.ones(30, dtype=torch.float64))
+    batch = (torch.zeros(2, 1, dtype=torch.float64), torch.zeros(2, 30, dtype=torch.float64))
+    out = sm.top_eigenvalues(model, ref.quadratic_loss(A), batch, k=2, tol=1e-10)
+    assert out.values == pytest.approx((5.0, 5.0), rel=1e-8) or not out.converged

@@ -8,7 +8,7 @@ from torch import nn
 import smoothness as sm
 
 ESTIMATORS = ["line_probe", "local_lipschitz", "hvp", "top_eigenvalues", "hessian_trace", "directional_curvature",
-              "internal_covariate_shift"]
+              "internal_covariate_shift", "loss_and_gradient"]
 
 
 def run(name, model, loss_fn, batch, bn_mode, direction):
@@ -26,10 +26,15 @@ def run(name, model, loss_fn, batch, bn_mode, direction):
         return sm.directional_curvature(model, loss_fn, batch, direction, bn_mode=bn_mode)
     if name == "internal_covariate_shift":
         return sm.internal_covariate_shift(model, loss_fn, batch, lr=0.1, bn_mode=bn_mode)
+    if name == "loss_and_gradient":
+        return sm.loss_and_gradient(model, loss_fn, batch, bn_mode=bn_mode)
     raise KeyError(name)
 
 
 def assert_same_result(a, b):
+    if isinstance(a, tuple) and len(a) == 2 and isinstance(a[1], dict):  # loss_and_gradient
+        assert a[0] == b[0]
+        a, b = a[1], b[1]
     if isinstance(a, dict):
         assert list(a) == list(b)
         for n in a:
@@ -109,7 +114,7 @@ def test_model_untouched_when_loss_not_finite(ref, messy):
         model.net[-1].bias[0] = float("nan")
     before = ref.snapshot(model)
     for name in ESTIMATORS:
-        with pytest.raises(ValueError, match="not finite"):
+        with pytest.raises(sm.NonFiniteLossError, match="not finite"):
             run(name, model, loss_fn, batch, "batch", ref.random_direction(model))
     # snapshot compares with torch.equal, which is False for nan: compare the nan-free parts and the nan mask
     after = ref.snapshot(model)

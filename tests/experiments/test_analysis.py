@@ -1,0 +1,208 @@
+"""experiments.analysis against fake studies with hand-set numbers (tests/experiments/fake_results.py)."""
+import math
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).parent))
+from fake_results import make_results  # noqa: E402
+
+from experiments.analysis import AnalysisError, load, load_runs, plot_study, summary_table, write_report  # noqa
+from experiments.analysis.figures import save_figure, sharpness  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*truncated last record:UserWarning")
+FIGURES = ("santurkar_fig4", "sharpness", "seed_homework")
+MODELS = ("convnet", "bn-convnet")
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    return make_results(tmp_path_factory.mktemp("clean"))
+
+
+@pytest.fixture(scope="module")
+def flagged(tmp_path_factory):
+    return make_results(tmp_path_factory.mktemp("flagged"), diverged=[("convnet", 1)],
+                        unfinished=[("bn-convnet", 2)])
+
+
+def expected_per_run(records):
+    """The report's per-run numbers, computed directly from the records that were written."""
+    of = lambda kind: [r for r in records if r["kind"] == kind]  # noqa: E731
+    probes, last_eval, last_smooth = of("probe"), of("eval")[-1], of("smoothness")[-1]
+    beta = [p["effective_beta"] for p in probes]
+    return {"final_train_loss": last_eval["train_loss"], "final_test_accuracy": last_eval["test_accuracy"],
+            "effective_beta_median": np.median(beta), "effective_beta_p90": np.percentile(beta, 90),
+            "loss_range_width": np.median([p["loss_max"] - p["loss_min"] for p in probes]),
+            "grad_predictiveness": np.median([p["grad_pred_max"] for p in probes]),
+            "final_sharpness": last_smooth["sharpness"], "final_local_smoothness": last_smooth["local_smoothness"]}
+
+
+def expected_values(study, model, metric, statuses=("done",)):
+    return np.array([expected_per_run(r.records)[metric] for r in study.runs
+                     if r.model == model and r.status in statuses])
+
+
+def test_load_melts_every_numeric_field(clean):
+    df = load(clean.path)
+    assert list(df.columns) == ["run", "model", "seed", "lr", "norm", "dataset", "status", "kind", "step", "epoch",
+                                "metric", "value", "bn_mode"]
+    numeric = sum(1 for run in clean.runs for r in run.records for k, v in r.items()
+                  if k not in ("kind", "step", "epoch", "bn_mode") and not isinstance(v, (list, str)))
+    assert len(df) == numeric
+    assert not df["metric"].isin(["step_sizes", "losses", "grad_diff_norms", "reason"]).any()
+    run = clean.run("bn-convnet", 1)
+    beta = df[(df["run"] == run.run_id) & (df["metric"] == "effective_beta")]["value"].to_numpy()
+    assert beta.tolist() == [r["effective_beta"] for r in run.records if r["kind"] == "probe"]
+    assert set(df["status"]) == {"done"} and set(df["bn_mode"]) == {"batch", "running"}
+
+
+def test_load_runs_flags_diverged_and_unfinished(flagged):
+    with pytest.warns(UserWarning, match="truncated last record"):
+        runs = load_runs(flagged.path)
+    assert len(runs) == 6
+    status = dict(zip(runs["run"], runs["status"]))
+    assert status == {r.run_id: r.status for r in flagged.runs}
+    div = runs[runs["status"] == "diverged"].iloc[0]
+    assert div["diverged_step"] == 16 and div["model"] == "convnet" and div["seed"] == 1
+    df = load(flagged.path)
+    assert set(df["status"]) == {"done", "diverged", "unfinished"}
+    assert math.isnan(df[(df["kind"] == "diverged")]["value"].iloc[0])  # null -> NaN, kept
+
+
+def test_summary_matches_independent_statistics(clean):
+    table = summary_table(load(clean.path))
+    assert len(table) == 8 * 2
+    for metric, g in table.groupby("metric"):
+        conv, bn = (expected_values(clean, m, metric) for m in MODELS)
+        rows = g.set_index("model")
+        for model, v in zip(MODELS, (conv, bn)):
+            assert rows.loc[model, "n"] == 3
+            assert rows.loc[model, "mean"] == pytest.approx(np.mean(v), rel=1e-12)
+            assert rows.loc[model, "sd"] == pytest.approx(np.std(v, ddof=1), rel=1e-9)
+        b = rows.loc["bn-convnet"]
+        assert b["compared_to"] == "convnet"
+        assert b["diff"] == pytest.approx(np.mean(bn) - np.mean(conv), rel=1e-12)
+        assert b["p_welch"] == pytest.approx(stats.ttest_ind(bn, conv, equal_var=False).pvalue, rel=1e-9)
+        pooled = np.sqrt((2 * np.var(bn, ddof=1) + 2 * np.var(conv, ddof=1)) / 4)
+        g_expected = (1 - 3 / (4 * 6 - 9)) * (np.mean(bn) - np.mean(conv)) / pooled
+        assert b["hedges_g"] == pytest.approx(g_expected, rel=1e-9)
+
+
+def test_summary_counts_but_never_averages_diverged(flagged):
+    df = load(flagged.path)
+    table = summary_table(df).set_index(["metric", "model"])
+    for metric in ("final_test_accuracy", "effective_beta_median", "final_local_smoothness"):
+        conv, bn = (table.loc[(metric, m)] for m in MODELS)
+        assert (conv["n"], conv["diverged"], conv["unfinished"]) == (2, 1, 0)
+        assert (bn["n"], bn["diverged"], bn["unfinished"]) == (2, 0, 1)
+        assert conv["mean"] == pytest.approx(expected_values(flagged, "convnet", metric).mean(), rel=1e-12)
+    with_unfinished = summary_table(df, include_unfinished=True).set_index(["metric", "model"])
+    bn_all = expected_values(flagged, "bn-convnet", "effective_beta_median", ("done", "unfinished"))
+    assert with_unfinished.loc[("effective_beta_median", "bn-convnet"), "n"] == 3
+    assert with_unfinished.loc[("effective_beta_median", "bn-convnet"), "mean"] == pytest.approx(bn_all.mean())
+
+
+def test_compare_argument(clean):
+    df = load(clean.path)
+    swapped = summary_table(df, compare=("bn-convnet", "convnet")).dropna(subset=["compared_to"])
+    assert swapped["model"].unique().tolist() == ["convnet"]
+    with pytest.raises(AnalysisError, match="two of the study's models"):
+        summary_table(df, compare=("convnet", "vgg"))
+
+
+def check_figures(out: Path, stems):
+    for stem in stems:
+        png, pdf = out / f"{stem}.png", out / f"{stem}.pdf"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 5_000
+    assert not list(out.glob(".*"))  # no temp files left
+
+
+def test_flagged_study_produces_every_output(flagged, tmp_path):
+    paths = plot_study(flagged.path, out_dir=tmp_path / "figs")
+    assert sorted(p.name for p in paths) == sorted(f"{s}.{e}" for s in FIGURES for e in ("png", "pdf"))
+    check_figures(tmp_path / "figs", FIGURES)
+    assert not (tmp_path / "figs" / "lr_sweep.png").exists()  # a single lr
+    md = write_report(flagged.path, out_dir=tmp_path)
+    text = md.read_text()
+    assert "6 runs: 4 done, 1 diverged, 1 unfinished" in text and "Hedges' g" in text
+    assert "diverged at step 16" in text and flagged.run("bn-convnet", 2).run_id in text
+    assert (tmp_path / "report.csv").stat().st_size > 0 and not list(tmp_path.glob(".*"))
+
+
+def test_default_out_dirs(tmp_path):
+    study = make_results(tmp_path, seeds=(0, 1), epochs=2)
+    plot_study(study.path)
+    check_figures(study.path / "figures", FIGURES)
+    assert write_report(study.path) == study.path / "report.md"
+
+
+def test_lr_sweep_needs_two_lrs(tmp_path):
+    study = make_results(tmp_path, seeds=(0, 1), lrs=(0.02, 0.04), epochs=2, diverged=[("convnet", 0, 0.04)])
+    names = {p.name for p in plot_study(study.path, out_dir=tmp_path / "figs")}
+    assert {"lr_sweep.png", "lr_sweep.pdf"} <= names
+    check_figures(tmp_path / "figs", FIGURES + ("lr_sweep",))
+    table = summary_table(load(study.path))
+    assert sorted(table["lr"].unique()) == [0.02, 0.04]
+    assert table[(table["lr"] == 0.04) & (table["model"] == "convnet")]["diverged"].eq(1).all()
+
+
+def corrupt_middle(root: Path) -> tuple[Path, int]:
+    study = make_results(root, seeds=(0,), epochs=1)
+    path = study.runs[0].path / "records.jsonl"
+    lines = path.read_text().splitlines()
+    lines[4] = lines[4][:20]
+    path.write_text("\n".join(lines) + "\n")
+    return study.path, path
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "unrelated", "results-root", "corrupt", "done-truncated"])
+def test_bad_input_raises_and_writes_nothing(tmp_path, case):
+    target = tmp_path / "study"
+    if case == "missing":
+        match = "does not exist"
+    elif case == "empty":
+        target.mkdir()
+        match = "is empty"
+    elif case == "unrelated":
+        (target / "notes").mkdir(parents=True)
+        (target / "readme.txt").write_text("hello")
+        match = "config.json and records.jsonl"
+    elif case == "results-root":
+        make_results(target, seeds=(0,), epochs=1, study="s1")
+        match = r"holding the studies \['s1'\]"
+    elif case == "corrupt":
+        target, path = corrupt_middle(tmp_path)
+        match = re.escape(f"{path}, line 5: corrupt record")
+    else:
+        study = make_results(tmp_path, seeds=(0,), epochs=1)
+        path = study.runs[0].path / "records.jsonl"
+        path.write_text(path.read_text() + '{"kind": "st')
+        target, match = study.path, "line .*: corrupt record"
+    out = tmp_path / "out"
+    for call in (load, load_runs, lambda p: plot_study(p, out_dir=out), lambda p: write_report(p, out_dir=out)):
+        with pytest.raises(AnalysisError, match=match):
+            call(target)
+    assert not out.exists()
+    assert issubclass(AnalysisError, RuntimeError)
+
+
+def test_failed_save_leaves_no_file(clean, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fig = sharpness(load(clean.path), load_runs(clean.path))
+
+    def broken(path, **kwargs):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    fig.savefig = broken
+    with pytest.raises(OSError, match="disk full"):
+        save_figure(fig, tmp_path, "sharpness")
+    assert list(tmp_path.iterdir()) == []
