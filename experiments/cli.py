@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -86,8 +87,12 @@ def launch_options(fn):
 
 
 def _parse_list(value: Optional[str], kind, option: str):
+    """A comma-separated option value as a list (int lists also take ranges such as 0-4). Every error names the
+    option; learning rates must be positive, seeds non-negative, models (``model[:norm]``) in the registries."""
     if value is None:
         return None
+    if not value.strip():
+        raise click.BadParameter("the list is empty; the grid needs at least one value", param_hint=option)
     items = []
     for part in value.split(","):
         part = part.strip()
@@ -100,13 +105,30 @@ def _parse_list(value: Optional[str], kind, option: str):
             except ValueError:
                 raise click.BadParameter(f"{part!r} is not a range like 0-4", param_hint=option) from None
             if hi_i < lo_i:
-                raise click.BadParameter(f"range {part!r} is empty", param_hint=option)
+                raise click.BadParameter(f"range {part!r} is empty (write LOW-HIGH with LOW <= HIGH)",
+                                         param_hint=option)
             items.extend(range(lo_i, hi_i + 1))
             continue
         try:
-            items.append(kind(part))
+            item = kind(part)
         except ValueError:
             raise click.BadParameter(f"{part!r} is not a valid {kind.__name__}", param_hint=option) from None
+        if kind is float and not (math.isfinite(item) and item > 0):
+            raise click.BadParameter(f"{part!r} is not a positive number", param_hint=option)
+        items.append(item)
+    if kind is int and any(i < 0 for i in items):
+        raise click.BadParameter(f"{value!r} holds a negative number", param_hint=option)
+    if option.startswith("--models"):
+        from .models import MODELS
+        from .norms import NORMS
+        for spec in items:
+            model, _, norm = spec.partition(":")
+            if model not in MODELS:
+                raise click.BadParameter(f"unknown model {model!r}; choose from: {', '.join(MODELS)}",
+                                         param_hint=option)
+            if ":" in spec and norm not in NORMS:
+                raise click.BadParameter(f"unknown norm {norm!r} in {spec!r}; choose from: {', '.join(NORMS)}",
+                                         param_hint=option)
     return items
 
 
@@ -151,17 +173,19 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
 def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str, workers, threads, ray_address,
               resume: bool, figures: bool, quiet: bool) -> None:
     from .data import DataError
-    from .launchers import launch
+    from .launchers import check_executor, launch, preflight
     from .store import StoreError, check_writable
     study_dir = results_dir / study.name
-    try:
-        check_writable(study_dir)
+    try:  # every check that can fail comes before the first write
+        runs = study.runs()
+        check_executor(executor, ray_address)
+        preflight(runs, study_dir)
         _check_data(study, data_dir)
         steps = _steps_per_run(study, data_dir)
+        check_writable(study_dir)
         _write_study_json(study_dir, study)
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
-    runs = study.runs()
     if not quiet:
         click.echo(f"{len(runs)} runs ({', '.join(study.models)} x lr {list(study.lrs)} x seeds "
                    f"{list(study.seeds)}) -> {study_dir} [{executor}]")
@@ -169,8 +193,13 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
         results = launch(runs, study_dir, executor=executor, workers=workers, threads=threads, resume=resume,
                          data_dir=None if data_dir is None else str(data_dir), ray_address=ray_address,
                          quiet=quiet, steps_per_run=steps)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        again = "the same command" if resume else "with --resume"
+        click.echo(f"\ninterrupted: finished runs are kept; relaunch {again} to resume the others "
+                   f"(smoothness-lab status {study_dir})", err=True)
+        sys.exit(130)
     counts = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
@@ -245,27 +274,43 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
     if sweep_file is not None:
         try:
             spec = json.loads(sweep_file.read_text())
-        except ValueError as exc:
+        except (OSError, ValueError) as exc:
             _fail(f"{sweep_file} is not valid JSON: {exc}")
-        models_l = spec.pop("models", models_l)
-        lrs_l = spec.pop("lrs", lrs_l)
-        seeds_l = spec.pop("seeds", seeds_l)
+        if not isinstance(spec, dict):
+            _fail(f"{sweep_file} must hold a JSON object with keys models, lrs, seeds, name and options")
+
+        def listed(key, kind, current):
+            if key not in spec:
+                return current
+            value = spec.pop(key)
+            value = value if isinstance(value, list) else [value]
+            return _parse_list(",".join(str(v) for v in value), kind, f"--{key} ({key!r} in {sweep_file})")
+
+        models_l = listed("models", str, models_l)
+        lrs_l = listed("lrs", float, lrs_l)
+        seeds_l = listed("seeds", int, seeds_l)
         name = spec.pop("name", name)
+        unknown = sorted(set(spec) - set(_TRACKING_FIELDS))
+        if unknown:
+            _fail(f"{sweep_file}: unknown keys {unknown}; allowed: models, lrs, seeds, name, "
+                  f"{', '.join(_TRACKING_FIELDS)}")
         overrides.update(spec)
+    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        _fail(f"--name must be a plain folder name, got {name!r}")
     try:
-        study = _study_from(StudyConfig(), name, models_l, lrs_l, seeds_l, overrides)
         if not models_l or not lrs_l or not seeds_l:
             raise ConfigError("the grid is empty: give at least one model, lr and seed")
+        study = _study_from(StudyConfig(), name, models_l, lrs_l, seeds_l, overrides)
+        study.runs()  # every run's config is checked before anything is written
     except (ConfigError, TypeError) as exc:
         _fail(str(exc))
     run_study(study, results_dir=results_dir, data_dir=data_dir, executor=executor, workers=workers,
-              threads=threads, ray_address=ray_address, resume=True if resume is False else resume,
-              figures=figures, quiet=ctx.obj["quiet"])
+              threads=threads, ray_address=ray_address, resume=True, figures=figures, quiet=ctx.obj["quiet"])
 
 
 @main.command()
 @click.option("--model", default="convnet", show_default=True, help="a model from the registry")
-@click.option("--norm", default=None, help="none, torch, scratch, noisy, l1, l2, linf [default: the model's]")
+@click.option("--norm", default=None, help="none, torch, scratch, scratch-fn, noisy, l1, l2, linf [default: the model's]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--lr", default=0.04, show_default=True, type=float)
 @click.option("--study", "study_name", default="train", show_default=True, help="results go to RESULTS_DIR/STUDY")

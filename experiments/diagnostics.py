@@ -15,6 +15,7 @@ written atomically (a temporary file, then a rename).
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
@@ -105,18 +106,26 @@ def variance_table(dataset: str = "mnist1d", seed: int = 0, batch_size: int = 20
     return pd.DataFrame(rows, columns=["model", "position", "location", "variance", "ratio"])
 
 
+def _styled(fn):
+    """Draw the whole figure inside seaborn's paper context and whitegrid style (no global rcParams change)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import seaborn as sns
+        with sns.plotting_context("paper", font_scale=1.2), sns.axes_style("whitegrid"):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
 def _styled_figure(nrows: int, ncols: int, width: float, height: float):
-    import seaborn as sns
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    with sns.plotting_context("paper", font_scale=1.2), sns.axes_style("whitegrid"):
-        fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
-        FigureCanvasAgg(fig)
-        axes = fig.subplots(nrows, ncols, squeeze=False)
-    return fig, axes
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+@_styled
 def variance_figure(table: pd.DataFrame):
     """Variance (log scale) against the position in the network, one line per model."""
     import seaborn as sns
@@ -279,6 +288,7 @@ def ics_trace(model: str = "convnet", *, norm: Optional[str] = None, dataset: st
     return frame
 
 
+@_styled
 def ics_figure(frame: pd.DataFrame):
     """‖G − G′‖ (top row) and cos(G, G′) (bottom row) against the SGD step, one column per conv/linear layer
     (numbered in forward order, so models with and without norm layers line up), one line per model."""

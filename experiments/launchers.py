@@ -168,7 +168,7 @@ def _run_log(run_dir: Path):
 
 def _resume_point(run_dir: Path) -> str:
     ckpts = sorted((run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    return f"from checkpoints/{ckpts[-1].name}" if ckpts else "from the start (no checkpoint)"
+    return f"resuming from checkpoints/{ckpts[-1].name}" if ckpts else "no checkpoint: from the start"
 
 
 def _last_record(run_dir: Path) -> dict:
@@ -198,7 +198,7 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
     with _run_log(run_dir) as log:
         log.info("start %s pid=%d host=%s threads=%d device=%s resume=%s%s", cfg.run_id, os.getpid(),
                  socket.gethostname(), threads, cfg.device, resume,
-                 f" ({_resume_point(run_dir)})" if resume else "")
+                 f", {_resume_point(run_dir)}" if resume else "")
         try:
             outcome = train_run(cfg, Path(root), resume=resume, data_dir=data_dir, progress=progress)
         except KeyboardInterrupt:

@@ -79,7 +79,8 @@ class LeNet5(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """x + Linear(ReLU(norm(x))): the norm sits before the contents of the residual branch (seed 002, Fig. 11.6c)."""
+    """h + Linear(ReLU(h)) with h = norm(x): as in seed 002's BatchNorm network, the stream itself is normalised
+    before each residual branch, which is what keeps the activation variance flat through the blocks."""
 
     def __init__(self, hidden: int, norm: str):
         super().__init__()
@@ -87,7 +88,8 @@ class ResidualBlock(nn.Module):
         self.linear = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.linear(torch.relu(self.norm(x)))
+        h = self.norm(x)
+        return h + self.linear(torch.relu(h))
 
 
 class ResidualMLP(nn.Module):

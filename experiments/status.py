@@ -82,7 +82,7 @@ def _epochs(run_dir: Path) -> Optional[int]:
 def run_info(run_dir: Path) -> Tuple[str, str]:
     """(state, detail) of one run directory."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists():
+    if not (run_dir / "config.json").exists() and _last_event(run_dir)[0] is None:
         return "not started", ""
     tail = _records_tail(run_dir)
     diverged = next((r for r in reversed(tail) if r.get("kind") == "diverged"), None)
@@ -119,7 +119,8 @@ def study_status(study_dir: Path) -> List[tuple]:
 
 
 def _study_rows(study_dir: Path) -> Tuple[List[tuple], List[str]]:
-    found = sorted(p.name for p in study_dir.iterdir() if p.is_dir() and (p / "config.json").exists())
+    found = sorted(p.name for p in study_dir.iterdir()
+                   if p.is_dir() and ((p / "config.json").exists() or (p / "run.log").exists()))
     expected, warnings = _expected_runs(study_dir)
     ids = found + [r for r in expected if r not in found]
     return [(r, *run_info(study_dir / r)) for r in ids], warnings

@@ -16,6 +16,11 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 
 
+# Enough for the extreme eigenvalues of any network Hessian we have seen; the basis grows as needed, so a model
+# with millions of parameters holds only the vectors it used.
+DEFAULT_MAX_ITER = 300
+
+
 @dataclass(frozen=True)
 class LanczosOutput:
     values: np.ndarray          # Ritz values, descending, length k
@@ -34,11 +39,11 @@ def lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, 
     one for Hermitian Lanczos: min(r, r²/gap) with r = |β_j·s_j| the residual norm ‖Hy − θy‖ (a rigorous bound)
     and gap the distance to the nearest other Ritz value (used only once a Ritz value beyond the k wanted exists). After n products the Krylov space is the whole space and values are exact.
     """
-    max_iter = n if max_iter is None else min(max_iter, n)
+    max_iter = min(n, DEFAULT_MAX_ITER) if max_iter is None else min(max_iter, n)
     if start is None:
         start = torch.randn(n, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
     q = start / torch.linalg.vector_norm(start)
-    basis = torch.empty((max_iter, n), dtype=dtype, device=device)
+    basis = torch.empty((min(max_iter, 32), n), dtype=dtype, device=device)
     alphas, betas = [], []
     values = np.zeros(k)
     bounds = np.full(k, np.inf)
@@ -46,6 +51,8 @@ def lanczos_top(matvec: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, 
     m = 0
     s = None
     for m in range(1, max_iter + 1):
+        if m > basis.shape[0]:
+            basis = torch.cat([basis, torch.empty_like(basis)])[:max_iter]
         basis[m - 1] = q
         w = matvec(q)
         alpha = float(torch.dot(w, q))

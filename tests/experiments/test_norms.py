@@ -406,7 +406,7 @@ def test_lpnorm_p_parsing():
 # registry
 # --------------------------------------------------------------------------------------------
 def test_make_norm():
-    assert list(NORMS) == ["none", "torch", "scratch", "noisy", "l1", "l2", "linf"]
+    assert list(NORMS) == ["none", "torch", "scratch", "scratch-fn", "noisy", "l1", "l2", "linf"]
     assert isinstance(make_norm("none", C, 1), nn.Identity)
     assert type(make_norm("torch", C, 1)) is nn.BatchNorm1d
     assert type(make_norm("torch", C, 2)) is nn.BatchNorm2d
@@ -421,6 +421,6 @@ def test_make_norm():
         make_norm(kind, C, 1)(torch.randn(3, C))
     with pytest.raises(ValueError) as e:
         make_norm("foo", C, 1)
-    assert str(e.value) == "unknown norm 'foo'; choose one of: none, torch, scratch, noisy, l1, l2, linf"
+    assert str(e.value) == "unknown norm 'foo'; choose one of: none, torch, scratch, scratch-fn, noisy, l1, l2, linf"
     with pytest.raises(ValueError, match="dims"):
         make_norm("torch", C, 3)

@@ -246,16 +246,6 @@ def rel_err(a, b):
     return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    """These models are tiny: intra-op threads only add overhead, and on a loaded machine spinning OpenMP threads
-    make each op orders of magnitude slower. Restored afterwards, so other test folders are unaffected."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def ref():
     return types.SimpleNamespace(

@@ -1,0 +1,165 @@
+"""The launchers (experiments.launchers) on tiny synthetic sweeps: serial, process and Ray executors give identical
+records; finished runs are skipped untouched; a run that raises or whose worker dies is reported and the others
+finish; a directory holding another config stops the launch before anything is written."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from experiments import launchers
+from experiments.config import RunConfig, StudyConfig
+from experiments.launchers import LaunchResult, launch, preflight
+from experiments.status import run_info
+from experiments.store import StoreError
+
+TINY = dict(dataset="synthetic", subset=0.05, epochs=1, batch_size=32, probe_every=5, sharpness_samples=32,
+            local_smoothness_samples=64)
+
+
+def grid(models=("convnet", "bn-convnet"), lrs=(0.04,), seeds=(0, 1), name="grid", **over):
+    return StudyConfig(name=name, models=tuple(models), lrs=tuple(lrs), seeds=tuple(seeds),
+                       base=RunConfig(study=name, **{**TINY, **over})).runs()
+
+
+def records(root):
+    """{run id: parsed records} for every run directory under root."""
+    return {p.name: [json.loads(line) for line in (p / "records.jsonl").read_text().splitlines()]
+            for p in sorted(root.iterdir()) if (p / "config.json").exists()}
+
+
+def snapshot(run_dir):
+    """Bytes and mtime of every file in a run directory."""
+    return {str(p.relative_to(run_dir)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The grid run by the serial executor: the reference every other executor must match."""
+    root = tmp_path_factory.mktemp("serial")
+    results = launch(grid(), root, executor="serial", quiet=True)
+    return root, results
+
+
+def test_threads_default_is_the_same_for_every_executor():
+    assert {launchers.default_threads(w) for w in (1, 2, 8)} == {launchers.DEFAULT_THREADS} == {1}
+    assert "Threads and reproducibility" in launchers.__doc__
+
+
+def test_serial_finishes_every_run_with_a_run_log(reference):
+    root, results = reference
+    assert [r.run_id for r in results] == [c.run_id for c in grid()]
+    assert {r.status for r in results} == {"done"}
+    for cfg in grid():
+        log = (root / cfg.run_id / "run.log").read_text()
+        assert f"start {cfg.run_id} pid=" in log and "threads=1" in log
+        assert f"finish {cfg.run_id}: done after 3 steps" in log
+        assert run_info(root / cfg.run_id)[0] == "done"
+
+
+def test_process_executor_gives_identical_records(reference, tmp_path):
+    results = launch(grid(), tmp_path, executor="process", workers=2, quiet=True)
+    assert {r.status for r in results} == {"done"}
+    assert records(tmp_path) == records(reference[0])
+    pids = {(tmp_path / r.run_id / "run.log").read_text().split(" pid=")[1].split()[0] for r in results}
+    assert len(pids) == 2 and str(os.getpid()) not in pids   # two reused worker processes, not this one
+
+
+@pytest.mark.ray
+def test_ray_executor_gives_identical_records(reference, tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'smoothness-lab[ray]'")
+    import ray
+    results = launch(grid(), tmp_path, executor="ray", workers=2, quiet=True)
+    assert not ray.is_initialized()           # the local cluster started for the launch is shut down
+    assert [r.status for r in results] == ["done"] * 4
+    assert records(tmp_path) == records(reference[0])
+
+
+def test_finished_runs_are_skipped_untouched_and_duplicates_run_once(reference):
+    root, _ = reference
+    before = {cfg.run_id: snapshot(root / cfg.run_id) for cfg in grid()}
+    again = grid() + grid(models=("convnet:none",))      # convnet:none is convnet: the same run ids
+    results = launch(again, root, executor="process", workers=2, quiet=True)
+    assert [r.run_id for r in results] == [c.run_id for c in grid()]
+    assert {r.status for r in results} == {"skipped"}
+    assert {cfg.run_id: snapshot(root / cfg.run_id) for cfg in grid()} == before
+
+
+def test_a_directory_with_another_config_stops_the_launch(tmp_path):
+    runs = grid(seeds=(0,))
+    victim = tmp_path / runs[0].run_id
+    victim.mkdir()
+    theirs = {**runs[0].to_dict(), "run_id": runs[0].run_id, "config_hash": "0123456789ab"}
+    (victim / "config.json").write_text(json.dumps(theirs))
+    (victim / "records.jsonl").write_text('{"kind": "step"}\n')
+    before = snapshot(victim)
+    for executor in ("serial", "process"):
+        with pytest.raises(StoreError, match=r"holds a different config \(hash '0123456789ab'"):
+            launch(runs, tmp_path, executor=executor, quiet=True)
+    assert snapshot(victim) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [runs[0].run_id]   # the other run was not started
+    (victim / "config.json").write_text("{not json")
+    with pytest.raises(StoreError, match="unreadable"):
+        preflight(runs, tmp_path)
+
+
+def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
+    broken, good = grid(models=("convnet",), seeds=(0, 1))
+    bad_dir = tmp_path / broken.run_id
+    bad_dir.mkdir()
+    (bad_dir / "records.jsonl").write_text("garbage\n{}\n")      # a corrupt line that is not the last one
+    results = launch([broken, good], tmp_path, executor="process", workers=2, resume=True, quiet=True)
+    assert [r.status for r in results] == ["failed", "done"]
+    assert "StoreError" in results[0].error and "corrupt" in results[0].error
+    log = (bad_dir / "run.log").read_text()
+    assert "ERROR failed: StoreError" in log and "Traceback" in log
+    state, detail = run_info(bad_dir)
+    assert state == "failed" and "corrupt" in detail
+    assert (tmp_path / good.run_id / "done").exists()
+
+
+def _start_pid(log_path):
+    try:
+        text = log_path.read_text()
+    except OSError:
+        return None
+    return int(text.split(" pid=")[1].split()[0]) if " pid=" in text else None
+
+
+def test_a_dead_worker_fails_only_its_run(tmp_path):
+    """A worker killed mid-run (out of memory, kill -9): that run is failed, the others finish on the other
+    worker and on a fresh one; relaunching resumes the killed run."""
+    runs = grid(models=("convnet",), seeds=(0, 1, 2), epochs=2)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(results=launch(runs, tmp_path, executor="process",
+                                                                       workers=2, resume=True, quiet=True)))
+    thread.start()
+    victim = tmp_path / runs[0].run_id
+    deadline = time.monotonic() + 120
+    while ((pid := _start_pid(victim / "run.log")) is None or not (victim / "records.jsonl").exists()) \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid is not None and not (victim / "done").exists()
+    os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    results = out["results"]
+    assert [r.status for r in results] == ["failed", "done", "done"]
+    assert "worker process died (killed by SIGKILL" in results[0].error
+    assert run_info(victim)[0] == "running-or-interrupted"
+    again = launch(runs, tmp_path, executor="process", workers=2, resume=True, quiet=True)
+    assert [r.status for r in again] == ["done", "skipped", "skipped"]
+
+
+def test_bad_executor_arguments():
+    from experiments.config import ConfigError
+    with pytest.raises(ConfigError, match="choose one of: serial, process, ray"):
+        launch(grid(), "/nonexistent", executor="dask")
+    with pytest.raises(ConfigError, match="--ray-address applies to --executor ray only"):
+        launch(grid(), "/nonexistent", executor="process", ray_address="127.0.0.1:6379")
+    with pytest.raises(ConfigError, match="not HOST:PORT"):
+        launchers.check_ray_address("localhost")
+    assert LaunchResult("x", "done", 1.0).error == ""
