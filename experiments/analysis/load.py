@@ -115,10 +115,18 @@ def read_study(results_dir) -> list[RunData]:
     return runs
 
 
+def model_label(model: str, norm) -> str:
+    """The name a study used for the model: ``convnet``, ``bn-convnet``, or ``convnet:noisy`` when the norm is not
+    the model's default, so that norm variants of one network get curves and table columns of their own."""
+    from ..models import MODELS
+    spec = MODELS.get(model)
+    return model if spec is None or norm in (None, spec.default_norm) else f"{model}:{norm}"
+
+
 def _run_fields(run: RunData) -> dict:
     c = run.config
     lr = c.get("lr")
-    return {"run": c.get("run_id") or run.path.name, "model": str(c.get("model", "?")),
+    return {"run": c.get("run_id") or run.path.name, "model": model_label(str(c.get("model", "?")), c.get("norm")),
             "seed": c.get("seed"), "lr": float(lr) if lr is not None else math.nan,
             "norm": str(c.get("norm") if c.get("norm") is not None else "none"),
             "dataset": str(c.get("dataset", "?")), "status": run.status}

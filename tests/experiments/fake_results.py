@@ -97,13 +97,14 @@ def make_results(root, models=("convnet", "bn-convnet"), seeds=(0, 1, 2), values
     for model in models:
         for lr in lrs:
             for seed in seeds:
-                config = {"study": study, "model": model, "dataset": "fake-mnist",
-                          "norm": "batch" if model.startswith("bn-") else "none", "seed": seed, "lr": lr,
+                name, _, norm = model.partition(":")  # "convnet:noisy": a norm variant, as studies write it
+                config = {"study": study, "model": name, "dataset": "fake-mnist",
+                          "norm": norm or ("torch" if name.startswith("bn-") else "none"), "seed": seed, "lr": lr,
                           "batch_size": 32, "epochs": epochs, "subset": 320, "sampling": "with-replacement",
                           "probe_every": probe_every, "probe_steps": 8, "probe_min": 0.5, "probe_max": 4.0,
                           "sharpness_samples": 64}
                 digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
-                run_id = f"{model}-lr{lr}-s{seed}-{digest}"
+                run_id = f"{model.replace(':', '-')}-lr{lr}-s{seed}-{digest}"
                 config = {"run_id": run_id, **config, "device": "cpu"}
                 is_div, is_unf = flagged(diverged, model, seed, lr), flagged(unfinished, model, seed, lr)
                 stop = total // 2 + 1 if is_div else None

@@ -206,3 +206,14 @@ def test_failed_save_leaves_no_file(clean, tmp_path):
     with pytest.raises(OSError, match="disk full"):
         save_figure(fig, tmp_path, "sharpness")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_norm_variants_of_one_model_stay_apart(tmp_path):
+    """A study such as noisy-bn runs convnet with several norms: each must get its own label, not be pooled."""
+    study = make_results(tmp_path, models=("convnet", "bn-convnet", "convnet:noisy"), seeds=(0, 1))
+    runs = load_runs(study.path)
+    assert sorted(runs["model"].unique()) == ["bn-convnet", "convnet", "convnet:noisy"]
+    assert (runs.groupby("model").size() == 2).all()
+    assert set(load(study.path)["model"]) == {"convnet", "bn-convnet", "convnet:noisy"}
+    table = summary_table(load(study.path))
+    assert "convnet:noisy" in set(table["model"])
