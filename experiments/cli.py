@@ -75,7 +75,8 @@ def launch_options(fn):
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="parallel runs [default: min(cores, runs); 1 for serial]"),
         click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="torch threads per run [default: cores // workers]"),
+                     help="torch threads per run, the same under every executor so that records do not depend on it "
+                          "[default: 1]"),
         click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one"),
         click.option("--resume", is_flag=True, help="continue interrupted runs from their last checkpoint"),
         click.option("--figures/--no-figures", default=True, show_default=True,

@@ -180,21 +180,77 @@ def _last_record(run_dir: Path) -> dict:
         return {}
 
 
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir/run.log`` while the run executes, so that two launches into the same
+    results directory never train one run at once; yields False (and holds nothing) if another process holds it.
+    The lock dies with its process, even on SIGKILL. No-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "run.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_lock`` on this run (on this machine)."""
+    try:
+        import fcntl
+        fd = os.open(run_dir / "run.log", os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], threads: int,
             progress_queue=None) -> LaunchResult:
     """Run one config in this process (the body of every executor's task). Exceptions become a ``failed``
     result (traceback in run.log); KeyboardInterrupt is logged and re-raised."""
     import torch
-    from .training import train_run
+    from .store import RunStore, StoreError
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
     start = time.perf_counter()
     run_dir = Path(root) / cfg.run_id
+    try:    # a directory holding another config is not touched at all, not even its run.log
+        preflight([cfg], Path(root))
+    except StoreError as exc:
+        return LaunchResult(cfg.run_id, "failed", 0.0, f"StoreError: {exc}")
+    if RunStore(Path(root), cfg).done:
+        return LaunchResult(cfg.run_id, "skipped", 0.0)
 
     def progress(run_id, done, total):
         if progress_queue is not None:
             progress_queue.put((run_id, done, total))
 
+    with run_lock(run_dir) as mine:
+        if not mine:
+            return LaunchResult(cfg.run_id, "failed", 0.0, f"{run_dir} is being run by another process right now "
+                                f"(another launch into the same results directory?); it was left alone")
+        return _execute_locked(cfg, root, resume, data_dir, threads, progress, start)
+
+
+def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[str], threads: int, progress,
+                    start: float) -> LaunchResult:
+    from .training import train_run
+    run_dir = Path(root) / cfg.run_id
     with _run_log(run_dir) as log:
         log.info("start %s pid=%d host=%s threads=%d device=%s resume=%s%s", cfg.run_id, os.getpid(),
                  socket.gethostname(), threads, cfg.device, resume,
@@ -347,7 +403,10 @@ class _PipeQueue:
         self.conn = conn
 
     def put(self, item) -> None:
-        self.conn.send(("progress", item))
+        try:
+            self.conn.send(("progress", item))
+        except (OSError, EOFError):     # the launcher is gone (killed): stop, as on Ctrl-C
+            raise KeyboardInterrupt from None
 
 
 def _worker_main(conn) -> None:
@@ -383,10 +442,11 @@ def _death(proc) -> str:
             how = f"killed by {signal.Signals(-code).name}"
         except ValueError:
             how = f"killed by signal {-code}"
+        if code == -signal.SIGKILL:
+            how += ": out of memory?"
     else:
-        how = f"exit code {code}"
-    return (f"worker process died ({how}; out of memory?) - relaunch to resume the run from its last "
-            f"checkpoint")
+        how = f"exit code {code}: see the messages above"
+    return f"worker process died ({how}); relaunch to resume the run from its last checkpoint"
 
 
 def _launch_processes(args, display, finished, workers: int) -> None:
@@ -484,10 +544,14 @@ def _launch_ray(args, runs, display, finished, workers, threads, address) -> Non
     started_here = not ray.is_initialized()
     if started_here:
         options = dict(include_dashboard=False, log_to_driver=False, configure_logging=False)
-        if address:
-            ray.init(address=address, **options)
-        else:
-            ray.init(num_cpus=workers * threads, **options)
+        try:
+            if address:
+                ray.init(address=address, **options)
+            else:
+                ray.init(num_cpus=workers * threads, **options)
+        except Exception as exc:
+            where = f"the Ray cluster at --ray-address {address}" if address else "a local Ray cluster"
+            raise ConfigError(f"could not start or join {where}: {type(exc).__name__}: {exc}") from None
     refs: dict = {}
     try:
         q = RayQueue(actor_options={"num_cpus": 0})

@@ -3,8 +3,9 @@
 Reads only. A run's state comes from its directory (results/README.md): ``done`` marks a finished run, a
 ``diverged`` record a diverged one; without ``done``, the last line of ``run.log`` written by the launcher tells a
 run that failed with an exception from one that is running or was interrupted (killed, Ctrl-C: relaunching the
-sweep resumes it from its last checkpoint). Runs the study's ``study.json`` grids expect but that have no directory
-yet are ``not started``.
+sweep resumes it from its last checkpoint). The detail column tells these two apart where it can: a running run
+holds a lock on its run.log (``launchers.run_lock``; visible on the machine that runs it). Runs the study's
+``study.json`` grids expect but that have no directory yet are ``not started``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import List, Optional, Tuple
 import click
 
 from .config import ConfigError, RunConfig, StudyConfig
+from .launchers import is_locked
 
 STATES = ("done", "diverged", "failed", "running-or-interrupted", "not started")
 _EVENT = re.compile(r"^\S+ \S+ [A-Z]+ (start|finish|failed|interrupted)\b(.*)$")
@@ -101,8 +103,13 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
     of = f" of {epochs}" if epochs is not None else ""
     last = int(ckpts[-1].stem.split("-")[1]) if ckpts else None
     detail = f"checkpoint after epoch {last}{of}" if last is not None else "no checkpoint yet"
-    if event == "interrupted":
+    if is_locked(run_dir):
+        pid = re.search(r"\bpid=(\d+)", rest)
+        detail += f" (running{', pid ' + pid.group(1) if pid else ''})"
+    elif event == "interrupted":
         detail += " (interrupted)"
+    elif event == "start":
+        detail += " (killed, or running on another machine)"
     return "running-or-interrupted", detail
 
 

@@ -3,6 +3,7 @@ records; finished runs are skipped untouched; a run that raises or whose worker 
 finish; a directory holding another config stops the launch before anything is written."""
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -72,9 +73,14 @@ def test_process_executor_gives_identical_records(reference, tmp_path):
 def test_ray_executor_gives_identical_records(reference, tmp_path):
     pytest.importorskip("ray", reason="Ray is not installed: pip install 'smoothness-lab[ray]'")
     import ray
-    results = launch(grid(), tmp_path, executor="ray", workers=2, quiet=True)
+    (broken,) = grid(models=("convnet",), seeds=(7,))
+    (tmp_path / broken.run_id).mkdir()
+    (tmp_path / broken.run_id / "records.jsonl").write_text("garbage\n{}\n")   # this one fails at once
+    results = launch(grid() + (broken,), tmp_path, executor="ray", workers=2, resume=True, quiet=True)
     assert not ray.is_initialized()           # the local cluster started for the launch is shut down
-    assert [r.status for r in results] == ["done"] * 4
+    assert [r.status for r in results] == ["done"] * 4 + ["failed"]
+    assert "corrupt" in results[-1].error and "ERROR failed" in (tmp_path / broken.run_id / "run.log").read_text()
+    shutil.rmtree(tmp_path / broken.run_id)
     assert records(tmp_path) == records(reference[0])
 
 
@@ -150,6 +156,7 @@ def test_a_dead_worker_fails_only_its_run(tmp_path):
     assert [r.status for r in results] == ["failed", "done", "done"]
     assert "worker process died (killed by SIGKILL" in results[0].error
     assert run_info(victim)[0] == "running-or-interrupted"
+    assert "(killed, or running on another machine)" in run_info(victim)[1]
     again = launch(runs, tmp_path, executor="process", workers=2, resume=True, quiet=True)
     assert [r.status for r in again] == ["done", "skipped", "skipped"]
 
