@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -171,6 +172,24 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
     atomic_write_json(path, {"name": study.name, "grids": grids})
 
 
+def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, threads, n_runs: int,
+                       counts: dict) -> None:
+    """How long the last launch took and on what: the numbers behind the README's time budget."""
+    import os
+    import platform
+
+    import torch
+
+    from .launchers import default_threads, default_workers
+    from .store import atomic_write_json
+    atomic_write_json(study_dir / "launch.json", {
+        "wall_seconds": round(seconds, 1), "executor": executor,
+        "workers": workers or default_workers(executor, n_runs), "threads": threads or default_threads(),
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(), "runs": counts,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
 def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str, workers, threads, ray_address,
               resume: bool, figures: bool, quiet: bool) -> None:
     from .data import DataError
@@ -190,6 +209,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     if not quiet:
         click.echo(f"{len(runs)} runs ({', '.join(study.models)} x lr {list(study.lrs)} x seeds "
                    f"{list(study.seeds)}) -> {study_dir} [{executor}]")
+    started = time.perf_counter()
     try:
         results = launch(runs, study_dir, executor=executor, workers=workers, threads=threads, resume=resume,
                          data_dir=None if data_dir is None else str(data_dir), ray_address=ray_address,
@@ -204,6 +224,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     counts = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
+    _write_launch_json(study_dir, time.perf_counter() - started, executor, workers, threads, len(runs), counts)
     if not quiet:
         click.echo("runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     failed = [r for r in results if r.status == "failed"]
