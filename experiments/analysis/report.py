@@ -20,6 +20,7 @@ from scipy import stats
 
 from .load import AnalysisError, model_order, read_study, records_frame, runs_frame
 from .metrics import METRICS, metric_bn_mode, run_metrics
+from .probes import beta_by_step_size, render_by_step_size
 
 SUMMARY_COLUMNS = ["lr", "metric", "label", "bn_mode", "model", "n", "mean", "sd", "diverged", "unfinished",
                    "compared_to", "diff", "p_welch", "hedges_g"]
@@ -108,7 +109,7 @@ def render_markdown(results_dir, table: pd.DataFrame, runs: pd.DataFrame, includ
     status_line = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("done", "diverged", "unfinished"))
     modes = table.drop_duplicates("metric")
     lines = [f"# Smoothness report: {Path(results_dir).resolve().name}", "",
-             f"Study: `{Path(results_dir).resolve()}`; {len(runs)} runs: {status_line}.", "",
+             f"Study: `{Path(results_dir).as_posix()}`; {len(runs)} runs: {status_line}.", "",
              "BatchNorm mode of each metric (from the records): "
              + "; ".join(f"{r['metric']}: {r['bn_mode']}" for _, r in modes.iterrows()) + ".", "",
              f"Reading guide: {READING_GUIDE} Unfinished runs are "
@@ -165,5 +166,7 @@ def write_report(results_dir, out_dir=None, compare=None, include_unfinished: bo
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "report.csv", table.to_csv(index=False))
     md = out_dir / "report.md"
-    write_atomic(md, render_markdown(results_dir, table, runs, include_unfinished))
+    text = render_markdown(results_dir, table, runs, include_unfinished)
+    text += "\n".join(render_by_step_size(beta_by_step_size(study)))
+    write_atomic(md, text)
     return md

@@ -217,3 +217,17 @@ def test_norm_variants_of_one_model_stay_apart(tmp_path):
     assert set(load(study.path)["model"]) == {"convnet", "bn-convnet", "convnet:noisy"}
     table = summary_table(load(study.path))
     assert "convnet:noisy" in set(table["model"])
+
+
+def test_beta_by_step_size_equals_hand_computation(tmp_path):
+    from experiments.analysis.load import read_study
+    from experiments.analysis.probes import beta_by_step_size
+    study = make_results(tmp_path, seeds=(0, 1))
+    table = beta_by_step_size(read_study(study.path))
+    for run_model in ("convnet", "bn-convnet"):
+        probes = [r for fr in study.runs if fr.model == run_model for r in fr.records if r["kind"] == "probe"]
+        for k, s in enumerate(probes[0]["step_sizes"]):
+            expected = np.median([p["grad_diff_norms"][k] / (s * p["grad_norm"]) for p in probes])
+            got = table[(table.model == run_model) & np.isclose(table.s_over_lr, round(s / 0.04, 3))]["median_ratio"]
+            assert got.item() == pytest.approx(expected, rel=1e-12)
+    assert "by probe step size" in write_report(study.path).read_text()
