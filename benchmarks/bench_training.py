@@ -90,7 +90,10 @@ def main(argv=None) -> int:
     if args.study_dir is not None:
         totals = study_shares(args.study_dir)
         total = totals.pop("total", sum(totals.values()))
-        launch = json.loads((args.study_dir / "launch.json").read_text()) if (args.study_dir / "launch.json").exists() else {}
+        path = args.study_dir / "launch.json"
+        launches = json.loads(path.read_text())["launches"] if path.exists() else []
+        trained = [x for x in launches if set(x["runs"]) - {"skipped"}]  # a relaunch that only skipped says nothing
+        launch = trained[-1] if trained else {}
         lines += ["", f"# Time shares of {args.study_dir} (summed over runs: {total:.0f} s of run time)", "",
                   "| phase | seconds | share |", "|---|---|---|"]
         for k, v in sorted(totals.items(), key=lambda kv: -kv[1]):

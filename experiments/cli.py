@@ -174,7 +174,8 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
 
 def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, threads, n_runs: int,
                        counts: dict) -> None:
-    """How long the last launch took and on what: the numbers behind the README's time budget."""
+    """Append how long this launch took and on what (the numbers behind the README's time budget); earlier
+    launches are kept, so relaunching a finished study never hides how long it took to compute."""
     import os
     import platform
 
@@ -182,12 +183,17 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
 
     from .launchers import default_threads, default_workers
     from .store import atomic_write_json
-    atomic_write_json(study_dir / "launch.json", {
+    path = study_dir / "launch.json"
+    try:
+        launches = json.loads(path.read_text()).get("launches", []) if path.exists() else []
+    except (OSError, ValueError, AttributeError):
+        launches = []
+    launches.append({
         "wall_seconds": round(seconds, 1), "executor": executor,
         "workers": workers or default_workers(executor, n_runs), "threads": threads or default_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-        "cuda": torch.cuda.is_available(), "runs": counts,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        "cuda": torch.cuda.is_available(), "runs": counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    atomic_write_json(path, {"launches": launches})
 
 
 def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str, workers, threads, ray_address,

@@ -230,7 +230,9 @@ def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
         fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=f".{ext}.tmp")
         os.close(fd)
         try:
-            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight")
+            # no creation date in the metadata: the same records give byte-identical files
+            metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight", metadata=metadata)
             os.replace(tmp, out_dir / f"{stem}.{ext}")
         finally:
             if os.path.exists(tmp):
