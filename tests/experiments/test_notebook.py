@@ -36,9 +36,13 @@ def test_notebook_executes(tmp_path, monkeypatch):
     nb.cells[0].source = f"RESULTS_DIR = {str(study.path)!r}"
     # The kernel must import this checkout's `experiments`, installed or not.
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    client = nbclient.NotebookClient(nb, km=ThisPythonKernel(), timeout=180,
-                                     resources={"metadata": {"path": str(NOTEBOOK.parent)}})
-    client.execute()  # raises CellExecutionError if any cell errors
+    km = ThisPythonKernel()
+    client = nbclient.NotebookClient(nb, km=km, timeout=180, resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    try:
+        client.execute()  # raises CellExecutionError if any cell errors
+    finally:  # nbclient leaves a kernel manager it was handed running
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3
