@@ -47,6 +47,9 @@ def test_run_two_models_two_seeds_on_real_fashion_mnist(tmp_path):
                                       "serial", "--no-figures", *SMALL])
     assert again.exit_code == 0 and "4 skipped" in again.output
     assert all((p / "records.jsonl").read_bytes() == b for p, b in before.items())
+    launches = json.loads((study / "launch.json").read_text())["launches"]
+    assert [x["runs"] for x in launches] == [{"done": 4}, {"skipped": 4}]  # the first launch's record is kept
+    assert launches[0]["wall_seconds"] > launches[1]["wall_seconds"] >= 0
 
 
 @pytest.mark.parametrize("args,needle", [
