@@ -364,7 +364,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:
         result = execute(cfg.to_dict(), str(study_dir), resume, None if data_dir is None else str(data_dir),
-                         default_threads(1), progress_queue=_DirectQueue(display))
+                         default_threads(), progress_queue=_DirectQueue(display))
     finally:
         display.close()
     if result.status == "failed":

@@ -15,12 +15,13 @@ written atomically (a temporary file, then a rename).
 """
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import click
+
+from .plotstyle import styled
 
 if TYPE_CHECKING:  # torch, pandas and the data stack are imported when used: `smoothness-lab --help` stays fast
     import pandas as pd
@@ -106,16 +107,6 @@ def variance_table(dataset: str = "mnist1d", seed: int = 0, batch_size: int = 20
     return pd.DataFrame(rows, columns=["model", "position", "location", "variance", "ratio"])
 
 
-def _styled(fn):
-    """Draw the whole figure inside seaborn's paper context and whitegrid style (no global rcParams change)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        import seaborn as sns
-        with sns.plotting_context("paper", font_scale=1.2), sns.axes_style("whitegrid"):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
 def _styled_figure(nrows: int, ncols: int, width: float, height: float):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -125,7 +116,7 @@ def _styled_figure(nrows: int, ncols: int, width: float, height: float):
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-@_styled
+@styled
 def variance_figure(table: pd.DataFrame):
     """Variance (log scale) against the position in the network, one line per model."""
     import seaborn as sns
@@ -288,7 +279,7 @@ def ics_trace(model: str = "convnet", *, norm: Optional[str] = None, dataset: st
     return frame
 
 
-@_styled
+@styled
 def ics_figure(frame: pd.DataFrame):
     """‖G − G′‖ (top row) and cos(G, G′) (bottom row) against the SGD step, one column per conv/linear layer
     (numbered in forward order, so models with and without norm layers line up), one line per model."""

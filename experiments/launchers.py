@@ -75,7 +75,7 @@ def default_workers(executor: str, n_runs: int) -> int:
     return 1 if executor == "serial" else max(1, min(os.cpu_count() or 1, n_runs))
 
 
-def default_threads(workers: int = 1) -> int:
+def default_threads() -> int:
     """Torch threads per run: ``DEFAULT_THREADS`` whatever the executor and the number of workers, so that a run's
     records do not depend on how it was launched (module docstring)."""
     return DEFAULT_THREADS
@@ -365,7 +365,7 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     runs = list(unique.values())
     preflight(runs, root)
     workers = workers or default_workers(executor, len(runs))
-    threads = threads or default_threads(workers)
+    threads = threads or default_threads()
     steps_per_run = steps_per_run or {}
     totals = {cfg.run_id: steps_per_run.get(cfg.run_id, 1) for cfg in runs}
     from .store import RunStore

@@ -9,7 +9,6 @@ of runs per curve and how many of them diverged or are unfinished.
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 import tempfile
@@ -23,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.transforms import blended_transform_factory
 
+from ..plotstyle import styled
 from .load import AnalysisError, model_order, read_study, records_frame, runs_frame, select
 from .metrics import METRICS, run_metrics
 
@@ -34,14 +34,6 @@ N_BOOT, BOOT_SEED = 1000, 0
 DPI = 200
 STEP, EPOCH = "SGD step", "epoch (passes over the training subset)"
 GRAD_DIFF = "‖∇L(w+s·d) − ∇L(w)‖₂"
-
-
-def _styled(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with sns.plotting_context("paper", font_scale=1.3), sns.axes_style("whitegrid"):
-            return fn(*args, **kwargs)
-    return wrapper
 
 
 def _figure(ncols: int, width: float = 5.5, height: float = 4.0):
@@ -135,7 +127,7 @@ def _band(ax, df, runs, palette, lo, hi, smooth, ylabel, title):
     _mark_divergence(ax, runs, palette, "step")
 
 
-@_styled
+@styled
 def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH) -> Figure:
     """(a) loss landscape band, (b) gradient predictiveness band, (c) effective β (mean ± 95% CI) over steps."""
     runs = curve_labels(runs)
@@ -152,7 +144,7 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH) -
     return fig
 
 
-@_styled
+@styled
 def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1) -> Figure:
     """Top Hessian eigenvalue per epoch with the 2/η edge-of-stability line (Cohen et al. 2021)."""
     runs = curve_labels(runs)
@@ -168,7 +160,7 @@ def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1) -> Figure:
     return fig
 
 
-@_styled
+@styled
 def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOOTH_STEPS) -> Figure:
     """Training loss per step (rolling mean), test accuracy and local smoothness per epoch."""
     runs = curve_labels(runs)
@@ -185,7 +177,7 @@ def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOO
     return fig
 
 
-@_styled
+@styled
 def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     """Final test accuracy and median effective β vs learning rate (Santurkar Fig. 1 style); None if < 2 lrs."""
     if runs["lr"].nunique() < 2:
