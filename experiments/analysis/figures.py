@@ -1,11 +1,21 @@
-"""Figures of a study: seaborn on the long-form table, mean over seeds with 95% bootstrap CI bands.
+"""Figures of a study: every seed drawn as a thin line, the mean over the runs the report averages drawn bold.
 
 Every figure function takes ``(df, runs)`` from ``load`` / ``load_runs`` and returns a matplotlib Figure drawn on the
 Agg canvas (no display, no pyplot state). Curves are smoothed per run with a centred rolling mean over ``smooth``
-consecutive records (as Santurkar et al. do for Fig. 4; capped at a fifth of the run's records) before averaging
-over seeds. Diverged runs are drawn up to
-their last finite record and marked × at the top of the axes at their divergence step/epoch; legends give the number
-of runs per curve and how many of them diverged or are unfinished.
+consecutive records (as Santurkar et al. do for Fig. 4; capped at a fifth of the run's records).
+
+What is drawn, and why:
+
+- One thin line per run (seed), so that a reader sees the spread itself rather than a summary of three numbers.
+- A bold line: the mean over the runs that the report averages (``metrics.averaged``: finished runs; unfinished
+  ones only with ``include_unfinished``). Diverged runs are drawn thin up to their last finite record and marked ×
+  at the top of the axes at their divergence step; unfinished runs are drawn thin and dashed. Neither enters a mean,
+  exactly as in the report.
+- A shaded 95% t-interval around the mean only where at least ``stats.BAND_MIN_N`` (5) runs are averaged: with 3
+  seeds the interval is ±4.3 standard errors and a band, bootstrap or t, mostly shows how few seeds there are.
+
+Legends give the number of runs per curve and how many diverged or are unfinished. Figures are byte-reproducible:
+nothing random is drawn and no date is written (``save_figure``).
 """
 from __future__ import annotations
 
@@ -20,26 +30,28 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import NullLocator
 from matplotlib.transforms import blended_transform_factory
 
 from ..plotstyle import styled
 from .load import AnalysisError, model_order, read_study, records_frame, runs_frame, select
-from .metrics import METRICS, run_metrics
+from .metrics import METRICS, averaged, run_metrics
+from .stats import BAND_MIN_N, t_halfwidth
 
 SMOOTH = 5            # probes (or epochs) per centred rolling mean
 SMOOTH_STEPS = 25     # SGD steps per rolling mean of the per-step training loss
-MAX_POINTS = 300      # x positions per curve after smoothing: bootstrapping every step of a long run is slow
-ERRORBAR = ("ci", 95)
-N_BOOT, BOOT_SEED = 1000, 0
+MAX_POINTS = 300      # x positions per curve after smoothing
 DPI = 200
+SEED_LW, SEED_ALPHA, MEAN_LW = 0.8, 0.45, 2.2
 STEP, EPOCH = "SGD step", "epoch (passes over the training subset)"
 GRAD_DIFF = "‖∇L(w+s·d) − ∇L(w)‖₂"
 
 
-def _figure(ncols: int, width: float = 5.5, height: float = 4.0):
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.0):
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     return fig, list(axes)
 
 
@@ -49,14 +61,15 @@ def _legend_label(name: str, statuses: pd.Series) -> str:
     return f"{name} (n={len(statuses)}{'; ' + ', '.join(extra) if extra else ''})"
 
 
-def curve_labels(runs: pd.DataFrame, by_lr: bool | None = None) -> pd.DataFrame:
-    """``runs`` plus a ``label`` column naming its curve: the model (and lr, when the study has several)."""
+def curve_labels(runs: pd.DataFrame, by_lr: bool | None = None, include_unfinished: bool = False) -> pd.DataFrame:
+    """``runs`` plus ``label`` (its curve: the model, and lr when the study has several) and ``averaged``."""
     runs = runs.copy()
     if by_lr is None:
         by_lr = runs["lr"].nunique() > 1
     runs["group"] = [f"{m}, η={lr:g}" if by_lr else m for m, lr in zip(runs["model"], runs["lr"])]
     labels = {g: _legend_label(g, sub["status"]) for g, sub in runs.groupby("group", sort=False)}
     runs["label"] = runs["group"].map(labels)
+    runs["averaged"] = averaged(runs["status"], include_unfinished)
     return runs
 
 
@@ -67,15 +80,38 @@ def _palette(runs: pd.DataFrame) -> dict:
     return dict(zip(order, sns.color_palette("colorblind", len(order))))
 
 
-def _legend(fig: Figure, palette: dict, extra=()):
-    handles = [Line2D([], [], color=c, lw=2, label=lab) for lab, c in palette.items()] + list(extra)
+def _legend(fig: Figure, palette: dict, runs: pd.DataFrame, band: bool, extra=(), per_run: str = "line"):
+    """Curve colours, then what thin/bold/shading/markers mean; ``per_run`` is "line" or "dot" (lr sweep)."""
+    mean = "mean of finished runs" + (" and unfinished ones" if runs.loc[runs["status"] == "unfinished",
+                                                                         "averaged"].any() else "")
+    handles = [Line2D([], [], color=c, lw=MEAN_LW, label=lab) for lab, c in palette.items()]
+    if per_run == "dot":
+        handles += [Line2D([], [], ls="", marker="o", ms=4, alpha=0.6, color="0.35", label="dot: one run (seed)"),
+                    Line2D([], [], color="0.35", lw=MEAN_LW, marker="o", label=f"bold: {mean}")]
+    else:
+        handles += [Line2D([], [], color="0.35", lw=SEED_LW, alpha=0.8, label="thin: one run (seed)"),
+                    Line2D([], [], color="0.35", lw=MEAN_LW, label=f"bold: {mean}")]
+    if band and per_run == "dot":
+        handles.append(Line2D([], [], color="0.35", marker="|", ms=10, mew=1.5, lw=1.5,
+                              label=f"error bar: 95% t-interval of the mean (n ≥ {BAND_MIN_N})"))
+    elif band:
+        handles.append(Patch(color="0.35", alpha=0.2, label=f"shading: 95% t-interval of the mean (n ≥ {BAND_MIN_N})"))
+    if (runs["status"] == "diverged").any():
+        handles.append(Line2D([], [], ls="", marker="x", color="0.35", mew=2, label="diverged (not averaged)"))
+    unfinished = runs["status"] == "unfinished"
+    if unfinished.any():
+        averaged_too = runs.loc[unfinished, "averaged"].all()
+        handles.append(Line2D([], [], ls="--" if per_run == "line" else "", lw=SEED_LW, color="0.35",
+                              marker="" if per_run == "line" else "o", mfc="none", mew=1.5,
+                              label="unfinished" + ("" if averaged_too else " (not averaged)")))
+    handles += list(extra)
     fig.legend(handles=handles, loc="outside lower center", ncols=min(3, len(handles)), frameon=False)
 
 
 def _rows(df, runs, kind, metric, x, smooth):
-    """One metric's rows with a ``label`` column, smoothed per run along ``x`` and thinned to MAX_POINTS."""
+    """One metric's rows with ``label`` and ``averaged`` columns, smoothed per run along ``x``, thinned."""
     d = select(df, kind, metric).dropna(subset=["value", x])
-    d = d.merge(runs[["run", "label"]], on="run").astype({x: float}).sort_values(["run", x])
+    d = d.merge(runs[["run", "label", "averaged"]], on="run").astype({x: float}).sort_values(["run", x])
     if d.empty:
         return d
     if smooth > 1:  # a short run gets a shorter window, so its curve keeps its shape
@@ -98,115 +134,195 @@ def _mark_divergence(ax, runs, palette, x):
                 clip_on=False, zorder=5)
 
 
-def _mean_ci(ax, df, runs, palette, kind, metric, x, smooth, ylabel, title):
+def _seed_lines(ax, d, runs, palette, x, y="value"):
+    status = dict(zip(runs["run"], runs["status"]))
+    for (label, run), g in d.groupby(["label", "run"], sort=True):
+        ax.plot(g[x], g[y], color=palette[label], lw=SEED_LW, alpha=SEED_ALPHA,
+                ls="--" if status[run] == "unfinished" else "-")
+
+
+def _mean(d, x, y="value") -> pd.DataFrame:
+    """Per (label, x) over the averaged runs: mean, sd, n and the t-interval half-width (NaN below BAND_MIN_N)."""
+    g = d[d["averaged"]].groupby(["label", x])[y].agg(["mean", "std", "count"]).reset_index()
+    g["half"] = t_halfwidth(g["std"], g["count"])
+    return g
+
+
+def _mean_lines(ax, d, palette, x) -> bool:
+    """Bold means (and bands where n allows); returns whether any band was drawn."""
+    banded = False
+    for label, g in _mean(d, x).groupby("label", sort=False):
+        c = palette[label]
+        ax.plot(g[x], g["mean"], color=c, lw=MEAN_LW)
+        ok = g["half"].notna().to_numpy()
+        if ok.any():
+            banded = True
+            ax.fill_between(g[x], g["mean"] - g["half"], g["mean"] + g["half"], where=ok, color=c, alpha=0.2,
+                            lw=0)
+    return banded
+
+
+def _seeds_and_mean(ax, df, runs, palette, kind, metric, x, smooth, ylabel, title):
+    """One panel: thin per-run lines, bold mean of the averaged runs, × at divergences. None if no records."""
     ax.set_title(title)
     d = _rows(df, runs, kind, metric, x, smooth)
     if d.empty:
-        return _empty(ax, f"{kind} {metric}")
-    sns.lineplot(data=d, x=x, y="value", hue="label", hue_order=list(palette), palette=palette,
-                 errorbar=ERRORBAR, n_boot=N_BOOT, seed=BOOT_SEED, ax=ax, legend=False)
+        _empty(ax, f"{kind} {metric}")
+        return None
+    _seed_lines(ax, d, runs, palette, x)
+    banded = _mean_lines(ax, d, palette, x)
     ax.set(xlabel=STEP if x == "step" else EPOCH, ylabel=ylabel, title=f"{title} [BN: {d['bn_mode'].iloc[0]}]")
     _mark_divergence(ax, runs, palette, x)
-    return True
+    return banded
 
 
 def _band(ax, df, runs, palette, lo, hi, smooth, ylabel, title):
-    """Shade, per curve, between the seed-mean of ``lo`` and the seed-mean of ``hi`` at each probe step."""
+    """Per curve: thin per-run lines of ``lo`` and ``hi``, shaded between their means over the averaged runs."""
     ax.set_title(title)
     parts = [_rows(df, runs, "probe", m, "step", smooth) for m in (lo, hi)]
     if parts[0].empty or parts[1].empty:
         return _empty(ax, f"probe {lo}/{hi}")
-    mean = [p.groupby(["label", "step"])["value"].mean() for p in parts]
+    for p in parts:
+        _seed_lines(ax, p, runs, palette, "step")
+    mean = [_mean(p, "step").set_index(["label", "step"])["mean"] for p in parts]
     both = pd.concat(mean, axis=1, keys=["lo", "hi"]).dropna().reset_index()
     for label, g in both.groupby("label", sort=False):
         c = palette[label]
         ax.fill_between(g["step"], g["lo"], g["hi"], color=c, alpha=0.25, lw=0)
-        ax.plot(g["step"], g["lo"], color=c, lw=1.5)
-        ax.plot(g["step"], g["hi"], color=c, lw=1.5)
+        ax.plot(g["step"], g["lo"], color=c, lw=MEAN_LW)
+        ax.plot(g["step"], g["hi"], color=c, lw=MEAN_LW)
     ax.set(xlabel=STEP, ylabel=ylabel, title=f"{title} [BN: {parts[0]['bn_mode'].iloc[0]}]")
     _mark_divergence(ax, runs, palette, "step")
 
 
 @styled
-def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH) -> Figure:
-    """(a) loss landscape band, (b) gradient predictiveness band, (c) effective β (mean ± 95% CI) over steps."""
-    runs = curve_labels(runs)
+def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
+                   include_unfinished: bool = False) -> Figure:
+    """(a) loss landscape band, (b) gradient predictiveness band, (c) effective β over steps, per seed and mean."""
+    runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
     fig, (a, b, c) = _figure(3)
     _band(a, df, runs, palette, "loss_min", "loss_max", smooth, "loss L(w+s·d) (cross-entropy)",
           "(a) loss landscape")
     _band(b, df, runs, palette, "grad_pred_min", "grad_pred_max", smooth, GRAD_DIFF, "(b) gradient predictiveness")
-    _mean_ci(c, df, runs, palette, "probe", "effective_beta", "step", smooth,
-             "max_s " + GRAD_DIFF + " / ‖s·d‖₂", "(c) “effective” β-smoothness")
-    fig.suptitle(f"Along d = −∇L(w): bands span min..max over probe step sizes s (means over seeds); "
-                 f"rolling mean over {smooth} probes")
-    _legend(fig, palette)
+    banded = _seeds_and_mean(c, df, runs, palette, "probe", "effective_beta", "step", smooth,
+                             "effective β: max over s of ratio", "(c) “effective” β-smoothness")
+    fig.suptitle(f"Along d = −∇L(w); (a), (b): shading spans min..max over probe step sizes s (means over finished "
+                 f"runs); (c) ratio = {GRAD_DIFF} / ‖s·d‖₂; rolling mean over {smooth} probes")
+    _legend(fig, palette, runs, bool(banded))
     return fig
 
 
 @styled
-def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1) -> Figure:
+def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1, include_unfinished: bool = False) -> Figure:
     """Top Hessian eigenvalue per epoch with the 2/η edge-of-stability line (Cohen et al. 2021)."""
-    runs = curve_labels(runs)
+    runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
     fig, (ax,) = _figure(1, width=6.5, height=4.5)
-    _mean_ci(ax, df, runs, palette, "smoothness", "sharpness", "epoch", smooth, "sharpness λ_max(∇²L)",
-             "Sharpness vs the edge of stability")
+    banded = _seeds_and_mean(ax, df, runs, palette, "smoothness", "sharpness", "epoch", smooth,
+                             "sharpness λ_max(∇²L)", "Sharpness vs the edge of stability")
     for lr in sorted(runs["lr"].dropna().unique()):
         ax.axhline(2 / lr, ls="--", color="0.3", lw=1.2)
         ax.annotate(f"2/η = {2 / lr:g}", (1.0, 2 / lr), xycoords=("axes fraction", "data"), ha="right",
                     va="bottom", color="0.3")
-    _legend(fig, palette, [Line2D([], [], ls="--", color="0.3", label="2/η: edge of stability (Cohen et al. 2021)")])
+    _legend(fig, palette, runs, bool(banded),
+            [Line2D([], [], ls="--", color="0.3", label="2/η: edge of stability (Cohen et al. 2021)")])
     return fig
 
 
 @styled
-def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOOTH_STEPS) -> Figure:
-    """Training loss per step (rolling mean), test accuracy and local smoothness per epoch."""
-    runs = curve_labels(runs)
+def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOOTH_STEPS,
+                  include_unfinished: bool = False) -> Figure:
+    """Training loss per step (rolling mean); test loss, test accuracy and local smoothness per epoch."""
+    runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
-    fig, (a, b, c) = _figure(3)
-    title = f"(a) train loss, rolling mean ≤{smooth_steps} steps"
-    if _mean_ci(a, df, runs, palette, "step", "loss", "step", smooth_steps, "training loss (cross-entropy, log scale)",
-                title):
-        a.set_yscale("log")
-    _mean_ci(b, df, runs, palette, "eval", "test_accuracy", "epoch", 1, "test accuracy", "(b) test accuracy")
-    _mean_ci(c, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1,
-             "‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "(c) local smoothness, u = −η·g")
-    _legend(fig, palette)
+    fig, (a, b, c, d) = _figure(2, nrows=2)
+    banded = [
+        _seeds_and_mean(a, df, runs, palette, "step", "loss", "step", smooth_steps,
+                        "training loss (cross-entropy, log scale)",
+                        f"(a) train loss, rolling mean ≤{smooth_steps} steps"),
+        _seeds_and_mean(b, df, runs, palette, "eval", "test_loss", "epoch", 1,
+                        "test loss (cross-entropy, log scale)", "(b) test loss"),
+        _seeds_and_mean(c, df, runs, palette, "eval", "test_accuracy", "epoch", 1, "test accuracy",
+                        "(c) test accuracy"),
+        _seeds_and_mean(d, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1,
+                        "‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "(d) local smoothness, u = −η·g")]
+    for ax, drawn in ((a, banded[0]), (b, banded[1])):
+        if drawn is not None:
+            ax.set_yscale("log")
+    _legend(fig, palette, runs, any(banded))
     return fig
 
 
+def _dodge(labels: list) -> dict:
+    """A small multiplicative x offset per curve on the log-lr axis, so that the seeds of two models do not overlap."""
+    k = len(labels)
+    return {lab: 10 ** (0.025 * (i - (k - 1) / 2)) for i, lab in enumerate(labels)}
+
+
 @styled
-def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
-    """Final test accuracy and median effective β vs learning rate (Santurkar Fig. 1 style); None if < 2 lrs."""
+def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame, include_unfinished: bool = False) -> Figure | None:
+    """Final test accuracy, final test loss and median effective β vs learning rate, one dot per finished run and a
+    bold mean, plus the divergence rate (Santurkar Fig. 1 style); None if the study has fewer than 2 lrs."""
     if runs["lr"].nunique() < 2:
         return None
-    runs = curve_labels(runs, by_lr=False)
+    runs = curve_labels(runs, by_lr=False, include_unfinished=include_unfinished)
     palette = _palette(runs)
-    per_run = run_metrics(df).merge(runs[["run", "label"]], on="run")
-    fig, axes = _figure(2)
-    panels = [("final_test_accuracy", "final test accuracy"), ("effective_beta_median", "median effective β")]
-    for ax, (name, ylabel) in zip(axes, panels):
-        ok = per_run[per_run["status"] != "diverged"].dropna(subset=[name])
+    dodge = _dodge(list(palette))
+    per_run = run_metrics(df).merge(runs[["run", "label", "averaged"]], on="run")
+    fig, axes = _figure(2, nrows=2)
+    label = {m.name: m.label for m in METRICS}
+    diverged_at = runs[runs["status"] == "diverged"].groupby("label")["lr"].agg(set).to_dict()
+    panels = [("final_test_accuracy", "final test accuracy", False),
+              ("final_test_loss", "final test loss (log scale)", True),
+              ("effective_beta_median", "median effective β", False)]
+    banded = False
+    for ax, letter, (name, ylabel, log) in zip(axes, "abc", panels):
+        ok = per_run[per_run["averaged"]].dropna(subset=[name])
         if ok.empty:
             _empty(ax, name)
-        else:
-            sns.lineplot(data=ok, x="lr", y=name, hue="label", hue_order=list(palette), palette=palette,
-                         errorbar=ERRORBAR, n_boot=N_BOOT, seed=BOOT_SEED, err_style="bars", marker="o",
-                         ax=ax, legend=False)
-        top = blended_transform_factory(ax.transData, ax.transAxes)
-        for _, r in runs[runs["status"] == "diverged"].iterrows():
-            ax.plot([r["lr"]], [1.0], marker="x", ms=9, mew=2, color=palette[r["label"]], transform=top,
-                    clip_on=False, zorder=5)
+        for lab, g in ok.groupby("label", sort=False):
+            c, x = palette[lab], g["lr"] * dodge[lab]
+            ax.plot(x, g[name], ls="", marker="o", ms=4, alpha=0.6, color=c)
+            m = g.groupby("lr")[name].agg(["mean", "std", "count"]).reset_index()
+            half = t_halfwidth(m["std"], m["count"])
+            ax.plot(m["lr"] * dodge[lab], m["mean"], color=c, lw=MEAN_LW, marker="o", ms=7)
+            survivors = m["lr"].isin(diverged_at.get(lab, ()))
+            ax.plot(m.loc[survivors, "lr"] * dodge[lab], m.loc[survivors, "mean"], ls="", marker="o", ms=7,
+                    mfc="white", mew=2, color=c, zorder=4)
+            if np.isfinite(half).any():
+                banded = True
+                ax.errorbar(m["lr"] * dodge[lab], m["mean"], yerr=half, ls="", color=c, capsize=4, lw=1.5)
+        _mark_excluded(ax, runs, palette, dodge)
+        if log and not ok.empty:
+            ax.set_yscale("log")
+        ax.set(ylabel=ylabel, title=f"({letter}) {label[name]}")
+    ax = axes[3]
+    for lab, g in runs.groupby("label", sort=False):
+        known = g[g["status"].isin(["done", "diverged"])]
+        rate = known.groupby("lr")["status"].agg(lambda s: (s == "diverged").mean()).reset_index()
+        ax.plot(rate["lr"] * dodge[lab], rate["status"], color=palette[lab], lw=MEAN_LW, marker="o", ms=7)
+    ax.set(ylabel="diverged / (done + diverged)", ylim=(-0.05, 1.05), title="(d) divergence rate")
+    lrs = sorted(runs["lr"].unique())
+    for ax in axes:
         ax.set_xscale("log")
-        ax.set(xlabel="learning rate η (log scale)", ylabel=ylabel)
-    label = {m.name: m.label for m in METRICS}
-    axes[0].set_title("(a) " + label["final_test_accuracy"])
-    axes[1].set_title("(b) " + label["effective_beta_median"])
-    marker = Line2D([], [], ls="", marker="x", color="0.3", mew=2, label="diverged run")
-    _legend(fig, palette, [marker] if (runs["status"] == "diverged").any() else [])
+        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlabel("learning rate η (log scale)")
+    hollow = [Line2D([], [], ls="", marker="o", ms=7, mfc="white", mew=2, color="0.35",
+                     label="hollow: mean over survivors (other runs diverged)")] if diverged_at else []
+    _legend(fig, palette, runs, banded, hollow, per_run="dot")
     return fig
+
+
+def _mark_excluded(ax, runs, palette, dodge):
+    """× per diverged run and ○ per unfinished run that is not averaged, at the top of the axes at its lr."""
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for _, r in runs[~runs["averaged"]].iterrows():
+        diverged = r["status"] == "diverged"
+        ax.plot([r["lr"] * dodge[r["label"]]], [1.0], marker="x" if diverged else "o", ms=9 if diverged else 7,
+                mew=2 if diverged else 1.5, mfc="none", color=palette[r["label"]], transform=top, clip_on=False,
+                zorder=5)
 
 
 FIGURES = {"santurkar_fig4": santurkar_fig4, "sharpness": sharpness, "seed_homework": seed_homework,
@@ -233,15 +349,20 @@ def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
     return paths
 
 
-def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH) -> list[Path]:
-    """Make every applicable figure of a study; default ``out_dir`` is ``results_dir/figures``. Returns the paths."""
+def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinished: bool = False) -> list[Path]:
+    """Make every applicable figure of a study; default ``out_dir`` is ``results_dir/figures``. Returns the paths.
+
+    ``include_unfinished`` admits unfinished runs to the bold means, as the report's option of the same name does.
+    """
     study = read_study(results_dir)  # raises AnalysisError before anything is written
     df, runs = records_frame(study), runs_frame(study)
     if df.empty:
         raise AnalysisError(f"{results_dir}: no run has any records yet; nothing to plot")
     out_dir = Path(results_dir) / "figures" if out_dir is None else Path(out_dir)
-    figures = {"santurkar_fig4": santurkar_fig4(df, runs, smooth=smooth), "sharpness": sharpness(df, runs),
-               "seed_homework": seed_homework(df, runs), "lr_sweep": lr_sweep(df, runs)}
+    opt = {"include_unfinished": include_unfinished}
+    figures = {"santurkar_fig4": santurkar_fig4(df, runs, smooth=smooth, **opt),
+               "sharpness": sharpness(df, runs, **opt), "seed_homework": seed_homework(df, runs, **opt),
+               "lr_sweep": lr_sweep(df, runs, **opt)}
     paths = []
     for stem, fig in figures.items():
         if fig is not None:

@@ -2,24 +2,40 @@
 
 A study directory holds one directory per run (``config.json`` + ``records.jsonl``, see ``results/README.md``).
 ``load`` melts every numeric field of every record into one long-form row; ``load_runs`` gives one row per run.
-Unfinished and diverged runs are kept and flagged in ``status``; nothing is dropped silently.
+Unfinished and diverged runs are kept and flagged in ``status``; nothing is dropped silently: a directory that holds
+run files but no config.json stops the analysis with its name, and a malformed line stops it with ``file:line``.
+
+``model`` is the group a run is averaged in: the model label (``convnet``, ``convnet:noisy``), followed by
+``[variant]`` when the folder holds several configurations (``pairing``); ``options`` identifies the configuration
+apart from model, seed and lr, so that runs of two models pair on (lr, seed, options).
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "status", "kind", "step", "epoch", "metric",
-                "value", "bn_mode"]
-RUN_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "status", "diverged_step", "diverged_epoch",
-               "n_records", "path"]
+from .pairing import group_label, options_key, variant_labels
+
+LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "variant", "options", "status", "kind", "step",
+                "epoch", "metric", "value", "bn_mode"]
+RUN_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "variant", "options", "status", "diverged_step",
+               "diverged_epoch", "n_records", "path"]
 _RECORD_KEYS = {"kind", "step", "epoch", "bn_mode"}
 _EXPECTED = "run directories, each holding config.json and records.jsonl (see results/README.md)"
+# Files that make a directory a run directory (results/README.md); one of them without config.json is a broken run.
+_RUN_FILES = ("records.jsonl", "done", "timing.json", "checkpoints")
+# Record fields of the schema (results/README.md) and the types they must have; other fields are free-form.
+_NUMBERS = {"loss", "accuracy", "base_loss", "grad_norm", "loss_min", "loss_max", "grad_pred_min", "grad_pred_max",
+            "effective_beta", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "local_smoothness",
+            "sharpness", "sharpness_n_hvp"}
+_NUMBER_LISTS = {"step_sizes", "losses", "grad_diff_norms"}
+_COUNTS = {"step", "epoch"}
 
 
 class AnalysisError(RuntimeError):
@@ -33,6 +49,7 @@ class RunData:
     config: dict
     records: list = field(default_factory=list)
     done: bool = False
+    variant: str = ""   # the options that set this run apart from other runs of the folder (pairing.variant_labels)
 
     @property
     def diverged(self) -> dict | None:
@@ -46,38 +63,105 @@ class RunData:
         return "done" if self.done else "unfinished"
 
 
+def _key_line(text: str, key: str) -> int:
+    """The line of ``"key":`` in a JSON text (1 if not found): error messages point at file:line."""
+    m = re.search(rf'^.*"{re.escape(key)}"\s*:', text, flags=re.MULTILINE)
+    return text.count("\n", 0, m.start()) + 1 if m else 1
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_config(path: Path, text: str, config: dict) -> None:
+    """The fields the analysis groups and pairs on must have their RunConfig types."""
+    problems = []
+    for key in ("model", "seed", "lr"):
+        if key not in config:
+            problems.append((key, f'has no "{key}"'))
+    if "model" in config and not isinstance(config["model"], str):
+        problems.append(("model", f'"model" must be a model name (string), got {config["model"]!r}'))
+    if config.get("norm") is not None and not isinstance(config["norm"], str):
+        problems.append(("norm", f'"norm" must be a norm name (string) or null, got {config["norm"]!r}'))
+    if "seed" in config and not _is_count(config["seed"]):
+        problems.append(("seed", f'"seed" must be a non-negative integer, got {config["seed"]!r}'))
+    lr = config.get("lr")
+    if "lr" in config and not (_is_number(lr) and lr is not None and math.isfinite(lr) and lr > 0):
+        problems.append(("lr", f'"lr" must be a positive number, got {lr!r}'))
+    if problems:
+        key, what = problems[0]
+        raise AnalysisError(f"{path}:{_key_line(text, key)}: {what}; expected the run's RunConfig as written by "
+                            f"the toolkit (fix the file or move the run directory out of the study)")
+
+
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise AnalysisError(f"{path}: cannot be read as JSON ({err}); expected the run's RunConfig object") from None
+        text = path.read_bytes().decode("utf-8")
+        data = json.loads(text)
+    except OSError as err:
+        raise AnalysisError(f"{path}: cannot be read ({err.strerror or err}); check its permissions") from None
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
+        line = f":{err.lineno}" if hasattr(err, "lineno") else ""
+        raise AnalysisError(f"{path}{line}: cannot be read as JSON ({err}); expected the run's RunConfig "
+                            f"object") from None
     if not isinstance(data, dict):
-        raise AnalysisError(f"{path}: expected a JSON object (the run's RunConfig), got {type(data).__name__}")
+        raise AnalysisError(f"{path}:1: expected a JSON object (the run's RunConfig), got {type(data).__name__}")
+    _check_config(path, text, data)
     return data
 
 
+def _check_record(record) -> str | None:
+    """What is wrong with one parsed record line, or None."""
+    if not isinstance(record, dict):
+        return f"expected one JSON object per line, got a JSON {type(record).__name__}"
+    if not isinstance(record.get("kind"), str):
+        return "expected a \"kind\" key naming the record kind (step, probe, eval, smoothness, diverged)"
+    for key, value in record.items():
+        if key in _COUNTS and not (value is None or _is_count(value)):
+            return f"field \"{key}\" must be a non-negative integer, got {value!r}"
+        if key in _NUMBERS and not _is_number(value):
+            return f"field \"{key}\" must be a number or null, got {value!r}"
+        if key in _NUMBER_LISTS and not (isinstance(value, list) and all(_is_number(v) for v in value)):
+            return f"field \"{key}\" must be a list of numbers, got {value!r}"
+        if key == "bn_mode" and not (value is None or isinstance(value, str)):
+            return f"field \"bn_mode\" must be a string, got {value!r}"
+    return None
+
+
 def _read_records(path: Path, done: bool) -> list[dict]:
-    """Parse records.jsonl; a corrupt last line of an unfinished run (killed mid-write) is skipped with a warning."""
+    """Parse records.jsonl; a torn last line of an unfinished run (killed mid-write) is skipped with a warning.
+
+    Any other bad line (not UTF-8, not JSON, not an object, a field of the wrong type) raises AnalysisError naming
+    ``file:line``.
+    """
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as err:
+        raise AnalysisError(f"{path}: cannot be read ({err.strerror or err}); check its permissions") from None
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or "kind" not in record:
-                raise ValueError("not a JSON object with a 'kind' key")
+            record = json.loads(raw.decode("utf-8"))
+            problem = _check_record(record)
+        except UnicodeDecodeError as err:
+            problem = f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
         except ValueError as err:
-            if i == last and not done:
-                warnings.warn(f"{path}, line {i + 1}: skipping a truncated last record of an unfinished run "
-                              f"(the line being written when the run stopped)", stacklevel=3)
-                continue
-            raise AnalysisError(f"{path}, line {i + 1}: corrupt record ({err}). Each line must be one JSON "
-                                f"object; only the last line of an unfinished run may be truncated.") from None
-        records.append(record)
+            problem = f"not valid JSON ({err})"
+        if problem is None:
+            records.append(record)
+            continue
+        if i == last and not done:
+            warnings.warn(f"{path}:{i + 1}: skipping a truncated last record of an unfinished run "
+                          f"(the line being written when the run stopped)", stacklevel=3)
+            continue
+        raise AnalysisError(f"{path}:{i + 1}: corrupt record: {problem}. Each line must be one JSON object of "
+                            f"results/README.md's schema; only the last line of an unfinished run may be "
+                            f"truncated.")
     return records
 
 
@@ -92,6 +176,18 @@ def _run_dirs(root: Path) -> list[Path]:
     if not entries:
         raise AnalysisError(f"results directory {root} is empty; expected {_EXPECTED}")
     runs = [d for d in entries if d.is_dir() and (d / "config.json").is_file()]
+    broken = [d for d in entries if d.is_dir() and d not in runs and any((d / f).exists() for f in _RUN_FILES)]
+    if broken:
+        names = ", ".join(f"{d.name} (holds {', '.join(f for f in _RUN_FILES if (d / f).exists())})"
+                          for d in broken)
+        raise AnalysisError(f"{root}: run director{'y' if len(broken) == 1 else 'ies'} without config.json: "
+                            f"{names}. Without its config a run's model, lr and seed are unknown, so it can be "
+                            f"neither averaged nor left out silently: restore config.json or move the directory "
+                            f"out of the study folder")
+    starting = [d.name for d in entries if d.is_dir() and d not in runs and (d / "run.log").exists()]
+    if starting:
+        warnings.warn(f"{root}: {', '.join(starting)} hold only a run.log (no config.json, no records): runs that "
+                      f"failed before they started, or are starting now; not analysed", stacklevel=3)
     if not runs:
         studies = [d.name for d in entries if d.is_dir() and any(
             (sub / "config.json").is_file() for sub in d.iterdir() if sub.is_dir())]
@@ -112,6 +208,8 @@ def read_study(results_dir) -> list[RunData]:
             warnings.warn(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only",
                           stacklevel=2)
         runs.append(run)
+    for run, variant in zip(runs, variant_labels([r.config for r in runs])):
+        run.variant = variant
     return runs
 
 
@@ -125,11 +223,11 @@ def model_label(model: str, norm) -> str:
 
 def _run_fields(run: RunData) -> dict:
     c = run.config
-    lr = c.get("lr")
-    return {"run": c.get("run_id") or run.path.name, "model": model_label(str(c.get("model", "?")), c.get("norm")),
-            "seed": c.get("seed"), "lr": float(lr) if lr is not None else math.nan,
-            "norm": str(c.get("norm") if c.get("norm") is not None else "none"),
-            "dataset": str(c.get("dataset", "?")), "status": run.status}
+    return {"run": c.get("run_id") or run.path.name,
+            "model": group_label(model_label(c["model"], c.get("norm")), run.variant), "seed": c["seed"],
+            "lr": float(c["lr"]), "norm": str(c.get("norm") if c.get("norm") is not None else "none"),
+            "dataset": str(c.get("dataset", "?")), "variant": run.variant, "options": options_key(c),
+            "status": run.status}
 
 
 def _is_number(v) -> bool:
@@ -161,7 +259,7 @@ def records_frame(runs: list[RunData]) -> pd.DataFrame:
     rows = []
     for run in runs:
         f = _run_fields(run)
-        head = (f["run"], f["model"], f["seed"], f["lr"], f["norm"], f["dataset"], f["status"])
+        head = tuple(f[c] for c in LONG_COLUMNS[:LONG_COLUMNS.index("status") + 1])
         for r in run.records:
             for key, value in r.items():
                 if key not in _RECORD_KEYS and _is_number(value):

@@ -2,6 +2,9 @@
 
 Each metric reduces one run's records to one number: ``last`` takes the value of the latest record (by step), so a
 final non-finite value stays NaN; ``median`` and ``p90`` (linear interpolation, as ``numpy.percentile``) skip NaN.
+
+Which runs enter a mean is decided once, by ``averaged``, for the report and the figures alike: finished runs, plus
+unfinished ones only when asked. Diverged runs never: their divergence is reported as an outcome of its own.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ METRICS = (
     Metric("final_train_loss", "final train loss (cross-entropy, whole training subset)", "eval", "train_loss",
            "last"),
     Metric("final_test_accuracy", "final test accuracy", "eval", "test_accuracy", "last"),
+    Metric("final_test_loss", "final test loss (cross-entropy, test set)", "eval", "test_loss", "last"),
     Metric("effective_beta_median", "effective β, median over probes", "probe", "effective_beta", "median"),
     Metric("effective_beta_p90", "effective β, 90th percentile over probes", "probe", "effective_beta", "p90"),
     Metric("loss_range_width", "loss range width, median over probes of loss_max − loss_min", "probe",
@@ -35,7 +39,13 @@ METRICS = (
     Metric("final_local_smoothness", "final local smoothness ‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "smoothness",
            "local_smoothness", "last"),
 )
-RUN_ID_COLUMNS = ["run", "model", "seed", "lr", "status"]
+RUN_ID_COLUMNS = ["run", "model", "seed", "lr", "variant", "options", "status"]
+AVERAGED, WITH_UNFINISHED = ("done",), ("done", "unfinished")
+
+
+def averaged(status: pd.Series, include_unfinished: bool = False) -> pd.Series:
+    """Which runs enter means (report cells, bold figure curves): done runs; unfinished ones too if asked."""
+    return status.isin(WITH_UNFINISHED if include_unfinished else AVERAGED)
 
 
 def metric_rows(df: pd.DataFrame, metric: Metric) -> pd.DataFrame:

@@ -4,17 +4,21 @@ from __future__ import annotations
 import pandas as pd
 
 from .load import RunData, _run_fields, model_order
+from .metrics import AVERAGED, WITH_UNFINISHED
 
 
-def beta_by_step_size(study: list[RunData]) -> pd.DataFrame:
+def beta_by_step_size(study: list[RunData], include_unfinished: bool = False) -> pd.DataFrame:
     """Median over all probes (all seeds) of ‖∇L(w+s·d) − ∇L(w)‖ / ‖s·d‖ at each step size s, per model and lr.
 
     With the default direction d = −g, ‖s·d‖ = s·‖g‖ (``grad_norm`` in the record). Step sizes are reported in units
-    of the learning rate. Diverged and unfinished runs contribute the probes they made.
+    of the learning rate. The runs are those the report averages (``metrics.averaged``): diverged runs never.
     """
     rows = []
+    statuses = WITH_UNFINISHED if include_unfinished else AVERAGED
     for run in study:
         f = _run_fields(run)
+        if f["status"] not in statuses:
+            continue
         for r in run.records:
             if r.get("kind") != "probe" or not r.get("grad_norm"):
                 continue
@@ -36,8 +40,8 @@ def render_by_step_size(table: pd.DataFrame) -> list[str]:
     if table.empty:
         return []
     lines = ["", "## Gradient change per unit distance, by probe step size", "",
-             "Median over probes and seeds of ‖∇L(w+s·d) − ∇L(w)‖₂ / ‖s·d‖₂ (BN mode of the probes). The effective β "
-             "of a probe is the maximum of this row over s.", ""]
+             "Median over the probes of the averaged runs (all seeds pooled) of ‖∇L(w+s·d) − ∇L(w)‖₂ / ‖s·d‖₂ (BN "
+             "mode of the probes). The effective β of a probe is the maximum of this row over s.", ""]
     for lr, at_lr in table.groupby("lr", sort=True):
         steps = sorted(at_lr["s_over_lr"].unique())
         lines += [f"η = {lr:g}:", "", "| model | " + " | ".join(f"s = {s:g}η" for s in steps) + " |",

@@ -37,19 +37,21 @@ class FakeStudy:
 def _records(level: float, seed: int, lr: float, epochs: int, spe: int, probe_every: int, stop: int | None):
     """Records in the order a run appends them; ``stop`` = step at which the loss becomes non-finite."""
     total = epochs * spe
+    # a model x seed interaction, so that paired differences vary from seed to seed as they do in real runs
+    wob = math.sin(1.7 * seed + 5.3 * level)
     sizes = [round(lr * (0.5 + 0.5 * k), 6) for k in range(8)]
     out = []
     for t in range(total + 1):
         if t % spe == 0:
             e = t // spe
             out.append({"kind": "eval", "step": t, "epoch": e, "bn_mode": "running",
-                        "train_loss": round(2.3 * level * 0.8 ** e + 0.021 * seed, 6),
+                        "train_loss": round(2.3 * level * 0.8 ** e + 0.021 * seed + 0.01 * wob, 6),
                         "train_accuracy": round(0.6 + 0.05 * e, 6),
-                        "test_loss": round(2.4 * level * 0.8 ** e, 6),
-                        "test_accuracy": round(0.7 + 0.04 * e - 0.1 * level + 0.013 * seed, 6)})
+                        "test_loss": round(2.4 * level * 0.8 ** e + 0.03 * seed + 0.02 * wob, 6),
+                        "test_accuracy": round(0.7 + 0.04 * e - 0.1 * level + 0.013 * seed + 0.005 * wob, 6)})
             out.append({"kind": "smoothness", "step": t, "epoch": e, "bn_mode": "batch",
-                        "local_smoothness": round(4 * level * (1 - 0.1 * e) + 0.07 * seed, 6),
-                        "sharpness": round(20 * level + 5 * e + 0.9 * seed, 6), "sharpness_n_hvp": 20})
+                        "local_smoothness": round(4 * level * (1 - 0.1 * e) + 0.07 * seed + 0.05 * wob, 6),
+                        "sharpness": round(20 * level + 5 * e + 0.9 * seed + 0.7 * wob, 6), "sharpness_n_hvp": 20})
         if t == total:
             break
         e = t // spe
@@ -63,9 +65,10 @@ def _records(level: float, seed: int, lr: float, epochs: int, spe: int, probe_ev
                     "accuracy": round(min(1.0, 0.1 + t / total), 6)})
         if t % probe_every == 0:
             j = t // probe_every
-            lmin, lmax = round(loss * (1 - 0.1 * level), 6), round(loss * (1 + 0.2 * level) + 0.01 * (j % 3), 6)
-            gmax = round(level * (1 + 0.05 * (j % 4)) + 0.02 * seed, 6)
-            beta = round(10 * level * (1 + 0.1 * (j % 3)) + 0.3 * seed, 6)
+            lmin = round(loss * (1 - 0.1 * level), 6)
+            lmax = round(loss * (1 + 0.2 * level) + 0.01 * (j % 3) + 0.005 * wob, 6)
+            gmax = round(level * (1 + 0.05 * (j % 4)) + 0.02 * seed + 0.02 * wob, 6)
+            beta = round(10 * level * (1 + 0.1 * (j % 3)) + 0.3 * seed + 0.2 * wob, 6)
             out.append({"kind": "probe", "step": t, "epoch": e, "bn_mode": "batch", "base_loss": loss,
                         "grad_norm": round(level * 1.5, 6), "loss_min": lmin, "loss_max": lmax,
                         "grad_pred_min": round(0.1 * level, 6), "grad_pred_max": gmax, "effective_beta": beta,

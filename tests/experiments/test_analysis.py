@@ -37,6 +37,7 @@ def expected_per_run(records):
     probes, last_eval, last_smooth = of("probe"), of("eval")[-1], of("smoothness")[-1]
     beta = [p["effective_beta"] for p in probes]
     return {"final_train_loss": last_eval["train_loss"], "final_test_accuracy": last_eval["test_accuracy"],
+            "final_test_loss": last_eval["test_loss"],
             "effective_beta_median": np.median(beta), "effective_beta_p90": np.percentile(beta, 90),
             "loss_range_width": np.median([p["loss_max"] - p["loss_min"] for p in probes]),
             "grad_predictiveness": np.median([p["grad_pred_max"] for p in probes]),
@@ -50,8 +51,9 @@ def expected_values(study, model, metric, statuses=("done",)):
 
 def test_load_melts_every_numeric_field(clean):
     df = load(clean.path)
-    assert list(df.columns) == ["run", "model", "seed", "lr", "norm", "dataset", "status", "kind", "step", "epoch",
-                                "metric", "value", "bn_mode"]
+    assert list(df.columns) == ["run", "model", "seed", "lr", "norm", "dataset", "variant", "options", "status",
+                                "kind", "step", "epoch", "metric", "value", "bn_mode"]
+    assert set(df["variant"]) == {""} and df["options"].nunique() == 1  # one configuration: nothing to split
     numeric = sum(1 for run in clean.runs for r in run.records for k, v in r.items()
                   if k not in ("kind", "step", "epoch", "bn_mode") and not isinstance(v, (list, str)))
     assert len(df) == numeric
@@ -76,22 +78,37 @@ def test_load_runs_flags_diverged_and_unfinished(flagged):
 
 
 def test_summary_matches_independent_statistics(clean):
+    """Means and sds per model; b − a paired by seed: ttest_rel, its t-interval, d_z, Holm over the 9 metrics."""
     table = summary_table(load(clean.path))
-    assert len(table) == 8 * 2
+    assert len(table) == 9 * 2
+    raw = {}
     for metric, g in table.groupby("metric"):
-        conv, bn = (expected_values(clean, m, metric) for m in MODELS)
+        conv, bn = (expected_values(clean, m, metric) for m in MODELS)  # seed order 0, 1, 2 in both
         rows = g.set_index("model")
         for model, v in zip(MODELS, (conv, bn)):
             assert rows.loc[model, "n"] == 3
             assert rows.loc[model, "mean"] == pytest.approx(np.mean(v), rel=1e-12)
             assert rows.loc[model, "sd"] == pytest.approx(np.std(v, ddof=1), rel=1e-9)
         b = rows.loc["bn-convnet"]
-        assert b["compared_to"] == "convnet"
-        assert b["diff"] == pytest.approx(np.mean(bn) - np.mean(conv), rel=1e-12)
-        assert b["p_welch"] == pytest.approx(stats.ttest_ind(bn, conv, equal_var=False).pvalue, rel=1e-9)
-        pooled = np.sqrt((2 * np.var(bn, ddof=1) + 2 * np.var(conv, ddof=1)) / 4)
-        g_expected = (1 - 3 / (4 * 6 - 9)) * (np.mean(bn) - np.mean(conv)) / pooled
-        assert b["hedges_g"] == pytest.approx(g_expected, rel=1e-9)
+        d = bn - conv
+        t_crit = stats.t.ppf(0.975, 2)
+        half = t_crit * np.std(d, ddof=1) / np.sqrt(3)
+        assert (b["compared_to"], b["test"], b["n_compared"], b["effect_kind"]) == ("convnet", "paired t", 3, "d_z")
+        assert b["diff"] == pytest.approx(d.mean(), rel=1e-12)
+        assert (b["ci_low"], b["ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half), rel=1e-9)
+        assert b["p"] == pytest.approx(stats.ttest_rel(bn, conv).pvalue, rel=1e-9)
+        assert b["effect"] == pytest.approx(d.mean() / np.std(d, ddof=1), rel=1e-9)
+        assert math.isnan(b["p_wilcoxon"]) and math.isnan(b["boot_low"])  # 3 pairs: below both minimum n
+        assert not b["survivors_only"]
+        raw[metric] = b["p"]
+    # Holm by hand: the i-th smallest of m p-values is multiplied by m − i + 1, then made monotone
+    order = sorted(raw, key=raw.get)
+    expected, running = {}, 0.0
+    for i, metric in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * raw[metric]))
+        expected[metric] = running
+    got = table.dropna(subset=["compared_to"]).set_index("metric")["p_holm"]
+    assert got.to_dict() == pytest.approx(expected, rel=1e-12)
 
 
 def test_summary_counts_but_never_averages_diverged(flagged):
@@ -131,7 +148,9 @@ def test_flagged_study_produces_every_output(flagged, tmp_path):
     assert not (tmp_path / "figs" / "lr_sweep.png").exists()  # a single lr
     md = write_report(flagged.path, out_dir=tmp_path)
     text = md.read_text()
-    assert "6 runs: 4 done, 1 diverged, 1 unfinished" in text and "Hedges' g" in text
+    assert "6 runs: 4 done, 1 diverged, 1 unfinished" in text
+    # seed 1 of convnet diverged and seed 2 of bn-convnet is unfinished: one pair left, so Welch, said so
+    assert "Welch (unpaired) (4); only 1 pair: unpaired test over all runs" in text and "Hedges' g" in text
     assert "diverged at step 16" in text and flagged.run("bn-convnet", 2).run_id in text
     assert (tmp_path / "report.csv").stat().st_size > 0 and not list(tmp_path.glob(".*"))
 
@@ -179,12 +198,12 @@ def test_bad_input_raises_and_writes_nothing(tmp_path, case):
         match = r"holding the studies \['s1'\]"
     elif case == "corrupt":
         target, path = corrupt_middle(tmp_path)
-        match = re.escape(f"{path}, line 5: corrupt record")
+        match = re.escape(f"{path}:5: corrupt record")
     else:
         study = make_results(tmp_path, seeds=(0,), epochs=1)
         path = study.runs[0].path / "records.jsonl"
         path.write_text(path.read_text() + '{"kind": "st')
-        target, match = study.path, "line .*: corrupt record"
+        target, match = study.path, r"records.jsonl:\d+: corrupt record"
     out = tmp_path / "out"
     for call in (load, load_runs, lambda p: plot_study(p, out_dir=out), lambda p: write_report(p, out_dir=out)):
         with pytest.raises(AnalysisError, match=match):
