@@ -392,7 +392,7 @@ def plot(ctx, results_dir):
 @click.argument("results_dir", type=click.Path(path_type=Path))
 @click.pass_context
 def report(ctx, results_dir):
-    """Write report.md and report.csv: per-model metrics over seeds, BN vs no BN with Welch t-tests."""
+    """Write report.md and report.csv: metrics over seeds, divergence rates, BN vs no BN paired by seed."""
     from . import analysis
     try:
         path = analysis.write_report(results_dir)

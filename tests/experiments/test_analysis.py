@@ -162,11 +162,16 @@ def test_default_out_dirs(tmp_path):
     assert write_report(study.path) == study.path / "report.md"
 
 
-def test_lr_sweep_needs_two_lrs(tmp_path):
+def test_lr_sweep_needs_two_lrs_and_figures_are_byte_reproducible(tmp_path):
     study = make_results(tmp_path, seeds=(0, 1), lrs=(0.02, 0.04), epochs=2, diverged=[("convnet", 0, 0.04)])
-    names = {p.name for p in plot_study(study.path, out_dir=tmp_path / "figs")}
-    assert {"lr_sweep.png", "lr_sweep.pdf"} <= names
+    paths = plot_study(study.path, out_dir=tmp_path / "figs")
+    assert {"lr_sweep.png", "lr_sweep.pdf"} <= {p.name for p in paths}
     check_figures(tmp_path / "figs", FIGURES + ("lr_sweep",))
+    from experiments.analysis.figures import lr_sweep, seed_homework
+    df, runs = load(study.path), load_runs(study.path)
+    for stem, draw in (("lr_sweep", lr_sweep), ("seed_homework", seed_homework)):  # drawn again: the same bytes
+        for p in save_figure(draw(df, runs), tmp_path / "again", stem):
+            assert p.read_bytes() == (tmp_path / "figs" / p.name).read_bytes(), p.name
     table = summary_table(load(study.path))
     assert sorted(table["lr"].unique()) == [0.02, 0.04]
     assert table[(table["lr"] == 0.04) & (table["model"] == "convnet")]["diverged"].eq(1).all()
@@ -250,3 +255,234 @@ def test_beta_by_step_size_equals_hand_computation(tmp_path):
             got = table[(table.model == run_model) & np.isclose(table.s_over_lr, round(s / 0.04, 3))]["median_ratio"]
             assert got.item() == pytest.approx(expected, rel=1e-12)
     assert "by probe step size" in write_report(study.path).read_text()
+
+
+# -- issue 10 item 2: configs are split, never pooled as seeds --------------------------------------------------
+
+def test_two_configs_in_one_folder_are_split_not_pooled(tmp_path):
+    """The same grid relaunched with probe_every 5 into a folder of probe_every 10 runs: before, each model showed
+    n=4 (n=2 per seed of identical training records: sd 0 for the training metrics). Now each configuration is its
+    own group, labelled by the option that differs, and is compared only with its own configuration."""
+    launches = {every: make_results(tmp_path, seeds=(0, 1), probe_every=every) for every in (2, 5)}
+    study = launches[5]
+    runs = load_runs(study.path)
+    assert sorted(runs["model"].unique()) == ["bn-convnet [probe_every=2]", "bn-convnet [probe_every=5]",
+                                              "convnet [probe_every=2]", "convnet [probe_every=5]"]
+    table = summary_table(load(study.path))
+    assert (table["n"] == 2).all() and (table["sd"].dropna() > 0).all()
+    comps = table.dropna(subset=["compared_to"])
+    assert sorted(set(zip(comps["compared_to"], comps["model"]))) == [
+        ("convnet [probe_every=2]", "bn-convnet [probe_every=2]"),
+        ("convnet [probe_every=5]", "bn-convnet [probe_every=5]")]
+    assert set(comps["test"]) == {"paired t"} and (comps["n_compared"] == 2).all()
+    # each comparison uses its own configuration's runs: the probe medians differ between the two
+    beta = comps[comps["metric"] == "effective_beta_median"].set_index("compared_to")["diff"]
+    expected = {f"convnet [probe_every={every}]": np.mean(expected_values(fake, "bn-convnet", "effective_beta_median")
+                                                          - expected_values(fake, "convnet", "effective_beta_median"))
+                for every, fake in launches.items()}
+    assert beta.to_dict() == pytest.approx(expected, rel=1e-12)
+    text = write_report(study.path).read_text()
+    assert "split by the options that differ (probe_every=2; probe_every=5)" in text
+    assert "### bn-convnet [probe_every=5] − convnet [probe_every=5]" in text
+
+
+# -- issue 10 items 5 and 6: no run is dropped silently; bad input gives one line naming file:line ---------------
+
+def test_run_directory_without_config_is_named_and_refused(tmp_path):
+    study = make_results(tmp_path, seeds=(0, 1), epochs=1)
+    orphan = study.runs[1].path
+    (orphan / "config.json").unlink()
+    out = tmp_path / "out"
+    for call in (load, load_runs, lambda p: plot_study(p, out_dir=out), lambda p: write_report(p, out_dir=out)):
+        with pytest.raises(AnalysisError, match=re.escape(orphan.name) + r" \(holds records.jsonl, done"):
+            call(study.path)
+    assert not out.exists()
+
+
+def test_a_directory_with_only_a_run_log_is_named_in_a_warning(tmp_path):
+    study = make_results(tmp_path, seeds=(0,), epochs=1)
+    (study.path / "convnet-lr0.04-s9-000000000000").mkdir()
+    (study.path / "convnet-lr0.04-s9-000000000000" / "run.log").write_text("start\n")
+    (study.path / "notes").mkdir()  # unrelated folders stay ignored
+    with pytest.warns(UserWarning, match="convnet-lr0.04-s9-000000000000 hold only a run.log"):
+        assert len(load_runs(study.path)) == 2
+
+
+def _corrupt(study, case):
+    run = study.runs[0].path
+    records, config = run / "records.jsonl", run / "config.json"
+    lines = records.read_bytes().split(b"\n")
+    if case == "non-utf8":
+        lines[3] = lines[3][:10] + b"\xff" + lines[3][10:]
+        records.write_bytes(b"\n".join(lines))
+        return re.escape(f"{records}:4: corrupt record: not UTF-8 text (byte 0xff at column 11)")
+    if case == "array":
+        lines[2] = b"[1, 2, 3]"
+        records.write_bytes(b"\n".join(lines))
+        return re.escape(f"{records}:3: corrupt record: expected one JSON object per line, got a JSON list")
+    if case == "record-type":
+        lines[2] = lines[2].replace(b'"loss": ', b'"loss": "abc", "x": ', 1)
+        records.write_bytes(b"\n".join(lines))
+        return re.escape(f"{records}:3: corrupt record: field \"loss\"") + " must be a number or null, got 'abc'"
+    if case == "step-type":
+        lines[1] = lines[1].replace(b'"step": 0', b'"step": "0"', 1)
+        records.write_bytes(b"\n".join(lines))
+        return re.escape(f"{records}:2: corrupt record: field \"step\" must be a non-negative integer")
+    text = config.read_text()
+    if case == "lr-type":
+        config.write_text(text.replace('"lr": 0.04', '"lr": "abc"'))
+        line = 1 + config.read_text().splitlines().index('  "lr": "abc",')
+        return re.escape(f"{config}:{line}: \"lr\" must be a positive number, got 'abc'")
+    if case == "seed-type":
+        config.write_text(text.replace('"seed": 0', '"seed": 0.5'))
+        return re.escape(f"{config}:") + r"\d+: \"seed\" must be a non-negative integer, got 0.5"
+    if case == "config-non-utf8":
+        config.write_bytes(config.read_bytes().replace(b"convnet", b"conv\xffnet", 1))
+        return re.escape(f"{config}: cannot be read as JSON")
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["non-utf8", "array", "record-type", "step-type", "lr-type", "seed-type",
+                                  "config-non-utf8"])
+def test_bad_files_give_one_line_naming_file_and_line(tmp_path, case):
+    from click.testing import CliRunner
+
+    from experiments.cli import main
+    study = make_results(tmp_path, seeds=(0,), epochs=1)
+    match = _corrupt(study, case)
+    with pytest.raises(AnalysisError, match=match):
+        load(study.path)
+    for command in ("report", "plot"):
+        result = CliRunner().invoke(main, [command, str(study.path)])
+        assert result.exit_code == 1 and result.exception is None or isinstance(result.exception, SystemExit)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+        assert re.search(match, result.output), result.output
+    assert not (study.path / "report.md").exists() and not list((study.path / "figures").iterdir())
+
+
+def test_unreadable_records_file_is_an_analysis_error(tmp_path, monkeypatch):
+    """A records.jsonl the user may not read (mode 000; simulated, since root reads anything)."""
+    study = make_results(tmp_path, seeds=(0,), epochs=1)
+    path = study.runs[0].path / "records.jsonl"
+    read_bytes = Path.read_bytes
+
+    def denied(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(AnalysisError, match=re.escape(f"{path}: cannot be read (Permission denied)")):
+        load(study.path)
+
+
+# -- issue 11: the report names the study, treats divergence as an outcome, and agrees with the figures ---------
+
+def test_report_names_the_study_by_its_folder(tmp_path, monkeypatch):
+    study = make_results(tmp_path / "results", seeds=(0, 1), epochs=1)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    text = write_report("../results/fake-study").read_text()
+    assert "# Smoothness report: fake-study" in text and "Study folder `fake-study`: 4 runs" in text
+    assert "../" not in text and str(tmp_path) not in text
+    assert study.path.exists()
+
+
+def test_diverged_run_is_reported_with_its_rate_and_never_averaged(tmp_path):
+    study = make_results(tmp_path, seeds=(0, 1, 2, 3), diverged=[("convnet", 1)])
+    df = load(study.path)
+    table = summary_table(df).set_index(["metric", "model"])
+    conv, bn = table.loc[("final_test_accuracy", "convnet")], table.loc[("final_test_accuracy", "bn-convnet")]
+    # the mean is over the 3 survivors and flagged; the comparison pairs seeds 0, 2, 3 and is flagged too
+    survivors = expected_values(study, "convnet", "final_test_accuracy")
+    assert (conv["n"], conv["diverged"], conv["survivors_only"]) == (3, 1, True)
+    assert conv["mean"] == pytest.approx(survivors.mean(), rel=1e-12)
+    bn_paired = np.array([expected_per_run(study.run("bn-convnet", s).records)["final_test_accuracy"]
+                          for s in (0, 2, 3)])
+    assert (bn["test"], bn["n_compared"], bn["left_out"], bn["survivors_only"]) == ("paired t", 3, 1, True)
+    assert bn["p"] == pytest.approx(stats.ttest_rel(bn_paired, survivors).pvalue, rel=1e-9)
+    from experiments.analysis import divergence_table
+    div = divergence_table(load_runs(study.path)).set_index("model")
+    assert div.loc["convnet", ["diverged", "done", "divergence_rate"]].tolist() == [1, 3, 0.25]
+    assert div.loc["bn-convnet", "divergence_rate"] == 0
+    assert div.loc["bn-convnet", "p_fisher"] == pytest.approx(stats.fisher_exact([[1, 3], [0, 4]]).pvalue)
+    text = write_report(study.path).read_text()
+    assert "| convnet | 0.04 | 4 | 3 | 1 | 0 | 1/4 (25%) |" in text
+    assert "Divergence: convnet 1/4, bn-convnet 0/4 (Fisher's exact p = 1.000)." in text
+    assert f"{_fmt(survivors.mean())} ± {_fmt(survivors.std(ddof=1), 3)} (n=3) †" in text
+    assert "paired t (3); 1 run(s) without a partner left out" in text
+
+
+def _fmt(x, digits=4):
+    return f"{x:.{digits}g}"
+
+
+def _bold_lines(ax):
+    from experiments.analysis.figures import MEAN_LW
+    return [ln for ln in ax.get_lines() if ln.get_linewidth() == MEAN_LW]
+
+
+def test_lr_sweep_figure_averages_exactly_the_runs_the_report_averages(tmp_path):
+    """Before, the figure averaged unfinished runs that the report excluded."""
+    study = make_results(tmp_path, seeds=(0, 1, 2), lrs=(0.02, 0.04), epochs=2,
+                         unfinished=[("convnet", 0, 0.04)], diverged=[("bn-convnet", 1, 0.04)])
+    from experiments.analysis.figures import lr_sweep
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df, runs = load(study.path), load_runs(study.path)
+    table = summary_table(df)
+    fig = lr_sweep(df, runs)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    for title, metric in (("(a) final test accuracy", "final_test_accuracy"),
+                          ("(b) final test loss (cross-entropy, test set)", "final_test_loss")):
+        drawn = {tuple(np.round(ln.get_ydata(), 12)) for ln in _bold_lines(panels[title])}
+        reported = {tuple(np.round(table[(table["metric"] == metric) & (table["model"] == m)]
+                                   .sort_values("lr")["mean"].to_numpy(), 12)) for m in MODELS}
+        assert drawn == reported
+    rate = {tuple(ln.get_ydata()) for ln in _bold_lines(panels["(d) divergence rate"])}
+    assert rate == {(0.0, 0.0), (0.0, 1 / 3)}
+
+
+def test_figures_draw_every_seed_thin_and_the_mean_bold(tmp_path):
+    from experiments.analysis.figures import SEED_LW, seed_homework
+    study = make_results(tmp_path, seeds=(0, 1, 2), epochs=3, diverged=[("convnet", 2)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df, runs = load(study.path), load_runs(study.path)
+    fig = seed_homework(df, runs)
+    panels = {ax.get_title().split(" [")[0]: ax for ax in fig.axes}
+    assert list(panels) == ["(a) train loss, rolling mean ≤25 steps", "(b) test loss", "(c) test accuracy",
+                            "(d) local smoothness, u = −η·g"]
+    for title, field in (("(b) test loss", "test_loss"), ("(c) test accuracy", "test_accuracy")):
+        ax = panels[title]
+        thin = sorted(tuple(ln.get_ydata()) for ln in ax.get_lines() if ln.get_linewidth() == SEED_LW)
+        per_run = sorted(tuple(r[field] for r in run.records if r["kind"] == "eval") for run in study.runs)
+        assert thin == per_run  # one thin line per run, the diverged run up to its divergence
+        bold = {tuple(np.round(ln.get_ydata(), 12)) for ln in _bold_lines(ax)}
+        expected = set()
+        for model in MODELS:
+            done = [[r[field] for r in run.records if r["kind"] == "eval"] for run in study.runs
+                    if run.model == model and run.status == "done"]
+            expected.add(tuple(np.round(np.mean(done, axis=0), 12)))
+        assert bold == expected  # the mean of the finished runs only
+        assert not ax.collections  # n = 3 (and 2): no band
+        assert ax.get_yscale() == ("log" if field == "test_loss" else "linear")
+
+
+def test_band_appears_from_five_runs(tmp_path):
+    from scipy.stats import t
+
+    from experiments.analysis.figures import sharpness
+    study = make_results(tmp_path, seeds=(0, 1, 2, 3, 4), epochs=2, models=("convnet",))
+    fig = sharpness(load(study.path), load_runs(study.path))
+    (band,) = fig.axes[0].collections
+    values = np.array([[r["sharpness"] for r in run.records if r["kind"] == "smoothness"] for run in study.runs])
+    half = t.ppf(0.975, 4) * values.std(axis=0, ddof=1) / np.sqrt(5)
+    top = band.get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx((values.mean(axis=0) + half).max(), rel=1e-9)
+
+
+def test_test_loss_is_reported(clean, tmp_path):
+    text = write_report(clean.path, out_dir=tmp_path).read_text()
+    conv = expected_values(clean, "convnet", "final_test_loss")
+    assert f"| final test loss (cross-entropy, test set) | running | {_fmt(conv.mean())} ± " in text
