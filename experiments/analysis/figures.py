@@ -221,6 +221,9 @@ def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1, include_unf
     fig, (ax,) = _figure(1, width=6.5, height=4.5)
     banded = _seeds_and_mean(ax, df, runs, palette, "smoothness", "sharpness", "epoch", smooth,
                              "sharpness λ_max(∇²L)", "Sharpness vs the edge of stability")
+    values = select(df, "smoothness", "sharpness")["value"].dropna()
+    if runs["lr"].nunique() > 1 and len(values) and (values > 0).all():
+        ax.set_yscale("log")  # several lrs: sharpness and 2/η span decades
     for lr in sorted(runs["lr"].dropna().unique()):
         ax.axhline(2 / lr, ls="--", color="0.3", lw=1.2)
         ax.annotate(f"2/η = {2 / lr:g}", (1.0, 2 / lr), xycoords=("axes fraction", "data"), ha="right",
