@@ -14,6 +14,7 @@ Tables (pandas, also the report.csv):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -71,8 +72,7 @@ def compare_groups(a: pd.DataFrame, b: pd.DataFrame, column: str) -> tuple[st.Co
         left_out = len(va) + len(vb) - 2 * len(pairs)
         note = f"{left_out} run(s) without a partner left out" if left_out else ""
         c = st.paired(pairs["a"].to_numpy(), pairs["b"].to_numpy())
-        return (c if not note else st.Comparison(**{**c.__dict__, "note": "; ".join(filter(None, [c.note, note]))}),
-                left_out)
+        return dataclasses.replace(c, note="; ".join(filter(None, [c.note, note]))), left_out
     note = ("runs not paired (no shared seed and options)" if len(pairs) == 0
             else "only 1 pair: unpaired test over all runs")
     return st.welch(va, vb, note=note), 0
