@@ -13,9 +13,13 @@ Every dataset goes through the same three steps (`load_dataset`):
    are standardised the same way (rather than with the usual per-channel constants) so every dataset is treated
    alike; pixels constant over the subset, such as MNIST-32x3's zero border, become exactly 0.
 
-FashionMNIST is searched for, in order, in ``--data-dir``, ``$SMOOTHNESS_DATA``, ``./data`` and
+A folder the user chose -- ``--data-dir``, else ``$SMOOTHNESS_DATA`` -- is the only place looked in: if it does not
+hold the dataset (missing, empty, incomplete, a file), loading fails and says what is missing there; it never falls
+back to another copy. Without a choice, FashionMNIST is searched for in ``./data`` and then
 ``/usr/share/datasets/fashion-mnist`` (where Debian's ``dataset-fashion-mnist`` package installs it), each directory
-directly and in torchvision's layout ``<dir>/FashionMNIST/raw/``. The four ``.gz`` files are md5-checked against
+directly and in torchvision's layout ``<dir>/FashionMNIST/raw/``. The dataset info lists every file read with its
+size and md5 (training saves it as ``dataset.json`` in the run folder); a file that exists but cannot be read is a
+one-line `DataError`. The four ``.gz`` files are md5-checked against
 torchvision's official checksums (or, where an archive was re-compressed, as Debian's are, its decompressed content
 against the official checksums of the idx files) and parsed with gzip + numpy: the idx format is a short header and
 raw bytes, so this is simpler and faster than staging uncompressed copies for torchvision's reader (which needs a
@@ -103,28 +107,56 @@ class DatasetSpec:
 # --------------------------------------------------------------------------------------------------------------
 # Where to look
 
-def resolve_data_dir(data_dir: str | os.PathLike | None, *, include_system: bool = True) -> list[Path]:
-    """Directories searched for data, in order: `data_dir`, ``$SMOOTHNESS_DATA``, ``./data`` and (if
-    `include_system`) `SYSTEM_DATA_DIRS`. Unset entries are skipped, duplicates dropped."""
-    candidates = []
+def explicit_data_dir(data_dir: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """The folder the user chose, with how it was chosen (``--data-dir`` or ``$SMOOTHNESS_DATA``), or None.
+
+    A chosen folder is the only place looked in: if it does not hold the dataset, loading fails and says what is
+    missing. Falling back to another copy (the system one, say) would silently run on other files than asked for."""
     if data_dir is not None:
-        candidates.append(Path(data_dir).expanduser())
+        return Path(data_dir).expanduser().absolute(), "--data-dir"
     if os.environ.get(ENV_VAR):
-        candidates.append(Path(os.environ[ENV_VAR]).expanduser())
-    candidates.append(Path.cwd() / "data")
-    if include_system:
-        candidates.extend(SYSTEM_DATA_DIRS)
+        return Path(os.environ[ENV_VAR]).expanduser().absolute(), f"${ENV_VAR}"
+    return None
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None, *, include_system: bool = True) -> list[Path]:
+    """Directories searched for data: only the chosen one (`data_dir`, else ``$SMOOTHNESS_DATA``) if there is one;
+    else ``./data`` and (if `include_system`) `SYSTEM_DATA_DIRS`, duplicates dropped."""
+    explicit = explicit_data_dir(data_dir)
+    if explicit is not None:
+        _check_not_a_file(*explicit)
+        return [explicit[0]]
     unique: list[Path] = []
-    for path in candidates:
+    for path in (Path.cwd() / "data", *(SYSTEM_DATA_DIRS if include_system else ())):
         path = path.absolute()
         if path not in unique:
             unique.append(path)
     return unique
 
 
+def _check_not_a_file(path: Path, how: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{how} {path} is a file, not a folder: give the folder that holds the dataset files.")
+
+
 def _download_root(data_dir: str | os.PathLike | None) -> Path:
-    """Where torchvision downloads to: the first user-given directory, else ./data."""
+    """Where torchvision downloads to: the chosen folder, else ./data."""
     return resolve_data_dir(data_dir, include_system=False)[0]
+
+
+def _unreadable(error: OSError) -> DataError:
+    """A one-line error for a data file or folder that exists but cannot be read (permissions, I/O)."""
+    where = error.filename or "a data file"
+    return DataError(f"cannot read {where}: {error.strerror or error}. Make it readable (e.g. chmod a+r, or run as a "
+                     f"user who may read it) or pass --data-dir with a readable copy.")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _bullets(lines: list[str]) -> str:
@@ -164,14 +196,19 @@ def _fashion_candidates(dirs: list[Path]) -> list[Path]:
 
 
 def _find_fashion_files(dirs: list[Path]) -> tuple[Path | None, list[str]]:
-    """The first directory holding all four files, and a description of every directory looked in."""
+    """The first directory holding all four files, and what was found in every directory looked in."""
     looked = []
     for directory in _fashion_candidates(dirs):
         missing = [name for name in FASHION_MNIST_FILES if not (directory / name).is_file()]
         if not missing:
             return directory, looked
-        partial = len(missing) < len(FASHION_MNIST_FILES)
-        looked.append(f"{directory}" + (f"  (incomplete: missing {', '.join(missing)})" if partial else ""))
+        if not directory.exists():
+            state = "does not exist"
+        elif len(missing) == len(FASHION_MNIST_FILES):
+            state = "has none of the four files" if any(directory.iterdir()) else "is empty"
+        else:
+            state = f"incomplete: missing {', '.join(missing)}"
+        looked.append(f"{directory}  ({state})")
     return None, looked
 
 
@@ -187,15 +224,15 @@ def _parse_idx(raw: bytes, name: str) -> np.ndarray:
     return payload.reshape(shape).copy()  # copy: frombuffer over bytes is read-only
 
 
-def _verified_idx_bytes(path: Path) -> tuple[bytes, str]:
-    """The decompressed content of one .gz and how it was verified: by the archive's md5 (torchvision's official
+def _verified_idx_bytes(path: Path) -> tuple[bytes, str, str]:
+    """The decompressed content of one .gz, how it was verified -- by the archive's md5 (torchvision's official
     checksum) or, for a re-compressed archive such as Debian's (same content, different gzip header, so a different
-    md5), by the md5 of the decompressed idx file."""
-    compressed = path.read_bytes()
+    md5), by the md5 of the decompressed idx file -- and the archive's md5."""
+    compressed = path.read_bytes()  # an OSError here is turned into a one-line DataError by the caller
     got = hashlib.md5(compressed).hexdigest()
     expected = FASHION_MNIST_FILES[path.name]
     if got == expected:
-        return gzip.decompress(compressed), "md5 of .gz"
+        return gzip.decompress(compressed), "md5 of .gz", got
     content_expected = FASHION_MNIST_IDX_MD5[path.name]
     try:
         content = gzip.decompress(compressed)
@@ -204,7 +241,7 @@ def _verified_idx_bytes(path: Path) -> tuple[bytes, str]:
     else:
         content_got = hashlib.md5(content).hexdigest()
         if content_got == content_expected:
-            return content, "md5 of decompressed idx"
+            return content, "md5 of decompressed idx", got
     raise DataError(
         f"{path} is corrupt: its md5 is {got}, expected md5 {expected} (decompressed: md5 {content_got}, expected "
         f"{content_expected}). Delete it and download it again (or reinstall it: "
@@ -212,15 +249,17 @@ def _verified_idx_bytes(path: Path) -> tuple[bytes, str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _read_fashion_dir(directory: str, fingerprint: tuple) -> tuple[tuple[torch.Tensor, ...], dict[str, str]]:
-    """md5-check and parse the four files; cached per (directory, files' size and mtime)."""
-    arrays, checks = {}, {}
+def _read_fashion_dir(directory: str, fingerprint: tuple) -> tuple[tuple[torch.Tensor, ...], list[dict]]:
+    """md5-check and parse the four files; cached per (directory, files' size and mtime). Returns the tensors and,
+    per file, what a run records: path, size, md5 of the file as read, and how its content was verified."""
+    arrays, files = {}, []
     for name in FASHION_MNIST_FILES:
         path = Path(directory) / name
-        content, checks[name] = _verified_idx_bytes(path)
+        content, verified_by, md5 = _verified_idx_bytes(path)
         arrays[name] = _parse_idx(content, str(path))
+        files.append({"path": str(path), "bytes": path.stat().st_size, "md5": md5, "verified_by": verified_by})
     x_train, y_train, x_test, y_test = (torch.from_numpy(arrays[name]) for name in FASHION_MNIST_FILES)
-    return (x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()), checks
+    return (x_train.unsqueeze(1), y_train.long(), x_test.unsqueeze(1), y_test.long()), files
 
 
 def _fingerprint(directory: Path) -> tuple:
@@ -229,6 +268,14 @@ def _fingerprint(directory: Path) -> tuple:
 
 
 def _load_fashion_mnist(data_dir: str | None, download: bool) -> _Splits:
+    try:
+        return _load_fashion_files(data_dir, download)
+    except OSError as error:  # a folder or file that exists but cannot be read (permissions, I/O)
+        raise _unreadable(error) from None
+
+
+def _load_fashion_files(data_dir: str | None, download: bool) -> _Splits:
+    explicit = explicit_data_dir(data_dir)
     found, looked = _find_fashion_files(resolve_data_dir(data_dir))
     source = "files"
     download_note = "download not attempted (download=False)"
@@ -243,6 +290,12 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> _Splits:
             found, _ = _find_fashion_files([root])
             source = "torchvision download"
             download_note = f"torchvision's download into {root} left no complete set of files there"
+    if found is None and explicit is not None:
+        folder, how = explicit
+        raise DataError(
+            f"{how} {folder} does not hold FashionMNIST: " + "; ".join(looked) + f"; and {download_note}. Put "
+            + ", ".join(FASHION_MNIST_FILES) + f" in {folder} (or in its FashionMNIST/raw/), or leave out --data-dir "
+            f"(and unset {ENV_VAR}) to use ./data or the system copy (sudo apt-get install dataset-fashion-mnist).")
     if found is None:
         raise DataError(
             "FashionMNIST not found. Looked for " + ", ".join(FASHION_MNIST_FILES) + " in:\n"
@@ -253,8 +306,8 @@ def _load_fashion_mnist(data_dir: str | None, download: bool) -> _Splits:
             "(directly or in DIR/FashionMNIST/raw/);\n"
             "  (3) on Debian/Ubuntu: sudo apt-get install dataset-fashion-mnist "
             "(puts them in /usr/share/datasets/fashion-mnist).")
-    (x_train, y_train, x_test, y_test), checks = _read_fashion_dir(str(found), _fingerprint(found))
-    info = {"source": source, "path": str(found), "md5_checked": checks}
+    (x_train, y_train, x_test, y_test), files = _read_fashion_dir(str(found), _fingerprint(found))
+    info = {"source": source, "path": str(found), "files": [dict(f) for f in files]}
     return _Splits(x_train, y_train, x_test, y_test, info)
 
 
@@ -268,10 +321,24 @@ def _torchvision_dataset(cls_name: str, root: Path, *, train: bool, download: bo
     return cls(str(root), download=download, **split)
 
 
+def _torchvision_files(dataset) -> list[Path]:
+    """The files torchvision read for `dataset`: MNIST's raw idx files, SVHN's .mat, CIFAR-10's pickled batches."""
+    if hasattr(dataset, "raw_folder"):  # MNIST reads <root>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte
+        prefix = "train" if dataset.train else "t10k"
+        return [Path(dataset.raw_folder) / f"{prefix}-{kind}-ubyte" for kind in ("images-idx3", "labels-idx1")]
+    if hasattr(dataset, "filename"):  # SVHN
+        return [Path(dataset.root) / dataset.filename]
+    if hasattr(dataset, "base_folder"):  # CIFAR-10
+        batches = dataset.train_list if dataset.train else dataset.test_list
+        return [Path(dataset.root) / dataset.base_folder / name for name, _ in batches]
+    return []
+
+
 @functools.lru_cache(maxsize=8)
 def _torchvision_tensors(cls_name: str, cls: type, root: str, train: bool, download: bool,
-                         channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images as uint8 (n, C, H, W), labels int64); `cls` is part of the cache key only."""
+                         channels_last: bool) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """(images as uint8 (n, C, H, W), labels int64, records of the files read); `cls` is part of the cache key
+    only."""
     dataset = _torchvision_dataset(cls_name, Path(root), train=train, download=download)
     images = torch.as_tensor(np.asarray(dataset.data))
     labels = dataset.labels if hasattr(dataset, "labels") else dataset.targets  # SVHN names them labels
@@ -280,28 +347,34 @@ def _torchvision_tensors(cls_name: str, cls: type, root: str, train: bool, downl
         images = images.unsqueeze(1)
     elif channels_last:  # CIFAR-10 stores (n, H, W, C)
         images = images.permute(0, 3, 1, 2).contiguous()
-    return images, labels
+    files = tuple({"path": str(path), "bytes": path.stat().st_size, "md5": _md5(path)}
+                  for path in _torchvision_files(dataset) if path.is_file())
+    return images, labels, files
 
 
 def _torchvision_loader(cls_name: str, *, channels_last: bool = False) -> Callable[[str | None, bool], _Splits]:
     def load(data_dir: str | None, download: bool) -> _Splits:
         cls = getattr(torchvision.datasets, cls_name)
 
-        def splits(root: Path, fetch: bool) -> tuple[torch.Tensor, ...]:
-            return (*_torchvision_tensors(cls_name, cls, str(root), True, fetch, channels_last),
-                    *_torchvision_tensors(cls_name, cls, str(root), False, fetch, channels_last))
+        def splits(root: Path, fetch: bool, source: str) -> _Splits:
+            x_train, y_train, train_files = _torchvision_tensors(cls_name, cls, str(root), True, fetch, channels_last)
+            x_test, y_test, test_files = _torchvision_tensors(cls_name, cls, str(root), False, fetch, channels_last)
+            info = {"source": source, "path": str(root), "files": [dict(f) for f in train_files + test_files]}
+            return _Splits(x_train, y_train, x_test, y_test, info)
 
         roots = resolve_data_dir(data_dir, include_system=False)
         for root in roots:
             try:
-                return _Splits(*splits(root, False), info={"source": "files", "path": str(root)})
+                return splits(root, False, "files")
+            except PermissionError as error:
+                raise _unreadable(error) from None
             except (RuntimeError, OSError):  # torchvision: "Dataset not found ..."
                 continue
         download_note = "download not attempted (download=False)"
         if download:
             root = _download_root(data_dir)
             try:
-                return _Splits(*splits(root, True), info={"source": "torchvision download", "path": str(root)})
+                return splits(root, True, "torchvision download")
             except Exception as error:  # offline: URLError, RuntimeError, OSError...
                 download_note = (f"it cannot be downloaded: torchvision's download into {root} failed: "
                                  f"{type(error).__name__}: {error}")

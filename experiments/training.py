@@ -23,7 +23,7 @@ from . import tracking
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .models import build_model
-from .store import RunStore, StoreError
+from .store import RunStore, StoreError, atomic_write_json
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
 
@@ -95,6 +95,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                          f"from its last checkpoint (or move the directory away to start over)")
 
     data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
+    atomic_write_json(store.dir / "dataset.json", data.info)  # which files were read (checksums), preprocessing
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     data = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=data.x_test.to(device),
                                y_test=data.y_test.to(device))

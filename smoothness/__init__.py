@@ -2,9 +2,13 @@
 
 Every estimator leaves the model exactly as it found it and takes ``bn_mode``: ``"batch"`` differentiates the
 train-mode loss (BatchNorm with batch statistics, the loss SGD optimises), ``"running"`` the eval-mode loss.
-Dropout layers are always off (eval mode) inside estimators, so every number is a deterministic function of w.
+Dropout layers are always off (eval mode) inside estimators, and every evaluation runs with torch's CPU/CUDA
+generators seeded with ``ESTIMATOR_SEED`` (the caller's generator states are restored), so every number is a
+deterministic function of w even with random modules such as noisy BatchNorm; randomness out of that seed's reach
+raises ``NondeterministicLossError``.
 """
 from ._objective import BN_MODES, NonFiniteLossError
+from ._rng import ESTIMATOR_SEED, NondeterministicLossError
 from .curvature import EigenResult, TraceResult, directional_curvature, hessian_trace, top_eigenvalues
 from .gradient import loss_and_gradient
 from .hvp import hvp
@@ -14,6 +18,7 @@ from .lipschitz import local_lipschitz
 from .probes import LineProbe, line_probe
 
 __all__ = [
+    "ESTIMATOR_SEED", "NondeterministicLossError",
     "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
     "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",

@@ -3,6 +3,10 @@
 Every estimator goes through :class:`Objective`. It never writes to the model: parameters are passed to
 ``torch.func.functional_call`` as fresh tensors, buffers as clones (so train-mode BatchNorm cannot move the
 running statistics), and the module train/eval flags it sets for the chosen ``bn_mode`` are put back on exit.
+
+Every evaluation runs under :func:`smoothness._rng.fixed_rng`, so modules that draw random numbers see the same draws
+at every point and the caller's generators do not move; the evaluation at w goes through the determinism check
+(:func:`smoothness._rng.check_deterministic`) so that randomness the fixed seed cannot reach fails loudly.
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from ._rng import check_deterministic, fixed_rng, is_checked
 
 BN_MODES = ("batch", "running")
 Params = Dict[str, torch.Tensor]
@@ -89,13 +95,20 @@ class Objective:
         self.base = {n: p.detach() for n, p in self.params.items()}
         self._buffers = dict(model.named_buffers())
         self.n_params = sum(p.numel() for p in self.params.values())
+        self._devices = {self.inputs.device, *(p.device for p in self.base.values())}
+        self._at_w = None  # (loss, grad) at w, evaluated once
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self._at_w is None and not is_checked(self.model, self.bn_mode, self._devices):
+            self.loss_and_grad_at_w()  # runs the determinism check before the first estimate on this model
+        return self._loss(params)
+
+    def _loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         tensors = {**{n: b.clone() for n, b in self._buffers.items()}, **params}
-        with estimator_mode(self.model, self.bn_mode):
+        with fixed_rng(self._devices), estimator_mode(self.model, self.bn_mode):
             outputs = functional_call(self.model, tensors, (self.inputs,))
-        loss = self.loss_fn(outputs, self.targets)
+            loss = self.loss_fn(outputs, self.targets)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise TypeError("loss_fn(outputs, targets) must return a scalar tensor (the mean loss)")
         return loss.reshape(())
@@ -108,14 +121,30 @@ class Objective:
             return {n: (p + scale * shift[n]).requires_grad_(True) for n, p in self.base.items()}
 
     def loss_and_grad(self, shift=None, scale: float = 1.0, *, check_finite: bool = False):
+        """L and ∇L at w (+ scale * shift). At w itself (no shift) this is the determinism-checked evaluation."""
+        if shift is None:
+            return self.loss_and_grad_at_w()
+        return self._loss_and_grad(shift, scale, check_finite)
+
+    def _loss_and_grad(self, shift, scale: float, check_finite: bool):
         leaves = self.leaves(shift, scale)
         with torch.enable_grad():
-            loss = self.loss(leaves)
+            loss = self._loss(leaves)
             if check_finite:
                 self.check_finite(loss)
             grads = torch.autograd.grad(loss, tuple(leaves.values()), allow_unused=True)
         grad = {n: (torch.zeros_like(leaves[n]) if g is None else g) for n, g in zip(self.names, grads)}
         return loss.detach(), grad
+
+    def loss_and_grad_at_w(self):
+        """(L(w), ∇L(w)), computed once per Objective; raises NonFiniteLossError if the loss is not finite and
+        NondeterministicLossError if a second evaluation disagrees (see check_deterministic for when it runs)."""
+        if self._at_w is None:
+            first = self._loss_and_grad(None, 1.0, check_finite=True)
+            check_deterministic(self.model, self.bn_mode, self._devices, first,
+                                lambda: self._loss_and_grad(None, 1.0, check_finite=False))
+            self._at_w = first
+        return self._at_w
 
     @staticmethod
     def check_finite(loss: torch.Tensor) -> None:

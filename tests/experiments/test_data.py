@@ -9,6 +9,7 @@ Nothing here touches the network: every download is replaced by a fake.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import random
 import shutil
@@ -86,7 +87,8 @@ def test_fashion_mnist_real_shapes_labels_standardisation():
     _assert_standardised(ds.x_train)
     assert abs(ds.x_test.mean().item()) < 0.05  # test set shares the training subset's statistics
     assert ds.info["n_train"] == 6000 and ds.info["n_train_full"] == 60000 and ds.info["seed"] == 0
-    assert ds.info["path"] == str(REAL_DIR) and set(ds.info["md5_checked"]) == set(FILES)
+    assert ds.info["path"] == str(REAL_DIR)
+    assert [Path(f["path"]) for f in ds.info["files"]] == [REAL_DIR / name for name in FILES]
 
 
 @needs_real
@@ -133,7 +135,9 @@ def test_fashion_mnist_recompressed_archive_accepted_by_content_md5(tmp_path):
     content = gzip.decompress((REAL_DIR / name).read_bytes())
     (tmp_path / "regz" / name).write_bytes(gzip.compress(content, compresslevel=1, mtime=0))
     ds = load_dataset("fashion-mnist", data_dir=str(tmp_path / "regz"))
-    assert ds.info["md5_checked"][name] == "md5 of decompressed idx"
+    record = next(f for f in ds.info["files"] if f["path"] == str(tmp_path / "regz" / name))
+    assert record["verified_by"] == "md5 of decompressed idx"
+    assert record["md5"] == hashlib.md5((tmp_path / "regz" / name).read_bytes()).hexdigest()
     assert torch.equal(torch.bincount(ds.y_test), torch.full((10,), 1000))
 
 
@@ -166,9 +170,10 @@ def test_fashion_mnist_falls_back_to_torchvision_download(tmp_path, monkeypatch)
 # FashionMNIST absent
 
 def test_fashion_mnist_absent_error_lists_places_and_remedies(tmp_path, monkeypatch):
-    empty, system = tmp_path / "empty", tmp_path / "no-system-copy"
-    empty.mkdir()
-    (empty / FILES[1]).write_bytes(b"")  # a stray file: the message should say the folder is incomplete
+    """No folder chosen: ./data and the system folders are searched, and the error lists them and every remedy."""
+    system = tmp_path / "no-system-copy"
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / FILES[1]).write_bytes(b"")  # a stray file: the message should say the folder is incomplete
     attempts = []
 
     def offline(root, train=True, download=False):
@@ -178,29 +183,136 @@ def test_fashion_mnist_absent_error_lists_places_and_remedies(tmp_path, monkeypa
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (system,))
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
     with pytest.raises(DataError) as error:
-        load_dataset("fashion-mnist", data_dir=str(empty))
+        load_dataset("fashion-mnist")
     message = str(error.value)
-    for place in (empty, empty / "FashionMNIST" / "raw", tmp_path / "data", system, system / "FashionMNIST" / "raw"):
+    for place in (tmp_path / "data", tmp_path / "data" / "FashionMNIST" / "raw", system,
+                  system / "FashionMNIST" / "raw"):
         assert f"- {place}" in message
     for remedy in ("--data-dir", "SMOOTHNESS_DATA", "apt-get install dataset-fashion-mnist", "internet"):
         assert remedy in message
-    assert "incomplete" in message and "URLError" in message
-    assert attempts == [(str(empty), True)]
+    assert "incomplete" in message and "does not exist" in message and "URLError" in message
+    assert attempts == [(str(tmp_path / "data"), True)]
 
     attempts.clear()
     with pytest.raises(DataError, match="download=False"):
-        load_dataset("fashion-mnist", data_dir=str(empty), download=False)
+        load_dataset("fashion-mnist", download=False)
     assert attempts == []
+
+
+def _offline_fashion(monkeypatch, attempts: list):
+    def offline(root, train=True, download=False):
+        attempts.append((root, download))
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+
+
+@needs_real
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "does not exist"),
+    ("empty", "is empty"),
+    ("three of four", "incomplete: missing t10k-labels-idx1-ubyte.gz"),
+    ("stray files", "has none of the four files"),
+])
+def test_chosen_data_dir_without_the_dataset_is_an_error_not_a_fallback(tmp_path, monkeypatch, case, expected):
+    """Issue 10 item 4: a --data-dir that does not hold FashionMNIST used to fall back silently to the system copy
+    (exit 0, other files than asked for). Now it is an error saying what is missing there and what to do."""
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (_link_files(tmp_path / "system-copy"),))  # a complete copy
+    chosen = tmp_path / "chosen"
+    if case == "empty":
+        chosen.mkdir()
+    elif case == "three of four":
+        _link_files(chosen, FILES[:3])
+    elif case == "stray files":
+        chosen.mkdir()
+        (chosen / "README").write_text("not the data")
+    attempts = []
+    _offline_fashion(monkeypatch, attempts)
+    with pytest.raises(DataError) as error:
+        load_dataset("fashion-mnist", data_dir=str(chosen))
+    message = str(error.value)
+    assert f"--data-dir {chosen} does not hold FashionMNIST" in message and expected in message
+    assert f"{chosen / 'FashionMNIST' / 'raw'}  (does not exist)" in message
+    assert "leave out --data-dir" in message and "URLError" in message and "system-copy" not in message
+    assert attempts == [(str(chosen), True)]  # the download goes to the chosen folder, nowhere else
+    with pytest.raises(DataError, match="download=False"):
+        load_dataset("fashion-mnist", data_dir=str(chosen), download=False)
+
+
+@needs_real
+def test_chosen_data_dir_that_is_a_file_is_refused_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (_link_files(tmp_path / "system-copy"),))
+    afile = tmp_path / "train-images-idx3-ubyte.gz"
+    afile.symlink_to(REAL_DIR / FILES[0])
+    attempts = []
+    _offline_fashion(monkeypatch, attempts)
+    with pytest.raises(DataError, match=f"--data-dir {afile} is a file, not a folder"):
+        load_dataset("fashion-mnist", data_dir=str(afile))
+    assert attempts == []
+    monkeypatch.setattr(torchvision.datasets, "MNIST", _fake_class("MNIST", present_in=tmp_path))
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_dataset("mnist", data_dir=str(afile))
+
+
+@needs_real
+def test_env_var_is_a_choice_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (_link_files(tmp_path / "system-copy"),))
+    _offline_fashion(monkeypatch, [])
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"\$SMOOTHNESS_DATA .*nowhere does not hold FashionMNIST"):
+        load_dataset("fashion-mnist")
+
+
+@needs_real
+def test_files_read_are_recorded_with_checksums(tmp_path):
+    """Every run records which files it read and their md5 (the dataset info that training saves)."""
+    chosen = _link_files(tmp_path / "chosen")
+    info = load_dataset("fashion-mnist", subset=0.01, data_dir=str(chosen)).info
+    assert info["path"] == str(chosen) and info["source"] == "files"
+    assert [f["path"] for f in info["files"]] == [str(chosen / name) for name in FILES]
+    for record in info["files"]:
+        content = Path(record["path"]).read_bytes()
+        assert record["md5"] == hashlib.md5(content).hexdigest() and record["bytes"] == len(content)
+        assert record["verified_by"] in ("md5 of .gz", "md5 of decompressed idx")
+
+
+@needs_real
+def test_unreadable_data_file_is_a_one_line_error(tmp_path, monkeypatch):
+    """Issue 10 item 6: a file that exists but cannot be read gave a PermissionError traceback. (Tests run as root,
+    which reads anything, so the denial is simulated at Path.read_bytes, where the archives are read.)"""
+    from click.testing import CliRunner
+
+    from experiments.cli import main
+
+    chosen = _link_files(tmp_path / "chosen")
+    denied = chosen / FILES[2]
+    real_read_bytes = Path.read_bytes
+
+    def read_bytes(self):
+        if self == denied:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    with pytest.raises(DataError) as error:
+        load_dataset("fashion-mnist", data_dir=str(chosen))
+    message = str(error.value)
+    assert message == (f"cannot read {denied}: Permission denied. Make it readable (e.g. chmod a+r, or run as a "
+                       f"user who may read it) or pass --data-dir with a readable copy.")
+    result = CliRunner().invoke(main, ["train", "--results-dir", str(tmp_path / "r"), "--data-dir", str(chosen)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == f"Error: {message}\n"  # one line, no traceback
 
 
 def test_resolve_data_dir_order(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (Path("/sys-dir"),))
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "env"))
-    assert resolve_data_dir(tmp_path / "arg") == [tmp_path / "arg", tmp_path / "env", tmp_path / "data",
-                                                  Path("/sys-dir")]
+    assert resolve_data_dir(tmp_path / "arg") == [tmp_path / "arg"]  # a chosen folder is the only place
+    assert resolve_data_dir(None) == [tmp_path / "env"]
     monkeypatch.delenv(data.ENV_VAR)
+    assert resolve_data_dir(None) == [tmp_path / "data", Path("/sys-dir")]
     assert resolve_data_dir(None, include_system=False) == [tmp_path / "data"]
-    assert resolve_data_dir(str(tmp_path / "data")) == [tmp_path / "data", Path("/sys-dir")]  # no duplicates
+    monkeypatch.setattr(data, "SYSTEM_DATA_DIRS", (tmp_path / "data", Path("/sys-dir")))
+    assert resolve_data_dir(None) == [tmp_path / "data", Path("/sys-dir")]  # no duplicates
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -341,6 +453,59 @@ def test_torchvision_datasets_offline_error(tmp_path, monkeypatch, name, kind):
         load_dataset(name, data_dir=str(tmp_path / "nowhere"))
     message = str(error.value)
     for needle in (kind, "--data-dir", "SMOOTHNESS_DATA", "cannot be downloaded", "URLError",
-                   f"- {tmp_path / 'nowhere'}", f"- {tmp_path / 'data'}"):
+                   f"- {tmp_path / 'nowhere'}"):
         assert needle in message
     assert (str(tmp_path / "nowhere"), True) in calls  # the download went to --data-dir
+    with pytest.raises(DataError, match=r"- .*data\n"):
+        load_dataset(name)  # nothing chosen: ./data is searched
+
+
+@pytest.mark.parametrize("name, kind", [("mnist", "MNIST"), ("cifar10", "CIFAR10")])
+def test_torchvision_datasets_chosen_dir_does_not_fall_back_to_dot_data(tmp_path, monkeypatch, name, kind):
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, kind, _fake_class(kind, present_in=tmp_path / "data", calls=calls))
+    assert load_dataset(name).info["path"] == str(tmp_path / "data")
+    with pytest.raises(DataError, match=f"- {tmp_path / 'nowhere'}\n"):
+        load_dataset(name, data_dir=str(tmp_path / "nowhere"))
+    assert str(tmp_path / "data") not in {root for root, _ in calls[2:]}
+
+
+REAL_MNIST = torchvision.datasets.MNIST  # saved before the autouse fixture replaces it
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_torchvision_files_read_are_recorded_with_checksums(tmp_path, monkeypatch):
+    """torchvision's own MNIST class on idx files written here: the files it read are recorded with their md5."""
+    raw = tmp_path / "given" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 20), ("t10k", 10)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    monkeypatch.setattr(torchvision.datasets, "MNIST", REAL_MNIST)
+    ds = load_dataset("mnist", subset=0.5, data_dir=str(tmp_path / "given"))
+    assert ds.x_train.shape == (10, 1, 28, 28) and ds.x_test.shape == (10, 1, 28, 28)
+    names = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    assert [f["path"] for f in ds.info["files"]] == [str(raw / name) for name in names]
+    for record in ds.info["files"]:
+        content = Path(record["path"]).read_bytes()
+        assert record["md5"] == hashlib.md5(content).hexdigest() and record["bytes"] == len(content)
+
+
+def test_training_run_saves_the_dataset_info(tmp_path):
+    """What load_dataset records (files and checksums, subset, preprocessing) lands in the run's dataset.json."""
+    import json
+
+    from experiments.config import RunConfig
+    from experiments.training import train_run
+
+    cfg = RunConfig(dataset="synthetic", subset=0.05, epochs=1, probe_every=0, sharpness_samples=0,
+                    local_smoothness_samples=16)
+    outcome = train_run(cfg, tmp_path)
+    saved = json.loads((outcome.path / "dataset.json").read_text())
+    assert saved == json.loads(json.dumps(load_dataset("synthetic", subset=0.05, seed=0).info))
+    assert saved["n_train"] == 100 and "standardisation" in saved
