@@ -11,8 +11,8 @@ records of an uninterrupted run:
    and sha256 of the records it covers (its "records mark");
 3. ``done`` is renamed in only after records.jsonl is fsynced.
 
-`RunStore.restore` takes the newest checkpoint whose mark matches the records file's prefix, cuts the file back to
-that mark (dropping records made after the checkpoint, and a torn last line), and deletes newer checkpoints.
+`RunStore.restore` takes the newest checkpoint, checks that the records file begins with the records it covers, and
+cuts the file back to that mark (dropping records made after the checkpoint, and a torn last line).
 
 Readers for other tools: `read_config` and `iter_records` / `read_records` raise `StoreError` naming the file (and
 line) for anything that is not what results/README.md describes: non-UTF-8 bytes, a line that is not a JSON object,
@@ -152,7 +152,7 @@ def iter_records(path, *, torn_tail: str = "skip") -> Iterator[dict]:
 
     A last line without its newline is what a kill in the middle of a write leaves. ``torn_tail`` says what to do
     with it when it does not parse: "skip" it, "warn" (a `UserWarning`, then skip) or "error". Any other bad line
-    raises StoreError("<file>, line <n>: <what is wrong>; ..."). A missing file yields nothing."""
+    raises StoreError("<file>, line <n>: corrupt record (<what is wrong>). ..."). A missing file yields nothing."""
     if torn_tail not in ("skip", "warn", "error"):
         raise ValueError(f"torn_tail must be 'skip', 'warn' or 'error', got {torn_tail!r}")
     path = Path(path)
@@ -162,18 +162,21 @@ def iter_records(path, *, torn_tail: str = "skip") -> Iterator[dict]:
         return
     except OSError as exc:
         raise StoreError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    yield from _parse_records(path, data, torn_tail)
+
+
+def _parse_records(path: Path, data: bytes, torn_tail: str) -> Iterator[dict]:
     lines = data.split(b"\n")
     for i, raw in enumerate(lines):
         torn = i == len(lines) - 1      # no newline after it (empty when the file ends with one)
         if not raw.strip():
             continue
-        problem = None
         try:
             record = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             problem = f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
         except ValueError as exc:
-            problem = f"not valid JSON ({exc})"
+            problem = f"not valid JSON: {exc}"
         else:
             problem = _record_problem(record)
         if problem is None:
@@ -182,10 +185,10 @@ def iter_records(path, *, torn_tail: str = "skip") -> Iterator[dict]:
         if torn and torn_tail != "error":
             if torn_tail == "warn":
                 warnings.warn(f"{path}, line {i + 1}: skipping a truncated last record (the line being written "
-                              f"when the run was killed)", stacklevel=2)
+                              f"when the run was killed)", stacklevel=3)
             return
-        raise StoreError(f"{path}, line {i + 1}: {problem}. Each line must be one JSON record as described in "
-                         f"results/README.md; move the run directory away and rerun it") from None
+        raise StoreError(f"{path}, line {i + 1}: corrupt record ({problem}). Each line must be one JSON record as "
+                         f"described in results/README.md; move the run directory away and rerun it") from None
 
 
 def read_records(path, *, torn_tail: str = "skip") -> List[dict]:
@@ -314,34 +317,46 @@ class RunStore:
         return None
 
     def restore(self) -> Optional[dict]:
-        """Prepare a resume: the newest checkpoint whose records mark matches records.jsonl, with the records file
-        cut back to exactly the records that checkpoint covers; None (and no records) if no checkpoint qualifies.
+        """Prepare a resume: the newest checkpoint, with records.jsonl cut back to exactly the records it covers
+        (its records mark); None, and no records, if there is no checkpoint.
 
-        Newer checkpoints that do not qualify (torn, from an older version without a mark, or ahead of records lost
-        in a power loss) are deleted, so that a later resume cannot pick them up."""
+        What a kill or a power loss can leave is repaired: a torn last line, records made after the checkpoint,
+        temporary files. A checkpoint that does not load, or that carries no records mark (an older version wrote
+        it), is deleted with a warning, and the one before it is used. What no crash can leave is refused with a
+        StoreError, so that damage is named rather than papered over: a corrupt line before the last one, or a
+        records file whose beginning is not the one the newest checkpoint saw (records fsynced before the
+        checkpoint was written have been lost or changed since)."""
         self.close()
         for directory in (self.dir, self.checkpoints):
             if directory.exists():
                 for leftover in remove_temporaries(directory):
                     log.info("removed %s, left by an interrupted write", leftover)
         records = self.records_path.read_bytes() if self.records_path.exists() else b""
+        for _ in _parse_records(self.records_path, records, torn_tail="skip"):
+            pass
         chosen, keep = None, 0
         for path in reversed(self._checkpoint_files()):
             state = self._load(path)
             mark = state.get("records_mark") if isinstance(state, dict) else None
-            if (isinstance(mark, dict) and mark.get("bytes", math.inf) <= len(records)
-                    and hashlib.sha256(records[:mark["bytes"]]).hexdigest() == mark.get("sha256")):
+            if isinstance(mark, dict):
+                if not (mark["bytes"] <= len(records)
+                        and hashlib.sha256(records[:mark["bytes"]]).hexdigest() == mark["sha256"]):
+                    found = (f"it holds only {len(records)} bytes" if len(records) < mark["bytes"]
+                             else "its first bytes differ")
+                    raise StoreError(
+                        f"{self.records_path} does not begin with the {mark['bytes']} bytes of records that {path} "
+                        f"was written after ({found}): records saved before the checkpoint were lost or changed "
+                        f"since; move the run directory away and rerun it")
                 chosen, keep = state, mark["bytes"]
                 break
-            why = ("does not load" if state is None else "has no records mark" if mark is None
-                   else "covers records that records.jsonl no longer holds")
-            log.warning("resume: skipping and deleting %s: it %s", path, why)
+            log.warning("resume: deleting %s: it %s; resuming from the checkpoint before it", path,
+                        "does not load" if state is None else "was written by an older version (no records mark)")
             path.unlink()
         if self.checkpoints.exists():
             fsync_dir(self.checkpoints)
+        self._file = open(self.records_path, "ab")
         if len(records) != keep:
-            with open(self.records_path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
+            self._file.truncate(keep)
+            os.fsync(self._file.fileno())
         self._size, self._sha = keep, hashlib.sha256(records[:keep])
         return chosen

@@ -103,17 +103,13 @@ def test_restore_cuts_records_back_to_the_newest_checkpoint(tmp_path):
     assert store.records_path.read_bytes() == after_1 + b'{"kind": "step", "step": 1, "epoch": 1, "loss": 0.5}\n'
 
 
-@pytest.mark.parametrize("damage", ["records-lost", "records-changed", "no-mark", "torn"])
-def test_restore_falls_back_past_a_checkpoint_its_records_do_not_match(tmp_path, damage, caplog):
-    """A checkpoint whose records were lost (a power loss on a filesystem that reordered writes), edited, from a
-    version that stored no records mark, or torn, is deleted: the resume starts from the one before it."""
-    store, after_0, after_1 = _store_with_two_checkpoints(tmp_path)
+@pytest.mark.parametrize("damage", ["no-mark", "torn"])
+def test_restore_falls_back_past_a_checkpoint_it_cannot_use(tmp_path, damage, caplog):
+    """A checkpoint from a version that stored no records mark, or one that does not load, is deleted (so that no
+    later resume picks it up again) and the resume starts from the one before it."""
+    store, after_0, _ = _store_with_two_checkpoints(tmp_path)
     newest = store.checkpoints / "epoch-001.pt"
-    if damage == "records-lost":
-        store.records_path.write_bytes(after_1[:-5])
-    elif damage == "records-changed":
-        store.records_path.write_bytes(after_1.replace(b"1.0", b"2.0"))
-    elif damage == "no-mark":
+    if damage == "no-mark":
         state = torch.load(newest, weights_only=False)
         del state["records_mark"]
         torch.save(state, newest)
@@ -123,6 +119,19 @@ def test_restore_falls_back_past_a_checkpoint_its_records_do_not_match(tmp_path,
         state = store.restore()
     assert state["epoch"] == 0 and store.records_path.read_bytes() == after_0
     assert not newest.exists() and "epoch-001.pt" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["records-lost", "records-changed", "corrupt-line"])
+def test_restore_refuses_records_that_no_crash_can_explain(tmp_path, damage):
+    """Records the checkpoint saw fsynced cannot vanish or change in a crash: that is damage, named, not resumed."""
+    store, _, after_1 = _store_with_two_checkpoints(tmp_path)
+    damaged = {"records-lost": after_1[:-5], "records-changed": after_1.replace(b"1.0", b"2.0"),
+               "corrupt-line": b"garbage\n" + after_1}[damage]
+    store.records_path.write_bytes(damaged)
+    needle = "corrupt record" if damage == "corrupt-line" else "does not begin with the .*epoch-001.pt"
+    with pytest.raises(StoreError, match=f"{needle}.*move the run directory away"):
+        store.restore()
+    assert store.records_path.read_bytes() == damaged and (store.checkpoints / "epoch-001.pt").exists()
 
 
 def test_restore_without_a_usable_checkpoint_starts_over(tmp_path):
@@ -232,7 +241,7 @@ def test_a_torn_last_line_is_skipped_warned_about_or_refused(tmp_path):
     assert read_records(path) == [json.loads(GOOD)]
     with pytest.warns(UserWarning, match="line 2: skipping a truncated last record"):
         assert read_records(path, torn_tail="warn") == [json.loads(GOOD)]
-    with pytest.raises(StoreError, match="line 2: not valid JSON"):
+    with pytest.raises(StoreError, match=r"line 2: corrupt record \(not valid JSON"):
         read_records(path, torn_tail="error")
     # a complete record that only lacks its newline is kept; a missing file has no records
     assert read_records(_records_file(tmp_path, GOOD + GOOD.rstrip())) == [json.loads(GOOD)] * 2
