@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 SAMPLING = ("replacement", "shuffle")
-BN_MODES = ("batch", "running")
 # fields that say where/how a run executes but not what it computes: recorded, never hashed
 EXECUTION_FIELDS = ("study", "device", "tensorboard")
 
@@ -20,6 +22,45 @@ class ConfigError(ValueError):
 
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return f"{value!r} (a {type(value).__name__})" if isinstance(value, (str, bool)) else repr(value)
+
+
+def coerce(name: str, value, kind, option: Optional[str] = None):
+    """``value`` as the declared type ``kind`` (bool, int, float, str or Optional[str]), or a ConfigError.
+
+    Coercion makes the run id a function of the computation, not of how a number was spelled: 1 and 1.0 are the same
+    learning rate, 3.0 the same epoch count as 3. Anything that is not that number is refused rather than guessed:
+    3.5 for an integer, the string "0.1" for a float, and above all "false" for a boolean (bool("false") is True).
+    """
+    option = option or _option(name)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{option} must be true or false, got {_shown(value)}")
+    if kind is int:
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return int(value)
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+            return int(value)
+        raise ConfigError(f"{option} must be an integer, got {_shown(value)}")
+    if kind is float:
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{option} must be a number, got {_shown(value)}")
+    if kind is str or kind == Optional[str]:
+        if isinstance(value, str) or (value is None and kind != str):
+            return value
+        raise ConfigError(f"{option} must be a string, got {_shown(value)}")
+    raise TypeError(f"no coercion for {name}: {kind}")  # pragma: no cover - a new field type needs a rule here
+
+
+@functools.lru_cache(maxsize=None)
+def _declared_types(cls) -> Tuple[Tuple[str, object], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
 
 
 @dataclass(frozen=True)
@@ -51,6 +92,9 @@ class RunConfig:
     tensorboard: bool = False
 
     def __post_init__(self):
+        for name, kind in _declared_types(type(self)):
+            object.__setattr__(self, name, coerce(name, getattr(self, name), kind))
+        from smoothness import BN_MODES
         from .models import MODELS, resolve_norm
         from .norms import NORMS
         if self.model not in MODELS:
@@ -61,19 +105,18 @@ class RunConfig:
         from .data import DATASETS
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
+        # types are already coerced above: what is left to check is the range
         for name in ("lr", "probe_min", "probe_max", "sharpness_tol"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_option(name)} must be a positive number, got {value!r}")
         for name in ("batch_size", "epochs", "probe_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{_option(name)} must be a positive integer, got {value!r}")
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_option(name)} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{_option(name)} must be a non-negative integer, got {value!r}")
-        if not (isinstance(self.subset, (int, float)) and 0 < self.subset <= 1):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_option(name)} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset!r}")
         if self.probe_min > self.probe_max:
             raise ConfigError(f"--probe-min ({self.probe_min}) must not exceed --probe-max ({self.probe_max})")
@@ -81,7 +124,7 @@ class RunConfig:
             raise ConfigError(f"unknown --sampling {self.sampling!r}; choose one of: {', '.join(SAMPLING)}")
         if self.probe_bn_mode not in BN_MODES:
             raise ConfigError(f"unknown --probe-bn-mode {self.probe_bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
     # -- identity ---------------------------------------------------------------------------------------------
@@ -102,6 +145,14 @@ class RunConfig:
         norm = "" if self.norm == MODELS[self.model].default_norm else f"-{self.norm}"
         return f"{self.model}{norm}-lr{self.lr:g}-s{self.seed}-{self.config_hash}"
 
+    def steps_per_epoch(self, n_train: int) -> int:
+        """SGD steps in one pass over ``n_train`` training examples: round(n / batch), at least one (the seed's
+        convention, results/README.md). The one place this formula lives."""
+        return max(1, round(n_train / self.batch_size))
+
+    def total_steps(self, n_train: int) -> int:
+        return self.steps_per_epoch(n_train) * self.epochs
+
     @property
     def step_sizes(self) -> Tuple[float, ...]:
         k = self.probe_steps
@@ -111,10 +162,14 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
+        """The config saved as ``config.json`` (or written in a sweep file); ``run_id`` and ``config_hash`` are
+        derived, so they are accepted and ignored here (`experiments.store.read_config` checks them)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a run config must be a JSON object of options, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names - {"run_id", "config_hash"}
         if unknown:
-            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**{k: v for k, v in data.items() if k in names})
 
 
@@ -129,6 +184,13 @@ class StudyConfig:
     base: RunConfig = field(default_factory=RunConfig)
 
     def __post_init__(self):
+        for name, kind in (("models", str), ("lrs", float), ("seeds", int)):
+            values = getattr(self, name)
+            if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
+                raise ConfigError(f"--{name} must be a list, got {_shown(values)}")
+            object.__setattr__(self, name, tuple(coerce(name, v, kind, f"--{name}") for v in values))
+        if not isinstance(self.base, RunConfig):
+            raise ConfigError(f"a study's base must be a RunConfig, got {type(self.base).__name__}")
         if not self.models or not self.lrs or not self.seeds:
             empty = [n for n in ("models", "lrs", "seeds") if not getattr(self, n)]
             raise ConfigError(f"the grid is empty: no {', '.join(empty)} given")
@@ -144,8 +206,8 @@ class StudyConfig:
             model, _, norm = spec.partition(":")
             for lr in self.lrs:
                 for seed in self.seeds:
-                    out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=float(lr),
-                                                   seed=int(seed), study=self.name))
+                    out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=lr, seed=seed,
+                                                   study=self.name))
         return tuple(out)
 
     def to_dict(self) -> dict:

@@ -89,8 +89,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     device = resolve_device(cfg.device)
     start_time = time.perf_counter()
     store.open()
-    checkpoint = store.latest_checkpoint()
-    if (checkpoint is not None or store.read_records()) and not resume:
+    if store.has_progress() and not resume:
         raise StoreError(f"{store.dir} holds an interrupted run of this config; pass --resume to continue it "
                          f"from its last checkpoint (or move the directory away to start over)")
 
@@ -100,8 +99,8 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     data = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=data.x_test.to(device),
                                y_test=data.y_test.to(device))
     n = x_train.shape[0]
-    steps_per_epoch = max(1, round(n / cfg.batch_size))
-    total_steps = steps_per_epoch * cfg.epochs
+    steps_per_epoch = cfg.steps_per_epoch(n)
+    total_steps = cfg.total_steps(n)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, norm=cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
@@ -113,19 +112,20 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     sharp_idx = order[:min(cfg.sharpness_samples, n)].to(device)
     ls_idx = order[:cfg.local_smoothness_samples].to(device) if cfg.local_smoothness_samples else None
     timer = _Timer(device)
+    # A checkpoint after pass E holds everything the rest of the run depends on: the weights (and BatchNorm
+    # statistics), the optimizer state, the minibatch sampler, torch's global RNG (noisy modules draw from it; on
+    # CUDA they draw from the device's) and the records it covers. Resuming from it replays nothing.
+    checkpoint = store.restore() if resume else None
     start_epoch = 0
-    if checkpoint is not None and resume:
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
         sampler.set_state(checkpoint["sampler"])
         torch.set_rng_state(checkpoint["torch_rng"])
+        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
         start_epoch = checkpoint["epoch"]
         timer.seconds = dict(checkpoint.get("timing", {}))
-        boundary = start_epoch * steps_per_epoch
-        store.rewrite_records(r for r in store.read_records()
-                              if r["step"] < boundary or (r["kind"] in ("eval", "smoothness")
-                                                          and r["epoch"] <= start_epoch))
-    elif resume:
-        store.rewrite_records([])
     writer = _tensorboard(store, cfg.tensorboard)
 
     def emit(record: dict) -> None:
@@ -156,9 +156,11 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
             raise _Diverged(step, "non-finite loss at a smoothness measurement") from None
         emit(smooth)
         with timer("checkpoint"):
-            store.save_checkpoint(epoch, {"model": model.state_dict(), "sampler": sampler.get_state(),
-                                          "torch_rng": torch.get_rng_state(), "epoch": epoch, "step": step,
-                                          "timing": timer.seconds})
+            store.save_checkpoint(epoch, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "epoch": epoch, "step": step, "timing": timer.seconds})
         store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
 
     pending: List = []
@@ -178,7 +180,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
 
     step = start_epoch * steps_per_epoch
     try:
-        if start_epoch == 0:
+        if checkpoint is None:
             measure(0)
         for epoch in range(start_epoch, cfg.epochs):
             perm = torch.randperm(n, generator=sampler) if cfg.sampling == "shuffle" else None

@@ -1,9 +1,15 @@
 """RunConfig / StudyConfig: validation names the option, ids are stable hashes of what changes the numbers."""
 import dataclasses
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+import smoothness
 from experiments.config import ConfigError, RunConfig, StudyConfig
+
+PINNED_DEFAULT_RUN_ID = "convnet-lr0.04-s0-955fbc57e843"  # RunConfig().run_id before coercion existed
 
 
 def test_defaults_are_the_seed_homework():
@@ -65,3 +71,77 @@ def test_study_grid_and_model_norm_syntax():
 def test_config_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().lr = 1.0
+
+
+# -- issue 10 item 3: the run id is a function of the computation, not of how a value was spelled ---------------
+@pytest.mark.parametrize("field,spelled,canonical", [
+    ("lr", 1, 1.0), ("subset", 1, 1.0), ("probe_min", 1, 1.0), ("sharpness_tol", 1, 1.0),
+    ("epochs", 3.0, 3), ("seed", 2.0, 2), ("batch_size", np.int64(16), 16), ("lr", np.float32(0.5), 0.5),
+])
+def test_numbers_are_coerced_to_their_declared_type(field, spelled, canonical):
+    a, b = RunConfig(**{field: spelled}), RunConfig(**{field: canonical})
+    assert a.run_id == b.run_id and a.config_hash == b.config_hash
+    assert type(getattr(a, field)) is type(canonical) and getattr(a, field) == canonical
+    from_json = RunConfig.from_dict(json.loads(json.dumps({field: getattr(a, field)})))
+    assert from_json == a
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("naive_init", "false", "--naive-init must be true or false, got 'false' (a str)"),
+    ("naive_init", 0, "--naive-init must be true or false, got 0"),
+    ("tensorboard", "yes", "--tensorboard must be true or false"),
+    ("epochs", 3.5, "--epochs must be an integer, got 3.5"),
+    ("seed", True, "--seed must be an integer, got True (a bool)"),
+    ("seed", "1", "--seed must be an integer, got '1' (a str)"),
+    ("lr", "abc", "--lr must be a number, got 'abc' (a str)"),
+    ("lr", None, "--lr must be a number, got None"),
+    ("subset", False, "--subset must be a number, got False (a bool)"),
+    ("model", 3, "--model must be a string, got 3"),
+    ("norm", ["l2"], "--norm must be a string"),
+])
+def test_values_of_the_wrong_type_are_refused_naming_the_option(field, value, needle):
+    with pytest.raises(ConfigError) as err:
+        RunConfig(**{field: value})
+    assert needle in str(err.value)
+    with pytest.raises(ConfigError, match=needle.split(",")[0]):
+        RunConfig.from_dict({field: value})
+
+
+def test_study_grids_coerce_and_check_their_values():
+    assert StudyConfig(lrs=(1,), seeds=(0.0,)).runs() == StudyConfig(lrs=(1.0,), seeds=(0,)).runs()
+    with pytest.raises(ConfigError, match="twice"):
+        StudyConfig(lrs=(1, 1.0))
+    with pytest.raises(ConfigError, match="--seeds must be an integer, got 'a'"):
+        StudyConfig(seeds=("a",))
+    with pytest.raises(ConfigError, match="--lrs must be a list"):
+        StudyConfig(lrs="0.1")
+    with pytest.raises(ConfigError, match="must be a JSON object"):
+        RunConfig.from_dict([1, 2])
+
+
+def test_canonical_configs_keep_their_run_ids():
+    """Coercion changes nothing for a config that was already written with the declared types: every committed
+    result's config.json still gives its own run id (the hash format is unchanged)."""
+    configs = sorted(Path(__file__).parents[2].glob("results/*/*/config.json"))
+    if not configs:
+        pytest.skip("no committed results in this checkout")
+    for path in configs:
+        saved = json.loads(path.read_text())
+        cfg = RunConfig.from_dict(saved)
+        assert (cfg.run_id, cfg.config_hash) == (saved["run_id"], saved["config_hash"]) == (
+            path.parent.name, cfg.run_id[-12:]), path
+    # and a pinned id, computed by the code before coercion existed, for the defaults
+    assert RunConfig().run_id == PINNED_DEFAULT_RUN_ID
+
+
+def test_steps_per_epoch_has_one_home():
+    cfg = RunConfig(batch_size=32, epochs=3)
+    assert [cfg.steps_per_epoch(n) for n in (1, 16, 17, 48, 49, 6000)] == [1, 1, 1, 2, 2, 188]
+    assert cfg.total_steps(6000) == 3 * 188
+
+
+def test_bn_modes_come_from_the_estimators():
+    import experiments.config as config
+    assert not hasattr(config, "BN_MODES")
+    with pytest.raises(ConfigError, match=", ".join(smoothness.BN_MODES)):
+        RunConfig(probe_bn_mode="train")
