@@ -20,8 +20,6 @@ nothing random is drawn and no date is written (``save_figure``).
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 from matplotlib.transforms import blended_transform_factory
 
+from ..atomic import atomic_write
 from ..plotstyle import styled
 from .load import AnalysisError, model_order, read_study, records_frame, runs_frame, select
 from .metrics import METRICS, averaged, run_metrics
@@ -333,21 +332,16 @@ FIGURES = {"santurkar_fig4": santurkar_fig4, "sharpness": sharpness, "seed_homew
 
 
 def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
-    """Write ``stem.png`` (dpi 200) and ``stem.pdf`` atomically: a temp file in ``out_dir``, then os.replace."""
+    """Write ``stem.png`` (dpi 200) and ``stem.pdf`` atomically (``experiments.atomic``: temp file, fsync, rename;
+    the file mode follows the umask)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ext in ("png", "pdf"):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{stem}.", suffix=f".{ext}.tmp")
-        os.close(fd)
-        try:
-            # no creation date in the metadata: the same records give byte-identical files
-            metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
-            fig.savefig(tmp, format=ext, dpi=DPI, bbox_inches="tight", metadata=metadata)
-            os.replace(tmp, out_dir / f"{stem}.{ext}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        # no creation date in the metadata: the same records give byte-identical files
+        metadata = {"CreationDate": None} if ext == "pdf" else {"Software": None}
+        with atomic_write(out_dir / f"{stem}.{ext}", "wb") as f:
+            fig.savefig(f, format=ext, dpi=DPI, bbox_inches="tight", metadata=metadata)
         paths.append(out_dir / f"{stem}.{ext}")
     return paths
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from ..atomic import atomic_write_text
 from . import stats as st
 from .load import AnalysisError, model_order, read_study, records_frame, runs_frame
 from .metrics import METRICS, averaged, metric_bn_mode, run_metrics
@@ -260,15 +259,9 @@ def render_markdown(results_dir, table: pd.DataFrame, runs: pd.DataFrame, div: p
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same directory, so a failure never leaves a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write through a temp file in the same directory (``experiments.atomic``): a failure never leaves a partial
+    file, and the file mode follows the umask."""
+    atomic_write_text(path, text)
 
 
 def write_report(results_dir, out_dir=None, compare=None, include_unfinished: bool = False) -> Path:

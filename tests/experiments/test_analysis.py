@@ -222,8 +222,8 @@ def test_failed_save_leaves_no_file(clean, tmp_path):
         warnings.simplefilter("ignore")
         fig = sharpness(load(clean.path), load_runs(clean.path))
 
-    def broken(path, **kwargs):
-        Path(path).write_bytes(b"partial")
+    def broken(f, **kwargs):
+        f.write(b"partial")
         raise OSError("disk full")
 
     fig.savefig = broken
@@ -486,3 +486,18 @@ def test_test_loss_is_reported(clean, tmp_path):
     text = write_report(clean.path, out_dir=tmp_path).read_text()
     conv = expected_values(clean, "convnet", "final_test_loss")
     assert f"| final test loss (cross-entropy, test set) | running | {_fmt(conv.mean())} ± " in text
+
+
+def test_report_and_figures_respect_the_umask(tmp_path):
+    """Issue 10 §9: the report and figures went through tempfile.mkstemp and came out 0600 whatever the umask."""
+    import os
+    import stat
+
+    study = make_results(tmp_path, seeds=(0, 1), epochs=1)
+    old = os.umask(0o022)
+    try:
+        written = [write_report(study.path), study.path / "report.csv", *plot_study(study.path)]
+    finally:
+        os.umask(old)
+    assert written and {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
+        p.name: oct(0o644) for p in written}
