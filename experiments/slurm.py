@@ -15,7 +15,7 @@ it) without a cluster.
 The launcher follows the jobs (``job.done()``) and shows progress from each run's records file, since a job on
 another node cannot send progress to it. Ctrl-C or SIGTERM cancels the jobs it submitted (``scancel``); killing
 the launcher with SIGKILL leaves them running on the cluster. Submitit's job scripts and logs go to
-``<study>/.slurm/<job id>/`` (or ``log_dir``).
+``<study>/.slurm/`` (or ``log_dir``), named by job id.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from .config import ConfigError
 
@@ -52,7 +52,8 @@ class SlurmOptions:
     gpus: int = 0                          # GPUs per run (sbatch --gpus-per-node)
     cpus: Optional[int] = None             # CPUs per run [default: --threads]
     mem_gb: Optional[float] = None         # memory per run (sbatch --mem)
-    sbatch: Tuple[Tuple[str, str], ...] = ()   # further sbatch options, e.g. (("account", "lab"), ("qos", "low"))
+    sbatch: Tuple[Tuple[str, Union[str, bool]], ...] = ()   # further sbatch options: (("account", "lab"),
+    #                                                         ("exclusive", True)) for --account=lab --exclusive
     log_dir: Optional[Path] = None         # submitit's scripts and logs [default: <study>/.slurm]
 
 
@@ -63,9 +64,9 @@ def _import_submitit():
     return submitit
 
 
-def parse_sbatch(items) -> Tuple[Tuple[str, str], ...]:
+def parse_sbatch(items) -> Tuple[Tuple[str, Union[str, bool]], ...]:
     """``--slurm-sbatch KEY=VALUE`` options (``account=lab``, ``constraint=a100``) as pairs; a bare ``KEY`` is a
-    flag (``exclusive``)."""
+    flag (``exclusive``: True, which submitit writes as ``#SBATCH --exclusive``)."""
     out = []
     for item in items:
         key, eq, value = str(item).partition("=")
@@ -73,7 +74,7 @@ def parse_sbatch(items) -> Tuple[Tuple[str, str], ...]:
         if not _SBATCH_KEY.match(key):
             raise ConfigError(f"--slurm-sbatch {item!r} is not KEY=VALUE with an sbatch option name as KEY "
                               f"(e.g. account=mylab, constraint=a100, qos=low)")
-        out.append((key.replace("-", "_"), value.strip() if eq else ""))
+        out.append((key.replace("-", "_"), value.strip() if eq else True))
     return tuple(out)
 
 
@@ -90,9 +91,10 @@ def check_slurm(options: SlurmOptions) -> None:
         raise ConfigError(f"--slurm-cpus must be a positive integer, got {options.cpus}")
     if options.mem_gb is not None and not options.mem_gb > 0:
         raise ConfigError(f"--slurm-mem-gb must be positive, got {options.mem_gb}")
-    if options.cluster == "slurm" and shutil.which("sbatch") is None:
-        raise ConfigError("--executor slurm found no `sbatch` on PATH: launch from a SLURM login node, or add "
-                          "--slurm-cluster local to run the jobs on this machine through submitit")
+    missing = [cmd for cmd in ("sbatch", "srun") if shutil.which(cmd) is None] if options.cluster == "slurm" else []
+    if missing:
+        raise ConfigError(f"--executor slurm found no `{missing[0]}` on PATH: launch from a SLURM login node, or "
+                          f"add --slurm-cluster local to run the jobs on this machine through submitit")
 
 
 def check_runs(runs, options: SlurmOptions) -> None:
@@ -104,9 +106,9 @@ def check_runs(runs, options: SlurmOptions) -> None:
 
 
 def make_executor(options: SlurmOptions, folder: Path, threads: int, workers: int):
-    """The submitit executor for these options (the submission scripts go to ``folder/<job id>``)."""
+    """The submitit executor for these options (job scripts, pickles and logs go to ``folder/<job id>_*``)."""
     _import_submitit()
-    executor = submitit.AutoExecutor(folder=str(Path(folder) / "%j"), cluster=options.cluster)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=options.cluster)
     params = dict(name="smoothness-lab", timeout_min=options.time_min, cpus_per_task=options.cpus or threads,
                   gpus_per_node=options.gpus, tasks_per_node=1, nodes=1, mem_gb=options.mem_gb,
                   slurm_partition=options.partition, slurm_array_parallelism=workers)
