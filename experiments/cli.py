@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +34,9 @@ _HELP = {
     "tensorboard": "also write TensorBoard scalars to <run>/tb",
 }
 _TRACKING_FIELDS = tuple(_HELP)
+# A study holds at most this many runs (models x lrs x seeds): 10,000 runs of the main job's size are about
+# 18 CPU-days; a larger grid is almost certainly a typo (--seeds 0-100000000) and would only hang while it is built.
+MAX_RUNS = 10_000
 
 
 def _field_type(f: dataclasses.Field):
@@ -79,6 +83,22 @@ def launch_options(fn):
                      help="torch threads per run, the same under every executor so that records do not depend on it "
                           "[default: 1]"),
         click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one"),
+        click.option("--slurm-cluster", type=click.Choice(["slurm", "local"]), default=None,
+                     help="--executor slurm: submit to SLURM (sbatch), or run the jobs on this machine through "
+                          "submitit's local executor [default: slurm]"),
+        click.option("--slurm-partition", default=None, help="--executor slurm: the partition of every job"),
+        click.option("--slurm-time", type=click.IntRange(min=1), default=None,
+                     help="--executor slurm: time limit per job in minutes; a run cut off resumes from its last "
+                          "checkpoint in a requeued job [default: 240]"),
+        click.option("--slurm-gpus", type=click.IntRange(min=0), default=None,
+                     help="--executor slurm: GPUs per run [default: 0]"),
+        click.option("--slurm-cpus", type=click.IntRange(min=1), default=None,
+                     help="--executor slurm: CPUs per run [default: --threads]"),
+        click.option("--slurm-mem-gb", type=click.FloatRange(min=0, min_open=True), default=None,
+                     help="--executor slurm: memory per run in GB [default: the partition's]"),
+        click.option("--slurm-sbatch", multiple=True, metavar="KEY=VALUE",
+                     help="--executor slurm: a further sbatch option, e.g. account=mylab or constraint=a100 "
+                          "(repeat the option for several)"),
         click.option("--resume", is_flag=True, help="continue interrupted runs from their last checkpoint"),
         click.option("--figures/--no-figures", default=True, show_default=True,
                      help="write figures and report.md when the runs end"),
@@ -88,9 +108,14 @@ def launch_options(fn):
     return fn
 
 
+_INT = re.compile(r"-?\d+")
+_RANGE = re.compile(r"(-?\d+)-(-?\d+)")
+
+
 def _parse_list(value: Optional[str], kind, option: str):
     """A comma-separated option value as a list (int lists also take ranges such as 0-4). Every error names the
-    option; learning rates must be positive, seeds non-negative, models (``model[:norm]``) in the registries."""
+    option; learning rates must be positive, seeds non-negative, models (``model[:norm]``) in the registries, and
+    a list holds at most MAX_RUNS values (checked before a range is expanded)."""
     if value is None:
         return None
     if not value.strip():
@@ -100,16 +125,8 @@ def _parse_list(value: Optional[str], kind, option: str):
         part = part.strip()
         if not part:
             raise click.BadParameter(f"empty item in {value!r}; write a comma-separated list", param_hint=option)
-        if kind is int and "-" in part.lstrip("-"):
-            lo, _, hi = part.partition("-")
-            try:
-                lo_i, hi_i = int(lo), int(hi)
-            except ValueError:
-                raise click.BadParameter(f"{part!r} is not a range like 0-4", param_hint=option) from None
-            if hi_i < lo_i:
-                raise click.BadParameter(f"range {part!r} is empty (write LOW-HIGH with LOW <= HIGH)",
-                                         param_hint=option)
-            items.extend(range(lo_i, hi_i + 1))
+        if kind is int:
+            items.extend(_parse_int_item(part, option, len(items)))
             continue
         try:
             item = kind(part)
@@ -118,8 +135,9 @@ def _parse_list(value: Optional[str], kind, option: str):
         if kind is float and not (math.isfinite(item) and item > 0):
             raise click.BadParameter(f"{part!r} is not a positive number", param_hint=option)
         items.append(item)
-    if kind is int and any(i < 0 for i in items):
-        raise click.BadParameter(f"{value!r} holds a negative number", param_hint=option)
+    if len(items) > MAX_RUNS:
+        raise click.BadParameter(f"{len(items):,} values; a study holds at most {MAX_RUNS:,} runs",
+                                 param_hint=option)
     if option.startswith("--models"):
         from .models import MODELS
         from .norms import NORMS
@@ -134,11 +152,47 @@ def _parse_list(value: Optional[str], kind, option: str):
     return items
 
 
+def _parse_int_item(part: str, option: str, before: int) -> range:
+    """One item of a seed list: N or LOW-HIGH (inclusive), non-negative; ``before`` values precede it."""
+    if _INT.fullmatch(part):
+        lo = hi = int(part)
+    elif _RANGE.fullmatch(part):
+        lo, hi = (int(x) for x in _RANGE.fullmatch(part).groups())
+    else:
+        raise click.BadParameter(f"{part!r} is neither a non-negative integer nor a range LOW-HIGH such as 0-4",
+                                 param_hint=option)
+    if lo < 0 or hi < 0:
+        what = f"{part!r} holds a negative number" if lo == hi else \
+            f"{part!r} is not a range LOW-HIGH of non-negative integers such as 0-4"
+        raise click.BadParameter(f"{what} (seeds are non-negative)", param_hint=option)
+    if hi < lo:
+        raise click.BadParameter(f"range {part!r} is empty (write LOW-HIGH with LOW <= HIGH)", param_hint=option)
+    if before + hi - lo + 1 > MAX_RUNS:
+        gives = f"gives {hi - lo + 1:,} values" if not before else f"brings the list to {before + hi - lo + 1:,} values"
+        raise click.BadParameter(f"{part!r} {gives}; a study holds at most {MAX_RUNS:,} runs: split the grid into "
+                                 f"several studies", param_hint=option)
+    return range(lo, hi + 1)
+
+
+def check_folder_name(name, option: str) -> str:
+    """A study name is one folder under --results-dir: not empty, not . or .., no path separator (so that results
+    never land outside --results-dir or in its root)."""
+    if (not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name):
+        raise ConfigError(f"{option} must be a plain folder name (it names the folder under --results-dir: no '/', "
+                          f"not empty, '.' or '..'), got {name!r}")
+    return name
+
+
 def _fail(message: str) -> None:
     raise click.ClickException(message)
 
 
 def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds, overrides: dict) -> StudyConfig:
+    n = len(models or base_study.models) * len(lrs or base_study.lrs) * len(seeds or base_study.seeds)
+    if n > MAX_RUNS:
+        raise ConfigError(f"the grid has {n:,} runs (models x lrs x seeds); a study holds at most {MAX_RUNS:,}: "
+                          f"split it into several studies")
     base = dataclasses.replace(base_study.base, **{k: v for k, v in overrides.items() if v is not None})
     return StudyConfig(name=name or base_study.name, models=tuple(models or base_study.models),
                        lrs=tuple(lrs or base_study.lrs), seeds=tuple(seeds or base_study.seeds),
@@ -196,16 +250,26 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
     atomic_write_json(path, {"launches": launches})
 
 
+def _slurm_options(executor: str, slurm: dict):
+    """The --slurm-* options as SlurmOptions; None when none is given and the executor is not slurm."""
+    if executor != "slurm" and all(v in (None, ()) for v in slurm.values()):
+        return None
+    from .slurm import SlurmOptions, parse_sbatch
+    given = {k: v for k, v in dict(cluster=slurm["slurm_cluster"], partition=slurm["slurm_partition"],
+                                   time_min=slurm["slurm_time"], gpus=slurm["slurm_gpus"], cpus=slurm["slurm_cpus"],
+                                   mem_gb=slurm["slurm_mem_gb"]).items() if v is not None}
+    return SlurmOptions(**given, sbatch=parse_sbatch(slurm["slurm_sbatch"]))
+
+
 def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str, workers, threads, ray_address,
-              resume: bool, figures: bool, quiet: bool) -> None:
+              resume: bool, figures: bool, quiet: bool, slurm=None) -> None:
     from .data import DataError
-    from .launchers import check_executor, launch, preflight
+    from .launchers import check_launch, launch
     from .store import StoreError, check_writable
     study_dir = results_dir / study.name
     try:  # every check that can fail comes before the first write
         runs = study.runs()
-        check_executor(executor, ray_address)
-        preflight(runs, study_dir)
+        check_launch(runs, study_dir, executor=executor, ray_address=ray_address, slurm=slurm, resume=resume)
         _check_data(study, data_dir)
         steps = _steps_per_run(study, data_dir)
         check_writable(study_dir)
@@ -219,7 +283,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     try:
         results = launch(runs, study_dir, executor=executor, workers=workers, threads=threads, resume=resume,
                          data_dir=None if data_dir is None else str(data_dir), ray_address=ray_address,
-                         quiet=quiet, steps_per_run=steps)
+                         slurm=slurm, quiet=quiet, steps_per_run=steps)
     except (ConfigError, StoreError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
@@ -236,9 +300,16 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         click.echo(f"FAILED {r.run_id}: {r.error} (log: {study_dir / r.run_id / 'run.log'})", err=True)
-    if figures and any(r.status != "failed" for r in results):
+    busy = [r for r in results if r.status == "busy"]
+    for r in busy:
+        click.echo(f"BUSY {r.run_id}: {r.error}", err=True)
+    if busy:
+        click.echo(f"{len(busy)} run(s) are being trained by another launch into {study_dir}; when it ends, "
+                   f"relaunch to finish the study (`smoothness-lab status {study_dir}` shows where they are)",
+                   err=True)
+    if figures and any(r.status in ("done", "diverged", "skipped") for r in results):
         _analyse(study_dir, quiet)
-    if failed:
+    if failed or busy:   # the study is not complete: a script waiting on this command must not go on
         sys.exit(1)
 
 
@@ -271,16 +342,19 @@ def main(ctx, quiet):
 @tracking_options(defaults_from_study=True)
 @click.pass_context
 def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, workers, threads, ray_address,
-        resume, figures, **overrides):
+        resume, figures, **options):
     """The main job: train every model x lr x seed of a study, track smoothness, then draw figures and report."""
     from .presets import get_preset
+    slurm = {k: options.pop(k) for k in list(options) if k.startswith("slurm_")}
     try:
         study = _study_from(get_preset(study_name), None, _parse_list(models, str, "--models"),
-                            _parse_list(lrs, float, "--lrs"), _parse_list(seeds, int, "--seeds"), overrides)
+                            _parse_list(lrs, float, "--lrs"), _parse_list(seeds, int, "--seeds"), options)
+        slurm = _slurm_options(executor, slurm)
     except ConfigError as exc:
         _fail(str(exc))
     run_study(study, results_dir=results_dir, data_dir=data_dir, executor=executor, workers=workers,
-              threads=threads, ray_address=ray_address, resume=resume, figures=figures, quiet=ctx.obj["quiet"])
+              threads=threads, ray_address=ray_address, resume=resume, figures=figures, quiet=ctx.obj["quiet"],
+              slurm=slurm)
 
 
 @main.command()
@@ -296,6 +370,7 @@ def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, wo
 def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, executor, workers, threads,
           ray_address, resume, figures, **overrides):
     """A learning-rate x model x seed grid; relaunching skips finished runs and resumes interrupted ones."""
+    slurm = {k: overrides.pop(k) for k in list(overrides) if k.startswith("slurm_")}
     models_l = _parse_list(models, str, "--models")
     lrs_l = _parse_list(lrs, float, "--lrs")
     seeds_l = _parse_list(seeds, int, "--seeds")
@@ -323,17 +398,18 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
             _fail(f"{sweep_file}: unknown keys {unknown}; allowed: models, lrs, seeds, name, "
                   f"{', '.join(_TRACKING_FIELDS)}")
         overrides.update(spec)
-    if not isinstance(name, str) or not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
-        _fail(f"--name must be a plain folder name, got {name!r}")
     try:
+        check_folder_name(name, "--name")
         if not models_l or not lrs_l or not seeds_l:
             raise ConfigError("the grid is empty: give at least one model, lr and seed")
         study = _study_from(StudyConfig(), name, models_l, lrs_l, seeds_l, overrides)
         study.runs()  # every run's config is checked before anything is written
+        slurm = _slurm_options(executor, slurm)
     except (ConfigError, TypeError) as exc:
         _fail(str(exc))
     run_study(study, results_dir=results_dir, data_dir=data_dir, executor=executor, workers=workers,
-              threads=threads, ray_address=ray_address, resume=True, figures=figures, quiet=ctx.obj["quiet"])
+              threads=threads, ray_address=ray_address, resume=True, figures=figures, quiet=ctx.obj["quiet"],
+              slurm=slurm)
 
 
 @main.command()
@@ -351,12 +427,14 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
 def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume, **options):
     """Train one model with one seed (no figures); prints where the records are."""
     from .data import DataError
-    from .launchers import execute
+    from .launchers import check_launch, execute
     from .store import StoreError, check_writable
-    try:
+    try:  # every check that can fail comes before the first write
+        check_folder_name(study_name, "--study")
         cfg = RunConfig(model=model, norm=norm, seed=seed, lr=lr, study=study_name, **options)
-        study_dir = check_writable(results_dir / study_name)
+        check_launch([cfg], results_dir / study_name, executor="serial", resume=resume)
         _check_data(StudyConfig(models=(model,), seeds=(seed,), base=cfg), data_dir)
+        study_dir = check_writable(results_dir / study_name)
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
     from .launchers import ProgressDisplay, _DirectQueue, default_threads
@@ -367,7 +445,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
                          default_threads(), progress_queue=_DirectQueue(display))
     finally:
         display.close()
-    if result.status == "failed":
+    if result.status in ("failed", "busy"):
         _fail(f"{result.error} (log: {study_dir / cfg.run_id / 'run.log'})")
     if not ctx.obj["quiet"]:
         click.echo(f"{result.status}: {study_dir / cfg.run_id}")

@@ -19,21 +19,30 @@ Executors
 ---------
 ``serial``   runs one after another in this process. Ctrl-C stops the current run with its records readable (every
              record is flushed when written) and raises KeyboardInterrupt.
-``process``  ``workers`` spawned worker processes, each reused for many runs (torch is imported once per worker).
-             Each worker is handed one run at a time, so when a worker dies (out of memory, killed) exactly that run
-             is reported as failed and a fresh worker takes the next one; the other runs go on.
+``process``  every run in a process of its own, at most ``workers`` at once. The processes are forked from
+             multiprocessing's fork server, which imports torch and the training code once and never runs a torch
+             operation (so, like spawned processes, they inherit no thread pool; where there is no fork server they
+             are spawned). A run's process sends progress and then its result over a pipe of its own; a run leaves
+             the launcher's books only with a result, or, when its process ended without one (killed, out of
+             memory), as ``failed``. There is no process reuse, so no run can be handed to a dead process, and a
+             death at any moment fails exactly that run while the others go on (module ``_launch_processes``).
 ``ray``      one Ray task per run (``num_cpus=threads``; a GPU share when runs would use CUDA), on a local cluster
              of ``workers x threads`` CPUs started here, or on the cluster at ``ray_address`` (whose nodes must see
              the results directory and have this package installed). Tasks are not retried.
+``slurm``    one SLURM job per run through submitit, or submitit's local executor for a try on this machine
+             (``experiments.slurm``). Jobs cut off by their time limit or preempted resume from their last
+             checkpoint in a requeued job.
 
 For every executor: runs already finished (``done``) are skipped without touching their directory; a run directory
 holding a different config stops the launch before anything runs (``preflight``); an exception in one run is logged
-with its traceback to that run's ``run.log``, reported as ``failed``, and does not stop the others. SIGTERM is
-treated like Ctrl-C: running runs are interrupted (their records stay readable; relaunching resumes them from
+with its traceback to that run's ``run.log``, reported as ``failed``, and does not stop the others; a run that
+another launch is training right now is left alone and reported ``busy``; a run that was interrupted before is only
+continued with ``resume`` (else the launch is refused before anything runs). SIGTERM is treated like Ctrl-C: running runs are interrupted (their records stay readable; relaunching resumes them from
 their last checkpoint), queued runs are not started, and KeyboardInterrupt is raised to the caller.
 
-Each run's ``run.log`` gets ``start`` (pid, host, threads, resume point) and ``finish`` / ``failed`` /
-``interrupted`` lines; ``experiments.status`` reads them.
+Each run's ``run.log`` gets ``start`` (pid, host, threads, resume point, SLURM job) and ``finish`` / ``failed`` /
+``interrupted`` lines, and is locked (``run_lock``) while a process trains the run; ``experiments.status`` reads
+both.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ import collections
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -58,7 +68,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, RunConfig
 
-EXECUTORS = ("serial", "process", "ray")
+EXECUTORS = ("serial", "process", "ray", "slurm")
 DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
 INTERRUPT_GRACE = 10.0       # seconds interrupted workers get to close their runs before they are killed
 
@@ -66,13 +76,18 @@ INTERRUPT_GRACE = 10.0       # seconds interrupted workers get to close their ru
 @dataclass(frozen=True)
 class LaunchResult:
     run_id: str
-    status: str        # done, diverged, skipped, failed
+    status: str        # done, diverged, skipped, failed, busy (another launch is training it right now)
     seconds: float
     error: str = ""
 
 
-def default_workers(executor: str, n_runs: int) -> int:
-    return 1 if executor == "serial" else max(1, min(os.cpu_count() or 1, n_runs))
+def default_workers(executor: str, n_runs: int, slurm=None) -> int:
+    """Runs at once: 1 serially; every run on a SLURM cluster (its scheduler queues them); else one per core."""
+    if executor == "serial":
+        return 1
+    if executor == "slurm" and (slurm is None or slurm.cluster == "slurm"):
+        return max(1, n_runs)
+    return max(1, min(os.cpu_count() or 1, n_runs))
 
 
 def default_threads() -> int:
@@ -82,29 +97,45 @@ def default_threads() -> int:
 
 
 # -- checks made before anything runs ------------------------------------------------------------------------
-def preflight(runs: Sequence[RunConfig], root: Path) -> None:
-    """Refuse to launch into ``root`` if a run directory there holds another config (or an unreadable one):
-    nothing is written, every conflict is named. Reads only."""
+def has_progress(run_dir: Path) -> bool:
+    """Whether an unfinished run directory holds records or a checkpoint of an earlier launch (continuing it needs
+    ``resume``; ``training.train_run`` refuses it otherwise)."""
+    run_dir = Path(run_dir)
+    records = run_dir / "records.jsonl"
+    return ((records.exists() and records.stat().st_size > 0)
+            or any((run_dir / "checkpoints").glob("epoch-*.pt")))
+
+
+def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> None:
+    """Refuse to launch into ``root`` if a run directory there holds another config (or an unreadable one), or,
+    without ``resume``, an interrupted run: nothing is written, every problem is named. Reads only."""
     from .store import StoreError
-    problems = []
+    problems, interrupted = [], []
     for cfg in runs:
-        path = Path(root) / cfg.run_id / "config.json"
-        if not path.exists():
-            continue
-        try:
-            theirs = json.loads(path.read_text())
-            if not isinstance(theirs, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
-            problems.append(f"{path} is unreadable ({exc})")
-            continue
-        mine = cfg.hashed_dict()
-        if theirs.get("config_hash") != cfg.config_hash or {k: theirs.get(k) for k in mine} != mine:
-            problems.append(f"{path.parent} holds a different config (hash {theirs.get('config_hash')!r}, "
-                            f"expected {cfg.config_hash!r})")
+        run_dir = Path(root) / cfg.run_id
+        path = run_dir / "config.json"
+        if path.exists():
+            try:
+                theirs = json.loads(path.read_text())
+                if not isinstance(theirs, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as exc:
+                problems.append(f"{path} is unreadable ({exc})")
+                continue
+            mine = cfg.hashed_dict()
+            if theirs.get("config_hash") != cfg.config_hash or {k: theirs.get(k) for k in mine} != mine:
+                problems.append(f"{path.parent} holds a different config (hash {theirs.get('config_hash')!r}, "
+                                f"expected {cfg.config_hash!r})")
+                continue
+        if not resume and not (run_dir / "done").exists() and has_progress(run_dir) and not is_locked(run_dir):
+            interrupted.append(run_dir.name)
     if problems:
         raise StoreError("refusing to launch, nothing was written: " + "; ".join(problems)
                          + ". Move those directories away, or use another --results-dir or study name")
+    if interrupted:
+        raise StoreError(f"refusing to launch, nothing was written: {len(interrupted)} run(s) in {root} were "
+                         f"interrupted before ({', '.join(interrupted)}); pass --resume to continue them from their "
+                         f"last checkpoint (or move them away to start over)")
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -133,16 +164,49 @@ def _import_ray():
     return ray
 
 
-def check_executor(executor: str, ray_address: Optional[str] = None) -> None:
+def check_executor(executor: str, ray_address: Optional[str] = None, slurm=None) -> None:
     """Everything about the executor that can be checked before a results directory is touched."""
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown --executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
     if ray_address and executor != "ray":
         raise ConfigError(f"--ray-address applies to --executor ray only (got --executor {executor})")
+    if slurm is not None and executor != "slurm":
+        raise ConfigError(f"the --slurm-* options apply to --executor slurm only (got --executor {executor})")
     if executor == "ray":
         _import_ray()
         if ray_address:
             check_ray_address(ray_address)
+    if executor == "slurm":
+        from .slurm import SlurmOptions, check_slurm
+        check_slurm(slurm or SlurmOptions())
+
+
+def runs_elsewhere(executor: str, ray_address: Optional[str] = None, slurm=None) -> bool:
+    """Whether the runs execute on other machines than this one (a Ray cluster joined by address, a SLURM
+    cluster), whose GPUs this machine cannot see."""
+    return (executor == "ray" and bool(ray_address)) or (executor == "slurm" and (slurm is None
+                                                                                or slurm.cluster == "slurm"))
+
+
+def check_device(runs: Sequence[RunConfig], elsewhere: bool = False) -> None:
+    """``--device cuda`` on a machine without CUDA fails here, before a results directory is touched, rather than
+    in every run. Skipped when the runs execute ``elsewhere`` (``runs_elsewhere``)."""
+    if elsewhere:
+        return
+    from .training import resolve_device
+    for device in sorted({cfg.device for cfg in runs}):
+        resolve_device(device)
+
+
+def check_launch(runs: Sequence[RunConfig], root: Path, *, executor: str, ray_address: Optional[str] = None,
+                 slurm=None, resume: bool = True) -> None:
+    """Every check a launch makes before anything is written: executor, device, directories (``preflight``)."""
+    check_executor(executor, ray_address, slurm)
+    if executor == "slurm":
+        from .slurm import SlurmOptions, check_runs
+        check_runs(runs, slurm or SlurmOptions())
+    check_device(runs, runs_elsewhere(executor, ray_address, slurm))
+    preflight(runs, root, resume)
 
 
 # -- one run -------------------------------------------------------------------------------------------------
@@ -242,9 +306,24 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
 
     with run_lock(run_dir) as mine:
         if not mine:
-            return LaunchResult(cfg.run_id, "failed", 0.0, f"{run_dir} is being run by another process right now "
-                                f"(another launch into the same results directory?); it was left alone")
+            pid = re.search(r" start \S+ pid=(\d+) host=(\S+)", _tail_text(run_dir / "run.log"))
+            by = f" (pid {pid.group(1)} on {pid.group(2)})" if pid else ""
+            return LaunchResult(cfg.run_id, "busy", 0.0, f"another launch is training it right now{by}; it was "
+                                f"left alone")
+        if not resume and has_progress(run_dir):   # before run.log is written: it keeps saying what happened
+            return LaunchResult(cfg.run_id, "failed", 0.0, f"StoreError: {run_dir} holds an interrupted run of this "
+                                f"config; pass --resume to continue it from its last checkpoint (or move the "
+                                f"directory away to start over)")
         return _execute_locked(cfg, root, resume, data_dir, threads, progress, start)
+
+
+def _tail_text(path: Path, size: int = 65536) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
 
 
 def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[str], threads: int, progress,
@@ -252,12 +331,13 @@ def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[
     from .training import train_run
     run_dir = Path(root) / cfg.run_id
     with _run_log(run_dir) as log:
-        log.info("start %s pid=%d host=%s threads=%d device=%s resume=%s%s", cfg.run_id, os.getpid(),
-                 socket.gethostname(), threads, cfg.device, resume,
+        job = os.environ.get("SLURM_JOB_ID")
+        log.info("start %s pid=%d host=%s threads=%d device=%s resume=%s%s%s", cfg.run_id, os.getpid(),
+                 socket.gethostname(), threads, cfg.device, resume, f" slurm_job={job}" if job else "",
                  f", {_resume_point(run_dir)}" if resume else "")
         try:
             outcome = train_run(cfg, Path(root), resume=resume, data_dir=data_dir, progress=progress)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):   # Ctrl-C, SIGTERM; SystemExit: submitit requeues a SLURM job
             log.warning("interrupted after %.1f s; relaunch the sweep (or pass --resume) to continue from the last "
                         "checkpoint", time.perf_counter() - start)
             raise
@@ -280,6 +360,7 @@ class ProgressDisplay:
         self.quiet = quiet
         self.total_runs = len(runs)
         self.done_runs = 0
+        self.not_finished = 0
         self.steps: Dict[str, int] = {}
         self.bars: Dict[str, tqdm] = {}
         self.positions: Dict[str, int] = {}
@@ -288,7 +369,8 @@ class ProgressDisplay:
         self._set_postfix()
 
     def _set_postfix(self):
-        self.overall.set_postfix_str(f"runs {self.done_runs}/{self.total_runs}")
+        missing = f", {self.not_finished} not finished" if self.not_finished else ""
+        self.overall.set_postfix_str(f"runs {self.done_runs}/{self.total_runs}{missing}")
 
     def update(self, run_id: str, done: int, total: int) -> None:
         if run_id not in self.bars:
@@ -304,15 +386,20 @@ class ProgressDisplay:
         self.overall.update(delta)
 
     def finish(self, result: LaunchResult, total_steps: int) -> None:
+        """A finished, diverged or skipped run fills its share of the study bar; a failed or busy one does not,
+        so the bar ends short of 100% when runs are missing."""
         self.done_runs += 1
-        self.overall.update(max(0, total_steps - self.steps.get(result.run_id, 0)))
-        self.steps[result.run_id] = total_steps
+        if result.status in ("done", "diverged", "skipped"):
+            self.overall.update(max(0, total_steps - self.steps.get(result.run_id, 0)))
+            self.steps[result.run_id] = total_steps
+        else:
+            self.not_finished += 1
         bar = self.bars.pop(result.run_id, None)
         self.positions.pop(result.run_id, None)
         if bar is not None:
             bar.close()
         self._set_postfix()
-        if result.status in ("failed", "diverged") and not self.quiet:
+        if result.status in ("failed", "diverged", "busy") and not self.quiet:
             tqdm.write(f"{result.run_id}: {result.status} {result.error}".rstrip())
 
     def close(self) -> None:
@@ -349,12 +436,12 @@ def _sigterm_as_interrupt():
 
 def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", workers: Optional[int] = None,
            threads: Optional[int] = None, resume: bool = False, data_dir: Optional[str] = None,
-           ray_address: Optional[str] = None, quiet: bool = False,
+           ray_address: Optional[str] = None, slurm=None, quiet: bool = False,
            steps_per_run: Optional[Dict[str, int]] = None) -> List[LaunchResult]:
     """Run every config under ``root``, in the order given; finished runs are skipped, failures are reported in
-    the results, not raised. Raises ConfigError / StoreError before anything runs, KeyboardInterrupt on Ctrl-C
-    or SIGTERM (after stopping the workers)."""
-    check_executor(executor, ray_address)
+    the results, not raised: every run given gets exactly one result. Raises ConfigError / StoreError before
+    anything runs, KeyboardInterrupt on Ctrl-C or SIGTERM (after stopping the runs). ``slurm``: an
+    ``experiments.slurm.SlurmOptions`` for ``executor="slurm"``."""
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers must be a positive integer, got {workers}")
     if threads is not None and threads < 1:
@@ -363,8 +450,8 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     for cfg in runs:                 # convnet and convnet:none are one run: never train a directory twice at once
         unique.setdefault(cfg.run_id, cfg)
     runs = list(unique.values())
-    preflight(runs, root)
-    workers = workers or default_workers(executor, len(runs))
+    check_launch(runs, root, executor=executor, ray_address=ray_address, slurm=slurm, resume=resume)
+    workers = workers or default_workers(executor, len(runs), slurm)
     threads = threads or default_threads()
     steps_per_run = steps_per_run or {}
     totals = {cfg.run_id: steps_per_run.get(cfg.run_id, 1) for cfg in runs}
@@ -375,6 +462,9 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     results: Dict[str, LaunchResult] = {}
 
     def finished(result: LaunchResult) -> None:
+        if result.run_id in results:   # an executor must report a run once; a second report is a bug
+            raise RuntimeError(f"run {result.run_id} was reported twice ({results[result.run_id].status}, "
+                               f"{result.status})")
         results[result.run_id] = result
         display.finish(result, totals[result.run_id])
 
@@ -390,11 +480,19 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
                     finished(execute(*a, progress_queue=_DirectQueue(display)))
             elif executor == "process":
                 _launch_processes(args, display, finished, min(workers, len(todo)))
-            else:
+            elif executor == "ray":
                 _launch_ray(args, todo, display, finished, workers, threads, ray_address)
+            else:
+                from .slurm import SlurmOptions, launch_slurm
+                launch_slurm(args, display, finished, workers, threads, slurm or SlurmOptions(), Path(root),
+                             totals)
+        for cfg in todo:    # the invariant every executor keeps; checked so that a broken one cannot exit 0
+            if cfg.run_id not in results:
+                finished(LaunchResult(cfg.run_id, "failed", 0.0, f"the {executor} executor lost track of this run "
+                                      f"(a bug in smoothness-lab: please report it); relaunch to resume it"))
     finally:
         display.close()
-    return [results[cfg.run_id] for cfg in runs if cfg.run_id in results]
+    return [results[cfg.run_id] for cfg in runs]
 
 
 # -- process executor ----------------------------------------------------------------------------------------
@@ -409,30 +507,74 @@ class _PipeQueue:
             raise KeyboardInterrupt from None
 
 
-def _worker_main(conn) -> None:
-    """A worker process: run the tasks sent over ``conn`` one at a time until told to stop (None)."""
+def _process_context():
+    """Run processes fork from multiprocessing's fork server, which imports torch and the training code once and
+    never runs a torch operation: starting a run costs about 0.1 s instead of a fresh interpreter's torch import
+    (6-12 s on a busy 2-core machine), and, like spawn, no process inherits threads (plain fork after torch has
+    started threads can deadlock). Spawn where there is no fork server (Windows)."""
+    if "forkserver" not in mp.get_all_start_methods():   # pragma: no cover - Windows
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["experiments.training"])   # no effect once the server runs: then it has them
+    return ctx
+
+
+def _run_process_main(conn, task_fn, task: tuple) -> None:
+    """The body of one run's process: run the task, send its result, exit. Ctrl-C (SIGINT from the launcher or
+    the terminal) ends it quietly: run.log says "interrupted"."""
     try:
-        while True:
-            task = conn.recv()
-            if task is None:
-                return
-            conn.send(("result", execute(*task, progress_queue=_PipeQueue(conn))))
-    except (KeyboardInterrupt, EOFError, BrokenPipeError):
-        return   # interrupted (run.log says so) or the launcher went away
+        result = task_fn(*task, progress_queue=_PipeQueue(conn))
+    except KeyboardInterrupt:
+        return
+    except Exception as exc:   # outside train_run (execute catches its errors): still one result per run
+        traceback.print_exc()
+        result = LaunchResult(RunConfig.from_dict(task[0]).run_id, "failed", 0.0, f"{type(exc).__name__}: {exc}")
+    try:
+        conn.send(("result", result))
+    except (OSError, EOFError):
+        pass   # the launcher is gone
 
 
-class _Worker:
-    def __init__(self, ctx):
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="smoothness-lab-worker")
+class _RunProcess:
+    """One run in a process of its own, with the read end of its pipe."""
+
+    def __init__(self, ctx, run_id: str, task: tuple, task_fn):
+        self.run_id, self.root = run_id, Path(task[1])
+        self.conn, child = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_run_process_main, args=(child, task_fn, task), daemon=True,
+                                name=f"smoothness-lab {run_id}")
+        self.started = time.perf_counter()
+        self.result: Optional[LaunchResult] = None
         self.proc.start()
         child.close()
-        self.run_id: Optional[str] = None
-        self.started = 0.0
 
-    def give(self, run_id: str, task: tuple) -> None:
-        self.run_id, self.started = run_id, time.perf_counter()
-        self.conn.send(task)
+    def drain(self, display) -> None:
+        """Read everything the process has sent so far (progress, then at most one result)."""
+        try:
+            while self.result is None and self.conn.poll():
+                kind, payload = self.conn.recv()
+                if kind == "progress":
+                    display.update(*payload)
+                else:
+                    self.result = payload
+        except (EOFError, OSError):
+            pass   # the process ended, possibly in the middle of a message: what it sent before stands
+
+    def died(self) -> LaunchResult:
+        """The result of a run whose process ended without sending one."""
+        seconds = time.perf_counter() - self.started
+        on_disk = _finished_on_disk(self.root / self.run_id)
+        if on_disk is not None:   # killed between its `done` marker and its result: the run is complete
+            return LaunchResult(self.run_id, on_disk, seconds, f"its process died after the run finished "
+                                f"({_death(self.proc)})")
+        return LaunchResult(self.run_id, "failed", seconds, f"its process died ({_death(self.proc)}); relaunch "
+                            f"to resume the run from its last checkpoint")
+
+
+def _finished_on_disk(run_dir: Path) -> Optional[str]:
+    if not (run_dir / "done").exists():
+        return None
+    return "diverged" if _last_record(run_dir).get("kind") == "diverged" else "done"
 
 
 def _death(proc) -> str:
@@ -446,82 +588,73 @@ def _death(proc) -> str:
             how += ": out of memory?"
     else:
         how = f"exit code {code}: see the messages above"
-    return f"worker process died ({how}); relaunch to resume the run from its last checkpoint"
+    return how
 
 
 def _launch_processes(args, display, finished, workers: int) -> None:
-    ctx = mp.get_context("spawn")   # fork after torch has started threads can deadlock
+    """At most ``workers`` run processes at a time. The books: a run is in ``running`` from its start until it is
+    reported through ``finished``, with its result, or as failed once its process has ended without one (checked
+    for every running process at every turn, whatever woke the wait). Processes that sent their result are
+    reaped in ``closing``."""
+    ctx = _process_context()
     queue = collections.deque((RunConfig.from_dict(a[0]).run_id, a) for a in args)
-    pool: List[_Worker] = []
+    running: List[_RunProcess] = []
+    closing: List[_RunProcess] = []
     try:
-        while queue or any(w.run_id for w in pool):
-            for w in pool:
-                if w.run_id is None and queue:
-                    w.give(*queue.popleft())
-            while queue and len(pool) < workers:
-                w = _Worker(ctx)
-                pool.append(w)
-                w.give(*queue.popleft())
-            busy = [w for w in pool if w.run_id]
-            ready = mp_wait([w.conn for w in busy] + [w.proc.sentinel for w in busy], timeout=1.0)
-            for w in busy:
-                if w.conn in ready or w.proc.sentinel in ready:
-                    _service(w, display, finished)
-            for w in [w for w in pool if not w.proc.is_alive()]:
-                pool.remove(w)
-                w.conn.close()
+        while queue or running:
+            while queue and len(running) < workers:
+                running.append(_RunProcess(ctx, *queue.popleft(), execute))
+            mp_wait([r.conn for r in running] + [r.proc.sentinel for r in running], timeout=1.0)
+            for r in list(running):
+                r.drain(display)
+                if r.result is None and not r.proc.is_alive():
+                    r.proc.join()
+                    r.drain(display)   # what it sent between the first look and its end
+                    if r.result is None:
+                        r.result = r.died()
+                if r.result is not None:
+                    running.remove(r)
+                    closing.append(r)
+                    finished(r.result)
+            closing = [r for r in closing if _reaped(r, wait=0.0) is False]
     except BaseException:
-        _stop_workers(pool)
+        _stop_processes(running + closing)
         raise
-    for w in pool:
-        try:
-            w.conn.send(None)
-        except OSError:
-            pass
-    for w in pool:
-        w.proc.join(timeout=INTERRUPT_GRACE)
-        if w.proc.is_alive():
-            w.proc.kill()
-        w.conn.close()
+    for r in closing:
+        _reaped(r, wait=INTERRUPT_GRACE)
 
 
-def _service(w: _Worker, display, finished) -> None:
-    """Read what a worker sent; if it died holding a run, that run failed."""
-    try:
-        while w.conn.poll():
-            kind, payload = w.conn.recv()
-            if kind == "progress":
-                display.update(*payload)
-            else:
-                w.run_id = None
-                finished(payload)
-    except (EOFError, OSError):
-        pass
-    if w.run_id is not None and not w.proc.is_alive():
-        w.proc.join()
-        finished(LaunchResult(w.run_id, "failed", time.perf_counter() - w.started, _death(w.proc)))
-        w.run_id = None
+def _reaped(r: _RunProcess, wait: float) -> bool:
+    """Join a process that has sent its result (killing it if it lingers past ``wait`` > 0); whether it is gone."""
+    r.proc.join(timeout=wait)
+    if r.proc.is_alive():
+        if not wait:
+            return False
+        r.proc.kill()
+        r.proc.join()
+    r.conn.close()
+    return True
 
 
-def _stop_workers(pool: List[_Worker]) -> None:
+def _stop_processes(procs: List[_RunProcess]) -> None:
     """Ctrl-C / SIGTERM / an error in the launcher: interrupt running runs (their run.log says so), then make
-    sure no worker outlives the launch."""
-    deadline = time.monotonic() + 2.0      # workers hit by the terminal's Ctrl-C are already on their way out
-    for w in pool:
-        w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-    for w in pool:
-        if w.proc.is_alive():
+    sure no run process outlives the launch."""
+    deadline = time.monotonic() + 2.0      # processes hit by the terminal's Ctrl-C are already on their way out
+    for r in procs:
+        r.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for r in procs:
+        if r.proc.is_alive():
             try:
-                os.kill(w.proc.pid, signal.SIGINT)
+                os.kill(r.proc.pid, signal.SIGINT)
             except OSError:
                 pass
     deadline = time.monotonic() + INTERRUPT_GRACE
-    for w in pool:
-        w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join()
-        w.conn.close()
+    for r in procs:
+        r.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+        if r.proc.is_alive():
+            r.proc.kill()
+            r.proc.join()
+        r.conn.close()
 
 
 # -- Ray executor --------------------------------------------------------------------------------------------

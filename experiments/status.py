@@ -1,16 +1,32 @@
-"""`smoothness-lab status`: which runs of a study are done, diverged, failed, running (or interrupted), not started.
+"""`smoothness-lab status`: what state each run of a study is in, from what its directory says.
 
-Reads only. A run's state comes from its directory (results/README.md): ``done`` marks a finished run, a
-``diverged`` record a diverged one; without ``done``, the last line of ``run.log`` written by the launcher tells a
-run that failed with an exception from one that is running or was interrupted (killed, Ctrl-C: relaunching the
-sweep resumes it from its last checkpoint). The detail column tells these two apart where it can: a running run
-holds a lock on its run.log (``launchers.run_lock``; visible on the machine that runs it). Runs the study's
-``study.json`` grids expect but that have no directory yet are ``not started``.
+Reads only. The states, checked in this order (results/README.md describes the files):
+
+=============  ===================================================================================================
+running        a live process holds the run's lock (``launchers.run_lock``: an flock on its run.log, released by
+               the kernel when the process dies, even on SIGKILL); the detail names its pid and host. Seen from
+               any machine whose file system shows that lock (local disks, NFSv4; not every cluster file system).
+corrupt        the directory cannot be trusted: config.json missing (while records or ``done`` exist), not a JSON
+               object or not a valid config; a records line that is not UTF-8, not JSON or not a record object
+               (only the last line of an unfinished run may be torn: a kill mid-write); ``done`` without records.
+               The detail is ``<file>:<line>: <reason>``. Move the directory away (or repair it) and relaunch.
+diverged       a ``diverged`` record (the run stopped at a non-finite loss; it is finished).
+done           the ``done`` marker; the detail gives the last test accuracy.
+failed         the launcher logged an exception (``failed`` line of run.log), with the checkpoint it would resume
+               from: relaunching (a sweep, or ``--resume``) tries again from there.
+interrupted    started but neither finished nor failed, and no live process holds it: Ctrl-C, SIGTERM, a kill or
+               a crash of the machine. The detail gives the checkpoint a relaunch resumes from, and how it ended
+               where run.log tells (``interrupted`` line; ``start`` line from another host, which may still run
+               it if the lock is not visible from here).
+not started    expected by the study's ``study.json`` grids (or its directory holds nothing yet).
+=============  ===================================================================================================
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import socket
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -19,8 +35,11 @@ import click
 from .config import ConfigError, RunConfig, StudyConfig
 from .launchers import is_locked
 
-STATES = ("done", "diverged", "failed", "running-or-interrupted", "not started")
+STATES = ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
 _EVENT = re.compile(r"^\S+ \S+ [A-Z]+ (start|finish|failed|interrupted)\b(.*)$")
+_RUN_FILES = ("config.json", "run.log", "records.jsonl", "done", "checkpoints")
+# what a reader of a corrupt file may raise: bad bytes, bad JSON, wrong types, a JSON array where an object belongs
+_READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
 
 def _expected_runs(study_dir: Path) -> Tuple[List[str], List[str]]:
@@ -29,16 +48,16 @@ def _expected_runs(study_dir: Path) -> Tuple[List[str], List[str]]:
     if not path.exists():
         return [], []
     try:
-        grids = json.loads(path.read_text()).get("grids", [])
-    except (OSError, ValueError, AttributeError) as exc:
+        grids = json.loads(path.read_text(encoding="utf-8")).get("grids", [])
+    except (OSError,) + _READ_ERRORS as exc:
         return [], [f"{path} is unreadable ({exc}); runs not started yet are not listed"]
     ids, warnings = [], []
-    for i, grid in enumerate(grids):
+    for i, grid in enumerate(grids if isinstance(grids, list) else []):
         try:
             study = StudyConfig(name=grid["name"], models=tuple(grid["models"]), lrs=tuple(grid["lrs"]),
                                 seeds=tuple(grid["seeds"]), base=RunConfig.from_dict(grid["base"]))
             ids.extend(c.run_id for c in study.runs() if c.run_id not in ids)
-        except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        except (ConfigError,) + _READ_ERRORS as exc:
             warnings.append(f"{path}: grid {i + 1} is unreadable ({exc}); its runs not started yet are not listed")
     return ids, warnings
 
@@ -56,61 +75,126 @@ def _last_event(run_dir: Path) -> Tuple[Optional[str], str]:
     return None, ""
 
 
-def _records_tail(run_dir: Path) -> List[dict]:
-    """The last records of a run (a torn last line, from a kill, is ignored)."""
+def _read_config(run_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
+    """(config, problem): the run's config.json checked as a RunConfig; problem is ``config.json: <reason>``."""
+    path = run_dir / "config.json"
     try:
-        with open(run_dir / "records.jsonl", "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(max(0, size - 262144))
-            lines = f.read().splitlines()
-    except OSError:
-        return []
-    out = []
-    for line in lines[-200:]:
-        try:
-            out.append(json.loads(line))
-        except ValueError:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not the run's config object")
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        RunConfig.from_dict({k: v for k, v in data.items() if k in names})
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"config.json: unreadable ({exc.strerror or exc})"
+    except _READ_ERRORS as exc:
+        return None, f"config.json: {_reason(exc)}"
+    if data.get("run_id") not in (None, run_dir.name):
+        return None, f"config.json: it is the config of run {data['run_id']}, not of {run_dir.name}"
+    return data, None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at column {exc.colno})"
+    return f"{exc}" if isinstance(exc, (ConfigError, TypeError)) else f"{type(exc).__name__}: {exc}"
+
+
+def _read_records(run_dir: Path, done: bool) -> Tuple[List[dict], Optional[str]]:
+    """(records, problem). Every line must be a JSON object with a ``kind``; only the last line of an unfinished
+    run may be torn (the line being written when it was killed). Problem: ``records.jsonl:<line>: <reason>``."""
+    try:
+        lines = (run_dir / "records.jsonl").read_bytes().split(b"\n")
+    except FileNotFoundError:
+        return [], None
+    except OSError as exc:
+        return [], f"records.jsonl: unreadable ({exc.strerror or exc})"
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
-    return out
+        try:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise TypeError(f"a JSON {type(record).__name__}, not a record object")
+            if "kind" not in record:
+                raise TypeError("a record without a 'kind'")
+        except _READ_ERRORS as exc:
+            if i == last and not done and isinstance(exc, json.JSONDecodeError):
+                break   # torn by a kill mid-write: the run resumes from its checkpoint without it
+            return records, f"records.jsonl:{i + 1}: {_reason(exc)}"
+        records.append(record)
+    return records, None
 
 
-def _epochs(run_dir: Path) -> Optional[int]:
-    try:
-        return int(json.loads((run_dir / "config.json").read_text())["epochs"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+def _checkpoint(run_dir: Path, config: Optional[dict]) -> Optional[str]:
+    """``epoch K of N`` of the run's last checkpoint, None without one."""
+    ckpts = sorted((run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
+    epoch = next((int(p.stem[6:]) for p in reversed(ckpts) if p.stem[6:].isdigit()), None)
+    epochs = config.get("epochs") if config else None
+    return None if epoch is None else f"epoch {epoch}" + (f" of {epochs}" if isinstance(epochs, int) else "")
+
+
+def _checkpoint_note(run_dir: Path, config: Optional[dict]) -> str:
+    where = _checkpoint(run_dir, config)
+    return f"resumes from its checkpoint after {where}" if where else "no checkpoint yet: a relaunch starts it over"
+
+
+def _where(rest: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(pid, host, SLURM job) from a run.log start line."""
+    def field(name):
+        m = re.search(rf"\b{name}=(\S+)", rest)
+        return m.group(1).rstrip(",") if m else None
+    return field("pid"), field("host"), field("slurm_job")
 
 
 def run_info(run_dir: Path) -> Tuple[str, str]:
-    """(state, detail) of one run directory."""
+    """(state, detail) of one run directory: the module docstring defines the states."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists() and _last_event(run_dir)[0] is None:
+    event, rest = _last_event(run_dir)
+    if not run_dir.is_dir() or (event is None and not any((run_dir / f).exists() for f in _RUN_FILES)):
         return "not started", ""
-    tail = _records_tail(run_dir)
-    diverged = next((r for r in reversed(tail) if r.get("kind") == "diverged"), None)
+    config, problem = _read_config(run_dir)
+    if is_locked(run_dir):
+        pid, host, job = _where(rest) if event == "start" else (None, None, None)
+        by = " ".join(x for x in (f"pid {pid}" if pid else "", f"on {host}" if host else "",
+                                  f"in SLURM job {job}" if job else "") if x) or "a live process"
+        where = _checkpoint(run_dir, config)
+        return "running", f"by {by}; " + (f"last checkpoint after {where}" if where else "no checkpoint yet")
+    done = (run_dir / "done").exists()
+    records, records_problem = _read_records(run_dir, done)
+    if problem is None and config is None and (done or records or any((run_dir / "checkpoints").glob("*.pt"))):
+        problem = "config.json: missing, although the directory holds the run's records or checkpoints"
+    problem = problem or records_problem
+    if problem is None and done and not records:
+        problem = "records.jsonl: no records, although the run is marked done"
+    if problem is not None:
+        return "corrupt", problem
+    diverged = next((r for r in reversed(records) if r.get("kind") == "diverged"), None)
     if diverged is not None:
         return "diverged", f"at step {diverged.get('step')}: {diverged.get('reason', '')}".rstrip(": ")
-    if (run_dir / "done").exists():
-        ev = next((r for r in reversed(tail) if r.get("kind") == "eval"), None)
-        if ev is not None and isinstance(ev.get("test_accuracy"), (int, float)):
-            return "done", f"test accuracy {ev['test_accuracy']:.3f} after {ev.get('epoch')} epochs"
+    if done:
+        ev = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
+        acc = ev.get("test_accuracy") if ev else None
+        if isinstance(acc, (int, float)) and not isinstance(acc, bool):
+            return "done", f"test accuracy {acc:.3f} after {ev.get('epoch')} epochs"
         return "done", ""
-    event, rest = _last_event(run_dir)
+    note = _checkpoint_note(run_dir, config)
     if event == "failed":
-        return "failed", rest
-    ckpts = sorted((run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    epochs = _epochs(run_dir)
-    of = f" of {epochs}" if epochs is not None else ""
-    last = int(ckpts[-1].stem.split("-")[1]) if ckpts else None
-    detail = f"checkpoint after epoch {last}{of}" if last is not None else "no checkpoint yet"
-    if is_locked(run_dir):
-        pid = re.search(r"\bpid=(\d+)", rest)
-        detail += f" (running{', pid ' + pid.group(1) if pid else ''})"
-    elif event == "interrupted":
-        detail += " (interrupted)"
-    elif event == "start":
-        detail += " (killed, or running on another machine)"
-    return "running-or-interrupted", detail
+        return "failed", f"{rest}; {note}" if rest else note
+    if event == "interrupted":
+        return "interrupted", f"{note} (interrupted: Ctrl-C or SIGTERM)"
+    if event == "start":
+        _, host, job = _where(rest)
+        if host and host != socket.gethostname():
+            return "interrupted", (f"{note} (last started on {host}{f' in SLURM job {job}' if job else ''}; if "
+                                   f"its lock is not visible from this machine it may still be running there)")
+        return "interrupted", f"{note} (killed: its process is gone)"
+    return "interrupted", note
 
 
 def run_state(run_dir: Path) -> str:
@@ -121,13 +205,16 @@ def study_status(study_dir: Path) -> List[tuple]:
     """[(run_id, state, detail)] for every run directory and every run the study's grids expect."""
     rows, _ = _study_rows(Path(study_dir))
     if not rows:
-        raise click.ClickException(f"{study_dir} holds no runs (no <run>/config.json and no study.json)")
+        raise click.ClickException(f"{study_dir} holds no runs (no run directories and no study.json)")
     return rows
 
 
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and not path.name.startswith(".") and any((path / f).exists() for f in _RUN_FILES)
+
+
 def _study_rows(study_dir: Path) -> Tuple[List[tuple], List[str]]:
-    found = sorted(p.name for p in study_dir.iterdir()
-                   if p.is_dir() and ((p / "config.json").exists() or (p / "run.log").exists()))
+    found = sorted(p.name for p in study_dir.iterdir() if _is_run_dir(p))
     expected, warnings = _expected_runs(study_dir)
     ids = found + [r for r in expected if r not in found]
     return [(r, *run_info(study_dir / r)) for r in ids], warnings
@@ -145,8 +232,8 @@ def _print_study(rows: List[tuple]) -> None:
 @click.command("status")
 @click.argument("results_dir", type=click.Path(path_type=Path))
 def status_command(results_dir: Path) -> None:
-    """List the runs of a study folder (or of every study in a results folder) as done / diverged / failed /
-    running-or-interrupted / not started, with counts."""
+    """List the runs of a study folder (or of every study in a results folder) as done / diverged / running /
+    interrupted / failed / corrupt / not started, with counts."""
     if not results_dir.is_dir():
         raise click.ClickException(f"{results_dir} is not a directory; give a study folder such as "
                                    f"results/fashion-mnist-bn")
@@ -158,7 +245,7 @@ def status_command(results_dir: Path) -> None:
         return
     studies = sorted(p for p in results_dir.iterdir() if p.is_dir() and _study_rows(p)[0])
     if not studies:
-        raise click.ClickException(f"{results_dir} holds no runs (no <run>/config.json and no study.json)")
+        raise click.ClickException(f"{results_dir} holds no runs (no run directories and no study.json)")
     for i, study in enumerate(studies):
         rows, warnings = _study_rows(study)
         for w in warnings:

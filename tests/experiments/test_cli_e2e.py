@@ -72,6 +72,17 @@ def test_bad_options_fail_before_any_work(tmp_path, args, needle):
     assert not any(tmp_path.rglob("config.json"))
 
 
+@pytest.mark.parametrize("study", ["../outside", "", ".", "..", "a/b"])
+def test_train_study_must_be_one_folder_under_results_dir(tmp_path, study):
+    """Failed before the fix: `--study ../outside` wrote next to --results-dir, `--study ""` into its root."""
+    root = tmp_path / "inside" / "results"
+    result = CliRunner().invoke(main, ["train", "--results-dir", str(root), "--dataset", "synthetic", "--study",
+                                       study])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--study must be a plain folder name" in result.output and repr(study) in result.output
+    assert not any(tmp_path.rglob("*.json")) and not any(tmp_path.rglob("run.log"))
+
+
 def test_unwritable_results_dir_fails_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -1,20 +1,32 @@
 """The launchers (experiments.launchers) on tiny synthetic sweeps: serial, process and Ray executors give identical
-records; finished runs are skipped untouched; a run that raises or whose worker dies is reported and the others
-finish; a directory holding another config stops the launch before anything is written."""
+records; finished runs are skipped untouched; a run that raises or whose process dies (at any point: see dying.py)
+is reported and the others finish; a directory holding another config stops the launch before anything is
+written."""
+import array
+import fcntl
 import json
+import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
+import termios
 import threading
 import time
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from experiments import launchers
-from experiments.config import RunConfig, StudyConfig
-from experiments.launchers import LaunchResult, launch, preflight
-from experiments.status import run_info
-from experiments.store import StoreError
+sys.path.insert(0, str(Path(__file__).parent))
+from dying import EXIT_CODE, Bomb  # noqa: E402
+
+from experiments import launchers  # noqa: E402
+from experiments.config import RunConfig, StudyConfig  # noqa: E402
+from experiments.launchers import LaunchResult, launch, preflight  # noqa: E402
+from experiments.status import run_info  # noqa: E402
+from experiments.store import StoreError  # noqa: E402
 
 TINY = dict(dataset="synthetic", subset=0.05, epochs=1, batch_size=32, probe_every=5, sharpness_samples=32,
             local_smoothness_samples=64)
@@ -65,8 +77,10 @@ def test_process_executor_gives_identical_records(reference, tmp_path):
     results = launch(grid(), tmp_path, executor="process", workers=2, quiet=True)
     assert {r.status for r in results} == {"done"}
     assert records(tmp_path) == records(reference[0])
-    pids = {(tmp_path / r.run_id / "run.log").read_text().split(" pid=")[1].split()[0] for r in results}
-    assert len(pids) == 2 and str(os.getpid()) not in pids   # two reused worker processes, not this one
+    logs = [(tmp_path / r.run_id / "run.log").read_text() for r in results]
+    pids = {log.split(" pid=")[1].split()[0] for log in logs}
+    assert len(pids) == 4 and str(os.getpid()) not in pids   # a process of its own for every run, not this one
+    assert all(" threads=1 " in log for log in logs)
 
 
 @pytest.mark.ray
@@ -122,8 +136,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
     assert "StoreError" in results[0].error and "corrupt" in results[0].error
     log = (bad_dir / "run.log").read_text()
     assert "ERROR failed: StoreError" in log and "Traceback" in log
-    state, detail = run_info(bad_dir)
-    assert state == "failed" and "corrupt" in detail
+    assert run_info(bad_dir) == ("corrupt", "records.jsonl:1: not JSON (Expecting value at column 1)")
     assert (tmp_path / good.run_id / "done").exists()
 
 
@@ -135,9 +148,9 @@ def _start_pid(log_path):
     return int(text.split(" pid=")[1].split()[0]) if " pid=" in text else None
 
 
-def test_a_dead_worker_fails_only_its_run(tmp_path):
-    """A worker killed mid-run (out of memory, kill -9): that run is failed, the others finish on the other
-    worker and on a fresh one; relaunching resumes the killed run."""
+def test_a_killed_run_process_fails_only_its_run(tmp_path):
+    """A run's process killed mid-run (out of memory, kill -9): that run is failed, the others finish; relaunching
+    resumes the killed run."""
     runs = grid(models=("convnet",), seeds=(0, 1, 2), epochs=2)
     out = {}
     thread = threading.Thread(target=lambda: out.update(results=launch(runs, tmp_path, executor="process",
@@ -154,16 +167,96 @@ def test_a_dead_worker_fails_only_its_run(tmp_path):
     assert not thread.is_alive()
     results = out["results"]
     assert [r.status for r in results] == ["failed", "done", "done"]
-    assert "worker process died (killed by SIGKILL" in results[0].error
-    assert run_info(victim)[0] == "running-or-interrupted"
-    assert "(killed, or running on another machine)" in run_info(victim)[1]
+    assert "its process died (killed by SIGKILL: out of memory?)" in results[0].error
+    assert run_info(victim)[0] == "interrupted" and "(killed: its process is gone)" in run_info(victim)[1]
     again = launch(runs, tmp_path, executor="process", workers=2, resume=True, quiet=True)
     assert [r.status for r in again] == ["done", "skipped", "skipped"]
 
 
+# -- a run's process dying at any point: the run is reported, never lost, and nothing raises -------------------
+def _pending_bytes(conn) -> int:
+    buf = array.array("i", [0])
+    fcntl.ioctl(conn.fileno(), termios.FIONREAD, buf)
+    return buf[0]
+
+
+@pytest.fixture
+def deaths_unseen_by_wait(monkeypatch):
+    """mp_wait reports only pipes with data waiting, never a process's end: as if every death happened just after
+    the launcher's wait returned, before it looked at the processes."""
+    real = launchers.mp_wait
+
+    def wait(objects, timeout=None):
+        ready = real(objects, timeout)
+        return [o for o in ready if isinstance(o, Connection) and _pending_bytes(o) > 0]
+    monkeypatch.setattr(launchers, "mp_wait", wait)
+
+
+def test_a_process_dying_before_its_run_starts_is_reported_failed(tmp_path, deaths_unseen_by_wait):
+    """Failed before the fix: the dead worker was dropped from the pool with its run, and launch returned no
+    result for it (the CLI exited 0)."""
+    (run,) = grid(models=("convnet",), seeds=(0,))
+    results = launch([run], tmp_path, executor="process", workers=1, data_dir=Bomb("now"), quiet=True)
+    assert [(r.run_id, r.status) for r in results] == [(run.run_id, "failed")]
+    assert f"process died (exit code {EXIT_CODE}" in results[0].error and "relaunch" in results[0].error
+
+
+def test_a_process_dying_mid_run_fails_that_run_only(tmp_path, deaths_unseen_by_wait):
+    victim, other = grid(models=("convnet",), seeds=(0, 1))
+    results = launch([victim, other], tmp_path, executor="process", workers=2, resume=True, quiet=True,
+                     data_dir=Bomb("mid-run", tmp_path / victim.run_id))
+    assert [r.status for r in results] == ["failed", "done"]
+    assert f"process died (exit code {EXIT_CODE}" in results[0].error
+    assert not (tmp_path / victim.run_id / "done").exists() and (tmp_path / other.run_id / "done").exists()
+    again = launch([victim, other], tmp_path, executor="process", workers=2, resume=True, quiet=True)
+    assert [r.status for r in again] == ["done", "skipped"]
+
+
+def test_a_process_dying_after_its_result_is_no_trouble(tmp_path, monkeypatch):
+    """Failed before the fix with BrokenPipeError: the worker that ran the first run died while idle, just after
+    the launcher had seen it alive, and the launcher handed it the next run."""
+    first, second = grid(models=("convnet",), seeds=(0, 1))
+    real_is_alive, slept = mp.process.BaseProcess.is_alive, []
+
+    def is_alive_then_dies(self):
+        alive = real_is_alive(self)
+        if alive and not slept and (tmp_path / first.run_id / "done").exists():
+            slept.append(self.pid)
+            time.sleep(1.0)           # the process dies now (Bomb: 0.3 s after its run), after the check
+        return alive
+    monkeypatch.setattr(mp.process.BaseProcess, "is_alive", is_alive_then_dies)
+    results = launch([first, second], tmp_path, executor="process", workers=1, quiet=True,
+                     data_dir=Bomb("idle-after", tmp_path / first.run_id))
+    assert [r.status for r in results] == ["done", "done"]
+    assert slept
+
+
+@pytest.mark.parametrize("mode", ["at-result", "torn-result"])
+def test_a_process_dying_while_it_reports_a_finished_run(tmp_path, mode):
+    """The run wrote `done` (complete records) and its process died sending the result, whole or half-way: the
+    run is reported as what its directory says, with the death noted; nothing raises."""
+    (run,) = grid(models=("convnet",), seeds=(0,))
+    (result,) = launch([run], tmp_path, executor="process", workers=1, data_dir=Bomb(mode), quiet=True)
+    assert result.status == "done" and "died after the run finished" in result.error
+    assert (tmp_path / run.run_id / "done").exists()
+
+
+def test_the_cli_exits_non_zero_when_a_process_dies(tmp_path, monkeypatch, deaths_unseen_by_wait):
+    """Failed before the fix: the lost run was not counted and `sweep` exited 0."""
+    from experiments.cli import main
+    real_launch = launchers.launch
+    monkeypatch.setattr(launchers, "launch", lambda *a, **k: real_launch(*a, **{**k, "data_dir": Bomb("now")}))
+    result = CliRunner().invoke(main, ["sweep", "--models", "convnet", "--seeds", "0", "--dataset", "synthetic",
+                                       "--subset", "0.05", "--epochs", "1", "--name", "s", "--results-dir",
+                                       str(tmp_path), "--executor", "process", "--no-figures"])
+    assert result.exit_code == 1, result.output
+    assert "runs: 1 failed" in result.output and "FAILED" in result.output and "process died" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_bad_executor_arguments():
     from experiments.config import ConfigError
-    with pytest.raises(ConfigError, match="choose one of: serial, process, ray"):
+    with pytest.raises(ConfigError, match="choose one of: serial, process, ray, slurm"):
         launch(grid(), "/nonexistent", executor="dask")
     with pytest.raises(ConfigError, match="--ray-address applies to --executor ray only"):
         launch(grid(), "/nonexistent", executor="process", ray_address="127.0.0.1:6379")

@@ -102,7 +102,7 @@ def test_sigkill_midway_then_relaunch_loses_and_repeats_nothing(reference, tmp_p
         assert "resuming from checkpoints/epoch-001.pt" in (study / name / "run.log").read_text()
     assert records(study) == reference
     status = invoke(["status", str(study)])
-    assert "4 runs: 4 done, 0 diverged, 0 failed, 0 running-or-interrupted, 0 not started" in status.stdout
+    assert "4 runs: 4 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 0 corrupt, 0 not started" in status.stdout
 
 
 def test_ctrl_c_in_serial_leaves_readable_records_and_relaunch_resumes(reference, tmp_path):
@@ -118,7 +118,8 @@ def test_ctrl_c_in_serial_leaves_readable_records_and_relaunch_resumes(reference
     assert lines and all(json.loads(line) for line in lines)      # every line complete and readable
     assert "WARNING interrupted" in (victim / "run.log").read_text()
     status = invoke(["status", str(study)])
-    assert "running-or-interrupted" in status.stdout and "(interrupted)" in status.stdout
+    assert re.search(rf"{victim.name} +interrupted +resumes from its checkpoint after epoch 1 of 2 \(interrupted: "
+                     rf"Ctrl-C or SIGTERM\)", status.stdout), status.stdout
     assert "4 runs:" in status.stdout and "not started" in status.stdout
 
     result = subprocess.run(sweep_cmd(tmp_path, "--executor", "serial"), capture_output=True, text=True, timeout=600)
@@ -137,11 +138,11 @@ def test_a_second_launch_leaves_a_running_run_alone(tmp_path):
     wait_for(proc, lambda: any((p / "records.jsonl").exists() for p in run_dirs(study)))
     (run,) = run_dirs(study)
     state, detail = run_info(run)
-    assert state == "running-or-interrupted" and f"(running, pid {proc.pid})" in detail
+    assert state == "running" and detail.startswith(f"by pid {proc.pid} on ")
     cfg = RunConfig.from_dict({k: v for k, v in json.loads((run / "config.json").read_text()).items()
                                if k not in ("run_id", "config_hash")})
     (result,) = launch([cfg], study, executor="serial", resume=True, quiet=True)
-    assert result.status == "failed" and "being run by another process" in result.error
+    assert result.status == "busy" and f"another launch is training it right now (pid {proc.pid}" in result.error
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     log = (run / "run.log").read_text()
@@ -228,14 +229,14 @@ def test_status_lists_every_state_with_counts(diverging, tmp_path):
     good = next(p for p in run_dirs(study) if "-lr0.04-" in p.name)
     result = CliRunner().invoke(main, ["status", str(study)])
     assert result.exit_code == 0, result.output
-    assert "4 runs: 1 done, 1 diverged, 0 failed, 0 running-or-interrupted, 2 not started" in result.output
+    assert "4 runs: 1 done, 1 diverged, 0 running, 0 interrupted, 0 failed, 0 corrupt, 2 not started" in result.output
     rows = dict(re.split(r"\s{2,}", line)[:2] for line in result.output.splitlines()[:-1])
     assert rows[good.name] == "done" and list(rows.values()).count("not started") == 2
     assert any(state == "diverged" and "-lr10-" in run for run, state in rows.items())
     (good / "done").unlink()                               # as if killed after its last checkpoint
     result = CliRunner().invoke(main, ["status", str(study)])
-    assert "0 done, 1 diverged, 0 failed, 1 running-or-interrupted, 2 not started" in result.output
-    assert "checkpoint after epoch 2 of 2" in result.output
+    assert "0 done, 1 diverged, 0 running, 1 interrupted, 0 failed, 0 corrupt, 2 not started" in result.output
+    assert "resumes from its checkpoint after epoch 2 of 2" in result.output
     whole = CliRunner().invoke(main, ["status", str(tmp_path)])   # a results folder: every study in it
     assert whole.exit_code == 0 and f"{study}:" in whole.output
     missing = CliRunner().invoke(main, ["status", str(tmp_path / "nope")])
@@ -267,12 +268,46 @@ def assert_clean_error(result, needles, root):
     (["--executor", "dask"], ["--executor", "serial", "process", "ray"]),
     (["--ray-address", "127.0.0.1:6379"], ["--ray-address", "--executor ray"]),
     (["--name", "../up"], ["--name"]),
+    (["--name", ""], ["--name must be a plain folder name"]),
     (["--epochs", "0"], ["--epochs"]),
+    (["--seeds", "1--2"], ["--seeds", "'1--2' is not a range LOW-HIGH of non-negative integers such as 0-4"]),
+    (["--seeds", "2-x"], ["--seeds", "'2-x' is neither a non-negative integer nor a range LOW-HIGH"]),
+    (["--seeds", "0-100000000"], ["--seeds", "gives 100,000,001 values; a study holds at most 10,000 runs"]),
+    (["--seeds", "0-6000,6001-12000"], ["--seeds", "'6001-12000' brings the list to 12,001 values"]),
+    (["--seeds", "0-9999", "--lrs", "0.1,0.2"], ["the grid has 40,000 runs", "at most 10,000"]),
+    (["--slurm-partition", "gpu"], ["--slurm-* options apply to --executor slurm only"]),
+    (["--executor", "slurm", "--slurm-sbatch", "no good"], ["--slurm-sbatch 'no good' is not KEY=VALUE"]),
+    (["--executor", "slurm", "--slurm-cluster", "local", "--device", "cuda"], ["--slurm-gpus 1"]),
+    pytest.param(["--executor", "slurm"], ["no `sbatch` on PATH", "--slurm-cluster local"],
+                 marks=pytest.mark.skipif(shutil.which("sbatch") is not None, reason="this machine has SLURM")),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path, args, needles):
     root = tmp_path / "results"
+    began = time.monotonic()
     result = CliRunner().invoke(main, ["sweep", "--dataset", "synthetic", "--results-dir", str(root), *args])
     assert_clean_error(result, needles, root)
+    assert time.monotonic() - began < 10       # --seeds 0-100000000 used to hang building the grid
+
+
+def _no_cuda():
+    import torch
+    return not torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _no_cuda(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", [["sweep"], ["run"], ["train"]])
+@pytest.mark.parametrize("executor", ["process", "serial"])
+def test_device_cuda_without_cuda_fails_before_anything_is_written(tmp_path, command, executor):
+    """Failed before the fix: `run` and `sweep` wrote the study, started the workers, printed the error once per
+    run and twice each, with a full progress bar; `train` wrote the run's directory and log."""
+    root = tmp_path / "results"
+    args = [*command, "--dataset", "synthetic", "--device", "cuda", "--results-dir", str(root)]
+    if command != ["train"]:
+        args += ["--executor", executor]
+    elif executor == "serial":
+        pytest.skip("train has no --executor")
+    result = CliRunner().invoke(main, args)
+    assert_clean_error(result, ["--device cuda", "no CUDA device is available", "--device cpu or auto"], root)
 
 
 @pytest.mark.parametrize("spec,needles", [
