@@ -144,7 +144,7 @@ def _rewrite_line(path, index, text):
     (lambda r: (r / "config.json").write_text("[1, 2]"), "config.json: a JSON list, not the run's config object"),
     (lambda r: (r / "config.json").write_text(
         json.dumps({**json.loads((r / "config.json").read_text()), "lr": "abc"})),
-     "config.json: --lr must be a positive number, got 'abc'"),
+     "config.json: --lr must be a number, got 'abc'"),
     (lambda r: _rewrite_line(r / "records.jsonl", 1, b'["kind", "step"]'),
      "records.jsonl:2: a JSON list, not a record object"),
     (lambda r: _rewrite_line(r / "records.jsonl", 2, b'{"kind": "step", "loss": "\xff"}'),

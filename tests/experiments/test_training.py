@@ -93,7 +93,7 @@ def test_resume_after_kill_matches_uninterrupted(finished, tmp_path):
 
 
 def test_divergence_is_recorded_and_stops_the_run(tmp_path):
-    cfg = RunConfig(model="convnet", lr=50.0, **{**TINY, "epochs": 3})
+    cfg = RunConfig(model="convnet", lr=500.0, **{**TINY, "epochs": 3})
     outcome = train_run(cfg, tmp_path)
     assert outcome.status == "diverged"
     recs = records(outcome.path)

@@ -75,6 +75,13 @@ CALLS = {
     "hessian_trace": lambda m, b: smoothness.hessian_trace(m, ce, b, n_samples=4),
     "directional_curvature": lambda m, b: smoothness.directional_curvature(m, ce, b, direction(m)),
     "internal_covariate_shift": lambda m, b: smoothness.internal_covariate_shift(m, ce, b, lr=0.1),
+    "random_direction": lambda m, b: smoothness.random_direction(m, generator=torch.Generator().manual_seed(5)),
+    "loss_surface": lambda m, b: smoothness.loss_surface(m, ce, b, [direction(m)], [np.linspace(-0.5, 0.5, 3)],
+                                                         bn_mode="batch"),
+    "interpolation": lambda m, b: smoothness.interpolation(
+        m, ce, b, {n: p.detach() for n, p in m.named_parameters()},
+        {n: p.detach() + d for (n, p), d in zip(m.named_parameters(), direction(m).values())}, [0.0, 0.5, 1.0],
+        bn_mode="running", bn_stats="recompute"),
 }
 
 
@@ -87,6 +94,8 @@ def same(a, b) -> bool:
     """Exact equality of estimator results: floats, tuples, dicts of tensors, frozen dataclasses."""
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b, equal_nan=True)
     if isinstance(a, dict):
         return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)):
