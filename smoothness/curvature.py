@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -15,12 +15,46 @@ from .lanczos import lanczos_top
 
 @dataclass(frozen=True)
 class EigenResult:
+    """The k largest Hessian eigenvalues and what they cost.
+
+    ``error_bounds[i]`` is the residual norm ‖H y_i − θ_i y_i‖ of the Ritz pair (θ_i = ``values[i]``, y_i). It is a
+    rigorous bound on the distance from ``values[i]`` to the nearest eigenvalue of H; that eigenvalue is the i-th
+    largest unless the Krylov space missed an eigenvalue altogether (see ``smoothness.lanczos``), and
+    ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing). The true error is usually far
+    smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
+
+    ``vectors`` holds the k Ritz vectors as the rows of a (k, n) tensor, each flattened over the trainable
+    parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n·4 bytes in float32, e.g.
+    116 kB for k = 1 on the 29k-parameter ConvNet). They make warm starts possible
+    (``top_eigenvalues(..., start=previous)``); ``vector_dicts(model)`` gives them keyed like the parameters. They
+    are left out of ``repr`` and of ``==``, which compare the numbers only.
+    """
+
     values: Tuple[float, ...]        # descending, length k
     n_hvp: int
     converged: bool
-    error_bounds: Tuple[float, ...]  # estimated absolute error of each value
+    error_bounds: Tuple[float, ...]  # residual norms: distance to the nearest eigenvalue of H is at most this
     bn_mode: str
     batch_size: int                  # small Hessian batches give high-variance eigenvalues: keep it with the number
+    vectors: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def vector_dicts(self, model: nn.Module) -> List[Dict[str, torch.Tensor]]:
+        """The Ritz vectors as dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only)."""
+        if self.vectors is None:
+            raise ValueError("this EigenResult holds no vectors")
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        numel = sum(p.numel() for p in params.values())
+        if self.vectors.shape[1] != numel:
+            raise ValueError(f"the vectors have {self.vectors.shape[1]} entries but the model has {numel} trainable "
+                             f"parameters: they belong to another model")
+        out = []
+        for row in self.vectors:
+            parts = torch.split(row, [p.numel() for p in params.values()])
+            out.append({n: t.reshape(p.shape) for (n, p), t in zip(params.items(), parts)})
+        return out
+
+
+Start = Union["EigenResult", torch.Tensor, Mapping[str, torch.Tensor], Sequence]
 
 
 @dataclass(frozen=True)
@@ -34,12 +68,27 @@ class TraceResult:
 
 def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, tol: float = 1e-3,
                     max_iter: Optional[int] = None, bn_mode: str = "batch",
-                    generator: Optional[torch.Generator] = None) -> EigenResult:
-    """The k largest eigenvalues of ∇²_w L(w; B) by Lanczos with full reorthogonalisation.
+                    generator: Optional[torch.Generator] = None, start: Optional[Start] = None,
+                    block_size: Optional[int] = None) -> EigenResult:
+    """The k largest eigenvalues of ∇²_w L(w; B) by block Lanczos with full reorthogonalisation.
 
-    Converged means every value's estimated error is at most ``tol`` relative. Deterministic by default (the start
-    vector comes from a generator seeded with 0 unless ``generator`` is given). One forward pass and one backward
-    pass with a retained graph, then one extra backward pass per Hessian-vector product.
+    Converged means every value's residual norm (``error_bounds``) is at most ``tol`` relative: each value is then
+    within ``tol`` of an eigenvalue of H (see :class:`EigenResult` for what that does and does not prove).
+    ``max_iter`` caps the number of Hessian-vector products (default min(n, 300)).
+
+    ``block_size`` (default k) random start vectors: the block finds eigenvalues repeated up to ``block_size``
+    times. One vector more than wanted (k + 1) guards a little better against a start that under-represents a top
+    eigenvector, but cost 1.1-1.6x the products on the seed ConvNets at tol 1e-3 with no gain in accuracy
+    (benchmarks/results/eigensolvers.md), so the default is k: for k = 1 that is plain Lanczos.
+
+    ``start`` warm-starts the block: a previous :class:`EigenResult` (its Ritz vectors), a flat tensor of n
+    entries or an (m, n) tensor of rows, a dict keyed like ``dict(model.named_parameters())``, or a list of flat
+    tensors or such dicts. Missing rows up to ``block_size`` are random (so a warm start still carries a random
+    guard vector); more rows than ``block_size`` enlarge the block. Along a training run the top eigenvectors move
+    slowly and a warm start saves products (benchmarks/results/smoothness.md, "Warm starts").
+
+    Deterministic by default (random start rows come from a generator seeded with 0 unless ``generator`` is
+    given). One forward pass and one backward pass with a retained graph, then one extra backward pass per product.
     """
     objective = Objective(model, loss_fn, batch, bn_mode)
     if isinstance(k, bool) or not isinstance(k, int):
@@ -50,13 +99,63 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
         raise ValueError(f"tol must be positive, got {tol}")
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
         raise ValueError(f"max_iter must be an int >= k ({k}) or None; got {max_iter!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                   or not 1 <= block_size <= objective.n_params):
+        raise ValueError(f"block_size must be an int in [1, number of trainable parameters "
+                         f"({objective.n_params})] or None (k); got {block_size!r}")
+    block = min(k, objective.n_params) if block_size is None else block_size
     op = HessianOperator(objective)
+    rows = None if start is None else _start_rows(start, objective, op)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    out = lanczos_top(op.matvec, op.n, k, tol=tol, max_iter=max_iter, dtype=op.dtype, device=op.device,
-                      generator=gen)
+    out = lanczos_top(lambda v: torch.stack([op.matvec(r) for r in v]), op.n, k, tol=tol, block_size=block,
+                      max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen, start=rows)
     return EigenResult(values=tuple(float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
-                       error_bounds=tuple(float(b) for b in out.error_bounds), bn_mode=bn_mode,
-                       batch_size=int(objective.inputs.shape[0]))
+                       error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
+                       batch_size=int(objective.inputs.shape[0]), vectors=out.vectors)
+
+
+def _start_rows(start, objective: Objective, op: HessianOperator) -> torch.Tensor:
+    """``start`` as an (m, n) tensor of rows on the parameters' device and dtype, with a clear error if it cannot
+    be one."""
+    n = op.n
+    what = "start"
+    if isinstance(start, EigenResult):
+        if start.vectors is None:
+            raise ValueError("start: this EigenResult holds no vectors (it was built by hand or loaded from a "
+                             "record); pass the result top_eigenvalues returned, or vectors")
+        items, what = list(start.vectors), "start (an EigenResult)"
+    elif isinstance(start, torch.Tensor):
+        if start.ndim not in (1, 2):
+            raise ValueError(f"start must be a flat tensor of {n} entries or an (m, {n}) tensor of rows; got shape "
+                             f"{tuple(start.shape)}")
+        items = [start] if start.ndim == 1 else list(start)
+    elif isinstance(start, Mapping):
+        items = [start]
+    elif isinstance(start, (list, tuple)):
+        items = list(start)
+    else:
+        raise TypeError(f"start must be an EigenResult, a tensor, a dict keyed like named_parameters() or a list of "
+                        f"those; got {type(start).__name__}")
+    if not items:
+        raise ValueError("start is empty: give at least one vector, or None for a random start")
+    rows = []
+    for i, item in enumerate(items):
+        if isinstance(item, Mapping):
+            rows.append(op.flatten(objective.check_direction(item, f"start[{i}]")))
+            continue
+        if not isinstance(item, torch.Tensor):
+            raise TypeError(f"start[{i}] must be a tensor or a dict keyed like named_parameters(); got "
+                            f"{type(item).__name__}")
+        if item.ndim != 1 or item.numel() != n:
+            raise ValueError(f"{what}: vector {i} has shape {tuple(item.shape)}, but the model has {n} trainable "
+                             f"parameters: give flat vectors of {n} entries (in named_parameters() order)")
+        row = item.detach().to(dtype=op.dtype, device=op.device)
+        if not torch.isfinite(row).all():
+            raise ValueError(f"{what}: vector {i} holds non-finite values")
+        if not torch.any(row != 0):
+            raise ValueError(f"{what}: vector {i} is all zeros")
+        rows.append(row)
+    return torch.stack(rows)
 
 
 def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int = 100, bn_mode: str = "batch",
