@@ -18,6 +18,9 @@ import torch
 from .config import RunConfig
 
 
+WEIGHTS = ("init", "final")   # the weight sets every run keeps: weights-init.pt, weights-final.pt
+
+
 class StoreError(RuntimeError):
     """The results directory cannot be used as asked; the message says why and what to do."""
 
@@ -144,6 +147,18 @@ class RunStore:
         atomic_write_bytes(self.checkpoints / f"epoch-{epoch:03d}.pt", buffer.getvalue())
         if self._file is not None:
             os.fsync(self._file.fileno())
+
+    def save_weights(self, which: str, state_dict: dict) -> Path:
+        """``weights-<which>.pt``: the model's state_dict (parameters and BN buffers, on CPU), written atomically.
+        Runs keep ``init`` and ``final`` beside their records (about 120 kB each for the ConvNets, and outside the
+        git-ignored checkpoints/) so loss surfaces and interpolations can be drawn without retraining."""
+        if which not in WEIGHTS:
+            raise ValueError(f"unknown weights {which!r}; use one of {WEIGHTS}")
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+        path = self.dir / f"weights-{which}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
 
     def latest_checkpoint(self) -> Optional[dict]:
         files = sorted(self.checkpoints.glob("epoch-*.pt")) if self.checkpoints.exists() else []
