@@ -494,6 +494,7 @@ def _register_commands() -> None:
     main.add_command(status_command)
     main.add_command(variance_command)
     main.add_command(ics_command)
+    from .surface_cli import surface_command; main.add_command(surface_command)  # noqa: E702 (one line to merge)
 
 
 _register_commands()

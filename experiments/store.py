@@ -55,6 +55,9 @@ RECORD_NUMBERS = {
 RECORD_NUMBER_LISTS = {"probe": ("step_sizes", "losses", "grad_diff_norms")}
 
 
+WEIGHTS = ("init", "final")   # the weight sets every run keeps: weights-init.pt, weights-final.pt
+
+
 class StoreError(RuntimeError):
     """The results directory cannot be used as asked; the message says why and what to do."""
 
@@ -307,6 +310,18 @@ class RunStore:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # a checkpoint torn by a crash, or not a checkpoint at all
             return None
+
+    def save_weights(self, which: str, state_dict: dict) -> Path:
+        """``weights-<which>.pt``: the model's state_dict (parameters and BN buffers, on CPU), written atomically.
+        Runs keep ``init`` and ``final`` beside their records (about 120 kB each for the ConvNets, and outside the
+        git-ignored checkpoints/) so loss surfaces and interpolations can be drawn without retraining."""
+        if which not in WEIGHTS:
+            raise ValueError(f"unknown weights {which!r}; use one of {WEIGHTS}")
+        buffer = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
+        path = self.dir / f"weights-{which}.pt"
+        atomic_write_bytes(path, buffer.getvalue())
+        return path
 
     def latest_checkpoint(self) -> Optional[dict]:
         """The newest checkpoint that loads (a torn one is passed over), without checking it against the records."""

@@ -181,6 +181,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     step = start_epoch * steps_per_epoch
     try:
         if checkpoint is None:
+            store.save_weights("init", model.state_dict())
             measure(0)
         for epoch in range(start_epoch, cfg.epochs):
             perm = torch.randperm(n, generator=sampler) if cfg.sampling == "shuffle" else None
@@ -223,5 +224,6 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
         store.close()
         if writer is not None:
             writer.close()
+    store.save_weights("final", model.state_dict())
     store.mark_done()
     return RunOutcome(cfg.run_id, "done", total_steps, time.perf_counter() - start_time, store.dir)

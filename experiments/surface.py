@@ -1,0 +1,528 @@
+"""Loss surfaces of stored runs (Li et al. 2018) and their init → final interpolations (Goodfellow et al. 2015):
+grid jobs, a resumable array store beside each run, and a fan-out of grid rows over worker processes or Ray.
+
+What is evaluated
+-----------------
+The run's model, at the weights of ``epoch`` (``init`` = ``weights-init.pt``, ``final`` = ``weights-final.pt``, an
+integer = ``checkpoints/epoch-NNN.pt`` when the run still has it), on a fixed sample of ``samples`` images of the
+run's own training subset (the first ``samples`` of a permutation seeded with ``SAMPLE_SEED``, so two models
+trained with the same seed are measured on the same images; 0 = the whole subset), with the cross-entropy loss.
+A 2-D surface uses two directions drawn by ``smoothness.random_direction`` from one generator seeded with
+``direction_seed`` (d₁ first, then d₂), normalised at the evaluated weights; a 1-D surface uses d₁ alone. An
+interpolation evaluates (1 − α)·w_init + α·w_final with the buffers (BN running statistics) of the final weights.
+The data go to the model in chunks of at most ``CHUNK`` images (in ``batch`` BN mode each chunk normalises with its
+own statistics).
+
+Store: ``<run>/surfaces/<stem>.npz``
+-----------------------------------
+``stem`` is ``surface-<dim>d-<epoch>-<bn_mode>-<bn_stats>-<hash>`` or ``interpolation-<bn_mode>-<bn_stats>-<hash>``,
+``hash`` the first 10 hex digits of the sha256 of the spec (every option that changes a number; not the executor,
+workers or device), so the same command on two runs gives the same stem. Arrays (``numpy.load`` without pickle):
+
+==============  ==========================================================================================
+``x``           (n,) float64: coefficients along d₁ (for an interpolation: α, the weight of the final weights)
+``y``           (m,) float64: coefficients along d₂ (2-D only)
+``losses``      (n,) or (n, m) float64: mean cross-entropy at w + x[i]·d₁ (+ y[j]·d₂); NaN where not computed
+``accuracies``  same shape: fraction of argmax hits; NaN where not computed
+``done``        same shape, bool: the cell is computed (a computed loss may itself be inf/NaN far from w)
+``spec``        0-d str: JSON of the spec, the run id, model, and sha256 of the weight files used
+==============  ==========================================================================================
+
+The file is rewritten atomically (temporary file + rename) after every completed task (a grid row, or a few points
+of a 1-D curve), so a killed computation loses at most the tasks in flight; running the same command again loads
+the file and computes only the cells with ``done == False``. A file whose spec does not match (other weights) is
+never overwritten: the error says to move it away.
+
+Fan-out
+-------
+Tasks are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at once. ``serial``
+evaluates them in this process; ``process`` on ``workers`` spawned processes (each reads a run's job file once);
+``ray`` as Ray tasks on a local or given cluster. Every worker uses ``threads`` torch threads (default 1, as the
+training launchers do), so a cell's value does not depend on the executor.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import ConfigError, RunConfig
+from .store import StoreError, atomic_write_bytes
+
+KINDS = ("surface", "interpolation")
+EXECUTORS = ("serial", "process", "ray")
+NORMALIZE = ("filter", "layer", "none")
+IGNORE = ("biasbn", "none")
+SAMPLE_SEED = 0
+CHUNK = 1000          # images per forward pass
+CELLS_1D = 4          # points per task of a 1-D curve
+
+
+class SurfaceError(RuntimeError):
+    """A surface cannot be computed as asked; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class SurfaceSpec:
+    """Every option that changes a number of a surface (hashed into the file name)."""
+
+    kind: str = "surface"          # "surface" (random directions) or "interpolation" (init -> final)
+    epoch: str = "final"           # "init", "final" or a checkpoint epoch; "init:final" for an interpolation
+    dim: int = 2
+    grid: int = 51                 # points per axis
+    lo: float = -1.0
+    hi: float = 1.0
+    samples: int = 1000            # training images (0 = the run's whole training subset)
+    bn_mode: str = "running"
+    bn_stats: str = "keep"
+    direction_seed: int = 0
+    normalize: str = "filter"
+    ignore: str = "biasbn"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown surface kind {self.kind!r}; use one of {KINDS}")
+        if self.kind == "interpolation" and (self.dim != 1 or self.epoch != "init:final"):
+            raise ConfigError("an interpolation is 1-D from init to final (dim=1, epoch='init:final')")
+        if self.kind == "surface":
+            check_epoch(self.epoch)
+        if self.dim not in (1, 2):
+            raise ConfigError(f"--dim must be 1 or 2, got {self.dim}")
+        if self.grid < 2:
+            raise ConfigError(f"--grid must be at least 2 points per axis, got {self.grid}")
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
+            raise ConfigError(f"--range must be LOW:HIGH with finite LOW < HIGH, got {self.lo}:{self.hi}")
+        if self.samples < 0:
+            raise ConfigError(f"--samples must be >= 0 (0 = the whole training subset), got {self.samples}")
+        if self.bn_mode not in ("batch", "running"):
+            raise ConfigError(f"--bn-mode must be batch or running, got {self.bn_mode!r}")
+        if self.bn_stats not in ("keep", "recompute"):
+            raise ConfigError(f"--bn-stats must be keep or recompute, got {self.bn_stats!r}")
+        if self.bn_mode == "batch" and self.bn_stats != "keep":
+            raise ConfigError("--bn-stats recompute applies only to --bn-mode running (batch mode already "
+                              "normalises every point with its own batch statistics)")
+        if self.normalize not in NORMALIZE or self.ignore not in IGNORE:
+            raise ConfigError(f"--normalize must be one of {NORMALIZE} and --ignore one of {IGNORE}")
+
+    @property
+    def coords(self) -> Tuple[np.ndarray, ...]:
+        axis = np.linspace(self.lo, self.hi, self.grid)
+        return (axis,) * self.dim
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return (self.grid,) * self.dim
+
+    @property
+    def hash(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+    @property
+    def stem(self) -> str:
+        if self.kind == "interpolation":
+            return f"interpolation-{self.bn_mode}-{self.bn_stats}-{self.hash}"
+        return f"surface-{self.dim}d-{self.epoch}-{self.bn_mode}-{self.bn_stats}-{self.hash}"
+
+
+def check_epoch(epoch: str) -> str:
+    if epoch in ("init", "final") or (epoch.isdigit() and int(epoch) >= 0):
+        return epoch
+    raise ConfigError(f"--epoch must be init, final or a checkpoint epoch (a non-negative integer), got {epoch!r}")
+
+
+def surface_path(run_dir: Path, spec: SurfaceSpec) -> Path:
+    return Path(run_dir) / "surfaces" / f"{spec.stem}.npz"
+
+
+# -- the stored arrays ---------------------------------------------------------------------------------------------
+@dataclass
+class StoredSurface:
+    path: Path
+    spec: dict              # the JSON in the file: spec fields, run, model, weight hashes
+    x: np.ndarray
+    y: Optional[np.ndarray]
+    losses: np.ndarray
+    accuracies: np.ndarray
+    done: np.ndarray
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.done.all())
+
+    def save(self) -> None:
+        arrays = {"x": self.x, "losses": self.losses, "accuracies": self.accuracies, "done": self.done,
+                  "spec": np.array(json.dumps(self.spec, sort_keys=True))}
+        if self.y is not None:
+            arrays["y"] = self.y
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+
+def read_surface(path: Path) -> StoredSurface:
+    """Load a stored surface (see the module docstring for the arrays)."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return StoredSurface(path=path, spec=json.loads(str(f["spec"])), x=f["x"],
+                                 y=f["y"] if "y" in f.files else None, losses=f["losses"],
+                                 accuracies=f["accuracies"], done=f["done"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise SurfaceError(f"{path} is not a readable surface file ({exc}); move it away to recompute it") from None
+
+
+# -- a run and its weights -----------------------------------------------------------------------------------------
+def read_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+        return RunConfig.from_dict(data)
+    except FileNotFoundError:
+        raise SurfaceError(f"{run_dir} is not a run directory (no config.json); give run directories such as "
+                           f"results/<study>/<run-id>, or a study directory holding them") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise SurfaceError(f"{path} is unreadable ({exc})") from None
+
+
+def weights_file(run_dir: Path, epoch: str) -> Path:
+    run_dir = Path(run_dir)
+    if epoch in ("init", "final"):
+        path = run_dir / f"weights-{epoch}.pt"
+        if not path.exists():
+            records = run_dir / "records.jsonl"
+            if epoch == "final" and not (run_dir / "done").exists():
+                why = "the run has not finished; resume it first"
+            elif epoch == "final" and records.exists() and '"kind": "diverged"' in records.read_text():
+                why = "the run diverged, so it has no finite final weights"
+            else:
+                why = "it was trained before runs kept their weights; retrain it to draw surfaces"
+            raise SurfaceError(f"{run_dir} has no {path.name} ({why})")
+        return path
+    path = run_dir / "checkpoints" / f"epoch-{int(epoch):03d}.pt"
+    if not path.exists():
+        have = sorted(p.stem.removeprefix("epoch-").lstrip("0") or "0"
+                      for p in (run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").exists() else []
+        raise SurfaceError(f"{run_dir} has no checkpoint of epoch {epoch} (checkpoints present: "
+                           f"{', '.join(have) or 'none'}); use --epoch init or final")
+    return path
+
+
+def load_state(path: Path) -> Tuple[dict, str]:
+    """(model state_dict on CPU, sha256 of the file)."""
+    data = Path(path).read_bytes()
+    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    state = obj["model"] if "model" in obj and isinstance(obj["model"], dict) else obj
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+    from .data import load_dataset
+    data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
+    n = data.x_train.shape[0]
+    if samples > n:
+        raise SurfaceError(f"--samples {samples} exceeds the run's training subset ({n} images); "
+                           f"use at most {n}, or 0 for all of them")
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(SAMPLE_SEED))[:samples or n]
+    return data.x_train[idx], data.y_train[idx]
+
+
+def build_run_model(cfg: RunConfig, state: dict, input_shape, num_classes: int) -> torch.nn.Module:
+    from .models import build_model
+    model = build_model(cfg.model, norm=cfg.norm, input_shape=input_shape, num_classes=num_classes,
+                        naive_init=cfg.naive_init)
+    model.load_state_dict(state)
+    return model
+
+
+# -- jobs: everything a worker needs for one run -------------------------------------------------------------------
+def prepare_job(run_dir: Path, spec: SurfaceSpec, data_dir: Optional[str] = None) -> Tuple[dict, dict]:
+    """(job, identity): the job holds tensors only (it travels to workers); the identity goes into the file."""
+    from .data import DATASETS
+    cfg = read_run_config(run_dir)
+    ds = DATASETS[cfg.dataset]
+    if spec.kind == "interpolation":
+        start, sha_init = load_state(weights_file(run_dir, "init"))
+        state, sha_final = load_state(weights_file(run_dir, "final"))
+        weights, shas = {"start": start}, {"init": sha_init, "final": sha_final}
+    else:
+        state, sha = load_state(weights_file(run_dir, spec.epoch))
+        weights, shas = {}, {spec.epoch: sha}
+    x, y = evaluation_batch(cfg, spec.samples, data_dir)
+    job = {"model": cfg.to_dict(), "input_shape": tuple(ds.input_shape), "num_classes": ds.num_classes,
+           "x": x, "y": y, "spec": dataclasses.asdict(spec), "state": state, **weights}
+    identity = {**dataclasses.asdict(spec), "run": cfg.run_id, "model": cfg.model, "norm": cfg.norm,
+                "seed": cfg.seed, "lr": cfg.lr, "sample_seed": SAMPLE_SEED, "chunk": CHUNK, "weights_sha256": shas}
+    return job, identity
+
+
+class _Built:
+    """A job made ready to evaluate in this process: model, data chunks, directions."""
+
+    def __init__(self, job: dict, device: torch.device):
+        import smoothness
+        spec = SurfaceSpec(**job["spec"])
+        cfg = RunConfig.from_dict(job["model"])
+        self.spec = spec
+        self.model = build_run_model(cfg, job["state"], job["input_shape"], job["num_classes"]).to(device)
+        x, y = job["x"].to(device), job["y"].to(device)
+        self.chunks = [(x[i:i + CHUNK], y[i:i + CHUNK]) for i in range(0, x.shape[0], CHUNK)]
+        self.coords = spec.coords
+        params = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if spec.kind == "interpolation":
+            self.start = {n: job["start"][n].to(device) for n in params}
+            self.end = {n: job["state"][n].to(device) for n in params}
+        else:
+            generator = torch.Generator().manual_seed(spec.direction_seed)
+            opts = dict(normalize=None if spec.normalize == "none" else spec.normalize,
+                        ignore=None if spec.ignore == "none" else spec.ignore)
+            self.directions = [smoothness.random_direction(self.model, generator=generator, **opts)
+                               for _ in range(spec.dim)]
+
+    def evaluate(self, task: "Task") -> Tuple[np.ndarray, np.ndarray]:
+        import smoothness
+        row, cols = task
+        s = self.spec
+        cols = np.asarray(cols)
+        if s.kind == "interpolation":
+            out = smoothness.interpolation(self.model, F.cross_entropy, self.chunks, self.start, self.end,
+                                           self.coords[0][cols], bn_mode=s.bn_mode, bn_stats=s.bn_stats)
+        elif s.dim == 1:
+            out = smoothness.loss_surface(self.model, F.cross_entropy, self.chunks, self.directions,
+                                          [self.coords[0][cols]], bn_mode=s.bn_mode, bn_stats=s.bn_stats)
+        else:
+            out = smoothness.loss_surface(self.model, F.cross_entropy, self.chunks, self.directions,
+                                          [self.coords[0][[row]], self.coords[1][cols]], bn_mode=s.bn_mode,
+                                          bn_stats=s.bn_stats)
+        return out.losses.reshape(-1), out.accuracies.reshape(-1)
+
+
+Task = Tuple[Optional[int], Tuple[int, ...]]   # (row of a 2-D grid or None, column indices)
+
+
+def missing_tasks(done: np.ndarray) -> List[Task]:
+    """The cells still to compute, grouped as tasks: each 2-D row's missing columns; 1-D runs of CELLS_1D."""
+    if done.ndim == 2:
+        return [(i, tuple(int(j) for j in np.flatnonzero(~done[i]))) for i in range(done.shape[0])
+                if not done[i].all()]
+    todo = [int(j) for j in np.flatnonzero(~done)]
+    return [(None, tuple(todo[k:k + CELLS_1D])) for k in range(0, len(todo), CELLS_1D)]
+
+
+def _cells(task: Task):
+    row, cols = task
+    return (np.full(len(cols), row), np.asarray(cols)) if row is not None else (np.asarray(cols),)
+
+
+def open_surface(run_dir: Path, spec: SurfaceSpec, identity: dict) -> StoredSurface:
+    """The run's stored surface for ``spec``: resumed when it exists and matches, else a new empty one."""
+    path = surface_path(run_dir, spec)
+    if path.exists():
+        stored = read_surface(path)
+        if stored.spec != json.loads(json.dumps(identity, sort_keys=True)):
+            raise SurfaceError(f"{path} was computed from other weights or options than asked now "
+                               f"({_difference(stored.spec, identity)}); nothing was overwritten: move it away "
+                               f"to recompute it")
+        return stored
+    coords = spec.coords
+    return StoredSurface(path=path, spec=identity, x=coords[0], y=coords[1] if spec.dim == 2 else None,
+                         losses=np.full(spec.shape, np.nan), accuracies=np.full(spec.shape, np.nan),
+                         done=np.zeros(spec.shape, dtype=bool))
+
+
+def _difference(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return "differs in " + ", ".join(keys)
+
+
+# -- executors -----------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+_WORKER: Dict[str, object] = {}
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_task(job_path: str, device: str, task: Task):
+    """Runs in a worker process: build (once per job file) and evaluate one task."""
+    if _WORKER.get("path") != job_path:
+        _WORKER["built"] = _Built(torch.load(job_path, map_location="cpu", weights_only=True), torch.device(device))
+        _WORKER["path"] = job_path
+    return task, *_WORKER["built"].evaluate(task)
+
+
+def _ray_task(job, device: str, threads: int, task: Task):
+    torch.set_num_threads(threads)
+    return task, *_Built(job, torch.device(device)).evaluate(task)
+
+
+@dataclass
+class SurfaceRun:
+    """One run's surface in progress."""
+    run_dir: Path
+    stored: StoredSurface
+    job: dict
+    tasks: List[Task]
+
+
+def default_workers(executor: str, n_tasks: int, device: torch.device) -> int:
+    if executor == "serial" or device.type == "cuda":
+        return 1
+    return max(1, min(os.cpu_count() or 1, n_tasks))
+
+
+def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: str = "process",
+                     workers: Optional[int] = None, threads: int = 1, device: str = "auto",
+                     data_dir: Optional[str] = None, ray_address: Optional[str] = None, quiet: bool = False,
+                     on_task: Optional[Callable[[Path, Task], None]] = None) -> List[StoredSurface]:
+    """Compute (or finish) ``spec`` for every run; returns the stored surfaces in the order of ``run_dirs``.
+
+    Every check and every job is prepared before the first task runs. ``on_task(run_dir, task)`` is called in this
+    process after each task is stored (the progress bar uses the same hook).
+    """
+    from tqdm.auto import tqdm
+
+    from .training import resolve_device
+    if executor not in EXECUTORS:
+        raise ConfigError(f"unknown --executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
+    if threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    dev = resolve_device(device)
+    runs = []
+    for run_dir in run_dirs:
+        job, identity = prepare_job(run_dir, spec, data_dir)
+        stored = open_surface(run_dir, spec, identity)
+        runs.append(SurfaceRun(Path(run_dir), stored, job, missing_tasks(stored.done)))
+    todo = [(r, t) for r in runs for t in r.tasks]
+    if not todo:
+        return [r.stored for r in runs]
+    n_workers = workers or default_workers(executor, len(todo), dev)
+    bar = tqdm(total=sum(len(t[1]) for _, t in todo), unit="pt", disable=quiet, desc="surface",
+               dynamic_ncols=True)
+
+    def store(run: SurfaceRun, task: Task, losses, accuracies) -> None:
+        cells = _cells(task)
+        run.stored.losses[cells] = losses
+        run.stored.accuracies[cells] = accuracies
+        run.stored.done[cells] = True
+        run.stored.save()
+        bar.update(len(task[1]))
+        bar.set_postfix_str(run.run_dir.name, refresh=False)
+        if on_task is not None:
+            on_task(run.run_dir, task)
+
+    try:
+        if executor == "serial":
+            with _torch_threads(threads):
+                for run in runs:
+                    if run.tasks:
+                        built = _Built(run.job, dev)
+                        for task in run.tasks:
+                            store(run, task, *built.evaluate(task))
+        elif executor == "process":
+            _run_pool(runs, n_workers, threads, dev, store)
+        else:
+            _run_ray(runs, n_workers, threads, dev, ray_address, store)
+    finally:
+        bar.close()
+    return [r.stored for r in runs]
+
+
+def _run_pool(runs: Sequence[SurfaceRun], workers: int, threads: int, device: torch.device, store) -> None:
+    """Spawned workers (no fork: torch and CUDA are not fork-safe); each run's job goes to a temporary file that
+    every worker reads once, so a task carries only its row number."""
+    tmp = tempfile.mkdtemp(prefix="smoothness-surface-")
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                  initializer=_worker_init, initargs=(threads,))
+    try:
+        futures = {}
+        for k, run in enumerate(runs):
+            if not run.tasks:
+                continue
+            job_path = os.path.join(tmp, f"job-{k}.pt")
+            torch.save(run.job, job_path)
+            for task in run.tasks:
+                futures[pool.submit(_worker_task, job_path, str(device), task)] = run
+        for future in cf.as_completed(futures):
+            task, losses, accuracies = future.result()
+            store(futures[future], task, losses, accuracies)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run_ray(runs: Sequence[SurfaceRun], workers: int, threads: int, device: torch.device, address, store) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--executor ray needs Ray: pip install 'smoothness-lab[ray]'") from None
+    started = not ray.is_initialized()
+    if started:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
+    pending = {}
+    try:
+        remote = ray.remote(num_cpus=threads, num_gpus=1 if device.type == "cuda" else 0, max_retries=0)(_ray_task)
+        for run in runs:
+            if run.tasks:
+                ref = ray.put(run.job)
+                for task in run.tasks:
+                    pending[remote.remote(ref, str(device), threads, task)] = run
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for obj in ready:
+                task, losses, accuracies = ray.get(obj)
+                store(pending.pop(obj), task, losses, accuracies)
+    except BaseException:
+        for obj in pending:
+            ray.cancel(obj, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def expand_run_dirs(paths: Sequence[Path]) -> List[Path]:
+    """Run directories as given; a study directory (no config.json, run directories inside) stands for its runs."""
+    out = []
+    for p in map(Path, paths):
+        if (p / "config.json").exists():
+            out.append(p)
+            continue
+        inside = sorted(c for c in p.iterdir() if (c / "config.json").exists()) if p.is_dir() else []
+        if not inside:
+            raise SurfaceError(f"{p} is neither a run directory (config.json) nor a study directory holding runs")
+        out += inside
+    return list(dict.fromkeys(out))

@@ -1,0 +1,245 @@
+"""Surfaces of stored runs: kept weights, the array store, kill-and-resume, executors, CLI and figures."""
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+
+import smoothness
+from experiments import surface as sf
+from experiments.cli import main
+from experiments.config import RunConfig
+from experiments.data import load_dataset
+from experiments.models import build_model
+from experiments.training import train_run
+
+TINY = dict(dataset="synthetic", subset=0.08, epochs=2, batch_size=32, probe_every=0, sharpness_samples=0,
+            local_smoothness_samples=64, study="surf")
+SMALL = dict(grid=5, samples=48, lo=-0.8, hi=0.6)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """One finished run per model (ConvNet, BN-ConvNet) on the synthetic set, as the CLI would leave them."""
+    root = tmp_path_factory.mktemp("results") / "surf"
+    runs = {m: train_run(RunConfig(model=m, **TINY), root).path for m in ("convnet", "bn-convnet")}
+    return root, runs
+
+
+@pytest.fixture
+def copy_of(study, tmp_path):
+    """A fresh copy of the study (the tests write surfaces into their runs)."""
+    root, runs = study
+    dst = tmp_path / "surf"
+    shutil.copytree(root, dst)
+    return dst, {m: dst / p.name for m, p in runs.items()}
+
+
+def _model(run_dir, which):
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    state, _ = sf.load_state(sf.weights_file(run_dir, which))
+    return cfg, sf.build_run_model(cfg, state, (1, 28, 28), 10)
+
+
+# -- the weights every run keeps -----------------------------------------------------------------------------------
+def test_runs_keep_initial_and_final_weights(study):
+    _, runs = study
+    run = runs["bn-convnet"]
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
+    init = torch.load(run / "weights-init.pt", weights_only=True)
+    final = torch.load(run / "weights-final.pt", weights_only=True)
+    torch.manual_seed(cfg.seed)   # what train_run does before building the model
+    fresh = build_model(cfg.model, norm=cfg.norm).state_dict()
+    assert list(init) == list(fresh) and all(torch.equal(init[k], fresh[k]) for k in fresh)
+    last = torch.load(run / "checkpoints" / "epoch-002.pt", weights_only=False)["model"]
+    assert list(final) == list(last) and all(torch.equal(final[k], last[k]) for k in last)
+    assert not torch.equal(init["classifier.weight"], final["classifier.weight"])
+    assert not any(p.name.startswith(".") for p in run.iterdir())   # no temporary files left behind
+    assert (run / "weights-final.pt").stat().st_size < 200_000
+
+
+def test_diverged_or_old_runs_say_why_there_are_no_weights(tmp_path):
+    out = train_run(RunConfig(model="convnet", lr=1e4, **{**TINY, "epochs": 1}), tmp_path)
+    assert out.status == "diverged"
+    assert (out.path / "weights-init.pt").exists() and not (out.path / "weights-final.pt").exists()
+    with pytest.raises(sf.SurfaceError, match="diverged"):
+        sf.weights_file(out.path, "final")
+    (out.path / "weights-init.pt").unlink()
+    with pytest.raises(sf.SurfaceError, match="retrain"):
+        sf.weights_file(out.path, "init")
+    with pytest.raises(sf.SurfaceError, match="checkpoints present: 0"):
+        sf.weights_file(out.path, "7")
+
+
+# -- the store and its resumption ----------------------------------------------------------------------------------
+def test_stored_surface_equals_library_call(copy_of):
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(direction_seed=3, **SMALL)
+    (stored,) = sf.compute_surfaces([runs["bn-convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    assert stored.path == runs["bn-convnet"] / "surfaces" / f"{spec.stem}.npz" and stored.complete
+    cfg, model = _model(runs["bn-convnet"], "final")
+    data = load_dataset("synthetic", subset=cfg.subset, seed=cfg.seed)
+    idx = torch.randperm(data.x_train.shape[0], generator=torch.Generator().manual_seed(sf.SAMPLE_SEED))[:48]
+    g = torch.Generator().manual_seed(3)
+    dirs = [smoothness.random_direction(model, generator=g) for _ in range(2)]
+    ref = smoothness.loss_surface(model, F.cross_entropy, (data.x_train[idx], data.y_train[idx]), dirs,
+                                  list(spec.coords), bn_mode="running")
+    np.testing.assert_array_equal(stored.losses, ref.losses)
+    np.testing.assert_array_equal(stored.accuracies, ref.accuracies)
+    again = sf.read_surface(stored.path)
+    assert again.spec["run"] == runs["bn-convnet"].name and again.spec["weights_sha256"]["final"] == \
+        hashlib.sha256((runs["bn-convnet"] / "weights-final.pt").read_bytes()).hexdigest()
+    with np.load(stored.path, allow_pickle=False) as f:   # the documented arrays, readable without pickle
+        assert sorted(f.files) == ["accuracies", "done", "losses", "spec", "x", "y"]
+        assert f["losses"].shape == (5, 5) and f["done"].dtype == bool
+
+
+def test_kill_and_resume_fills_only_the_missing_cells(copy_of, tmp_path, monkeypatch):
+    root, runs = copy_of
+    spec = sf.SurfaceSpec(bn_stats="recompute", **SMALL)
+    untouched = tmp_path / "reference"
+    shutil.copytree(runs["bn-convnet"], untouched)
+    (full,) = sf.compute_surfaces([untouched], spec, executor="serial", device="cpu", quiet=True)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(run_dir, task):
+        if kill_after_two.n == 2:
+            raise Killed
+        kill_after_two.n += 1
+    kill_after_two.n = 0
+    with pytest.raises(Killed):
+        sf.compute_surfaces([runs["bn-convnet"]], spec, executor="serial", device="cpu", quiet=True,
+                            on_task=kill_after_two)
+    partial = sf.read_surface(sf.surface_path(runs["bn-convnet"], spec))
+    assert partial.done.sum() == 3 * 5 and partial.done[:3].all() and not partial.done[3:].any()
+    assert np.isnan(partial.losses[3:]).all()
+
+    evaluated = []
+    original = sf._Built.evaluate
+    monkeypatch.setattr(sf._Built, "evaluate", lambda self, task: evaluated.append(task) or original(self, task))
+    (resumed,) = sf.compute_surfaces([runs["bn-convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    assert evaluated == [(3, (0, 1, 2, 3, 4)), (4, (0, 1, 2, 3, 4))]
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+    np.testing.assert_array_equal(resumed.accuracies, full.accuracies)
+    evaluated.clear()
+    sf.compute_surfaces([runs["bn-convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    assert evaluated == []   # a finished surface is not recomputed
+
+
+def test_missing_tasks_group_rows_and_1d_runs():
+    done = np.zeros((3, 4), dtype=bool)
+    done[0] = True
+    done[1, [0, 2]] = True
+    assert sf.missing_tasks(done) == [(1, (1, 3)), (2, (0, 1, 2, 3))]
+    line = np.zeros(10, dtype=bool)
+    line[[1, 2]] = True
+    assert sf.missing_tasks(line) == [(None, (0, 3, 4, 5)), (None, (6, 7, 8, 9))]
+
+
+def test_other_weights_are_refused_not_overwritten(copy_of):
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(dim=1, **SMALL)
+    (stored,) = sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    before = stored.path.read_bytes()
+    state = torch.load(runs["convnet"] / "weights-final.pt", weights_only=True)
+    state["classifier.bias"] += 1
+    torch.save(state, runs["convnet"] / "weights-final.pt")
+    with pytest.raises(sf.SurfaceError, match="other weights.*weights_sha256.*move it away"):
+        sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    assert stored.path.read_bytes() == before
+
+
+def test_interpolation_endpoints_are_the_init_and_final_models(copy_of):
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(kind="interpolation", epoch="init:final", dim=1, grid=5, lo=-0.5, hi=1.5, samples=48,
+                          normalize="none", ignore="none")
+    (stored,) = sf.compute_surfaces([runs["bn-convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    np.testing.assert_array_equal(stored.x, [-0.5, 0.0, 0.5, 1.0, 1.5])
+    cfg, final = _model(runs["bn-convnet"], "final")
+    _, init = _model(runs["bn-convnet"], "init")
+    hybrid = build_model(cfg.model, norm=cfg.norm)   # init weights, final running statistics (module docstring)
+    hybrid.load_state_dict({**final.state_dict(), **{n: p.detach() for n, p in init.named_parameters()}})
+    x, y = sf.evaluation_batch(cfg, 48, None)
+    for model, i in ((hybrid, 1), (final, 3)):
+        model.eval()
+        with torch.no_grad():
+            assert stored.losses[i] == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-6, abs=1e-7)
+
+
+# -- executors -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_process_pool_gives_the_serial_numbers(copy_of, tmp_path):
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(**SMALL)
+    other = tmp_path / "serial"
+    shutil.copytree(runs["bn-convnet"].parent, other)
+    pooled = sf.compute_surfaces(list(runs.values()), spec, executor="process", workers=2, device="cpu",
+                                 quiet=True)
+    serial = sf.compute_surfaces([other / p.name for p in runs.values()], spec, executor="serial", device="cpu",
+                                 quiet=True)
+    for a, b in zip(pooled, serial):
+        np.testing.assert_array_equal(a.losses, b.losses)
+        np.testing.assert_array_equal(a.accuracies, b.accuracies)
+
+
+@pytest.mark.slow
+def test_ray_gives_the_serial_numbers(copy_of, tmp_path):
+    pytest.importorskip("ray")
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(dim=1, **SMALL)
+    other = tmp_path / "serial"
+    shutil.copytree(runs["convnet"], other)
+    (a,) = sf.compute_surfaces([runs["convnet"]], spec, executor="ray", workers=1, device="cpu", quiet=True)
+    (b,) = sf.compute_surfaces([other], spec, executor="serial", device="cpu", quiet=True)
+    np.testing.assert_array_equal(a.losses, b.losses)
+
+
+# -- CLI and figures -----------------------------------------------------------------------------------------------
+def _cli(*args):
+    return CliRunner().invoke(main, ["-q", "surface", *map(str, args)], catch_exceptions=False)
+
+
+@pytest.mark.slow
+def test_cli_surfaces_figures_and_byte_reproducible_redraw(copy_of):
+    root, runs = copy_of
+    common = ["--grid", "4", "--samples", "32", "--executor", "serial", "--device", "cpu"]
+    for extra in ([], ["--dim", "1"], ["--interpolate", "--bn-stats", "recompute"]):
+        result = _cli(root, *common, *extra)
+        assert result.exit_code == 0, result.output
+    figures = sorted(p.name for p in (root / "figures").iterdir())
+    stems = sorted({p.rsplit(".", 1)[0] for p in figures})
+    assert [s.split("-")[0] for s in stems] == ["interpolation", "surface", "surface"]
+    assert all(f"{s}.{e}" in figures for s in stems for e in ("png", "pdf"))
+    for run in runs.values():
+        assert sorted(p.stem for p in (run / "surfaces").glob("*.npz")) == stems
+    before = {p: p.read_bytes() for p in (root / "figures").iterdir()}
+    assert _cli(root, *common).exit_code == 0          # finished: only redraws
+    from experiments.analysis.surface_figures import plot_study_surfaces
+    plot_study_surfaces(root)
+    assert {p: p.read_bytes() for p in (root / "figures").iterdir()} == before
+
+
+def test_cli_bad_input(copy_of, tmp_path):
+    root, runs = copy_of
+    run = runs["convnet"]
+    cases = [
+        (["--range", "1:-1"], "LOW < HIGH"),
+        (["--range", "abc"], "LOW:HIGH"),
+        (["--epoch", "last"], "--epoch must be init, final"),
+        (["--epoch", "5"], "no checkpoint of epoch 5"),
+        (["--bn-mode", "batch", "--bn-stats", "recompute"], "applies only to --bn-mode running"),
+        (["--interpolate", "--dim", "2"], "--dim do not apply"),
+        (["--samples", "100000"], "exceeds the run's training subset"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["-q", "surface", str(run), "--executor", "serial", *args])
+        assert result.exit_code != 0 and message in result.output, (args, result.output)
+    result = CliRunner().invoke(main, ["surface", str(tmp_path)])
+    assert result.exit_code != 0 and "neither a run directory" in result.output
+    assert not (run / "surfaces").exists()   # nothing written by a refused command
