@@ -157,8 +157,7 @@ class Reference:
 def run_reference(model, batch, k: int = 5) -> Reference:
     """top_eigenvalues(k, tol=REF_TOL), run through the same Lanczos call but recording every product, so that the
     Ritz values after each step m (Rayleigh-Ritz on the first m vectors) can be compared with the converged ones:
-    the fewest products any stopping rule could have used for 1e-3 on this Krylov sequence. The start vector is the
-    one top_eigenvalues uses for every k (a generator seeded with 0), so the sequence is the one it runs for k=1 too."""
+    the fewest products any stopping rule could have used for 1e-3 on this (block) Krylov sequence."""
     op = HessianOperator(Objective(model, F.cross_entropy, batch, "running"))
     qs, hqs = [], []
 
@@ -168,8 +167,8 @@ def run_reference(model, batch, k: int = 5) -> Reference:
         hqs.append(hq.double())
         return hq
 
-    out = lanczos_top(matvec, op.n, k, tol=REF_TOL, dtype=op.dtype, device=op.device,
-                      generator=torch.Generator().manual_seed(0))
+    out = lanczos_top(lambda rows: torch.stack([matvec(r) for r in rows]), op.n, k, tol=REF_TOL, dtype=op.dtype,
+                      device=op.device, generator=torch.Generator().manual_seed(0))
     ref = [float(v) for v in out.values]
     q, hq = torch.stack(qs), torch.stack(hqs)
     oracle = {}
