@@ -18,18 +18,20 @@ Why blocks
     k is seen once and the missing copy is replaced by the next value, reported as converged. A start block of
     ``block_size >= k`` random vectors spans k independent directions of every eigenspace, so multiplicities up to
     the block size are found. ``top_eigenvalues`` uses ``block_size = k``: for k = 1 this is plain Lanczos, which
-    needs the fewest products for one eigenvalue (measured, benchmarks/results/smoothness.md).
+    needs the fewest products for one eigenvalue (measured, benchmarks/results/eigensolvers.md).
 
 Why not ``scipy.sparse.linalg.eigsh`` or ``lobpcg``
-    Measured side by side on the seed ConvNets (batch 1,000 FashionMNIST images) and on the clustered spectra of
-    issue 9, at equal achieved accuracy (≤ 1e-3 true relative error against a tol-1e-9 reference; see
-    benchmarks/results/smoothness.md, section "Eigen-solver choice"): ARPACK (eigsh) first fills a basis of
-    ``ncv >= max(2k+1, 20)`` vectors before it tests convergence, and with a smaller ``ncv`` its implicit restarts
-    throw away Krylov information, so it needs more products for one or five eigenvalues; LOBPCG keeps only a
-    3·block-dimensional subspace, converges more slowly per product and needs a block larger than k to be reliable.
-    This loop tests after every block product and keeps the whole basis (memory: one vector per product, about
-    4 bytes × parameters each; 40 products of a 29k-parameter ConvNet are 4.6 MB). The small projected eigenproblem
-    is solved on the host by ``numpy.linalg.eigh``; vectors stay on the operator's device.
+    Measured side by side on the seed ConvNets (Hessian on 256 FashionMNIST images) and on the clustered spectrum of
+    issue 9, at equal achieved accuracy (each tool at the loosest tolerance of its own that gets every value within
+    1e-3 of a tol-1e-9 reference; benchmarks/bench_eigensolvers.py, results in benchmarks/results/eigensolvers.md):
+    for the top eigenvalue, the training setting, this loop needs the fewest products (5-9; eigsh 5-21, LOBPCG
+    17-23). For the top 5, ARPACK's single-vector restarted Lanczos needs fewer (21-32 vs 40-45 on the ConvNets),
+    because a block spends k products per step; but a single-vector method cannot find exactly repeated
+    eigenvalues, and its stopping test is ARPACK's, not a bound at the tolerance asked, so the block method stays
+    the default (call ``eigsh`` on ``smoothness.hvp`` for a cheap top-k without multiplicities). LOBPCG was the
+    slowest at every k. This loop tests after every block product and keeps the whole basis (memory: one vector
+    per product, about 4 bytes x parameters each; 40 products of a 29k-parameter ConvNet are 4.6 MB). The small
+    projected eigenproblem is solved on the host by ``numpy.linalg.eigh``; vectors stay on the operator's device.
 """
 from __future__ import annotations
 
