@@ -258,12 +258,6 @@ def render_markdown(results_dir, table: pd.DataFrame, runs: pd.DataFrame, div: p
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write through a temp file in the same directory (``experiments.atomic``): a failure never leaves a partial
-    file, and the file mode follows the umask."""
-    atomic_write_text(path, text)
-
-
 def write_report(results_dir, out_dir=None, compare=None, include_unfinished: bool = False) -> Path:
     """Write report.md and report.csv (the ``summary_table``) to ``out_dir`` (default: results_dir)."""
     study = read_study(results_dir)  # raises AnalysisError before anything is written
@@ -274,10 +268,10 @@ def write_report(results_dir, out_dir=None, compare=None, include_unfinished: bo
     div = divergence_table(runs, compare=compare)
     out_dir = Path(results_dir) if out_dir is None else Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(out_dir / "report.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "report.csv", table.to_csv(index=False))
     md = out_dir / "report.md"
     text = render_markdown(results_dir, table, runs, div, include_unfinished)
     text += "\n".join(render_by_step_size(beta_by_step_size(study, include_unfinished)))
-    write_atomic(md, text)
+    atomic_write_text(md, text)
     return md
 
