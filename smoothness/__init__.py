@@ -5,7 +5,9 @@ train-mode loss (BatchNorm with batch statistics, the loss SGD optimises), ``"ru
 Dropout layers are always off (eval mode) inside estimators, so every number is a deterministic function of w.
 """
 from ._objective import BN_MODES, NonFiniteLossError
+from .concentration import ConcentrationResult, gradient_concentration
 from .curvature import EigenResult, TraceResult, directional_curvature, hessian_trace, top_eigenvalues
+from .density import DensityResult, spectral_density
 from .gradient import loss_and_gradient
 from .hvp import hvp
 from .ics import ICSResult, LayerShift, internal_covariate_shift
@@ -15,6 +17,6 @@ from .probes import LineProbe, line_probe
 __all__ = [
     "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
     "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
-    "internal_covariate_shift",
+    "internal_covariate_shift", "DensityResult", "spectral_density", "ConcentrationResult", "gradient_concentration",
 ]
 __version__ = "0.1.0"
