@@ -6,6 +6,7 @@ running statistics), and the module train/eval flags it sets for the chosen ``bn
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import math
 from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
@@ -170,10 +171,15 @@ def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
 
 # -- curvature over many batches ------------------------------------------------------------------------------------
 def is_single_batch(batch) -> bool:
-    """True for what is meant as one batch: a tensor, or a tuple/list holding a tensor (``(inputs, targets)``, or a
-    malformed pair that :func:`check_batch` then rejects); anything else is read as an iterable of batches."""
-    return isinstance(batch, torch.Tensor) or (
-        isinstance(batch, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in batch))
+    """Whether ``batch`` is meant as one batch rather than an iterable of batches: a tensor, or a tuple/list whose
+    first element is not itself a batch-like pair of tensors (``(inputs, targets)``, or a malformed batch that
+    :func:`check_batch` then rejects with the single-batch message)."""
+    if isinstance(batch, torch.Tensor):
+        return True
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        return not (isinstance(first, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in first))
+    return False
 
 
 class ChunkedObjective:
@@ -196,7 +202,7 @@ class ChunkedObjective:
         if isinstance(batches, (torch.Tensor, str, bytes, Mapping)) or not hasattr(batches, "__iter__"):
             raise TypeError(f"batch must be a pair (inputs, targets) or an iterable of such pairs (a list or a "
                             f"DataLoader), got {type(batches).__name__}")
-        if iter(batches) is batches:
+        if isinstance(batches, collections.abc.Iterator):
             raise TypeError(f"batch is a one-shot iterator ({type(batches).__name__}); curvature over chunks walks "
                             f"them once per Hessian-vector product, so pass a list or a DataLoader instead")
         self.model, self.loss_fn, self.bn_mode, self.batches = model, loss_fn, bn_mode, batches
