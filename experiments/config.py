@@ -46,6 +46,7 @@ class RunConfig:
     local_smoothness_samples: int = 2000    # 0 = the whole training subset (seed 003)
     sharpness_samples: int = 256            # fixed training sample for the top Hessian eigenvalue (0 = off)
     sharpness_tol: float = 1e-3
+    spectrum_every: int = 0                 # Hessian density, top eigenvalues, gradient concentration (0 = off)
     study: str = "fashion-mnist-bn"
     device: str = "auto"
     tensorboard: bool = False
@@ -69,7 +70,7 @@ class RunConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{_option(name)} must be a positive integer, got {value!r}")
-        for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed"):
+        for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed", "spectrum_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{_option(name)} must be a non-negative integer, got {value!r}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import smoothness
 
-from . import tracking
+from . import spectrum, tracking
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .models import build_model
@@ -111,6 +111,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     order = torch.randperm(n, generator=fixed)
     sharp_idx = order[:min(cfg.sharpness_samples, n)].to(device)
     ls_idx = order[:cfg.local_smoothness_samples].to(device) if cfg.local_smoothness_samples else None
+    spec_idx = order[:spectrum.SAMPLES].to(device)
     timer = _Timer(device)
     start_epoch = 0
     if checkpoint is not None and resume:
@@ -121,7 +122,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
         timer.seconds = dict(checkpoint.get("timing", {}))
         boundary = start_epoch * steps_per_epoch
         store.rewrite_records(r for r in store.read_records()
-                              if r["step"] < boundary or (r["kind"] in ("eval", "smoothness")
+                              if r["step"] < boundary or (r["kind"] in ("eval", "smoothness", "spectrum")
                                                           and r["epoch"] <= start_epoch))
     elif resume:
         store.rewrite_records([])
@@ -151,6 +152,10 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 with timer("sharpness"):
                     eig = tracking.sharpness(model, (x_train[sharp_idx], y_train[sharp_idx]), cfg.sharpness_tol)
                 smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
+            if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
+                with timer("spectrum"):
+                    for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm):
+                        emit({"step": step, "epoch": epoch, **rec})
         except smoothness.NonFiniteLossError:
             raise _Diverged(step, "non-finite loss at a smoothness measurement") from None
         emit(smooth)
