@@ -30,6 +30,8 @@ _HELP = {
     "local_smoothness_samples": "training images for the per-epoch local smoothness (0 = the whole subset)",
     "sharpness_samples": "fixed training images for the per-epoch top Hessian eigenvalue (0 = off)",
     "sharpness_tol": "relative tolerance of the sharpness (Lanczos)",
+    "spectrum_every": "Hessian eigenvalue density, top-10 eigenvalues and gradient concentration at init and every "
+                      "E epochs, in both BN modes (0 = off; 1-2 min per measurement and mode on one core)",
     "device": "auto (cuda if available), cpu or cuda",
     "tensorboard": "also write TensorBoard scalars to <run>/tb",
 }
@@ -490,11 +492,13 @@ def studies():
 
 def _register_commands() -> None:
     from .diagnostics import ics_command, variance_command
+    from .spectrum_cli import spectrum_command
     from .status import status_command
     main.add_command(status_command)
     main.add_command(variance_command)
     main.add_command(ics_command)
     from .surface_cli import surface_command; main.add_command(surface_command)  # noqa: E702 (one line to merge)
+    main.add_command(spectrum_command)
 
 
 _register_commands()

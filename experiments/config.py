@@ -87,6 +87,7 @@ class RunConfig:
     local_smoothness_samples: int = 2000    # 0 = the whole training subset (seed 003)
     sharpness_samples: int = 256            # fixed training sample for the top Hessian eigenvalue (0 = off)
     sharpness_tol: float = 1e-3
+    spectrum_every: int = 0                 # Hessian density, top eigenvalues, gradient concentration (0 = off)
     study: str = "fashion-mnist-bn"
     device: str = "auto"
     tensorboard: bool = False
@@ -113,7 +114,7 @@ class RunConfig:
         for name in ("batch_size", "epochs", "probe_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_option(name)} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed"):
+        for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed", "spectrum_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_option(name)} must be a non-negative integer, got {getattr(self, name)!r}")
         if not 0 < self.subset <= 1:

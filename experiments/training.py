@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import smoothness
 
-from . import tracking
+from . import spectrum, tracking
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .models import build_model
@@ -111,6 +111,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     order = torch.randperm(n, generator=fixed)
     sharp_idx = order[:min(cfg.sharpness_samples, n)].to(device)
     ls_idx = order[:cfg.local_smoothness_samples].to(device) if cfg.local_smoothness_samples else None
+    spec_idx = order[:spectrum.SAMPLES].to(device)
     timer = _Timer(device)
     # A checkpoint after pass E holds everything the rest of the run depends on: the weights (and BatchNorm
     # statistics), the optimizer state, the minibatch sampler, torch's global RNG (noisy modules draw from it; on
@@ -152,6 +153,10 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 with timer("sharpness"):
                     eig = tracking.sharpness(model, (x_train[sharp_idx], y_train[sharp_idx]), cfg.sharpness_tol)
                 smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
+            if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
+                with timer("spectrum"):
+                    for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm):
+                        emit({"step": step, "epoch": epoch, **rec})
         except smoothness.NonFiniteLossError:
             raise _Diverged(step, "non-finite loss at a smoothness measurement") from None
         emit(smooth)

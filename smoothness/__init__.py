@@ -9,7 +9,9 @@ raises ``NondeterministicLossError``.
 """
 from ._objective import BN_MODES, NonFiniteLossError
 from ._rng import ESTIMATOR_SEED, NondeterministicLossError
+from .concentration import ConcentrationResult, gradient_concentration
 from .curvature import EigenResult, TraceResult, directional_curvature, hessian_trace, top_eigenvalues
+from .density import DensityResult, spectral_density
 from .gradient import loss_and_gradient
 from .hvp import hvp
 from .ics import ICSResult, LayerShift, internal_covariate_shift
@@ -22,5 +24,6 @@ __all__ = [
     "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
     "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",
+    "DensityResult", "spectral_density", "ConcentrationResult", "gradient_concentration",
 ]
 __version__ = "0.1.0"

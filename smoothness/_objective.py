@@ -10,6 +10,7 @@ at every point and the caller's generators do not move; the evaluation at w goes
 """
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import math
 from typing import Callable, Dict, Iterator, Mapping, Sequence, Tuple
@@ -195,3 +196,119 @@ def diff_norm(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> f
 
 def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     return sum(float(torch.sum(a[n].detach().double() * b[n].detach().double())) for n in a)
+
+
+# -- curvature over many batches ------------------------------------------------------------------------------------
+def is_single_batch(batch) -> bool:
+    """Whether ``batch`` is meant as one batch rather than an iterable of batches: a tensor, or a tuple/list whose
+    first element is not itself a batch-like pair of tensors (``(inputs, targets)``, or a malformed batch that
+    :func:`check_batch` then rejects with the single-batch message)."""
+    if isinstance(batch, torch.Tensor):
+        return True
+    if isinstance(batch, (tuple, list)) and batch:
+        first = batch[0]
+        return not (isinstance(first, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in first))
+    return False
+
+
+class ChunkedObjective:
+    """L(w) = Σ_c n_c·L(w; B_c) / Σ_c n_c over a re-iterable collection of chunks B_c (a list or a DataLoader).
+
+    Each L(w; B_c) is the mean loss of chunk c, so L is the mean loss over all samples when no module couples the
+    samples of a chunk. In ``batch`` BN mode each chunk is normalised with its own batch statistics: L is then the
+    expected loss that SGD with batches of that size sees, not the loss of one giant batch (see METHODS.md §4).
+
+    Nothing but one chunk is held at a time: :meth:`chunks` walks the iterable again on every call, moving each
+    chunk to the parameters' device, so the data can stay on the host (or on disk behind a DataLoader). Every walk
+    must give the same chunks (a DataLoader with ``shuffle=True`` or random augmentation does not), because an
+    operator whose matrix changes between products breaks every Krylov method; this is checked with a cheap
+    fingerprint of each chunk (size and sums of inputs and targets).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batches, bn_mode: str = "batch"):
+        check_bn_mode(bn_mode)
+        trainable_parameters(model)  # the model's errors come before the data's
+        if isinstance(batches, (torch.Tensor, str, bytes, Mapping)) or not hasattr(batches, "__iter__"):
+            raise TypeError(f"batch must be a pair (inputs, targets) or an iterable of such pairs (a list or a "
+                            f"DataLoader), got {type(batches).__name__}")
+        if isinstance(batches, collections.abc.Iterator):
+            raise TypeError(f"batch is a one-shot iterator ({type(batches).__name__}); curvature over chunks walks "
+                            f"them once per Hessian-vector product, so pass a list or a DataLoader instead")
+        self.model, self.loss_fn, self.bn_mode, self.batches = model, loss_fn, bn_mode, batches
+        self.device = next(iter(trainable_parameters(model).values())).device
+        self._fingerprints: list = []
+        self.first: Objective | None = None
+        for i, chunk in enumerate(batches):
+            inputs, targets = self._check(i, chunk)
+            self._fingerprints.append(self._fingerprint(inputs, targets))
+            if self.first is None:
+                self.first = Objective(model, loss_fn, (inputs.to(self.device), targets.to(self.device)), bn_mode)
+        if self.first is None:
+            raise ValueError("the iterable of batches is empty: give at least one (inputs, targets) pair")
+        self.sizes = tuple(fp[0] for fp in self._fingerprints)
+        self.n_samples = sum(self.sizes)
+        # parameters, directions and leaves are those of any chunk's objective
+        self.params, self.names, self.base = self.first.params, self.first.names, self.first.base
+        self.n_params = self.first.n_params
+        self.check_direction = self.first.check_direction
+        self.leaves = self.first.leaves
+        self.check_finite = self.first.check_finite
+
+    def _check(self, i: int, chunk) -> Tuple[torch.Tensor, torch.Tensor]:
+        try:
+            inputs, targets = check_batch(chunk)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"chunk {i} of the batches: {exc}") from None
+        if self._fingerprints:
+            first_shape = self._fingerprints[0][1]
+            if (tuple(inputs.shape[1:]), tuple(targets.shape[1:])) != first_shape:
+                raise ValueError(f"chunk {i} of the batches has inputs of shape {tuple(inputs.shape)} and targets "
+                                 f"of shape {tuple(targets.shape)}, but chunk 0 has per-sample shapes "
+                                 f"{first_shape[0]} and {first_shape[1]}; every chunk must hold the same kind "
+                                 f"of samples")
+        return inputs, targets
+
+    @staticmethod
+    def _fingerprint(inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
+        return (int(inputs.shape[0]), (tuple(inputs.shape[1:]), tuple(targets.shape[1:])),
+                float(inputs.detach().double().sum()), float(targets.detach().double().sum()))
+
+    def chunks(self) -> Iterator[Tuple[float, Objective]]:
+        """(n_c / N, the objective of chunk c) for every chunk, one at a time."""
+        count = 0
+        for i, chunk in enumerate(self.batches):
+            inputs, targets = self._check(i, chunk)
+            if i >= len(self._fingerprints) or self._fingerprint(inputs, targets) != self._fingerprints[i]:
+                raise ValueError(f"the batches changed between two passes (chunk {i} differs); curvature over "
+                                 f"chunks needs the same chunks on every pass: use a list, or a DataLoader with "
+                                 f"shuffle=False and no random transforms")
+            count += 1
+            yield (self.sizes[i] / self.n_samples,
+                   Objective(self.model, self.loss_fn, (inputs.to(self.device), targets.to(self.device)),
+                             self.bn_mode))
+        if count != len(self._fingerprints):
+            raise ValueError(f"the batches changed between two passes ({count} chunks instead of "
+                             f"{len(self._fingerprints)}); curvature over chunks needs the same chunks every pass")
+
+    def loss_and_grad(self, shift=None, scale: float = 1.0, *, check_finite: bool = False):
+        """The sample-weighted mean of the chunks' losses and gradients."""
+        total, grad = 0.0, None
+        for weight, objective in self.chunks():
+            loss, g = objective.loss_and_grad(shift, scale, check_finite=check_finite)
+            total += weight * float(loss)
+            grad = ({n: weight * t for n, t in g.items()} if grad is None
+                    else {n: grad[n] + weight * t for n, t in g.items()})
+        return torch.tensor(total, dtype=torch.float64), grad
+
+
+def make_objective(model: nn.Module, loss_fn: Callable, batch, bn_mode: str = "batch"):
+    """The objective of one batch, or of an iterable of batches (one chunk: that chunk's plain Objective)."""
+    if is_single_batch(batch):
+        return Objective(model, loss_fn, batch, bn_mode)
+    chunked = ChunkedObjective(model, loss_fn, batch, bn_mode)
+    return chunked.first if len(chunked.sizes) == 1 else chunked
+
+
+def sample_count(objective) -> int:
+    """How many samples the objective's loss averages over (the ``batch_size`` recorded with every result)."""
+    return objective.n_samples if isinstance(objective, ChunkedObjective) else int(objective.inputs.shape[0])

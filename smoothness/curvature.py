@@ -1,4 +1,10 @@
-"""Curvature of L(w; B): top Hessian eigenvalues (sharpness), trace, and curvature along a direction."""
+"""Curvature of L(w; B): top Hessian eigenvalues (sharpness), trace, and curvature along a direction.
+
+Every function takes ``batch`` as one ``(inputs, targets)`` pair or as an iterable of pairs (a list or a
+DataLoader): then L is the sample-weighted mean of the chunks' mean losses, each chunk is processed on its own (in
+``batch`` BN mode with its own batch statistics) and memory stays that of one chunk; ``batch_size`` in the results
+is the total number of samples. See ``smoothness._objective.ChunkedObjective``.
+"""
 from __future__ import annotations
 
 import math
@@ -8,8 +14,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from ._objective import Objective, dot
-from .hvp import HessianOperator
+from ._objective import dot, make_objective, sample_count
+from .hvp import hessian_operator
 from .lanczos import lanczos_top
 
 
@@ -90,7 +96,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
     Deterministic by default (random start rows come from a generator seeded with 0 unless ``generator`` is
     given). One forward pass and one backward pass with a retained graph, then one extra backward pass per product.
     """
-    objective = Objective(model, loss_fn, batch, bn_mode)
+    objective = make_objective(model, loss_fn, batch, bn_mode)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1 or k >= objective.n_params:
@@ -104,17 +110,17 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
         raise ValueError(f"block_size must be an int in [1, number of trainable parameters "
                          f"({objective.n_params})] or None (k); got {block_size!r}")
     block = min(k, objective.n_params) if block_size is None else block_size
-    op = HessianOperator(objective)
+    op = hessian_operator(objective)
     rows = None if start is None else _start_rows(start, objective, op)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     out = lanczos_top(lambda v: torch.stack([op.matvec(r) for r in v]), op.n, k, tol=tol, block_size=block,
                       max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen, start=rows)
     return EigenResult(values=tuple(float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
                        error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
-                       batch_size=int(objective.inputs.shape[0]), vectors=out.vectors)
+                       batch_size=sample_count(objective), vectors=out.vectors)
 
 
-def _start_rows(start, objective: Objective, op: HessianOperator) -> torch.Tensor:
+def _start_rows(start, objective, op) -> torch.Tensor:
     """``start`` as an (m, n) tensor of rows on the parameters' device and dtype, with a clear error if it cannot
     be one."""
     n = op.n
@@ -163,8 +169,8 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int 
     """Hutchinson's estimate of tr ∇²L(w; B) = E[vᵀHv] over Rademacher v, with its standard error."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an int >= 2 (the standard error needs two samples); got {n_samples}")
-    objective = Objective(model, loss_fn, batch, bn_mode)
-    op = HessianOperator(objective)
+    objective = make_objective(model, loss_fn, batch, bn_mode)
+    op = hessian_operator(objective)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     samples = []
     for _ in range(n_samples):
@@ -172,13 +178,13 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int 
         samples.append(float(torch.dot(v, op.matvec(v))))
     t = torch.tensor(samples, dtype=torch.float64)
     return TraceResult(mean=float(t.mean()), stderr=float(t.std(unbiased=True) / math.sqrt(n_samples)),
-                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=int(objective.inputs.shape[0]))
+                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective))
 
 
 def directional_curvature(model: nn.Module, loss_fn: Callable, batch, direction: Mapping, *,
                           bn_mode: str = "batch") -> float:
     """dᵀHd / dᵀd: the exact curvature of L along d (compare with the effective β of a line probe along d)."""
-    objective = Objective(model, loss_fn, batch, bn_mode)
+    objective = make_objective(model, loss_fn, batch, bn_mode)
     d = objective.check_direction(direction)
-    hd = HessianOperator(objective).matvec_dict(d)
+    hd = hessian_operator(objective).matvec_dict(d)
     return dot(d, hd) / dot(d, d)

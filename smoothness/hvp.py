@@ -1,22 +1,35 @@
 """Hessian-vector products: the one product all curvature code is built on.
 
-``HessianOperator`` runs the forward pass and the first backward pass once (with ``create_graph=True``) and then
-answers every product H·v with one more backward pass through that graph, the way a Krylov method needs it.
+Three implementations of the same operator H = ∇²L(w), chosen by :func:`hessian_operator`:
+
+- ``HessianOperator`` (one batch): runs the forward pass and the first backward pass once (with
+  ``create_graph=True``) and then answers every product H·v with one more backward pass through that graph, the way
+  a Krylov method needs it.
+- ``LinearizedHessianOperator`` (one batch, many products): ``torch.func.linearize`` of the gradient traces the
+  forward-over-reverse product once and keeps only its tangent part. PyTorch's double backward of a convolution
+  computes the gradient with respect to the layer's input even when nothing needs it: for a network's first layer
+  that is a large transposed convolution per product, on a slow path (a quarter to a third of a product on the seed
+  ConvNet). The linearized product skips it. Tracing costs a few seconds once, so :func:`hessian_operator` uses it
+  only when the expected products' convolution work is large; on networks without convolutions it gains nothing.
+- ``ChunkedHessianOperator`` (an iterable of batches): every product re-runs each chunk's forward and first
+  backward, takes that chunk's product and frees its graph before the next chunk. Memory is one chunk's graph
+  whatever the number of chunks; the price is the recomputation (about 2-3x a product with a retained graph).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, Mapping
 
 import torch
 from torch import nn
 
-from ._objective import Objective, Params
+from ._objective import ChunkedObjective, Objective, Params, make_objective
 
 
-class HessianOperator:
-    """H = ∇²L(w; B) as a linear map on flat vectors (and on parameter dicts)."""
+class _FlatOperator:
+    """The parameter layout shared by the operators: dicts of tensors <-> one flat vector."""
 
-    def __init__(self, objective: Objective):
+    def __init__(self, objective):
         self.objective = objective
         self.names = objective.names
         self.shapes = [objective.base[n].shape for n in self.names]
@@ -24,6 +37,24 @@ class HessianOperator:
         self.n = objective.n_params
         self.dtype = objective.base[self.names[0]].dtype
         self.device = objective.base[self.names[0]].device
+        self.n_hvp = 0
+
+    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tensors[n].reshape(-1) for n in self.names])
+
+    def unflatten(self, flat: torch.Tensor) -> Params:
+        parts = torch.split(flat, self.numels)
+        return {n: t.reshape(s) for n, t, s in zip(self.names, parts, self.shapes)}
+
+    def matvec(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.matvec_dict(self.unflatten(flat)))
+
+
+class HessianOperator(_FlatOperator):
+    """H = ∇²L(w; B) as a linear map on flat vectors (and on parameter dicts)."""
+
+    def __init__(self, objective: Objective):
+        super().__init__(objective)
         leaves = objective.leaves()
         self._leaves = tuple(leaves.values())
         with torch.enable_grad():
@@ -37,14 +68,6 @@ class HessianOperator:
         self._used_leaves = tuple(p for p, u in zip(self._leaves, self._used) if u)
         self.gradient = {n: (g.detach() if g is not None else torch.zeros_like(p))
                          for n, g, p in zip(self.names, grads, self._leaves)}
-        self.n_hvp = 0
-
-    def flatten(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([tensors[n].reshape(-1) for n in self.names])
-
-    def unflatten(self, flat: torch.Tensor) -> Params:
-        parts = torch.split(flat, self.numels)
-        return {n: t.reshape(s) for n, t, s in zip(self.names, parts, self.shapes)}
 
     def matvec_dict(self, vector: Mapping[str, torch.Tensor]) -> Params:
         self.n_hvp += 1
@@ -61,17 +84,92 @@ class HessianOperator:
             out[n] = torch.zeros_like(p) if h is None else h.detach()
         return out
 
-    def matvec(self, flat: torch.Tensor) -> torch.Tensor:
-        return self.flatten(self.matvec_dict(self.unflatten(flat)))
+
+class LinearizedHessianOperator(_FlatOperator):
+    """H = ∇²L(w; B) through ``torch.func.linearize(∇L, w)``: one trace, then tangent-only products.
+
+    Raises whatever ``torch.func`` raises for a model it cannot trace (data-dependent Python control flow,
+    ``.item()`` in the forward, in-place writes to captured tensors); :func:`hessian_operator` then falls back
+    to :class:`HessianOperator`.
+    """
+
+    def __init__(self, objective: Objective):
+        super().__init__(objective)
+        base = {n: objective.base[n] for n in self.names}
+        with warnings.catch_warnings():  # torch.fx's const folding and make_fx warn about their own internals
+            warnings.simplefilter("ignore")
+            (grad, loss), self._jvp = torch.func.linearize(torch.func.grad_and_value(objective.loss), base)
+        objective.check_finite(loss)
+        self.loss = float(loss.detach())
+        self.gradient = {n: grad[n].detach() for n in self.names}
+
+    def matvec_dict(self, vector: Mapping[str, torch.Tensor]) -> Params:
+        self.n_hvp += 1
+        hv, _ = self._jvp({n: vector[n] for n in self.names})
+        return {n: hv[n].detach() for n in self.names}
+
+
+class ChunkedHessianOperator(_FlatOperator):
+    """H = Σ_c (n_c/N)·∇²L(w; B_c) over the chunks of a :class:`ChunkedObjective`, one chunk's graph at a time."""
+
+    def __init__(self, objective: ChunkedObjective):
+        super().__init__(objective)
+        loss, grad = objective.loss_and_grad(check_finite=True)
+        self.loss = float(loss)
+        self.gradient = grad
+
+    def matvec_dict(self, vector: Mapping[str, torch.Tensor]) -> Params:
+        self.n_hvp += 1
+        out = None
+        for weight, chunk in self.objective.chunks():
+            hv = HessianOperator(chunk).matvec_dict(vector)  # the chunk's graph is freed when the operator goes
+            out = ({n: weight * t for n, t in hv.items()} if out is None
+                   else {n: out[n] + weight * t for n, t in hv.items()})
+        return out
+
+
+# Linearize when (convolution FLOPs of one forward pass) x (expected products) reaches this: about 25 s of
+# products on one CPU core, of which the linearized product saves well over the 2-5 s the trace costs.
+LINEARIZE_MIN_CONV_FLOPS = 1e11
+
+
+def _conv_flops(objective: Objective) -> float:
+    """Convolution FLOPs of one forward pass on the objective's batch (0 without convolution modules)."""
+    if not any(isinstance(m, nn.modules.conv._ConvNd) for m in objective.model.modules()):
+        return 0.0
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        objective.loss(objective.base)
+    return float(sum(count for op, count in counter.get_flop_counts().get("Global", {}).items()
+                     if "convolution" in str(op)))
+
+
+def hessian_operator(objective, *, products: int = 0) -> _FlatOperator:
+    """The operator for ``objective``: chunked for an iterable of batches; for one batch, linearized when about
+    ``products`` products will be taken and their convolution work makes the trace pay (and the model can be
+    traced), else a retained graph. The choice depends only on the model and the batch shape, never on timings,
+    so results are reproducible."""
+    if isinstance(objective, ChunkedObjective):
+        return ChunkedHessianOperator(objective)
+    if products and _conv_flops(objective) * products >= LINEARIZE_MIN_CONV_FLOPS:
+        try:
+            return LinearizedHessianOperator(objective)
+        except Exception:  # noqa: BLE001 -- an untraceable model still has a Hessian: take the general route
+            pass
+    return HessianOperator(objective)
 
 
 def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.Tensor], *,
         bn_mode: str = "batch") -> Dict[str, torch.Tensor]:
     """The exact Hessian-vector product H·v with H = ∇²_w L(w; B), by double backpropagation.
 
-    ``vector`` and the result are dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only).
-    The model is left exactly as it was (parameters, buffers, train/eval flags, ``.grad``).
+    ``batch`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
+    :class:`~smoothness._objective.ChunkedObjective`): then H is the Hessian of the sample-weighted mean of the
+    chunks' mean losses, computed one chunk at a time. ``vector`` and the result are dicts keyed like
+    ``dict(model.named_parameters())`` (trainable parameters only). The model is left exactly as it was
+    (parameters, buffers, train/eval flags, ``.grad``).
     """
-    objective = Objective(model, loss_fn, batch, bn_mode)
+    objective = make_objective(model, loss_fn, batch, bn_mode)
     v = objective.check_direction(vector, "vector", allow_zero=True)
-    return HessianOperator(objective).matvec_dict(v)
+    return hessian_operator(objective).matvec_dict(v)

@@ -82,6 +82,8 @@ CALLS = {
         m, ce, b, {n: p.detach() for n, p in m.named_parameters()},
         {n: p.detach() + d for (n, p), d in zip(m.named_parameters(), direction(m).values())}, [0.0, 0.5, 1.0],
         bn_mode="running", bn_stats="recompute"),
+    "spectral_density": lambda m, b: smoothness.spectral_density(m, ce, b, n_probes=2, n_steps=6),
+    "gradient_concentration": lambda m, b: smoothness.gradient_concentration(m, ce, b, 2),
 }
 
 

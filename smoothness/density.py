@@ -1,0 +1,164 @@
+"""The Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ; Ghorbani, Krishnan & Xiao 2019).
+
+For a symmetric n×n H with eigenpairs (λ_i, u_i) and a unit probe v, the spectral measure of v is
+μ_v = Σ_i (u_iᵀv)² δ(λ_i); over Rademacher probes E[μ_v] = (1/n) Σ_i δ(λ_i), the eigenvalue density. m Lanczos
+steps from v give a tridiagonal T_m = S diag(θ) Sᵀ, and the Gauss quadrature Σ_j τ_j δ(θ_j) with nodes θ_j (the
+Ritz values) and weights τ_j = S_{1j}² matches the first 2m−1 moments of μ_v exactly. The estimate is the average
+of these quadrature measures over probes; for plots it is smoothed with a Gaussian of width σ.
+
+Pitfalls, and what this module does about them:
+
+- **Loss of orthogonality.** Plain three-term Lanczos loses orthogonality as soon as a Ritz value converges (the
+  outliers converge first), and then finds the same eigenvalue again and again: "ghost" copies (16 nodes on one
+  outlier after 120 steps in tests/smoothness/test_density.py) that waste the resolution meant for the bulk and,
+  while not yet converged, smear spurious mass around the outliers. Every step here is reorthogonalised against the
+  whole basis, twice (Parlett's "twice is enough"); the basis costs m·n numbers per probe, little next to m
+  Hessian-vector products. PyHessian reorthogonalises once per step but takes β from the vector before that pass,
+  so T and the basis disagree slightly.
+- **Breakdown.** If the probe lies in an invariant subspace of dimension j < m (a Hessian with few distinct
+  eigenvalues, e.g. a quadratic), β_j vanishes and the quadrature is already exact for that probe: the loop stops
+  there (``n_hvp`` then counts fewer products) rather than restarting from a random vector, whose nodes would carry
+  zero weight anyway.
+- **Choice of σ.** The quadrature is a sum of point masses; the smoothed density is only as good as σ is wide
+  compared with the spacing of the nodes (about (λ_max − λ_min)/m per probe in the bulk). Too small a σ draws a comb
+  of spikes; too large a σ melts the outliers into the bulk. :meth:`DensityResult.density` takes σ explicitly;
+  the figures of ``experiments.analysis.spectrum_figures`` use σ = (λ_max − λ_min)/200.
+- **Log scale and its floor.** Outliers carry weight about 1/n each (3e-5 for the seed ConvNet), so they are
+  visible only on a log scale, where the Gaussian tails fall to 0 and log 0 = −∞: plots clip the density at a floor
+  (1e-7 by default there) well below the smallest interesting peak, w/(σ√(2π)) for weight w.
+- **Probes vs steps.** More steps resolve the spectrum (the Gauss rule is exact for polynomials of degree 2m−1);
+  more probes average the random weights (each outlier's weight (u_iᵀv)² is one draw of a χ²₁/n variable, so one
+  probe places the outliers right but weighs them within a factor of a few). Cost: n_probes × n_steps products.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from scipy.linalg import eigh_tridiagonal
+from torch import nn
+
+from ._objective import make_objective, sample_count
+from .hvp import hessian_operator
+
+# β below this multiple of the machine epsilon times the largest |α|, β seen means the Krylov space is invariant
+_BREAKDOWN = 50.0
+
+
+@dataclass(frozen=True)
+class DensityResult:
+    """Per probe p: Gauss quadrature nodes (ascending) and weights (summing to 1) of the Hessian's spectral measure."""
+
+    nodes: Tuple[Tuple[float, ...], ...]
+    weights: Tuple[Tuple[float, ...], ...]
+    n_params: int                    # n: the density is that of the n eigenvalues of an n×n Hessian
+    n_steps: int                     # Lanczos steps asked for (a probe stops earlier on breakdown)
+    n_hvp: int
+    bn_mode: str
+    batch_size: int                  # samples the loss averages over (all chunks together)
+
+    def __post_init__(self):
+        if len(self.nodes) != len(self.weights) or not self.nodes:
+            raise ValueError(f"nodes and weights must hold the same number (>= 1) of probes; got {len(self.nodes)} "
+                             f"and {len(self.weights)}")
+        for p, (x, w) in enumerate(zip(self.nodes, self.weights)):
+            if len(x) != len(w) or not x:
+                raise ValueError(f"probe {p}: {len(x)} nodes but {len(w)} weights; each probe needs one weight per "
+                                 f"node")
+
+    @property
+    def n_probes(self) -> int:
+        return len(self.nodes)
+
+    def measure(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The estimated spectral measure: all probes' nodes and their weights divided by the number of probes
+        (sums to 1), sorted by node. Feed it to ``scipy.stats.wasserstein_distance(nodes, x, weights, ...)``."""
+        nodes = np.concatenate([np.asarray(x, dtype=np.float64) for x in self.nodes])
+        weights = np.concatenate([np.asarray(w, dtype=np.float64) for w in self.weights]) / self.n_probes
+        order = np.argsort(nodes, kind="stable")
+        return nodes[order], weights[order]
+
+    def moment(self, k: int) -> float:
+        """Estimate of (1/n)·tr(H^k); exact in expectation over probes for k <= 2·n_steps − 1."""
+        nodes, weights = self.measure()
+        return float(np.sum(weights * nodes ** k))
+
+    def density(self, grid, sigma: float) -> np.ndarray:
+        """The Gaussian-smoothed density φ(t) = Σ τ N(t; θ, σ²) / n_probes on ``grid``; it integrates to 1, so the
+        outliers' share of the n eigenvalues shows as area (see the module docstring on σ and log scales)."""
+        if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+            raise ValueError(f"sigma must be a positive finite number (the Gaussian's standard deviation, in "
+                             f"eigenvalue units), got {sigma!r}")
+        t = np.asarray(grid, dtype=np.float64)
+        if t.ndim != 1 or t.size == 0 or not np.all(np.isfinite(t)):
+            raise ValueError(f"grid must be a non-empty 1-D array of finite eigenvalues, got shape {t.shape}")
+        nodes, weights = self.measure()
+        out = np.empty_like(t)
+        step = max(1, 4_000_000 // max(1, nodes.size))  # bounds the (grid × nodes) matrix at 32 MB
+        for i in range(0, t.size, step):
+            z = (t[i:i + step, None] - nodes[None, :]) / sigma
+            out[i:i + step] = np.exp(-0.5 * z * z) @ weights
+        return out / (sigma * math.sqrt(2 * math.pi))
+
+
+def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], start: torch.Tensor,
+                       n_steps: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Gauss quadrature of the spectral measure of ``start``: m <= n_steps Lanczos steps with full
+    reorthogonalisation, then nodes = eigenvalues of T (ascending) and weights = squared first components."""
+    n = start.numel()
+    m = min(n_steps, n)
+    q = start / torch.linalg.vector_norm(start)
+    basis = torch.empty((m, n), dtype=start.dtype, device=start.device)
+    alphas, betas = [], []
+    scale = 0.0
+    eps = torch.finfo(start.dtype).eps
+    for j in range(m):
+        basis[j] = q
+        w = matvec(q)
+        alpha = float(torch.dot(w, q))
+        w = w - alpha * q
+        if j > 0:
+            w = w - betas[-1] * basis[j - 1]
+        for _ in range(2):
+            w = w - basis[:j + 1].T @ (basis[:j + 1] @ w)
+        beta = float(torch.linalg.vector_norm(w))
+        alphas.append(alpha)
+        scale = max(scale, abs(alpha), beta)
+        if j == m - 1 or beta <= _BREAKDOWN * eps * scale:
+            break
+        betas.append(beta)
+        q = w / beta
+    if len(alphas) == 1:
+        return np.array(alphas), np.ones(1)
+    theta, s = eigh_tridiagonal(np.array(alphas), np.array(betas))
+    weights = s[0] ** 2
+    return theta, weights / weights.sum()
+
+
+def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: int = 4, n_steps: int = 80,
+                     bn_mode: str = "batch", generator: Optional[torch.Generator] = None) -> DensityResult:
+    """The eigenvalue density of ∇²_w L(w; B) by stochastic Lanczos quadrature (see the module docstring).
+
+    ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each (capped at the number of parameters): at most
+    n_probes × n_steps Hessian-vector products (on convolutional networks with enough work, linearized products
+    after a one-off trace, see ``smoothness.hvp``). ``batch`` is one ``(inputs, targets)`` pair or an iterable of them
+    (see ``smoothness.curvature``). Deterministic by default (probes from a generator seeded with 0 unless
+    ``generator`` is given); the model is left exactly as it was.
+    """
+    for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    objective = make_objective(model, loss_fn, batch, bn_mode)
+    op = hessian_operator(objective, products=n_probes * min(n_steps, objective.n_params))
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    nodes, weights = [], []
+    for _ in range(n_probes):
+        v = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
+        theta, tau = lanczos_quadrature(op.matvec, v, n_steps)
+        nodes.append(tuple(float(x) for x in theta))
+        weights.append(tuple(float(x) for x in tau))
+    return DensityResult(nodes=tuple(nodes), weights=tuple(weights), n_params=op.n, n_steps=n_steps,
+                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective))
