@@ -11,11 +11,13 @@ from .hvp import hvp
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
 from .lipschitz import local_lipschitz
+from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
 
 __all__ = [
     "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
     "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",
+    "preconditioned_top_eigenvalues",
 ]
 __version__ = "0.1.0"
