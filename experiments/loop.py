@@ -21,6 +21,7 @@ any other record, so records are in the order they describe. A non-finite step l
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from contextlib import contextmanager
@@ -58,12 +59,15 @@ class StepState:
 
 @dataclass(frozen=True)
 class Hook:
-    """``fn(state)`` returns the records it made (a dict, a list of dicts or None); timed under ``name``."""
+    """``fn(state)`` returns the records it made (a dict, a list of dicts or None). It is timed under ``name``
+    unless ``timed`` is False (a hook that times its parts itself); ``what`` names it in a divergence reason."""
 
     name: str
     every: int
     when: str
     fn: Callable[[StepState], object]
+    timed: bool = True
+    what: str = ""
 
     def __post_init__(self):
         if self.when not in WHEN:
@@ -147,10 +151,10 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, bat
             if hook.when == when and (hook.due(state.step) or (when == "point" and state.step == total)):
                 steps.flush()  # divergence at an earlier step is found before this hook runs on its weights
                 try:
-                    with timer(hook.name):
+                    with timer(hook.name) if hook.timed else contextlib.nullcontext():
                         out = hook.fn(state)
                 except smoothness.NonFiniteLossError:
-                    raise Diverged(state.step, f"non-finite loss at {hook.name.replace('_', ' ')}") from None
+                    raise Diverged(state.step, f"non-finite loss at {hook.what or hook.name}") from None
                 record(out, state.step)
 
     extra = extra_records or (lambda t: {})

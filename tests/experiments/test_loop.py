@@ -111,15 +111,17 @@ def test_a_hook_that_meets_a_non_finite_loss_names_itself():
         raise smoothness.NonFiniteLossError("nan")
 
     with pytest.raises(Diverged) as err:
-        run_steps(model, opt, None, batches, start=0, total=5, hooks=[Hook("line_probe", 2, "before", measure)],
+        run_steps(model, opt, None, batches, start=0, total=5,
+                  hooks=[Hook("probe", 2, "before", measure, what="a line probe")],
                   emit=lambda r: None, epoch_of=lambda t: 0, timer=Timer("cpu"))
-    assert (err.value.step, err.value.reason) == (0, "non-finite loss at line probe")
+    assert (err.value.step, err.value.reason) == (0, "non-finite loss at a line probe")
 
 
 def test_timer_books_each_hook_under_its_name():
     model, opt, batches = _setup()
     timer = Timer("cpu")
-    run_steps(model, opt, None, batches, start=0, total=3, hooks=[Hook("probe", 1, "before", lambda s: None)],
+    run_steps(model, opt, None, batches, start=0, total=3,
+              hooks=[Hook("probe", 1, "before", lambda s: None), Hook("own", 1, "point", lambda s: None, timed=False)],
               emit=lambda r: None, epoch_of=lambda t: 0, timer=timer)
     assert set(timer.seconds) == {"train", "probe"} and all(v > 0 for v in timer.seconds.values())
 
