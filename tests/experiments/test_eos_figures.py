@@ -82,20 +82,28 @@ def test_band_is_a_parameter(study):
 def test_markdown_lists_every_run(study):
     text = eos_markdown(eos_table(*_frames(study)))
     assert text.startswith("## Edge of stability")
-    assert "| fc-tanh | 0.05 | 0 | 40 | 20 | 30 | 5 | 0.60 | 1.025 | 1.25 | done |" in text
-    assert "| fc-tanh | 0.02 | 0 | 100 | 20 | never | 0 | – | – | 0.4 | done |" in text
-    assert "| fc-tanh (P⁻¹H) | 0.01 | 0 | 3800 |" in text
+    # the analysis labels runs of one folder that differ in an option by it (fc-tanh [optimizer=sgd])
+    assert "| fc-tanh [optimizer=sgd] | 0.05 | 0 | 40 | 20 | 30 | 5 | 0.60 | 1.025 | 1.25 | done |" in text
+    assert "| fc-tanh [optimizer=sgd] | 0.02 | 0 | 100 | 20 | never | 0 | – | – | 0.4 | done |" in text
+    assert "| fc-tanh [optimizer=adam] (P⁻¹H) | 0.01 | 0 | 3800 |" in text
 
 
 def test_figure_draws_loss_and_sharpness_with_each_threshold_in_its_colour(study):
     df, runs = _frames(study)
     fig = eos_figure(df, runs)
-    top, bottom = fig.axes[0], fig.axes[1]
-    assert top.get_yscale() == "log" and "loss" in top.get_ylabel()
-    lines = [ln for ln in bottom.get_lines() if ln.get_linestyle() == "--"]
-    drawn = {round(float(ln.get_ydata()[0]), 6): mcolors.to_hex(ln.get_color()) for ln in lines}
+    axes = fig.axes[:4]  # 2 rows x 2 columns: one column per model label (the Adam run is its own variant)
+    tops, bottoms = axes[:2], axes[2:]
+    assert [a.get_title() for a in tops] == ["fc-tanh [optimizer=adam]", "fc-tanh [optimizer=sgd]"]
+    assert all(a.get_yscale() == "log" and "loss" in a.get_ylabel() for a in tops)
+    assert "P⁻¹H" in bottoms[0].get_ylabel() and bottoms[1].get_ylabel() == "sharpness λ_max(H)"
+    drawn = {}
+    for ax in bottoms:
+        for ln in ax.get_lines():
+            if ln.get_linestyle() == "--":
+                drawn[round(float(ln.get_ydata()[0]), 6)] = mcolors.to_hex(ln.get_color())
     assert set(drawn) == {40.0, 100.0, 3800.0}
-    curves = {mcolors.to_hex(ln.get_color()) for ln in bottom.get_lines() if ln.get_linestyle() == "-"}
+    curves = {mcolors.to_hex(ln.get_color()) for ax in bottoms for ln in ax.get_lines()
+              if ln.get_linestyle() == "-"}
     assert curves == set(drawn.values()) and len(curves) == 3  # one colour per η, shared by curve and threshold
 
 
