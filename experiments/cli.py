@@ -18,18 +18,35 @@ from .launchers import EXECUTORS
 _HELP = {
     "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10)",
     "subset": "fraction of the training set used, drawn with the run's seed",
-    "batch_size": "minibatch size",
-    "epochs": "passes over the training subset (a pass is round(n / batch) steps)",
+    "batch_size": "minibatch size, or 'full': every step on the whole training subset (gradient descent)",
+    "epochs": "passes over the training subset (a pass is round(n / batch) steps; one step at full batch)",
     "sampling": "minibatches drawn with replacement (the seed's) or by shuffling each pass",
     "naive_init": "uniform(-1, 1) initialisation of MLP layers (seed 000)",
+    "loss": "training loss: cross-entropy, or mse (Cohen et al.'s square loss on one-hot targets)",
+    "optimizer": "torch's sgd, adam or adamw",
+    "momentum": "SGD momentum (torch's heavy ball)",
+    "nesterov": "Nesterov momentum (SGD)",
+    "weight_decay": "weight decay (L2 in the gradient for sgd/adam, decoupled for adamw)",
+    "adam_beta1": "Adam/AdamW beta1",
+    "adam_beta2": "Adam/AdamW beta2",
+    "adam_eps": "Adam/AdamW epsilon",
+    "lr_schedule": "learning-rate schedule per step: constant, cosine (to 0 at the end) or step",
+    "warmup_steps": "linear warmup over the first N steps (0 = none)",
+    "lr_decay_every": "step schedule: multiply the lr by --lr-decay-factor every N steps",
+    "lr_decay_factor": "step schedule: the factor of each decay",
     "probe_every": "line probe every N SGD steps (0 = off)",
     "probe_steps": "number K of step sizes in a line probe",
     "probe_min": "smallest probe step, in units of lr",
     "probe_max": "largest probe step, in units of lr",
     "probe_bn_mode": "BatchNorm mode of the line probes",
+    "probe_direction": "line probes along d = -gradient (Santurkar) or along the optimizer's actual update",
+    "eval_every": "passes between evaluations, per-pass smoothness and checkpoints",
     "local_smoothness_samples": "training images for the per-epoch local smoothness (0 = the whole subset)",
-    "sharpness_samples": "fixed training images for the per-epoch top Hessian eigenvalue (0 = off)",
+    "sharpness_samples": "fixed training images for the top Hessian eigenvalue (0 = the whole subset)",
+    "sharpness_every": "sharpness every N steps, with the optimizer's stability threshold (0 = once per evaluation)",
     "sharpness_tol": "relative tolerance of the sharpness (Lanczos)",
+    "sharpness_start": "start each sharpness measurement from a random vector (cold) or from the previous "
+                       "measurement's top eigenvector (warm: fewer Hessian-vector products along training)",
     "spectrum_every": "Hessian eigenvalue density, top-10 eigenvalues and gradient concentration at init and every "
                       "E epochs, in both BN modes (0 = off; 1-2 min per measurement and mode on one core)",
     "device": "auto (cuda if available), cpu or cuda",
@@ -41,11 +58,35 @@ _TRACKING_FIELDS = tuple(_HELP)
 MAX_RUNS = 10_000
 
 
+class BatchSize(click.ParamType):
+    """A positive integer, or "full" (stored as 0): full-batch gradient descent."""
+
+    name = "N|full"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif str(value).strip().lower() == "full":
+            return 0
+        else:
+            try:
+                number = int(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is neither a positive integer nor 'full'", param, ctx)
+        if number < 1:
+            self.fail(f"{value!r} must be a positive integer or 'full' (the whole training subset)", param, ctx)
+        return number
+
+
 def _field_type(f: dataclasses.Field):
-    if f.name == "sampling":
-        return click.Choice(["replacement", "shuffle"])
-    if f.name == "probe_bn_mode":
-        return click.Choice(["batch", "running"])
+    from .config import PROBE_DIRECTIONS, SHARPNESS_STARTS
+    choices = {"sharpness_start": list(SHARPNESS_STARTS), "sampling": ["replacement", "shuffle"], "probe_bn_mode": ["batch", "running"],
+               "probe_direction": list(PROBE_DIRECTIONS), "optimizer": ["sgd", "adam", "adamw"],
+               "lr_schedule": ["constant", "cosine", "step"], "loss": ["cross-entropy", "mse"]}
+    if f.name in choices:
+        return click.Choice(choices[f.name])
+    if f.name == "batch_size":
+        return BatchSize()
     return {int: int, float: float, str: str, bool: bool}.get(type(f.default), str)
 
 
@@ -213,7 +254,7 @@ def _steps_per_run(study: StudyConfig, data_dir) -> dict:
     for cfg in study.runs():
         n = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed,
                          data_dir=None if data_dir is None else str(data_dir)).x_train.shape[0]
-        out[cfg.run_id] = max(1, round(n / cfg.batch_size)) * cfg.epochs
+        out[cfg.run_id] = cfg.total_steps(n)
     return out
 
 

@@ -12,8 +12,19 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 SAMPLING = ("replacement", "shuffle")
+PROBE_DIRECTIONS = ("gradient", "update")
+SHARPNESS_STARTS = ("cold", "warm")
 # fields that say where/how a run executes but not what it computes: recorded, never hashed
 EXECUTION_FIELDS = ("study", "device", "tensorboard")
+# Fields added after runs were published (optimizers, schedules, full-batch GD, step-wise and warm-started sharpness,
+# the Hessian spectrum). They
+# enter the hash only when set to something other than these defaults, which reproduce what runs did before the
+# fields existed, so every earlier run keeps its id (and a finished run is still found and skipped).
+HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0, "nesterov": False,
+                   "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+                   "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1,
+                   "probe_direction": "gradient", "eval_every": 1, "sharpness_every": 0, "sharpness_start": "cold",
+                   "spectrum_every": 0}
 
 
 class ConfigError(ValueError):
@@ -73,29 +84,47 @@ class RunConfig:
     subset: float = 0.1
     seed: int = 0
     lr: float = 0.04
-    batch_size: int = 32
+    batch_size: int = 32                    # 0 = full batch: every step uses the whole training subset (GD)
     epochs: int = 10
     sampling: str = "replacement"
     naive_init: bool = False                # the seed MLP's uniform(-1, 1) initialisation
+    loss: str = "cross-entropy"             # or "mse": Cohen et al.'s square loss (experiments.losses)
+    # The optimizer (experiments.optim): torch's SGD, Adam or AdamW, and the learning-rate schedule, stepped per step
+    optimizer: str = "sgd"
+    momentum: float = 0.0                   # SGD only (torch's heavy ball; Nesterov's with nesterov=True)
+    nesterov: bool = False
+    weight_decay: float = 0.0               # L2 in the gradient for sgd and adam, decoupled for adamw
+    adam_beta1: float = 0.9                 # Adam and AdamW only
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_schedule: str = "constant"           # constant, cosine (to 0 at the last step) or step
+    warmup_steps: int = 0                   # linear warmup lr·(t+1)/W over the first W steps
+    lr_decay_every: int = 0                 # step schedule: steps between decays
+    lr_decay_factor: float = 0.1            # step schedule: the factor of each decay
     probe_every: int = 10                   # Santurkar line probe every N steps (0 = never)
     probe_steps: int = 8                    # K step sizes ...
     probe_min: float = 0.5                  # ... evenly spaced in [probe_min, probe_max] x lr
     probe_max: float = 4.0
     probe_bn_mode: str = "batch"
+    probe_direction: str = "gradient"       # d = −g (Santurkar) or "update": the optimizer's own step
     # Per-epoch measurements on fixed samples of the training subset. Seed 003 used the whole subset (0 here) for
     # the local smoothness; on a 2-core CPU that alone is 40% of a run, so the default samples 2,000 images.
+    eval_every: int = 1                     # passes between evaluations (eval + smoothness records, checkpoint)
     local_smoothness_samples: int = 2000    # 0 = the whole training subset (seed 003)
-    sharpness_samples: int = 256            # fixed training sample for the top Hessian eigenvalue (0 = off)
+    sharpness_samples: int = 256            # fixed training sample for the top Hessian eigenvalue (0 = whole subset)
+    sharpness_every: int = 0                # steps between sharpness records (0 = once per evaluation instead)
     sharpness_tol: float = 1e-3
+    sharpness_start: str = "cold"           # "warm": start Lanczos from the previous sharpness measurement's vector
     spectrum_every: int = 0                 # Hessian density, top eigenvalues, gradient concentration (0 = off)
     study: str = "fashion-mnist-bn"
     device: str = "auto"
     tensorboard: bool = False
 
     def __post_init__(self):
+        if isinstance(self.batch_size, str) and self.batch_size.strip().lower() == "full":
+            object.__setattr__(self, "batch_size", 0)  # as written in sweep files and presets: full-batch GD
         for name, kind in _declared_types(type(self)):
             object.__setattr__(self, name, coerce(name, getattr(self, name), kind))
-        from smoothness import BN_MODES
         from .models import MODELS, resolve_norm
         from .norms import NORMS
         if self.model not in MODELS:
@@ -107,14 +136,15 @@ class RunConfig:
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
         # types are already coerced above: what is left to check is the range
-        for name in ("lr", "probe_min", "probe_max", "sharpness_tol"):
+        for name in ("lr", "probe_min", "probe_max", "sharpness_tol", "adam_eps", "lr_decay_factor"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{_option(name)} must be a positive number, got {value!r}")
-        for name in ("batch_size", "epochs", "probe_steps"):
+        for name in ("epochs", "probe_steps", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_option(name)} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("probe_every", "local_smoothness_samples", "sharpness_samples", "seed", "spectrum_every"):
+        for name in ("batch_size", "probe_every", "local_smoothness_samples", "sharpness_samples", "seed",
+                     "warmup_steps", "lr_decay_every", "sharpness_every", "spectrum_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_option(name)} must be a non-negative integer, got {getattr(self, name)!r}")
         if not 0 < self.subset <= 1:
@@ -123,17 +153,52 @@ class RunConfig:
             raise ConfigError(f"--probe-min ({self.probe_min}) must not exceed --probe-max ({self.probe_max})")
         if self.sampling not in SAMPLING:
             raise ConfigError(f"unknown --sampling {self.sampling!r}; choose one of: {', '.join(SAMPLING)}")
+        from smoothness import BN_MODES  # the one home of the modes; imported here so that --help stays fast
         if self.probe_bn_mode not in BN_MODES:
             raise ConfigError(f"unknown --probe-bn-mode {self.probe_bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        from .losses import LOSSES
+        from .optim import OPTIMIZERS, SCHEDULES
+        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
+                              ("probe_direction", PROBE_DIRECTIONS), ("sharpness_start", SHARPNESS_STARTS)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"unknown {_option(name)} {getattr(self, name)!r}; choose one of: "
+                                  f"{', '.join(choices)}")
+        for name in ("momentum", "adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < 1):
+                raise ConfigError(f"{_option(name)} must be in [0, 1), got {value!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay must be a non-negative number, got {self.weight_decay!r}")
+        if self.optimizer == "sgd":
+            changed = [_option(n) for n in ("adam_beta1", "adam_beta2", "adam_eps")
+                       if getattr(self, n) != HASHED_WHEN_SET[n]]
+            if changed:
+                raise ConfigError(f"{', '.join(changed)} apply to --optimizer adam or adamw, not sgd")
+            if self.nesterov and self.momentum == 0:
+                raise ConfigError("--nesterov needs a positive --momentum")
+        elif self.momentum or self.nesterov:
+            raise ConfigError(f"--momentum and --nesterov apply to --optimizer sgd; {self.optimizer}'s momentum is "
+                              f"--adam-beta1")
+        if self.lr_schedule == "step" and self.lr_decay_every == 0:
+            raise ConfigError("--lr-schedule step needs --lr-decay-every N (steps between decays)")
+        if self.lr_schedule != "step" and self.lr_decay_every:
+            raise ConfigError(f"--lr-decay-every applies to --lr-schedule step, not {self.lr_schedule}")
 
     # -- identity ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def hashed_dict(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+        """What the run id hashes: every field but the execution ones, and the later fields only where set
+        (``HASHED_WHEN_SET``)."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in EXECUTION_FIELDS and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
 
     @property
     def config_hash(self) -> str:
@@ -146,20 +211,28 @@ class RunConfig:
         norm = "" if self.norm == MODELS[self.model].default_norm else f"-{self.norm}"
         return f"{self.model}{norm}-lr{self.lr:g}-s{self.seed}-{self.config_hash}"
 
+    @property
+    def full_batch(self) -> bool:
+        return self.batch_size == 0
+
     def steps_per_epoch(self, n_train: int) -> int:
-        """SGD steps in one pass over ``n_train`` training examples: round(n / batch), at least one (the seed's
-        convention, results/README.md). The one place this formula lives."""
-        return max(1, round(n_train / self.batch_size))
+        """Steps in one pass over ``n_train`` training examples: round(n / batch), at least one (the seed's
+        convention, results/README.md); one for full-batch GD. The one place this formula lives."""
+        return 1 if self.full_batch else max(1, round(n_train / self.batch_size))
 
     def total_steps(self, n_train: int) -> int:
         return self.steps_per_epoch(n_train) * self.epochs
 
     @property
     def step_sizes(self) -> Tuple[float, ...]:
+        return self.step_sizes_at(self.lr)
+
+    def step_sizes_at(self, lr: float) -> Tuple[float, ...]:
+        """The K probe step sizes evenly spaced in [probe_min, probe_max] × ``lr`` (the scheduled rate of a step)."""
         k = self.probe_steps
         if k == 1:
-            return (self.probe_min * self.lr,)
-        return tuple(self.lr * (self.probe_min + (self.probe_max - self.probe_min) * i / (k - 1)) for i in range(k))
+            return (self.probe_min * lr,)
+        return tuple(lr * (self.probe_min + (self.probe_max - self.probe_min) * i / (k - 1)) for i in range(k))
 
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":

@@ -227,6 +227,7 @@ def ics_trace(model: str = "convnet", *, norm: Optional[str] = None, dataset: st
     import smoothness
 
     from .data import load_dataset
+    from .loop import Diverged, Hook, Timer, run_steps
     from .models import MODELS, build_model
     from .training import resolve_device
 
@@ -245,33 +246,31 @@ def ics_trace(model: str = "convnet", *, norm: Optional[str] = None, dataset: st
 
     torch.manual_seed(seed)
     net = build_model(model_name, norm=norm, input_shape=data.input_shape, num_classes=data.num_classes).to(dev)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
     sampler = torch.Generator().manual_seed(seed)
     modules = dict(net.named_modules())
-    rows, weight_index, diverged_at = [], None, None
-    for step in range(steps):
+    weight_index: dict = {}
+
+    def batch(step):
         idx = torch.randint(n, (batch_size,), generator=sampler).to(dev)
-        xb, yb = x_train[idx], y_train[idx]
-        if step % every == 0:
-            try:
-                shift = smoothness.internal_covariate_shift(net, F.cross_entropy, (xb, yb), lr, bn_mode="batch")
-            except smoothness.NonFiniteLossError:
-                diverged_at = step
-                break
-            if weight_index is None:
-                weight_index = _weight_layer_index(net, [s.layer for s in shift.layers])
-            rows.extend({"model": label, "step": step, "layer": s.layer,
-                         "layer_type": type(modules.get(s.layer, net)).__name__,
-                         "weight_layer": weight_index.get(s.layer), "grad_diff_norm": s.grad_diff_norm,
-                         "cosine": s.cosine, "lr": float(lr), "bn_mode": shift.bn_mode} for s in shift.layers)
-        net.train()
-        loss = F.cross_entropy(net(xb), yb)
-        if not torch.isfinite(loss):
-            diverged_at = step
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        return x_train[idx], y_train[idx]
+
+    def measure(state):
+        shift = smoothness.internal_covariate_shift(state.model, F.cross_entropy, state.batch, lr, bn_mode="batch")
+        if not weight_index:
+            weight_index.update(_weight_layer_index(net, [s.layer for s in shift.layers]))
+        return [{"kind": "ics", "model": label, "step": state.step, "layer": s.layer,
+                 "layer_type": type(modules.get(s.layer, net)).__name__, "weight_layer": weight_index.get(s.layer),
+                 "grad_diff_norm": s.grad_diff_norm, "cosine": s.cosine, "lr": float(lr), "bn_mode": shift.bn_mode}
+                for s in shift.layers]
+
+    rows, diverged_at = [], None
+    try:
+        run_steps(net, torch.optim.SGD(net.parameters(), lr=lr), None, batch, start=0, total=steps,
+                  hooks=[Hook("ics", every, "before", measure)],
+                  emit=lambda r: rows.append(r) if r["kind"] == "ics" else None, epoch_of=lambda t: 0,
+                  timer=Timer(dev))
+    except Diverged as d:
+        diverged_at = d.step
     columns = ["model", "step", "layer", "layer_type", "weight_layer", "grad_diff_norm", "cosine", "lr", "bn_mode"]
     frame = pd.DataFrame(rows, columns=columns)
     frame["weight_layer"] = frame["weight_layer"].astype("Int64")

@@ -121,6 +121,20 @@ class ResidualMLP(nn.Module):
         return self.head(self.residual_outputs(x)[-1])
 
 
+class FCTanh(nn.Module):
+    """Cohen et al.'s (2021) ``fc-tanh``: Flatten → Linear(in → 200) → tanh → Linear(200 → 200) → tanh →
+    Linear(200 → classes), torch's default initialisation; a norm, if any, follows each tanh (their fc-bn)."""
+
+    def __init__(self, norm: str = "none", num_classes: int = 10, in_features: int = 784, width: int = 200):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, width), nn.Tanh(), _norm(norm, width, 1),
+            nn.Linear(width, width), nn.Tanh(), _norm(norm, width, 1), nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 _VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
@@ -168,6 +182,10 @@ def _resmlp(norm, input_shape, num_classes, **_):
     return ResidualMLP(norm, num_classes, in_features=math.prod(input_shape))
 
 
+def _fc_tanh(norm, input_shape, num_classes, **_):
+    return FCTanh(norm, num_classes, in_features=math.prod(input_shape))
+
+
 def _vgg11(norm, input_shape, num_classes, **_):
     _check_input(input_shape, (3, 32, 32), "vgg11")
     return VGG11(norm, num_classes)
@@ -183,6 +201,7 @@ MODELS: Dict[str, ModelSpec] = {
     "resmlp": ModelSpec(_resmlp, "none", "seed 002 residual MLP (5 blocks, hidden 100, He init)"),
     "bn-resmlp": ModelSpec(_resmlp, "torch", "seed 002 residual MLP with BatchNorm before each branch"),
     "vgg11": ModelSpec(_vgg11, "none", "VGG-11 for CIFAR-10 (Santurkar et al.)"),
+    "fc-tanh": ModelSpec(_fc_tanh, "none", "Cohen et al.'s fc-tanh: 2 hidden layers of 200, tanh (edge of stability)"),
     "bn-vgg11": ModelSpec(_vgg11, "torch", "VGG-11 with BatchNorm after each conv"),
 }
 

@@ -48,16 +48,16 @@ def bn_modes(norm: str) -> Tuple[str, ...]:
     return ("batch",) if norm in (None, "none") else ("batch", "running")
 
 
-def measure(model: nn.Module, batch, norm: str) -> List[Dict]:
+def measure(model: nn.Module, batch, norm: str, loss_fn=F.cross_entropy) -> List[Dict]:
     """The spectrum records (without step/epoch) for every BN mode of this network."""
     out = []
     for bn_mode in bn_modes(norm):
         start = time.perf_counter()
-        density = smoothness.spectral_density(model, F.cross_entropy, batch, n_probes=N_PROBES, n_steps=N_STEPS,
+        density = smoothness.spectral_density(model, loss_fn, batch, n_probes=N_PROBES, n_steps=N_STEPS,
                                               bn_mode=bn_mode,
                                               generator=torch.Generator().manual_seed(PROBE_SEED))
         k = min(TOP_K, density.n_params - 1)
-        conc = smoothness.gradient_concentration(model, F.cross_entropy, batch, k, bn_mode=bn_mode,
+        conc = smoothness.gradient_concentration(model, loss_fn, batch, k, bn_mode=bn_mode,
                                                  generator=torch.Generator().manual_seed(PROBE_SEED))
         out.append({
             "kind": "spectrum", "bn_mode": bn_mode, "samples": density.batch_size, "n_params": density.n_params,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List
+from typing import Callable, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -18,25 +18,30 @@ import smoothness
 EVAL_CHUNK = {"cpu": 256, "other": 2000}
 
 
-def probe_record(model: nn.Module, batch, step_sizes, bn_mode: str) -> Dict:
-    """Santurkar's Fig. 4 measures on the step's own batch, along d = -g."""
-    p = smoothness.line_probe(model, F.cross_entropy, batch, step_sizes, bn_mode=bn_mode)
+def probe_record(model: nn.Module, batch, step_sizes, bn_mode: str, *, direction: Optional[Mapping] = None,
+                 loss_fn: Callable = F.cross_entropy) -> Dict:
+    """Santurkar's Fig. 4 measures on the step's own batch, along d = −g (``direction`` None) or along the given
+    ``direction``: the optimizer's own step divided by its learning rate, so that the step sizes stay multiples of
+    η and s = η is the step actually taken (for plain SGD the two coincide)."""
+    p = smoothness.line_probe(model, loss_fn, batch, step_sizes, direction=direction, bn_mode=bn_mode)
     lo, hi = p.loss_range
     glo, ghi = p.grad_diff_range
-    return {"kind": "probe", "bn_mode": bn_mode, "base_loss": p.base_loss, "grad_norm": p.grad_norm,
+    # the direction is named only when it is not Santurkar's −g, so plain-SGD records stay as they always were
+    extra = {} if direction is None else {"direction": "update"}
+    return {"kind": "probe", "bn_mode": bn_mode, **extra, "base_loss": p.base_loss, "grad_norm": p.grad_norm,
             "loss_min": lo, "loss_max": hi, "grad_pred_min": glo, "grad_pred_max": ghi,
             "effective_beta": p.effective_beta, "step_sizes": list(p.step_sizes), "losses": list(p.losses),
             "grad_diff_norms": list(p.grad_diff_norms)}
 
 
 @torch.no_grad()
-def _loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def _loss_and_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Callable = F.cross_entropy):
     total_loss, correct = 0.0, 0
     chunk = EVAL_CHUNK["cpu" if x.device.type == "cpu" else "other"]
     with _channels_last_on_cpu(model, x.device):
         for i in range(0, x.shape[0], chunk):
             out = model(x[i:i + chunk])
-            total_loss += float(F.cross_entropy(out, y[i:i + chunk], reduction="sum"))
+            total_loss += float(loss_fn(out, y[i:i + chunk], reduction="sum"))
             correct += int((out.argmax(1) == y[i:i + chunk]).sum())
     return total_loss / x.shape[0], correct / x.shape[0]
 
@@ -58,27 +63,94 @@ def _channels_last_on_cpu(model: nn.Module, device: torch.device):
             p.data = data
 
 
-def eval_record(model: nn.Module, data) -> Dict:
+def eval_record(model: nn.Module, data, loss_fn: Callable = F.cross_entropy) -> Dict:
     """Train and test loss/accuracy in eval mode (running statistics), as the seed's compute_logs does."""
     was_training = model.training
     model.eval()
     try:
-        train_loss, train_acc = _loss_and_accuracy(model, data.x_train, data.y_train)
-        test_loss, test_acc = _loss_and_accuracy(model, data.x_test, data.y_test)
+        train_loss, train_acc = _loss_and_accuracy(model, data.x_train, data.y_train, loss_fn)
+        test_loss, test_acc = _loss_and_accuracy(model, data.x_test, data.y_test, loss_fn)
     finally:
         model.train(was_training)
     return {"kind": "eval", "bn_mode": "running", "train_loss": train_loss, "train_accuracy": train_acc,
             "test_loss": test_loss, "test_accuracy": test_acc}
 
 
-def local_smoothness(model: nn.Module, minibatch, full_batch, lr: float) -> float:
+def local_smoothness(model: nn.Module, minibatch, full_batch, lr: float, loss_fn: Callable = F.cross_entropy) -> float:
     """Seed 003's measure with the true l2 norm: u = -lr * (minibatch gradient), then
     ||grad f(w + u) - grad f(w)|| / ||u|| with f the train-mode loss on the whole ``full_batch``."""
-    _, grad = smoothness.loss_and_gradient(model, F.cross_entropy, minibatch, bn_mode="batch")
+    _, grad = smoothness.loss_and_gradient(model, loss_fn, minibatch, bn_mode="batch")
     step = {n: -lr * g for n, g in grad.items()}
-    return smoothness.local_lipschitz(model, F.cross_entropy, full_batch, step, bn_mode="batch")
+    return smoothness.local_lipschitz(model, loss_fn, full_batch, step, bn_mode="batch")
 
 
-def sharpness(model: nn.Module, batch, tol: float) -> smoothness.EigenResult:
-    """Top eigenvalue of the train-mode (batch-statistics) Hessian: the curvature SGD sees (edge of stability)."""
-    return smoothness.top_eigenvalues(model, F.cross_entropy, batch, k=1, tol=tol, bn_mode="batch")
+# Curvature over more images than this is taken in chunks (smoothness' iterables of batches): memory is one chunk's
+# graph whatever the sample (issue 12 §3). Only for networks without batch statistics: with BatchNorm in train
+# mode a chunk's loss is normalised by that chunk's statistics, a different loss from the one-batch loss that
+# full-batch GD descends (and whose forward pass the training step already holds in memory).
+SHARPNESS_CHUNK = 1000
+
+
+def batch_coupled(model: nn.Module) -> bool:
+    """Whether the model's train-mode output for one sample depends on the other samples of the batch."""
+    from .norms import BatchNorm, FunctionalBatchNorm
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNorm, FunctionalBatchNorm))
+               for m in model.modules())
+
+
+def sharpness_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = SHARPNESS_CHUNK):
+    """The sharpness sample as one batch, or as a list of chunks of at most ``chunk`` images when it is larger and
+    chunking leaves the loss unchanged (no batch statistics)."""
+    if x.shape[0] <= chunk or batch_coupled(model):
+        return x, y
+    return [(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.shape[0], chunk)]
+
+
+class WarmStart:
+    """The top eigenvector of the last sharpness measurement, to start the next one from (``--sharpness-start
+    warm``). Along training the top eigenvector moves slowly, so Lanczos from it converges in fewer products
+    (benchmarks/results/sharpness_warm.md); a random guard row is not added because k = 1 uses a block of one. Its
+    state goes into checkpoints, so a resumed run starts its next measurement from the same vector."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.vector: Optional[torch.Tensor] = None
+
+    def start(self):
+        return self.vector if self.enabled else None
+
+    def update(self, result: smoothness.EigenResult) -> None:
+        if self.enabled and result.vectors is not None:
+            self.vector = result.vectors[0].detach().clone()
+
+    def get_state(self):
+        return None if self.vector is None else self.vector.cpu()
+
+    def set_state(self, state) -> None:
+        self.vector = None if state is None or not self.enabled else state
+
+
+def sharpness(model: nn.Module, batch, tol: float, loss_fn: Callable = F.cross_entropy,
+              warm: Optional[WarmStart] = None) -> smoothness.EigenResult:
+    """Top eigenvalue of the train-mode (batch-statistics) Hessian: the curvature SGD sees (edge of stability).
+    ``batch`` may be a list of chunks (see :func:`sharpness_batch`); ``warm`` starts from the last vector."""
+    start = None if warm is None else warm.start()
+    eig = smoothness.top_eigenvalues(model, loss_fn, batch, k=1, tol=tol, bn_mode="batch", start=start)
+    if warm is not None:
+        warm.update(eig)
+    return eig
+
+
+def sharpness_record(model: nn.Module, batch, tol: float, *, threshold: float, lr: float,
+                     preconditioner: Optional[Mapping] = None, loss_fn: Callable = F.cross_entropy,
+                     warm: Optional[WarmStart] = None) -> Dict:
+    """The step-wise sharpness (``--sharpness-every``) with the optimizer's stability threshold at this step's
+    learning rate; for Adam also λ_max(P⁻¹H) with the preconditioner P of the step about to be taken."""
+    eig = sharpness(model, batch, tol, loss_fn, warm)
+    rec = {"kind": "sharpness", "bn_mode": "batch", "sharpness": eig.values[0], "sharpness_n_hvp": eig.n_hvp,
+           "samples": eig.batch_size, "lr": lr, "stability_threshold": threshold}
+    if preconditioner is not None:
+        pre = smoothness.preconditioned_top_eigenvalues(model, loss_fn, batch, preconditioner, tol=tol,
+                                                        bn_mode="batch")
+        rec.update(preconditioned_sharpness=pre.values[0], preconditioned_n_hvp=pre.n_hvp)
+    return rec

@@ -1,27 +1,33 @@
-"""One training run, top to bottom: data -> model -> SGD steps, with smoothness measured on a schedule.
+"""One training run, top to bottom: data → model → optimizer and schedule → the loop (experiments/loop.py), with
+every measurement a hook on a schedule:
 
-Every step: a ``step`` record. Every ``probe_every`` steps: a Santurkar line probe on that step's batch. At
-initialisation and after every pass: ``eval`` and ``smoothness`` records, then a checkpoint. Records go to the run's
-store as they are produced (see results/README.md); ``resume=True`` continues from the last checkpoint and gives
-the same records as an uninterrupted run.
+| hook | when | record |
+|---|---|---|
+| (the loop) | every step, before the update, on the step's batch | ``step``: loss, accuracy (and ``lr`` under a schedule) |
+| ``probe`` | every ``probe_every`` steps, on the step's batch | ``probe``: Santurkar's line probe along −g, or along the optimizer's update (``probe_direction``) |
+| ``sharpness`` | every ``sharpness_every`` steps, gradient known | ``sharpness``: λ_max on the fixed sharpness sample, the optimizer's stability threshold, Adam's λ_max(P⁻¹H) |
+| ``measure`` | at initialisation, every ``eval_every`` passes and at the end | ``eval``, ``spectrum`` (every ``spectrum_every`` passes), ``smoothness``, then a checkpoint |
+
+Records go to the run's store as they are produced (results/README.md). A checkpoint holds everything the rest of
+the run depends on (weights and BatchNorm statistics, optimizer and scheduler state, the minibatch sampler, torch's
+RNGs, the last sharpness vector a warm start begins from) and the records it covers (its records mark), so
+``resume=True`` continues from it to the same records as an uninterrupted run, replaying nothing.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
-import smoothness
-
-from . import spectrum, tracking
+from . import optim, spectrum, tracking
 from .config import ConfigError, RunConfig
 from .data import load_dataset
+from .losses import get_loss
+from .loop import Diverged, Hook, StepState, Timer, run_steps
 from .models import build_model
 from .store import RunStore, StoreError, atomic_write_json
 
@@ -45,30 +51,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _Timer:
-    def __init__(self, device: torch.device, seconds: Optional[Dict[str, float]] = None):
-        self.device = device
-        self.seconds = dict(seconds or {})
-
-    @contextmanager
-    def __call__(self, phase: str):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
-
-
-class _Diverged(Exception):
-    def __init__(self, step: int, reason: str):
-        super().__init__(reason)
-        self.step, self.reason = step, reason
-
-
 def _tensorboard(store: RunStore, enabled: bool):
     if not enabled:
         return None
@@ -78,6 +60,46 @@ def _tensorboard(store: RunStore, enabled: bool):
         raise ConfigError("--tensorboard needs the tensorboard package: pip install tensorboard "
                           "(or pip install '.[dev]')") from None
     return SummaryWriter(log_dir=str(store.dir / "tb"))
+
+
+def make_optimizer(cfg: RunConfig, model: torch.nn.Module, total_steps: int):
+    """The run's torch optimizer and learning-rate scheduler (None for a constant rate)."""
+    optimizer = optim.build_optimizer(model.parameters(), cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                      nesterov=cfg.nesterov, weight_decay=cfg.weight_decay,
+                                      betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    try:
+        scheduler = optim.build_schedule(optimizer, cfg.lr_schedule, total_steps=total_steps,
+                                         warmup_steps=cfg.warmup_steps, decay_every=cfg.lr_decay_every,
+                                         decay_factor=cfg.lr_decay_factor)
+    except ValueError as exc:
+        raise ConfigError(f"{exc} (--lr-schedule {cfg.lr_schedule}, --warmup-steps {cfg.warmup_steps}; the run has "
+                          f"{total_steps} steps)") from None
+    return optimizer, scheduler
+
+
+class _Batches:
+    """Step t's minibatch: the whole subset (full-batch GD), a fresh draw with replacement (the seed's), or the next
+    slice of a permutation drawn at the start of each pass. Called after the point hooks of step t, which may also
+    draw from ``sampler``: the order of draws is part of what makes a resumed run identical."""
+
+    def __init__(self, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor, sampler: torch.Generator, per_epoch: int):
+        self.cfg, self.x, self.y, self.sampler, self.per_epoch = cfg, x, y, sampler, per_epoch
+        self.n = x.shape[0]
+        self.perm = None
+
+    def __call__(self, step: int):
+        b = self.cfg.batch_size
+        if b == 0:
+            return self.x, self.y
+        i = step % self.per_epoch
+        if self.cfg.sampling == "shuffle":
+            if i == 0 or self.perm is None:
+                self.perm = torch.randperm(self.n, generator=self.sampler)
+            idx = self.perm[i * b:(i + 1) * b]
+        else:
+            idx = torch.randint(self.n, (b,), generator=self.sampler)
+        idx = idx.to(self.x.device)
+        return self.x[idx], self.y[idx]
 
 
 def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_dir: Optional[str] = None,
@@ -95,39 +117,45 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
 
     data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
     atomic_write_json(store.dir / "dataset.json", data.info)  # which files were read (checksums), preprocessing
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    data = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_test=data.x_test.to(device),
-                               y_test=data.y_test.to(device))
+    data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
+                               x_test=data.x_test.to(device), y_test=data.y_test.to(device))
+    x_train, y_train = data.x_train, data.y_train
     n = x_train.shape[0]
-    steps_per_epoch = cfg.steps_per_epoch(n)
-    total_steps = cfg.total_steps(n)
+    per_epoch, total = cfg.steps_per_epoch(n), cfg.total_steps(n)
+    loss_fn = get_loss(cfg.loss)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, norm=cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
                         naive_init=cfg.naive_init).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    optimizer, scheduler = make_optimizer(cfg, model, total)
     sampler = torch.Generator().manual_seed(cfg.seed)
-    fixed = torch.Generator().manual_seed(cfg.seed + 10_000)
-    order = torch.randperm(n, generator=fixed)
-    sharp_idx = order[:min(cfg.sharpness_samples, n)].to(device)
-    ls_idx = order[:cfg.local_smoothness_samples].to(device) if cfg.local_smoothness_samples else None
-    spec_idx = order[:spectrum.SAMPLES].to(device)
-    timer = _Timer(device)
-    # A checkpoint after pass E holds everything the rest of the run depends on: the weights (and BatchNorm
-    # statistics), the optimizer state, the minibatch sampler, torch's global RNG (noisy modules draw from it; on
-    # CUDA they draw from the device's) and the records it covers. Resuming from it replays nothing.
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 10_000)).to(device)
+    sharp_idx = order[:cfg.sharpness_samples] if cfg.sharpness_samples else order
+    sharp_batch = tracking.sharpness_batch(model, x_train[sharp_idx], y_train[sharp_idx])
+    ls_idx = order[:cfg.local_smoothness_samples] if cfg.local_smoothness_samples else None
+    spec_idx = order[:spectrum.SAMPLES]
+    timer = Timer(device)
+    warm = tracking.WarmStart(cfg.sharpness_start == "warm")
+    start = 0
+    # A checkpoint holds everything the rest of the run depends on and the records it covers: resuming replays
+    # nothing (store.restore cuts records.jsonl back to the checkpoint's records mark).
     checkpoint = store.restore() if resume else None
-    start_epoch = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("optimizer") is not None:  # (checkpoints of plain-SGD runs once held none: no state)
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
         sampler.set_state(checkpoint["sampler"])
         torch.set_rng_state(checkpoint["torch_rng"])
         if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-        start_epoch = checkpoint["epoch"]
+        start = checkpoint["step"]
         timer.seconds = dict(checkpoint.get("timing", {}))
+        warm.set_state(checkpoint.get("sharpness_start"))
     writer = _tensorboard(store, cfg.tensorboard)
+    named = dict(model.named_parameters())
+    epoch_of = lambda step: step // per_epoch  # noqa: E731
 
     def emit(record: dict) -> None:
         store.append(record)
@@ -136,91 +164,86 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
-    def measure(epoch: int) -> None:
-        step = epoch * steps_per_epoch
+    lookahead_at = {}
+
+    def ahead(state: StepState) -> optim.Lookahead:
+        """The optimizer's next step, computed once per step for every hook that needs it."""
+        if state.step not in lookahead_at:
+            lookahead_at.clear()
+            lookahead_at[state.step] = optim.lookahead(optimizer, named)
+        return lookahead_at[state.step]
+
+    def probe(state: StepState) -> dict:
+        lr = optim.current_lr(optimizer)
+        direction = None
+        if cfg.probe_direction == "update":  # d = Δw/η: the step sizes stay multiples of η, and s = η is the step
+            step = ahead(state)
+            direction = {name: u / step.lr for name, u in step.update.items()}
+        rec = tracking.probe_record(model, state.batch, cfg.step_sizes_at(lr), cfg.probe_bn_mode,
+                                    direction=direction, loss_fn=loss_fn)
+        return {"step": state.step, "epoch": epoch_of(state.step), **rec}
+
+    def sharpness(state: StepState) -> dict:
+        lr = optim.current_lr(optimizer)
+        threshold = optim.stability_threshold(cfg.optimizer, lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                              beta1=cfg.adam_beta1)
+        pre = ahead(state).preconditioner if cfg.optimizer in ("adam", "adamw") else None
+        rec = tracking.sharpness_record(model, sharp_batch, cfg.sharpness_tol, threshold=threshold, lr=lr,
+                                        preconditioner=pre, loss_fn=loss_fn, warm=warm)
+        return {"step": state.step, "epoch": epoch_of(state.step), **rec}
+
+    def measure(state: StepState) -> None:
+        step, epoch = state.step, epoch_of(state.step)
         with timer("eval"):
-            rec = tracking.eval_record(model, data)
+            rec = tracking.eval_record(model, data, loss_fn)
         emit({"step": step, "epoch": epoch, **rec})
         if not torch.isfinite(torch.tensor(rec["train_loss"])):
-            raise _Diverged(step, "non-finite training loss in evaluation")
+            raise Diverged(step, "non-finite training loss in evaluation")
         smooth = {"kind": "smoothness", "step": step, "epoch": epoch, "bn_mode": "batch"}
-        try:
-            with timer("local_smoothness"):
+        with timer("local_smoothness"):
+            if cfg.batch_size:
                 mb = torch.randint(n, (cfg.batch_size,), generator=sampler).to(device)
-                full = (x_train, y_train) if ls_idx is None else (x_train[ls_idx], y_train[ls_idx])
-                smooth["local_smoothness"] = tracking.local_smoothness(model, (x_train[mb], y_train[mb]), full, cfg.lr)
-            if cfg.sharpness_samples:
-                with timer("sharpness"):
-                    eig = tracking.sharpness(model, (x_train[sharp_idx], y_train[sharp_idx]), cfg.sharpness_tol)
-                smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
-            if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
-                with timer("spectrum"):
-                    for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm):
-                        emit({"step": step, "epoch": epoch, **rec})
-        except smoothness.NonFiniteLossError:
-            raise _Diverged(step, "non-finite loss at a smoothness measurement") from None
+                minibatch = (x_train[mb], y_train[mb])
+            else:  # full-batch GD: u = −η·(the full gradient), the step GD takes
+                minibatch = (x_train, y_train)
+            full = (x_train, y_train) if ls_idx is None else (x_train[ls_idx], y_train[ls_idx])
+            smooth["local_smoothness"] = tracking.local_smoothness(model, minibatch, full, cfg.lr, loss_fn)
+        if not cfg.sharpness_every:  # else the sharpness hook measures it, every few steps
+            with timer("sharpness"):
+                eig = tracking.sharpness(model, sharp_batch, cfg.sharpness_tol, loss_fn, warm=warm)
+            smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
+        if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
+            with timer("spectrum"):
+                for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm, loss_fn):
+                    emit({"step": step, "epoch": epoch, **rec})
         emit(smooth)
         with timer("checkpoint"):
             store.save_checkpoint(epoch, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "sampler": sampler.get_state(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(), "sampler": sampler.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "epoch": epoch, "step": step, "timing": timer.seconds})
+                "epoch": epoch, "step": step, "timing": timer.seconds, "sharpness_start": warm.get_state()})
         store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
 
-    pending: List = []
-
-    def flush(epoch: int) -> None:
-        if not pending:
-            return
-        values = torch.stack([torch.stack([loss, acc]) for _, loss, acc in pending]).tolist()
-        for (step, _, _), (loss, acc) in zip(pending, values):
-            if not torch.isfinite(torch.tensor(loss)):
-                pending.clear()
-                raise _Diverged(step, "non-finite training loss")
-            emit({"kind": "step", "step": step, "epoch": epoch, "bn_mode": "batch", "loss": loss, "accuracy": acc})
-        if progress is not None:
-            progress(cfg.run_id, step + 1, total_steps)
-        pending.clear()
-
-    step = start_epoch * steps_per_epoch
+    hooks = [
+        Hook("probe", cfg.probe_every, "before" if cfg.probe_direction == "gradient" else "gradient", probe,
+             what="a line probe"),
+        Hook("sharpness", cfg.sharpness_every, "gradient", sharpness, what="a sharpness measurement"),
+        Hook("measure", per_epoch * cfg.eval_every, "point", measure, timed=False,  # times its parts itself
+             what="a smoothness measurement"),
+    ]
+    scheduled = scheduler is not None
     try:
         if checkpoint is None:
             store.save_weights("init", model.state_dict())
-            measure(0)
-        for epoch in range(start_epoch, cfg.epochs):
-            perm = torch.randperm(n, generator=sampler) if cfg.sampling == "shuffle" else None
-            for i in range(steps_per_epoch):
-                step = epoch * steps_per_epoch + i
-                if perm is None:
-                    idx = torch.randint(n, (cfg.batch_size,), generator=sampler)
-                else:
-                    idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                idx = idx.to(device)
-                xb, yb = x_train[idx], y_train[idx]
-                if cfg.probe_every and step % cfg.probe_every == 0:
-                    flush(epoch)
-                    try:
-                        with timer("probe"):
-                            rec = tracking.probe_record(model, (xb, yb), cfg.step_sizes, cfg.probe_bn_mode)
-                    except smoothness.NonFiniteLossError:
-                        raise _Diverged(step, "non-finite loss at a line probe") from None
-                    emit({"step": step, "epoch": epoch, **rec})
-                with timer("train"):
-                    model.train()
-                    out = model(xb)
-                    loss = F.cross_entropy(out, yb)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    pending.append((step, loss.detach(), (out.argmax(1) == yb).float().mean()))
-                if len(pending) >= 50:
-                    flush(epoch)
-            flush(epoch)
-            measure(epoch + 1)
-            step = (epoch + 1) * steps_per_epoch
-    except _Diverged as d:
-        store.append({"kind": "diverged", "step": d.step, "epoch": d.step // steps_per_epoch, "bn_mode": "batch",
+        run_steps(model, optimizer, scheduler, _Batches(cfg, x_train, y_train, sampler, per_epoch), start=start,
+                  total=total, hooks=hooks, emit=emit, epoch_of=epoch_of, timer=timer, loss_fn=loss_fn,
+                  skip_first_point=checkpoint is not None,
+                  on_flush=None if progress is None else (lambda done: progress(cfg.run_id, done, total)),
+                  extra_records=(lambda t: {"lr": optim.current_lr(optimizer)}) if scheduled else None)
+    except Diverged as d:
+        store.append({"kind": "diverged", "step": d.step, "epoch": epoch_of(d.step), "bn_mode": "batch",
                       "loss": None, "reason": d.reason})
         store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
         store.mark_done()
@@ -231,4 +254,4 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
             writer.close()
     store.save_weights("final", model.state_dict())
     store.mark_done()
-    return RunOutcome(cfg.run_id, "done", total_steps, time.perf_counter() - start_time, store.dir)
+    return RunOutcome(cfg.run_id, "done", total, time.perf_counter() - start_time, store.dir)

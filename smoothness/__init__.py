@@ -17,6 +17,7 @@ from .hvp import hvp
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
 from .lipschitz import local_lipschitz
+from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",
     "DensityResult", "spectral_density", "ConcentrationResult", "gradient_concentration",
+    "preconditioned_top_eigenvalues",
 ]
 __version__ = "0.1.0"

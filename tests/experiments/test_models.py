@@ -12,7 +12,7 @@ from experiments.models import MODELS, ConvNet, build_model
 from experiments.norms import NORMS, BatchNorm, FunctionalBatchNorm, make_norm
 
 INPUT_SHAPES = {"convnet": (1, 28, 28), "mlp": (1, 28, 28), "lenet5": (3, 32, 32), "resmlp": (1, 40),
-                "vgg11": (3, 32, 32)}
+                "vgg11": (3, 32, 32), "fc-tanh": (1, 28, 28)}
 BN_KINDS = ("torch", "scratch", "scratch-fn", "noisy")  # the BatchNorm kinds (batch statistics in train mode)
 
 
@@ -47,6 +47,14 @@ def test_every_model_builds_and_trains_with_every_norm(name, norm):
 def test_default_norms():
     for name, spec in MODELS.items():
         assert spec.default_norm == ("torch" if name.startswith("bn-") else "none"), name
+
+
+def test_fc_tanh_is_cohens_network():
+    # locuslab/edge-of-stability archs.py, fc-tanh: widths [200, 200], tanh, bias, torch's default init
+    model = build_model("fc-tanh")
+    assert [type(m) for m in model.net] == [nn.Flatten, nn.Linear, nn.Tanh, nn.Identity, nn.Linear, nn.Tanh,
+                                            nn.Identity, nn.Linear]
+    assert sum(p.numel() for p in model.parameters()) == 784 * 200 + 200 + 200 * 200 + 200 + 200 * 10 + 10
 
 
 def test_convnet_matches_seed_architecture():

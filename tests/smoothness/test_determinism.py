@@ -84,6 +84,8 @@ CALLS = {
         bn_mode="running", bn_stats="recompute"),
     "spectral_density": lambda m, b: smoothness.spectral_density(m, ce, b, n_probes=2, n_steps=6),
     "gradient_concentration": lambda m, b: smoothness.gradient_concentration(m, ce, b, 2),
+    "preconditioned_top_eigenvalues": lambda m, b: smoothness.preconditioned_top_eigenvalues(
+        m, ce, b, {n: 1.0 + p.detach().abs() for n, p in m.named_parameters()}, k=2),
 }
 
 
