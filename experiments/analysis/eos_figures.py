@@ -152,6 +152,20 @@ def eos_figure(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     return fig
 
 
+def write_eos(df: pd.DataFrame, runs: pd.DataFrame, out_dir: Path, results_dir: Path) -> list[Path]:
+    """``eos.png``/``.pdf`` in ``out_dir`` and ``eos.md`` (the table) in ``results_dir``, for a study with step-wise
+    sharpness records; nothing otherwise (``smoothness-lab plot`` calls this for every study)."""
+    from ..atomic import atomic_write_text
+    from .figures import save_figure
+
+    fig = eos_figure(df, runs)
+    if fig is None:
+        return []
+    paths = save_figure(fig, out_dir, "eos")
+    atomic_write_text(results_dir / "eos.md", eos_markdown(eos_table(df, runs)))
+    return paths + [results_dir / "eos.md"]
+
+
 def plot_eos(results_dir, out_dir=None) -> list[Path]:
     """Draw ``eos.png``/``.pdf`` for a study (nothing if it has no step-wise sharpness). Returns the paths."""
     from .figures import save_figure

@@ -214,13 +214,23 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
 
 @styled
 def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1, include_unfinished: bool = False) -> Figure:
-    """Top Hessian eigenvalue per epoch with the 2/η edge-of-stability line (Cohen et al. 2021)."""
+    """Top Hessian eigenvalue per epoch with the 2/η line of Cohen et al. (2021), and the caveat that goes with it.
+
+    2/η is the stability threshold of *full-batch* gradient descent without momentum. The per-pass sharpness of an
+    SGD study is measured on a fixed sample (``--sharpness-samples``, 256 images by default) while training takes
+    minibatch steps, a different quantity from GD's threshold: the figure says so in its title. The step-wise
+    sharpness of a full-batch study is drawn by ``eos_figures`` instead. None when no run recorded it per pass."""
+    values = select(df, "smoothness", "sharpness")["value"].dropna()
+    if values.empty:
+        return None
     runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
     fig, (ax,) = _figure(1, width=6.5, height=4.5)
     banded = _seeds_and_mean(ax, df, runs, palette, "smoothness", "sharpness", "epoch", smooth,
                              "sharpness λ_max(∇²L)", "Sharpness vs the edge of stability")
-    values = select(df, "smoothness", "sharpness")["value"].dropna()
+    fig.suptitle("Caveat: 2/η is the threshold of full-batch GD; these runs take minibatch steps and the "
+                 "sharpness is measured on a fixed sample,\nso a crossing here is not Cohen et al.'s edge of "
+                 "stability (for that: smoothness-lab run --study edge-of-stability)", fontsize="small")
     if runs["lr"].nunique() > 1 and len(values) and (values > 0).all():
         ax.set_yscale("log")  # several lrs: sharpness and 2/η span decades
     for lr in sorted(runs["lr"].dropna().unique()):
@@ -364,4 +374,5 @@ def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinish
     for stem, fig in figures.items():
         if fig is not None:
             paths += save_figure(fig, out_dir, stem)
-    return paths
+    from .eos_figures import write_eos
+    return paths + write_eos(df, runs, out_dir, Path(results_dir))

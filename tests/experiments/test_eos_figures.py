@@ -117,3 +117,28 @@ def test_plot_eos_writes_png_and_pdf_and_skips_studies_without_stepwise_sharpnes
     (d / "records.jsonl").write_text(json.dumps({"kind": "smoothness", "step": 0, "epoch": 0, "bn_mode": "batch",
                                                  "sharpness": 12.0}) + "\n")
     assert plot_eos(other) == [] and eos_table(*_frames(other)).empty and eos_markdown(eos_table(*_frames(other))) == ""
+
+
+def test_plot_draws_the_eos_figure_and_table_for_a_full_batch_study(study, tmp_path):
+    """`smoothness-lab plot` is the one command: a study with step-wise sharpness gets eos.png/.pdf and eos.md,
+    and no per-pass sharpness figure (its runs recorded none)."""
+    from experiments.analysis.figures import plot_study
+    out = tmp_path / "figs"
+    paths = plot_study(study, out)
+    names = {p.name for p in paths}
+    assert {"eos.png", "eos.pdf", "eos.md"} <= names and "sharpness.png" not in names
+    assert (study / "eos.md").read_text() == eos_markdown(eos_table(*_frames(study)))
+    assert "| 3/5" in (study / "eos.md").read_text() or "0.60" in (study / "eos.md").read_text()
+
+
+def test_sgd_sharpness_figure_carries_the_full_batch_caveat(tmp_path):
+    """The per-pass sharpness of a minibatch-SGD study is drawn beside 2/η with the caveat that 2/η is full-batch
+    GD's threshold (issue 13 §5)."""
+    from fake_results import make_results
+
+    from experiments.analysis.figures import sharpness
+    from experiments.analysis.load import load, load_runs
+    fake = make_results(tmp_path, seeds=(0, 1))
+    fig = sharpness(load(fake.path), load_runs(fake.path))
+    title = fig._suptitle.get_text()
+    assert "full-batch GD" in title and "minibatch" in title and "edge-of-stability" in title
