@@ -2,6 +2,7 @@
 
     python benchmarks/bench_training.py              # loop throughput (about a minute)
     python benchmarks/bench_training.py --study-dir results/fashion-mnist-bn   # + time shares of a finished study
+    python benchmarks/bench_training.py --gd         # full-batch GD step on 5,000 images (edge-of-stability preset)
 
 Throughput: `experiments.training.train_run` with every measurement switched off except the per-epoch ones, whose
 time is booked separately in timing.json, so its "train" seconds are the SGD steps alone (sampling, forward,
@@ -67,6 +68,40 @@ def throughput(repeats: int, threads: int) -> list:
     return rows
 
 
+GD_CONFIG = dict(model="fc-tanh", loss="mse", batch_size=0, subset=5000 / 60000, epochs=300, eval_every=300,
+                 probe_every=0, sharpness_samples=64, local_smoothness_samples=64, lr=0.04)
+
+
+def hand_gd(cfg: RunConfig, data) -> float:
+    """Full-batch gradient descent as a researcher would write it, same model, loss and data."""
+    from experiments.losses import get_loss
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, input_shape=data.input_shape)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    loss_fn = get_loss(cfg.loss)
+    model.train()
+    start = time.perf_counter()
+    for _ in range(cfg.epochs):
+        loss = loss_fn(model(data.x_train), data.y_train)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return time.perf_counter() - start
+
+
+def gd_throughput(repeats: int, threads: int) -> tuple:
+    """Steps/s of train_run's full-batch GD (its "train" seconds: steps and step records) vs ``hand_gd``."""
+    torch.set_num_threads(threads)
+    cfg = RunConfig(**GD_CONFIG)
+    data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed)
+    hand, mine = [], []
+    for _ in range(repeats):
+        hand.append(hand_gd(cfg, data))
+        mine.append(ours(cfg))
+    h, m = statistics.median(hand), statistics.median(mine)
+    return data.x_train.shape[0], cfg.epochs / h, cfg.epochs / m, h / m
+
+
 def study_shares(study_dir: Path) -> dict:
     totals = {}
     for timing in study_dir.glob("*/timing.json"):
@@ -81,7 +116,19 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--study-dir", type=Path, default=None, help="a finished study whose time shares to report")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "training.md")
+    ap.add_argument("--gd", action="store_true", help="only the full-batch GD comparison, into results/gd_step.md")
     args = ap.parse_args(argv)
+    if args.gd:
+        n, h, m, r = gd_throughput(args.repeats, args.threads)
+        text = "\n".join([
+            f"# Full-batch GD step: fc-tanh, square loss, {n} FashionMNIST images ({args.threads} thread(s), "
+            f"{GD_CONFIG['epochs']} steps, median of {args.repeats} interleaved runs)", "",
+            "| hand-written loop (steps/s) | train_run (steps/s) | ratio (target >= 0.9) |", "|---|---|---|",
+            f"| {h:.1f} | {m:.1f} | {r:.2f} {'PASS' if r >= 0.9 else 'FAIL'} |"]) + "\n"
+        print(text)
+        out = args.out.with_name("gd_step.md") if args.out.name == "training.md" else args.out
+        out.write_text(text)
+        return 0
     lines = [f"# Training-loop throughput (1 pass of the default config, {args.threads} thread(s), "
              f"median of {args.repeats})", "", "| model | hand-written loop (steps/s) | train_run (steps/s) | "
              "ratio (target >= 0.9) |", "|---|---|---|---|"]

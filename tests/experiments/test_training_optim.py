@@ -86,7 +86,8 @@ def test_steps_equal_torchs_optimizer_in_a_hand_written_loop(name, tmp_path):
 @pytest.mark.parametrize("name", list(OPTIMIZERS) + ["full-batch-gd"])
 def test_resume_after_kill_matches_uninterrupted_with_optimizer_state(name, tmp_path):
     extra = OPTIMIZERS.get(name, dict(batch_size=0, epochs=12, eval_every=4, lr=0.1, momentum=0.5))
-    cfg = RunConfig(**{**TINY, **extra, "probe_every": 2, "sharpness_every": 3})
+    # warm-started sharpness: the next measurement's start vector travels in the checkpoint too
+    cfg = RunConfig(**{**TINY, **extra, "probe_every": 2, "sharpness_every": 3, "sharpness_start": "warm"})
     whole = records(train_run(cfg, tmp_path / "whole").path)
 
     class Interrupt(Exception):
@@ -108,6 +109,9 @@ def test_resume_after_kill_matches_uninterrupted_with_optimizer_state(name, tmp_
     assert not store.done and 0 < len(records(store.dir)) < len(whole)
     resumed = records(train_run(cfg, tmp_path / "killed", resume=True).path)
     assert resumed == whole
+    # and warm starts did start warm: later measurements need fewer products than the first
+    n_hvp = [r["sharpness_n_hvp"] for r in whole if r["kind"] == "sharpness"]
+    assert len(n_hvp) > 2 and min(n_hvp[1:]) < n_hvp[0]
 
 
 def test_probe_along_the_update_lands_where_the_step_lands(tmp_path):
