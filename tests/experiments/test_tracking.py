@@ -1,4 +1,5 @@
 """experiments.tracking's evaluation: chunked, channels_last on CPU, and exact."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -26,3 +27,27 @@ def test_eval_matches_one_plain_forward_and_restores_the_weights_bit_for_bit():
             obj, value, stride = before[n]
             assert p is obj and torch.equal(p.data, value) and p.data.stride() == stride, n
         assert opt.param_groups[0]["params"][0] is before[next(iter(before))][0]
+
+
+def test_sharpness_sample_is_chunked_only_where_that_keeps_the_loss():
+    """Over 1,000 images the sharpness goes through smoothness' chunked curvature (bounded memory), but only for
+    networks without batch statistics: with BatchNorm in train mode a chunk's statistics would change the loss."""
+    import smoothness
+    from experiments.losses import squared_error
+    from experiments.models import build_model
+    from experiments.tracking import SHARPNESS_CHUNK, batch_coupled, sharpness_batch
+
+    g = torch.Generator().manual_seed(0)
+    n = 2 * SHARPNESS_CHUNK + 7
+    x, y = torch.randn(n, 1, 28, 28, generator=g), torch.randint(0, 10, (n,), generator=g)
+    torch.manual_seed(0)
+    fc, bn = build_model("fc-tanh"), build_model("bn-convnet")
+    assert not batch_coupled(fc) and batch_coupled(bn)
+    chunks = sharpness_batch(fc, x, y)
+    assert isinstance(chunks, list) and [c[0].shape[0] for c in chunks] == [SHARPNESS_CHUNK, SHARPNESS_CHUNK, 7]
+    assert isinstance(sharpness_batch(bn, x, y), tuple)
+    assert isinstance(sharpness_batch(fc, x[:SHARPNESS_CHUNK], y[:SHARPNESS_CHUNK]), tuple)
+    whole = smoothness.top_eigenvalues(fc, squared_error, (x, y), tol=1e-6)
+    chunked = smoothness.top_eigenvalues(fc, squared_error, chunks, tol=1e-6)
+    assert chunked.batch_size == whole.batch_size == x.shape[0]
+    assert chunked.values[0] == pytest.approx(whole.values[0], rel=1e-4)
