@@ -142,3 +142,28 @@ def test_sgd_sharpness_figure_carries_the_full_batch_caveat(tmp_path):
     fig = sharpness(load(fake.path), load_runs(fake.path))
     title = fig._suptitle.get_text()
     assert "full-batch GD" in title and "minibatch" in title and "edge-of-stability" in title
+
+
+@pytest.mark.slow
+def test_edge_of_stability_preset_trains_on_real_data_and_plots(tmp_path):
+    """The preset's own config (full-batch GD, fc-tanh, square loss, 5,000 real FashionMNIST images, sharpness on
+    all of them in chunks every 20 steps, warm-started), shortened to 40 steps, then `plot`'s eos figure and table."""
+    import dataclasses
+
+    from experiments.analysis.figures import plot_study
+    from experiments.presets import get_preset
+    from experiments.training import train_run
+
+    study = get_preset("edge-of-stability")
+    cfg = dataclasses.replace(study.runs()[1], epochs=40, eval_every=20)
+    assert (cfg.batch_size, cfg.loss, cfg.model, cfg.sharpness_samples) == (0, "mse", "fc-tanh", 0)
+    out = train_run(cfg, tmp_path / "eos")
+    recs = [json.loads(line) for line in (out.path / "records.jsonl").read_text().splitlines()]
+    sharp = [r for r in recs if r["kind"] == "sharpness"]
+    assert [r["step"] for r in sharp] == [0, 20] and all(r["samples"] == 5000 for r in sharp)
+    assert all(r["stability_threshold"] == pytest.approx(2 / cfg.lr) for r in sharp)
+    assert 10 < sharp[0]["sharpness"] < 2 / cfg.lr  # below the threshold at initialisation (about 38 here)
+    steps = [r for r in recs if r["kind"] == "step"]
+    assert len(steps) == 40 and steps[-1]["loss"] < steps[0]["loss"]
+    names = {p.name for p in plot_study(tmp_path / "eos")}
+    assert {"eos.png", "eos.pdf", "eos.md"} <= names
