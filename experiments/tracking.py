@@ -107,35 +107,51 @@ def sharpness_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: i
 
 
 class WarmStart:
-    """The top eigenvector of the last sharpness measurement, to start the next one from (``--sharpness-start
-    warm``). Along training the top eigenvector moves slowly, so Lanczos from it converges in fewer products
-    (benchmarks/results/sharpness_warm.md); a random guard row is not added because k = 1 uses a block of one. Its
-    state goes into checkpoints, so a resumed run starts its next measurement from the same vector."""
+    """The top eigenvectors of the last sharpness measurement, to start the next one from (``--sharpness-start
+    warm``). Along training they move slowly, so Lanczos from them converges in fewer products
+    (benchmarks/results/sharpness_warm.md).
+
+    A warm measurement asks for the top ``K`` = 2 eigenvalues from the previous top 2 vectors (its first one, with
+    nothing to start from, is cold, also with k = 2) and records the largest. Why not the top one from the previous
+    top vector alone: that vector is (nearly) an eigenvector, so Lanczos from it certifies *its* eigenvalue at once
+    (residual ≈ 0) even when another eigenvalue has overtaken it, and a random guard row in the block does not help
+    because the stopping rule looks only at the wanted value. At the edge of stability the top eigenvalues take
+    turns, and the one-vector warm start returned the second one, up to 5% below the sharpness a cold start found
+    (benchmarks/results/sharpness_warm.md). Asking for two keeps Lanczos going until the second is resolved too, so a
+    swap of the top two is caught (tests/experiments/test_tracking.py::test_warm_start_survives_a_swap_of_the_top_two);
+    a jump of a third eigenvalue past both would still be missed, as it can be by a cold start's random vector. The
+    state goes into checkpoints, so a resumed run starts its next measurement from the same vectors."""
+
+    K = 2
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.vector: Optional[torch.Tensor] = None
+        self.vectors: Optional[torch.Tensor] = None
+
+    @property
+    def k(self) -> int:
+        return self.K if self.enabled else 1
 
     def start(self):
-        return self.vector if self.enabled else None
+        return self.vectors if self.enabled else None
 
     def update(self, result: smoothness.EigenResult) -> None:
         if self.enabled and result.vectors is not None:
-            self.vector = result.vectors[0].detach().clone()
+            self.vectors = result.vectors[:self.K].detach().clone()
 
     def get_state(self):
-        return None if self.vector is None else self.vector.cpu()
+        return None if self.vectors is None else self.vectors.cpu()
 
     def set_state(self, state) -> None:
-        self.vector = None if state is None or not self.enabled else state
+        self.vectors = None if state is None or not self.enabled else state
 
 
 def sharpness(model: nn.Module, batch, tol: float, loss_fn: Callable = F.cross_entropy,
               warm: Optional[WarmStart] = None) -> smoothness.EigenResult:
     """Top eigenvalue of the train-mode (batch-statistics) Hessian: the curvature SGD sees (edge of stability).
     ``batch`` may be a list of chunks (see :func:`sharpness_batch`); ``warm`` starts from the last vector."""
-    start = None if warm is None else warm.start()
-    eig = smoothness.top_eigenvalues(model, loss_fn, batch, k=1, tol=tol, bn_mode="batch", start=start)
+    start, k = (None, 1) if warm is None else (warm.start(), warm.k)
+    eig = smoothness.top_eigenvalues(model, loss_fn, batch, k=k, tol=tol, bn_mode="batch", start=start)
     if warm is not None:
         warm.update(eig)
     return eig

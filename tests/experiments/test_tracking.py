@@ -51,3 +51,47 @@ def test_sharpness_sample_is_chunked_only_where_that_keeps_the_loss():
     chunked = smoothness.top_eigenvalues(fc, squared_error, chunks, tol=1e-6)
     assert chunked.batch_size == whole.batch_size == x.shape[0]
     assert chunked.values[0] == pytest.approx(whole.values[0], rel=1e-4)
+
+
+class _Quadratic(torch.nn.Module):
+    """L(w) = ½ wᵀAw whatever the batch: a Hessian we choose."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.w.expand(x.shape[0], -1)
+
+
+def test_warm_start_survives_a_swap_of_the_top_two():
+    """At the edge of stability the top two eigenvalues trade places. A warm start from the old top eigenvector
+    alone spans an invariant subspace and returns the old (now second) eigenvalue as converged; asking for the top
+    two from the previous two vectors finds the new top one, as a cold start does."""
+    from experiments.tracking import WarmStart, sharpness
+
+    n = 40
+    lam = torch.linspace(0.1, 3.0, n, dtype=torch.float64)
+    lam[0], lam[1] = 5.0, 4.9         # e_0 is the new top eigenvector, e_1 was the top one before
+    a = torch.diag(lam)
+
+    def loss_fn(out, _targets):
+        return 0.5 * torch.einsum("bi,ij,bj->b", out, a, out).mean()
+
+    model = _Quadratic(n)
+    batch = (torch.zeros(3, 1, dtype=torch.float64), torch.zeros(3))
+    eye = torch.eye(n, dtype=torch.float64)
+    # the previous measurement's top two: (nearly) e_1, then e_0; now their eigenvalues have swapped
+    old_two = torch.stack([eye[1] + 0.01 * eye[3], eye[0] + 0.01 * eye[4]])
+
+    warm = WarmStart(True)
+    warm.vectors = old_two
+    out = sharpness(model, batch, 1e-3, loss_fn, warm)
+    assert out.converged and out.values[0] == pytest.approx(5.0, rel=1e-3)
+    assert warm.vectors.shape == (2, n) and torch.allclose(warm.vectors[0].abs(), eye[0], atol=1e-2)
+    assert sharpness(model, batch, 1e-3, loss_fn, None).values[0] == pytest.approx(5.0, rel=1e-3)
+
+    # what the one-vector warm start did: the old eigenvalue, reported converged
+    import smoothness
+    stuck = smoothness.top_eigenvalues(model, loss_fn, batch, k=1, tol=1e-3, start=old_two[0])
+    assert stuck.converged and stuck.values[0] == pytest.approx(4.9, rel=1e-3)
