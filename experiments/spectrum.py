@@ -18,11 +18,11 @@ Cost: a measurement is N_PROBES·N_STEPS + about 4·TOP_K+20 Hessian-vector prod
 minutes per BN mode for the seed ConvNets on one core, so it is off by default (the default study must stay within
 about 10 minutes on 2 cores; `smoothness-lab run --spectrum-every 5` adds about 2 × 3 measurements per run).
 The measurements draw from their own seeded generators and leave the model untouched, so a run's training
-trajectory is the same with or without them.
+trajectory is the same with or without them. The records hold no wall-clock time (it goes to timing.json, under
+``spectrum``), so that records.jsonl stays byte-identical between runs and across a resume.
 """
 from __future__ import annotations
 
-import time
 from typing import Dict, List, Tuple
 
 import torch
@@ -52,7 +52,6 @@ def measure(model: nn.Module, batch, norm: str, loss_fn=F.cross_entropy) -> List
     """The spectrum records (without step/epoch) for every BN mode of this network."""
     out = []
     for bn_mode in bn_modes(norm):
-        start = time.perf_counter()
         density = smoothness.spectral_density(model, loss_fn, batch, n_probes=N_PROBES, n_steps=N_STEPS,
                                               bn_mode=bn_mode,
                                               generator=torch.Generator().manual_seed(PROBE_SEED))
@@ -66,8 +65,7 @@ def measure(model: nn.Module, batch, norm: str, loss_fn=F.cross_entropy) -> List
             "top_eigenvalues": list(conc.eigenvalues), "top_k": k, "lambda_max": conc.eigenvalues[0],
             "lambda_k": conc.eigenvalues[-1], "gradient_concentration": conc.fraction, "grad_norm": conc.grad_norm,
             "loss": conc.loss, "mean_eigenvalue": density.moment(1), "concentration_converged": conc.converged,
-            "density_n_hvp": density.n_hvp, "concentration_n_hvp": conc.n_hvp,
-            "seconds": round(time.perf_counter() - start, 3)})
+            "density_n_hvp": density.n_hvp, "concentration_n_hvp": conc.n_hvp})
     return out
 
 
