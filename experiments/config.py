@@ -158,6 +158,9 @@ class RunConfig:
             raise ConfigError(f"unknown --probe-bn-mode {self.probe_bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.spectrum_every and self.spectrum_every % self.eval_every:
+            raise ConfigError(f"--spectrum-every ({self.spectrum_every}) must be a multiple of --eval-every "
+                              f"({self.eval_every}): the spectrum is measured at evaluation points")
         self._check_optimizer()
 
     def _check_optimizer(self) -> None:

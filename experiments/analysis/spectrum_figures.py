@@ -57,12 +57,12 @@ def spectrum_table(results_dir) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     # curves are networks (and learning rates when the study has several): only runs that differ in the seed alone
     # are averaged, and only finished ones (as in the report)
-    if table["lr"].nunique() > 1:
-        table["model"] = [f"{m}, η={lr:g}" for m, lr in zip(table["model"], table["lr"])]
     table = table[averaged(table["status"])].reset_index(drop=True)
     if table.empty:
         raise AnalysisError(f"{results_dir}: spectrum records only in unfinished runs; finish them "
                             f"(smoothness-lab run --resume) first")
+    if table["lr"].nunique() > 1:
+        table["model"] = [f"{m}, η={lr:g}" for m, lr in zip(table["model"], table["lr"])]
     table["rms_eigenvalue"] = [float(np.sqrt(density_of(r).moment(2))) for r in table["record"]]
     return table.sort_values(["model", "seed", "epoch", "bn_mode"], ignore_index=True)
 

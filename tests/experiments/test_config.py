@@ -212,3 +212,9 @@ def test_step_sizes_follow_the_scheduled_lr():
 def test_bad_optimizer_options_name_the_option(options, message):
     with pytest.raises(ConfigError, match=message):
         RunConfig(**options)
+
+
+def test_spectrum_schedule_must_fall_on_evaluation_points():
+    with pytest.raises(ConfigError, match="--spectrum-every .* multiple of --eval-every"):
+        RunConfig(spectrum_every=2, eval_every=3)
+    assert RunConfig(spectrum_every=6, eval_every=3).spectrum_every == 6
