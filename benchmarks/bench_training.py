@@ -34,7 +34,7 @@ def hand_loop(cfg: RunConfig, data) -> float:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = data.x_train.shape[0]
-    steps = round(n / cfg.batch_size) * cfg.epochs
+    steps = cfg.total_steps(n)
     model.train()
     start = time.perf_counter()
     for _ in range(steps):
@@ -62,7 +62,7 @@ def throughput(repeats: int, threads: int) -> list:
         for _ in range(repeats):  # interleaved, median: the machine's noise hits both alike
             hand.append(hand_loop(cfg, data))
             mine.append(ours(cfg))
-        steps = round(data.x_train.shape[0] / cfg.batch_size)
+        steps = cfg.steps_per_epoch(data.x_train.shape[0])
         h, m = statistics.median(hand), statistics.median(mine)
         rows.append((model, steps / h, steps / m, h / m))
     return rows

@@ -115,16 +115,14 @@ def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> Non
         run_dir = Path(root) / cfg.run_id
         path = run_dir / "config.json"
         if path.exists():
+            from .store import read_config  # the one reader of config.json
             try:
-                theirs = json.loads(path.read_text())
-                if not isinstance(theirs, dict):
-                    raise ValueError("not a JSON object")
-            except (OSError, ValueError) as exc:
-                problems.append(f"{path} is unreadable ({exc})")
+                theirs = read_config(path)
+            except StoreError as exc:  # unreadable, or options that do not give the hash it claims
+                problems.append(f"{path.parent} holds a different config or an unreadable one ({exc})")
                 continue
-            mine = cfg.hashed_dict()
-            if theirs.get("config_hash") != cfg.config_hash or {k: theirs.get(k) for k in mine} != mine:
-                problems.append(f"{path.parent} holds a different config (hash {theirs.get('config_hash')!r}, "
+            if theirs.config_hash != cfg.config_hash:
+                problems.append(f"{path.parent} holds a different config (hash {theirs.config_hash!r}, "
                                 f"expected {cfg.config_hash!r})")
                 continue
         if not resume and not (run_dir / "done").exists() and has_progress(run_dir) and not is_locked(run_dir):

@@ -190,14 +190,14 @@ def read_surface(path: Path) -> StoredSurface:
 
 # -- a run and its weights -----------------------------------------------------------------------------------------
 def read_run_config(run_dir: Path) -> RunConfig:
+    from .store import StoreError, read_config  # the one reader of config.json
     path = Path(run_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-        return RunConfig.from_dict(data)
-    except FileNotFoundError:
+    if not path.exists():
         raise SurfaceError(f"{run_dir} is not a run directory (no config.json); give run directories such as "
-                           f"results/<study>/<run-id>, or a study directory holding them") from None
-    except (OSError, ValueError, TypeError) as exc:
+                           f"results/<study>/<run-id>, or a study directory holding them")
+    try:
+        return read_config(path)
+    except StoreError as exc:
         raise SurfaceError(f"{path} is unreadable ({exc})") from None
 
 

@@ -117,12 +117,15 @@ def test_a_directory_with_another_config_stops_the_launch(tmp_path):
     (victim / "records.jsonl").write_text('{"kind": "step"}\n')
     before = snapshot(victim)
     for executor in ("serial", "process"):
-        with pytest.raises(StoreError, match=r"holds a different config \(hash '0123456789ab'"):
+        with pytest.raises(StoreError, match=r"holds a different config.*'0123456789ab'"):
             launch(runs, tmp_path, executor=executor, quiet=True)
     assert snapshot(victim) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [runs[0].run_id]   # the other run was not started
     (victim / "config.json").write_text("{not json")
-    with pytest.raises(StoreError, match="unreadable"):
+    with pytest.raises(StoreError, match="unreadable.*not valid JSON"):
+        preflight(runs, tmp_path)
+    (victim / "config.json").write_text(json.dumps({**runs[0].to_dict(), "lr": 0.5}))  # another run's options
+    with pytest.raises(StoreError, match=r"holds a different config \(hash"):
         preflight(runs, tmp_path)
 
 
