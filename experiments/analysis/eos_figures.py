@@ -137,7 +137,7 @@ def eos_figure(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
                     ax.plot([float(r.diverged_step)], [1.0], marker="x", ms=9, mew=2, color=c, clip_on=False,
                             transform=ax.get_xaxis_transform())
         top.set_yscale("log")
-        top.set(title=model, ylabel="training loss (per step, before the update)")
+        top.set(title=model, ylabel="step loss (before update)")
         which = " / ".join(sorted(quantities & set(m[m["run"].isin(runs[runs["model"] == model]["run"])]
                                                     ["quantity"])))
         bottom.set(xlabel="step", ylabel={"sharpness": "sharpness λ_max(H)",

@@ -93,7 +93,8 @@ def test_preset_runs_one_step(preset, spec, offline_data, tmp_path):
     outcome = training.train_run(tiny, tmp_path)
     assert outcome.status == "done" and outcome.steps == 1, outcome
     kinds = {json.loads(line)["kind"] for line in (outcome.path / "records.jsonl").read_text().splitlines()}
-    assert kinds == {"eval", "smoothness", "probe", "step"}
+    optional = {"sharpness": cfg.sharpness_every > 0, "spectrum": cfg.spectrum_every > 0}  # preset-specific extras
+    assert kinds == {"eval", "smoothness", "probe", "step"} | {k for k, on in optional.items() if on}
     saved = RunConfig.from_dict(json.loads((outcome.path / "config.json").read_text()))
     assert (saved.model, saved.norm, saved.dataset, saved.naive_init) == (cfg.model, cfg.norm, cfg.dataset,
                                                                          cfg.naive_init)
