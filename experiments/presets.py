@@ -42,12 +42,12 @@ _register(_study("lp-norms", ["convnet", "bn-convnet", "convnet:l1", "convnet:l2
           "Santurkar section 3 control: l1, l2, linf normalisation vs BN vs none, FashionMNIST")
 _register(_study("fashion-mnist-spectrum", ["convnet", "bn-convnet"], seeds=(0, 1, 2, 3, 4), spectrum_every=10),
           "Ghorbani et al. 2019: fashion-mnist-bn plus the Hessian density, top-10 eigenvalues and gradient "
-          "concentration at init and after the last pass, both BN modes (about 30 min on 2 cores)")
+          "concentration at init and after the last pass, both BN modes (about 50 min on 2 cores)")
 _register(_study("edge-of-stability", ["fc-tanh"], lrs=(0.03, 0.04, 0.05), seeds=(0,), loss="mse",
                  batch_size=0, subset=5000 / 60000, epochs=2000, eval_every=100, probe_every=50,
                  sharpness_samples=0, sharpness_every=20, sharpness_start="warm", local_smoothness_samples=0),
           "Cohen et al. 2021 Fig. 1: full-batch GD, fc-tanh, square loss, 5,000 FashionMNIST images, 2,000 steps, "
-          "3 learning rates, sharpness on all 5,000 every 20 steps (about 10 min on 2 cores)")
+          "3 learning rates, sharpness on all 5,000 every 20 steps (about 20 min on 2 cores)")
 
 
 def get_preset(name: str) -> StudyConfig:

@@ -8,7 +8,8 @@
 - ``spectrum_concentration``: gradient concentration (fraction of ‖g‖² in the top-k eigenspace) and λ_max along
   training: one thin line per seed, the mean over seeds in bold and its 95% t-interval where n allows (as the
   other figures).
-- ``spectrum.md``: the numbers behind them, mean ± sd over seeds with n.
+- ``spectrum.md``: the numbers behind them, mean ± sd over seeds with n, and paired tests between networks and
+  between BN modes (``spectrum_stats``).
 
 Densities are Gaussian-smoothed with σ = (width of the panel's spectrum) / ``SIGMA_DIVISOR`` and drawn on a log scale
 clipped at ``FLOOR`` (see ``smoothness.density`` on both choices). Everything is deterministic: the same records give
@@ -31,6 +32,7 @@ from ..spectrum import density_of
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, _figure, save_figure
 from .load import AnalysisError, _run_fields, model_order, read_study
 from .metrics import averaged
+from .spectrum_stats import comparison_markdown
 from .stats import t_halfwidth
 
 SIGMA_DIVISOR = 200   # σ = width / 200: narrower than the gap of a visible outlier, wider than the bulk's node spacing
@@ -204,7 +206,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
                              f"{_mean_sd(g['lambda_k'])} | {_mean_sd(g['lambda_max'] / g['lambda_k'])} | "
                              f"{_mean_sd(g['lambda_max'] / g['rms_eigenvalue'])} | {_mean_sd(g['mean_eigenvalue'])} | "
                              f"{_mean_sd(g['gradient_concentration'])} |")
-    return "\n".join(lines) + "\n"
+    paired = comparison_markdown(table)
+    return "\n".join(lines) + "\n" + ("\n" + paired if paired else "")
 
 
 def plot_spectrum(results_dir, out_dir=None) -> list[Path]:

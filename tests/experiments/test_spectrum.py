@@ -13,14 +13,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import scipy.stats
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
 import smoothness
 from experiments import spectrum
-from experiments.analysis import spectrum_figures
+from experiments.analysis import spectrum_figures, spectrum_stats
 from experiments.analysis.spectrum_figures import spectrum_table
 from experiments.cli import main
 from experiments.config import RunConfig
@@ -313,7 +315,7 @@ def test_fake_study_files_and_summary_numbers(fake_study, tmp_path):
     assert all((tmp_path / "figs" / f).stat().st_size > 5_000 for f in FILES)
     assert result.output.split() == [str(tmp_path / "figs" / f) for f in FILES] + [
         str(fake_study.path / "spectrum.md")]
-    summary = (fake_study.path / "spectrum.md").read_text()
+    summary = (fake_study.path / "spectrum.md").read_text().split("## Paired tests")[0]
     # every row recomputed from the records written, finished runs only
     done = [r for r in fake_study.runs if r.status == "done"]
     expected_rows = 0
@@ -336,6 +338,61 @@ def test_fake_study_files_and_summary_numbers(fake_study, tmp_path):
                     assert row in summary.splitlines(), row
                     expected_rows += 1
     assert sum(line.startswith("| ") and "η=" in line for line in summary.splitlines()) == expected_rows == 24
+
+
+def _paired_rows(markdown: str, family: str) -> list[list[str]]:
+    section = markdown.split(f"## Paired tests: {family}")[1].split("## ")[0]
+    return [line.strip("| ").split(" | ") for line in section.splitlines() if line.startswith("| ") and
+            not line.startswith("| epoch")]
+
+
+def test_paired_tests_pair_on_the_seed_and_holm_adjust_each_family():
+    """Random spectra for 5 seeds of two networks (one unpaired extra seed), rows shuffled: every test row equals
+    scipy's paired t-test on the seed-matched differences, and the Holm adjustment runs over each family."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for model, seeds in (("convnet", range(6)), ("bn-convnet", range(5))):
+        for seed in seeds:
+            for epoch in (0, 5, 10):
+                for mode in ("batch", "running") if model == "bn-convnet" else ("batch",):
+                    rows.append({"model": model, "lr": 0.04, "seed": seed, "options": "", "epoch": epoch,
+                                 "bn_mode": mode, "lambda_max": rng.uniform(5, 50), "lambda_k": rng.uniform(1, 5),
+                                 "rms_eigenvalue": rng.uniform(0.1, 1), "gradient_concentration": rng.uniform()})
+    table = pd.DataFrame(rows).sample(frac=1.0, random_state=1, ignore_index=True)
+    markdown = spectrum_stats.comparison_markdown(table)
+    ratio = {"λ_max": lambda r: r["lambda_max"], "λ_max / λ_k": lambda r: r["lambda_max"] / r["lambda_k"],
+             "λ_max / rms": lambda r: r["lambda_max"] / r["rms_eigenvalue"],
+             "concentration": lambda r: r["gradient_concentration"]}
+
+    def values(model, epoch, mode, metric):
+        sub = table[(table["model"] == model) & (table["epoch"] == epoch) & (table["bn_mode"] == mode)]
+        return {int(r["seed"]): ratio[metric](r) for _, r in sub.iterrows()}
+
+    for family, ((ma, sa), (mb, sb)) in (("Networks", (("convnet", "batch"), ("bn-convnet", "batch"))),
+                                         ("Population statistics", (("bn-convnet", "batch"),
+                                                                    ("bn-convnet", "running")))):
+        got = _paired_rows(markdown, family)
+        assert [(int(r[0]), r[1]) for r in got] == [(e, m) for e in (0, 10) for m in ratio]   # first and last epoch
+        expected_p = []
+        for r in got:
+            a, b = values(ma, int(r[0]), sa, r[1]), values(mb, int(r[0]), sb, r[1])
+            seeds = sorted(set(a) & set(b))
+            assert seeds == [0, 1, 2, 3, 4] and r[4] == "5"             # seed 5 of convnet has no partner
+            d = np.array([b[s] - a[s] for s in seeds])
+            res = scipy.stats.ttest_rel([b[s] for s in seeds], [a[s] for s in seeds])
+            assert float(r[5]) == pytest.approx(d.mean(), rel=1e-3)
+            assert float(r[7]) == pytest.approx(res.pvalue, rel=1e-2, abs=1e-3)
+            assert float(r[9]) == pytest.approx(d.mean() / d.std(ddof=1), rel=1e-2)
+            expected_p.append(res.pvalue)
+        # Holm over the family's 8 tests, by hand
+        order = np.argsort(expected_p)
+        holm = np.empty(8)
+        running = 0.0
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (8 - rank) * expected_p[i]))
+            holm[i] = running
+        for r, h in zip(got, holm):
+            assert float(r[8]) == pytest.approx(h, rel=1e-2, abs=1e-3)
 
 
 def test_study_without_spectrum_records_says_how_to_get_them(tmp_path):
@@ -399,10 +456,14 @@ def test_real_fashion_mnist_study_end_to_end(monkeypatch, tmp_path):
     first = {f: (figures / f).read_bytes() for f in FILES}
     summary = (study / "spectrum.md").read_text()
     assert all(len(b) > 5_000 for b in first.values())
-    rows = [line.split(" | ")[:4] for line in summary.splitlines() if line.startswith("| ") and "convnet" in line]
+    means, paired = summary.split("## Paired tests: Networks")
+    rows = [line.split(" | ")[:4] for line in means.splitlines() if line.startswith("| ") and "convnet" in line]
     assert sorted(rows) == sorted([f"| {m}", mode, str(e), "2"] for m in ("convnet", "bn-convnet")
                                   for mode in (("batch", "running") if m == "bn-convnet" else ("batch",))
                                   for e in (0, 1))
+    # paired tests at init and after the pass: 4 metrics for the networks, 4 for bn-convnet's two BN modes
+    assert "## Paired tests: Population statistics" in paired
+    assert sum(line.startswith(("| 0 |", "| 1 |")) for line in paired.splitlines()) == 16
     # the same records give byte-identical files
     again = CliRunner().invoke(main, ["-q", "spectrum", str(study)], catch_exceptions=False)
     assert again.exit_code == 0 and again.output == ""
