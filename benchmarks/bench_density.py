@@ -2,7 +2,7 @@
 
 Run from the repository root (needs the ``benchmark`` extra, i.e. ``pip install pyhessian``):
 
-    python benchmarks/bench_density.py             # every section, as behind benchmarks/results/density.md
+    python benchmarks/bench_density.py             # every section, as behind benchmarks/results/density.md (~50 min)
     python benchmarks/bench_density.py --quick     # a smoke run of every section on small settings (~3 min)
 
 Setting (all seeded, as in bench_smoothness.py): FashionMNIST, the 10% training subset drawn with seed 0 (6,000

@@ -47,6 +47,7 @@ def hand_loop(cfg: RunConfig, data) -> float:
 
 
 def ours(cfg: RunConfig) -> float:
+    """Seconds of SGD steps alone (timing.json books the per-epoch measurements separately)."""
     with tempfile.TemporaryDirectory() as root:
         outcome = train_run(cfg, Path(root))
         return json.loads((outcome.path / "timing.json").read_text())["train"]
@@ -56,7 +57,7 @@ def throughput(repeats: int, threads: int) -> list:
     torch.set_num_threads(threads)
     rows = []
     for model in ("convnet", "bn-convnet"):
-        cfg = RunConfig(model=model, epochs=1, probe_every=0, sharpness_samples=0, local_smoothness_samples=64)
+        cfg = RunConfig(model=model, epochs=1, probe_every=0, sharpness_samples=64, local_smoothness_samples=64)
         data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed)
         hand, mine = [], []
         for _ in range(repeats):  # interleaved, median: the machine's noise hits both alike

@@ -48,7 +48,7 @@ _HELP = {
     "sharpness_start": "start each sharpness measurement from a random vector (cold) or from the previous "
                        "measurement's top eigenvector (warm: fewer Hessian-vector products along training)",
     "spectrum_every": "Hessian eigenvalue density, top-10 eigenvalues and gradient concentration at init and every "
-                      "E epochs, in both BN modes (0 = off; 1-2 min per measurement and mode on one core)",
+                      "E epochs, in both BN modes (0 = off; about 3 min per measurement and mode on one core)",
     "device": "auto (cuda if available), cpu or cuda",
     "tensorboard": "also write TensorBoard scalars to <run>/tb",
 }
@@ -527,8 +527,9 @@ def report(ctx, results_dir):
 def studies():
     """List the preset studies."""
     from .presets import DESCRIPTIONS, PRESETS
+    width = max(map(len, PRESETS))
     for name, study in PRESETS.items():
-        click.echo(f"{name:18s} {len(study.runs()):3d} runs  {DESCRIPTIONS[name]}")
+        click.echo(f"{name:{width}s} {len(study.runs()):3d} runs  {DESCRIPTIONS[name]}")
 
 
 def _register_commands() -> None:

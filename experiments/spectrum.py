@@ -14,7 +14,7 @@ sample of its training subset (the first ``SAMPLES`` images of the same fixed pe
 One record of kind ``spectrum`` per (epoch, bn_mode); the scalars (``lambda_max``, ``gradient_concentration``, ...)
 melt into the long-form table like every other metric, the lists are read by ``analysis.spectrum_figures``.
 
-Cost: a measurement is N_PROBES·N_STEPS + about 4·TOP_K+20 Hessian-vector products on SAMPLES images, about 1-2
+Cost: a measurement is N_PROBES·N_STEPS + about 4·TOP_K+20 Hessian-vector products on SAMPLES images, about 3
 minutes per BN mode for the seed ConvNets on one core, so it is off by default (the default study must stay within
 about 10 minutes on 2 cores; `smoothness-lab run --spectrum-every 5` adds about 2 × 3 measurements per run).
 The measurements draw from their own seeded generators and leave the model untouched, so a run's training

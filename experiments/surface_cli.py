@@ -29,7 +29,7 @@ def _parse_range(value: Optional[str], interpolate: bool) -> Tuple[float, float]
     return lo_f, hi_f
 
 
-@click.command("surface")
+@click.command("surface", short_help="Loss surfaces (Li et al. 2018) of finished runs.")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--epoch", default="final", show_default=True,
               help="weights to centre on: init, final, or a checkpoint epoch the run still has")

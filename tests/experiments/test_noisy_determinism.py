@@ -28,17 +28,17 @@ def of_kind(records, kind):
 def test_noisy_bn_training_independent_of_probe_and_sharpness_settings(tmp_path):
     probed = run(tmp_path, probe_every=5, sharpness_samples=32)
     unprobed = run(tmp_path, probe_every=0, sharpness_samples=32)
-    no_sharpness = run(tmp_path, probe_every=2, sharpness_samples=0)
+    whole_subset_sharpness = run(tmp_path, probe_every=2, sharpness_samples=0)
     steps = of_kind(probed, "step")
     assert len(steps) == round(400 / 32) and len(of_kind(probed, "probe")) == 3  # steps 0, 5, 10
-    assert len(of_kind(unprobed, "probe")) == 0 and len(of_kind(no_sharpness, "probe")) == 6  # 0, 2, ..., 10
-    for other in (unprobed, no_sharpness):
+    assert len(of_kind(unprobed, "probe")) == 0 and len(of_kind(whole_subset_sharpness, "probe")) == 6  # 0, 2, ..., 10
+    for other in (unprobed, whole_subset_sharpness):
         assert of_kind(other, "step") == steps  # every step's loss and accuracy, exactly
         assert of_kind(other, "eval") == of_kind(probed, "eval")
         assert [r["local_smoothness"] for r in of_kind(other, "smoothness")] == \
             [r["local_smoothness"] for r in of_kind(probed, "smoothness")]
     # the measurements themselves repeat exactly where both runs made them
-    assert of_kind(probed, "probe")[0] == of_kind(no_sharpness, "probe")[0]
+    assert of_kind(probed, "probe")[0] == of_kind(whole_subset_sharpness, "probe")[0]
     assert [r["sharpness"] for r in of_kind(probed, "smoothness")] == \
         [r["sharpness"] for r in of_kind(unprobed, "smoothness")]
     assert all(r["sharpness"] > 0 for r in of_kind(probed, "smoothness"))

@@ -125,3 +125,14 @@ def test_unknown_norm_lists_choices():
         StudyConfig(models=("convnet:bogus",)).runs()
     assert str(e.value) == f"unknown norm 'bogus' (--norm); choose one of: {', '.join(NORMS)}"
     assert "scratch-fn" in str(e.value)
+
+
+def test_studies_lists_every_preset_in_aligned_columns():
+    result = CliRunner().invoke(main, ["studies"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESETS)
+    columns = {line.index(" runs  ") for line in lines}
+    assert len(columns) == 1, f"the run counts are not aligned: {result.output}"
+    for line, (name, study) in zip(lines, PRESETS.items()):
+        assert line.endswith(DESCRIPTIONS[name]) and f" {len(study.runs())} runs  " in line
