@@ -192,9 +192,10 @@ def _mean_sd(values: pd.Series) -> str:
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """Per network, BN mode and epoch: mean ± sd over seeds (n = seeds) of the spectrum's numbers."""
+    ks = ", ".join(str(int(k)) for k in sorted(table["top_k"].dropna().unique()))
     lines = ["# Hessian spectrum summary", "",
-             "Per network, BN mode and epoch: mean ± sd over seeds (n = runs). λ_max and λ_k: top and k-th "
-             "eigenvalue (Lanczos); rms = sqrt(tr(H²)/n) and mean = tr(H)/n from the quadrature (the bulk's scale); "
+             f"Per network, BN mode and epoch: mean ± sd over seeds (n = runs). λ_max and λ_k: top and k-th "
+             f"eigenvalue (Lanczos; k = {ks}); rms = sqrt(tr(H²)/n) and mean = tr(H)/n from the quadrature (the bulk's scale); "
              "concentration = fraction of ‖g‖² in the top-k eigenspace.", "",
              "| model | BN mode | epoch | n | λ_max | λ_k | λ_max / λ_k | λ_max / rms | mean eigenvalue | "
              "concentration |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -316,6 +316,7 @@ def test_fake_study_files_and_summary_numbers(fake_study, tmp_path):
     assert result.output.split() == [str(tmp_path / "figs" / f) for f in FILES] + [
         str(fake_study.path / "spectrum.md")]
     summary = (fake_study.path / "spectrum.md").read_text().split("## Paired tests")[0]
+    assert "(Lanczos; k = 3)" in summary   # the fake records' top_k, so the reader knows which λ_k
     # every row recomputed from the records written, finished runs only
     done = [r for r in fake_study.runs if r.status == "done"]
     expected_rows = 0
