@@ -195,8 +195,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
     ks = ", ".join(str(int(k)) for k in sorted(table["top_k"].dropna().unique()))
     lines = ["# Hessian spectrum summary", "",
              f"Per network, BN mode and epoch: mean ± sd over seeds (n = runs). λ_max and λ_k: top and k-th "
-             f"eigenvalue (Lanczos; k = {ks}); rms = sqrt(tr(H²)/n) and mean = tr(H)/n from the quadrature (the bulk's scale); "
-             "concentration = fraction of ‖g‖² in the top-k eigenspace.", "",
+             f"eigenvalue (Lanczos; k = {ks}); rms = sqrt(tr(H²)/n) and mean = tr(H)/n from the quadrature "
+             "(the bulk's scale); concentration = fraction of ‖g‖² in the top-k eigenspace.", "",
              "| model | BN mode | epoch | n | λ_max | λ_k | λ_max / λ_k | λ_max / rms | mean eigenvalue | "
              "concentration |", "|---|---|---|---|---|---|---|---|---|---|"]
     for model in model_order(table["model"]):
