@@ -260,11 +260,19 @@ def _steps_per_run(study: StudyConfig, data_dir) -> dict:
 
 def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
     """study.json lists every grid ever launched into this folder (so `status` knows which runs to expect);
-    a new grid is appended, an old one is never dropped."""
+    a new grid is appended, an old one is never dropped. Grids are compared as configs, so the same grid written
+    before a RunConfig field existed is not appended again."""
     from .store import atomic_write_json
     path = study_dir / "study.json"
     grids = json.loads(path.read_text()).get("grids", []) if path.exists() else []
-    if study.to_dict() not in grids:
+
+    def same(grid) -> bool:
+        try:
+            return StudyConfig.from_dict(grid) == study
+        except (ConfigError, KeyError, TypeError, ValueError):   # unreadable grids are kept, and compared raw
+            return grid == study.to_dict()
+
+    if not any(same(g) for g in grids):
         grids.append(study.to_dict())
     atomic_write_json(path, {"name": study.name, "grids": grids})
 

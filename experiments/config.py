@@ -290,3 +290,10 @@ class StudyConfig:
     def to_dict(self) -> dict:
         return {"name": self.name, "models": list(self.models), "lrs": list(self.lrs), "seeds": list(self.seeds),
                 "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudyConfig":
+        """The inverse of :meth:`to_dict`; fields a grid was written without take their defaults (as in
+        :meth:`RunConfig.from_dict`), so a grid saved before a field existed equals the same grid saved after."""
+        return cls(name=data["name"], models=tuple(data["models"]), lrs=tuple(data["lrs"]),
+                   seeds=tuple(data["seeds"]), base=RunConfig.from_dict(data["base"]))

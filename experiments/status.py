@@ -54,8 +54,7 @@ def _expected_runs(study_dir: Path) -> Tuple[List[str], List[str]]:
     ids, warnings = [], []
     for i, grid in enumerate(grids if isinstance(grids, list) else []):
         try:
-            study = StudyConfig(name=grid["name"], models=tuple(grid["models"]), lrs=tuple(grid["lrs"]),
-                                seeds=tuple(grid["seeds"]), base=RunConfig.from_dict(grid["base"]))
+            study = StudyConfig.from_dict(grid)
             ids.extend(c.run_id for c in study.runs() if c.run_id not in ids)
         except (ConfigError,) + _READ_ERRORS as exc:
             warnings.append(f"{path}: grid {i + 1} is unreadable ({exc}); its runs not started yet are not listed")

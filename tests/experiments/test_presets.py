@@ -136,3 +136,23 @@ def test_studies_lists_every_preset_in_aligned_columns():
     assert len(columns) == 1, f"the run counts are not aligned: {result.output}"
     for line, (name, study) in zip(lines, PRESETS.items()):
         assert line.endswith(DESCRIPTIONS[name]) and f" {len(study.runs())} runs  " in line
+
+
+def test_study_json_keeps_one_grid_when_later_fields_are_only_defaults(tmp_path):
+    """A grid written before RunConfig gained fields (HASHED_WHEN_SET) is the same grid: relaunching the reference
+    study must not append it again (it did: `make run` in a fresh clone grew results/fashion-mnist-bn/study.json)."""
+    from experiments.cli import _write_study_json
+    from experiments.config import HASHED_WHEN_SET
+
+    study = get_preset("fashion-mnist-bn")
+    old = study.to_dict()
+    old["base"] = {k: v for k, v in old["base"].items() if k not in HASHED_WHEN_SET}
+    junk = {"name": "fashion-mnist-bn", "models": "not a list"}
+    (tmp_path / "study.json").write_text(json.dumps({"name": study.name, "grids": [old, junk]}))
+    assert StudyConfig.from_dict(old) == study
+    assert [c.run_id for c in StudyConfig.from_dict(old).runs()] == [c.run_id for c in study.runs()]
+    _write_study_json(tmp_path, study)
+    assert json.loads((tmp_path / "study.json").read_text())["grids"] == [old, junk]   # untouched, nothing added
+    wider = dataclasses.replace(study, seeds=(0, 1, 2, 3, 4, 5))
+    _write_study_json(tmp_path, wider)
+    assert json.loads((tmp_path / "study.json").read_text())["grids"] == [old, junk, wider.to_dict()]
