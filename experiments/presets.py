@@ -23,6 +23,8 @@ def _register(study: StudyConfig, description: str) -> None:
 DESCRIPTIONS: Dict[str, str] = {}
 _register(_study("fashion-mnist-bn", ["convnet", "bn-convnet"], seeds=(0, 1, 2, 3, 4)),
           "seed 003: ConvNet vs BN-ConvNet on 10% of FashionMNIST, lr 0.04, batch 32, 10 passes, 5 seeds")
+_register(_study("fashion-mnist-bn-confirm", ["convnet", "bn-convnet"], seeds=(5, 6, 7, 8, 9)),
+          "confirmation of fashion-mnist-bn on seeds never looked at (5-9), same config: the confirmatory test")
 _register(_study("mnist-mlp-bn", ["mlp", "mlp:scratch-fn", "mlp:scratch", "bn-mlp"], lrs=(0.01,), epochs=20,
                  dataset="mnist", subset=1.0, batch_size=256, naive_init=True),
           "seed 000: MLP 784-50-50-10 with naive init, full MNIST, batch 256, lr 0.01, 20 epochs; no BN vs functional scratch BN vs "

@@ -35,7 +35,7 @@ from matplotlib.transforms import blended_transform_factory
 from ..atomic import atomic_write
 from ..plotstyle import styled
 from .load import AnalysisError, model_order, read_study, records_frame, runs_frame, select
-from .metrics import METRICS, averaged, run_metrics
+from .metrics import METRICS, averaged, loss_name, run_metrics
 from .stats import BAND_MIN_N, t_halfwidth
 
 SMOOTH = 5            # probes (or epochs) per centred rolling mean
@@ -201,7 +201,7 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
     runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
     fig, (a, b, c) = _figure(3)
-    _band(a, df, runs, palette, "loss_min", "loss_max", smooth, "loss L(w+s·d) (cross-entropy)",
+    _band(a, df, runs, palette, "loss_min", "loss_max", smooth, f"loss L(w+s·d) ({loss_name(df)})",
           "(a) loss landscape")
     _band(b, df, runs, palette, "grad_pred_min", "grad_pred_max", smooth, GRAD_DIFF, "(b) gradient predictiveness")
     banded = _seeds_and_mean(c, df, runs, palette, "probe", "effective_beta", "step", smooth,
@@ -251,10 +251,10 @@ def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOO
     fig, (a, b, c, d) = _figure(2, nrows=2)
     banded = [
         _seeds_and_mean(a, df, runs, palette, "step", "loss", "step", smooth_steps,
-                        "training loss (cross-entropy, log scale)",
+                        f"training loss ({loss_name(df)}, log scale)",
                         f"(a) train loss, rolling mean ≤{smooth_steps} steps"),
         _seeds_and_mean(b, df, runs, palette, "eval", "test_loss", "epoch", 1,
-                        "test loss (cross-entropy, log scale)", "(b) test loss"),
+                        f"test loss ({loss_name(df)}, log scale)", "(b) test loss"),
         _seeds_and_mean(c, df, runs, palette, "eval", "test_accuracy", "epoch", 1, "test accuracy",
                         "(c) test accuracy"),
         _seeds_and_mean(d, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1,
@@ -283,7 +283,7 @@ def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame, include_unfinished: bool = Fa
     dodge = _dodge(list(palette))
     per_run = run_metrics(df).merge(runs[["run", "label", "averaged"]], on="run")
     fig, axes = _figure(2, nrows=2)
-    label = {m.name: m.label for m in METRICS}
+    label = {m.name: m.label_for(df) for m in METRICS}
     diverged_at = runs[runs["status"] == "diverged"].groupby("label")["lr"].agg(set).to_dict()
     panels = [("final_test_accuracy", "final test accuracy", False),
               ("final_test_loss", "final test loss (log scale)", True),

@@ -22,9 +22,9 @@ import pandas as pd
 
 from .pairing import group_label, options_key, variant_labels
 
-LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "variant", "options", "status", "kind", "step",
+LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "loss", "variant", "options", "status", "kind", "step",
                 "epoch", "metric", "value", "bn_mode"]
-RUN_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "variant", "options", "status", "diverged_step",
+RUN_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "loss", "variant", "options", "status", "diverged_step",
                "diverged_epoch", "n_records", "path"]
 _RECORD_KEYS = {"kind", "step", "epoch", "bn_mode"}
 _EXPECTED = "run directories, each holding config.json and records.jsonl (see results/README.md)"
@@ -226,8 +226,8 @@ def _run_fields(run: RunData) -> dict:
     return {"run": c.get("run_id") or run.path.name,
             "model": group_label(model_label(c["model"], c.get("norm")), run.variant), "seed": c["seed"],
             "lr": float(c["lr"]), "norm": str(c.get("norm") if c.get("norm") is not None else "none"),
-            "dataset": str(c.get("dataset", "?")), "variant": run.variant, "options": options_key(c),
-            "status": run.status}
+            "dataset": str(c.get("dataset", "?")), "loss": str(c.get("loss") or "cross-entropy"),
+            "variant": run.variant, "options": options_key(c), "status": run.status}
 
 
 def _is_number(v) -> bool:

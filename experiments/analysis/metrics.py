@@ -18,17 +18,27 @@ from .load import bn_mode_of, select
 @dataclass(frozen=True)
 class Metric:
     name: str
-    label: str
+    label: str  # may hold "{loss}": the runs' training loss, from their configs (``label_for``)
     kind: str
     field: str
     reduce: str  # "last", "median" or "p90"
 
+    def label_for(self, df: pd.DataFrame) -> str:
+        return self.label.format(loss=loss_name(df))
+
+
+def loss_name(df: pd.DataFrame) -> str:
+    """The training loss of the runs in ``df`` as their configs name it ("cross-entropy", "mse"); "/"-joined if
+    the runs differ."""
+    names = sorted(df["loss"].dropna().unique()) if "loss" in df else []
+    return "/".join(names) or "cross-entropy"
+
 
 METRICS = (
-    Metric("final_train_loss", "final train loss (cross-entropy, whole training subset)", "eval", "train_loss",
+    Metric("final_train_loss", "final train loss ({loss}, whole training subset)", "eval", "train_loss",
            "last"),
     Metric("final_test_accuracy", "final test accuracy", "eval", "test_accuracy", "last"),
-    Metric("final_test_loss", "final test loss (cross-entropy, test set)", "eval", "test_loss", "last"),
+    Metric("final_test_loss", "final test loss ({loss}, test set)", "eval", "test_loss", "last"),
     Metric("effective_beta_median", "effective β, median over probes", "probe", "effective_beta", "median"),
     Metric("effective_beta_p90", "effective β, 90th percentile over probes", "probe", "effective_beta", "p90"),
     Metric("loss_range_width", "loss range width, median over probes of loss_max − loss_min", "probe",

@@ -95,7 +95,7 @@ def summary_table(df: pd.DataFrame, compare=None, include_unfinished: bool = Fal
                 v = runs.loc[use[runs.index], m.name].dropna().to_numpy()
                 counts = _group_counts(runs)
                 block[(m.name, model)] = {
-                    "lr": lr, "metric": m.name, "label": m.label, "bn_mode": metric_bn_mode(df, m), "model": model,
+                    "lr": lr, "metric": m.name, "label": m.label_for(df), "bn_mode": metric_bn_mode(df, m), "model": model,
                     "variant": variant[model], "n": len(v), "mean": v.mean() if len(v) else math.nan,
                     "sd": v.std(ddof=1) if len(v) > 1 else math.nan, "diverged": counts["diverged"],
                     "unfinished": counts["unfinished"], "survivors_only": counts["diverged"] > 0 and len(v) > 0}

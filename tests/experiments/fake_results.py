@@ -77,13 +77,14 @@ def _records(level: float, seed: int, lr: float, epochs: int, spe: int, probe_ev
 
 
 def make_results(root, models=("convnet", "bn-convnet"), seeds=(0, 1, 2), values=None, diverged=(), unfinished=(),
-                 lrs=(0.04,), epochs=3, steps_per_epoch=10, probe_every=2, study="fake-study") -> FakeStudy:
+                 lrs=(0.04,), epochs=3, steps_per_epoch=10, probe_every=2, study="fake-study",
+                 loss=None) -> FakeStudy:
     """Write ``root/study/<run-id>/`` for every (model, lr, seed).
 
     values: {model: level} scaling every metric (default DEFAULT_LEVELS, 0.8 for other models).
     diverged / unfinished: (model, seed) or (model, seed, lr) tuples. A diverged run stops half-way with a
     ``diverged`` record and still writes ``done``; an unfinished run stops half-way without ``done`` and leaves a
-    truncated last line, as a killed run does.
+    truncated last line, as a killed run does. loss: the config's "loss" (absent = cross-entropy, as old runs).
     """
     values = {**DEFAULT_LEVELS, **(values or {})}
     study_dir = Path(root) / study
@@ -105,7 +106,7 @@ def make_results(root, models=("convnet", "bn-convnet"), seeds=(0, 1, 2), values
                           "norm": norm or ("torch" if name.startswith("bn-") else "none"), "seed": seed, "lr": lr,
                           "batch_size": 32, "epochs": epochs, "subset": 320, "sampling": "with-replacement",
                           "probe_every": probe_every, "probe_steps": 8, "probe_min": 0.5, "probe_max": 4.0,
-                          "sharpness_samples": 64}
+                          "sharpness_samples": 64, **({"loss": loss} if loss else {})}
                 digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
                 run_id = f"{model.replace(':', '-')}-lr{lr}-s{seed}-{digest}"
                 config = {"run_id": run_id, **config, "device": "cpu"}

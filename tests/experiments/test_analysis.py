@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_results import make_results  # noqa: E402
 
 from experiments.analysis import AnalysisError, load, load_runs, plot_study, summary_table, write_report  # noqa
-from experiments.analysis.figures import save_figure, sharpness  # noqa: E402
+from experiments.analysis.figures import save_figure, seed_homework, sharpness  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*truncated last record:UserWarning")
 FIGURES = ("santurkar_fig4", "sharpness", "seed_homework")
@@ -51,7 +51,7 @@ def expected_values(study, model, metric, statuses=("done",)):
 
 def test_load_melts_every_numeric_field(clean):
     df = load(clean.path)
-    assert list(df.columns) == ["run", "model", "seed", "lr", "norm", "dataset", "variant", "options", "status",
+    assert list(df.columns) == ["run", "model", "seed", "lr", "norm", "dataset", "loss", "variant", "options", "status",
                                 "kind", "step", "epoch", "metric", "value", "bn_mode"]
     assert set(df["variant"]) == {""} and df["options"].nunique() == 1  # one configuration: nothing to split
     numeric = sum(1 for run in clean.runs for r in run.records for k, v in r.items()
@@ -486,6 +486,23 @@ def test_test_loss_is_reported(clean, tmp_path):
     text = write_report(clean.path, out_dir=tmp_path).read_text()
     conv = expected_values(clean, "convnet", "final_test_loss")
     assert f"| final test loss (cross-entropy, test set) | running | {_fmt(conv.mean())} ± " in text
+
+
+def test_loss_labels_come_from_the_runs_config(tmp_path):
+    """Issue 20 §2: a square-loss study's report called its losses "cross-entropy"."""
+    study = make_results(tmp_path, seeds=(0, 1), epochs=1, loss="mse")
+    text = write_report(study.path, out_dir=tmp_path).read_text()
+    assert "final test loss (mse, test set)" in text and "final train loss (mse, whole training subset)" in text
+    assert "cross-entropy" not in text
+    assert set(load(study.path)["loss"]) == {"mse"}
+    figures = plot_study(study.path, out_dir=tmp_path / "figs")
+    labels = _axis_labels(seed_homework(load(study.path), load_runs(study.path)))
+    assert "training loss (mse, log scale)" in labels and not any("cross-entropy" in x for x in labels)
+    assert figures
+
+
+def _axis_labels(fig) -> list:
+    return [ax.get_ylabel() for ax in fig.axes]
 
 
 def test_report_and_figures_respect_the_umask(tmp_path):
