@@ -11,8 +11,9 @@ increase of the loss the caller passes (``target``, default 0.1), so give a 0-1 
 The expectation is a Monte Carlo mean over ``n_samples`` draws z_m taken once from ``generator``, u_m = σ·z_m (or
 √(σ²w² + ε²)·z_m) at every σ: common random numbers make the mean a fixed smooth function of σ, so the search is
 deterministic and, for a loss that rises with the noise, monotone. The search brackets σ by factors of 10 from
-σ = 0.01 and then bisects ``n_bisections`` times in log σ; ``sigma`` is the bracket's lower end, where the measured
-increase is at most ``target``.
+σ = 0.01 and then bisects ``n_bisections`` times in log σ (12 by default: σ to within a factor 10^(1/4096), 0.06%,
+far below the Monte Carlo error of 16 draws); ``sigma`` is the bracket's lower end, where the measured increase is at
+most ``target``.
 
 Relative flatness (Petzka et al. 2021, "Relative flatness and generalization"): for the weight matrix W of one layer
 (rows w_s: the weights of output unit s; a conv kernel as (out, in·k·k)), κ = Σ_{s,s'} ⟨w_s, w_s'⟩ · Tr(H_{s,s'}),
@@ -121,7 +122,7 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
 
 
 def pacbayes_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: torch.Generator, target: float = 0.1,
-                      n_samples: int = 16, n_bisections: int = 20, bn_mode: str = "batch") -> PacBayesFlatness:
+                      n_samples: int = 16, n_bisections: int = 12, bn_mode: str = "batch") -> PacBayesFlatness:
     """Jiang et al.'s "pacbayes.flatness": the largest σ with E_{u~N(0,σ²I)} L(w + u) − L(w) ≤ ``target`` (a loss
     increase, not their accuracy deviation), and 1/σ². Costs n_samples forward passes per σ tried (about
     n_bisections + 3 values of σ)."""
@@ -129,7 +130,7 @@ def pacbayes_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: t
 
 
 def pacbayes_mag_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: torch.Generator,
-                          target: float = 0.1, eps: float = 1e-3, n_samples: int = 16, n_bisections: int = 20,
+                          target: float = 0.1, eps: float = 1e-3, n_samples: int = 16, n_bisections: int = 12,
                           bn_mode: str = "batch") -> PacBayesFlatness:
     """Jiang et al.'s "pacbayes.mag.flatness": as :func:`pacbayes_flatness` with uᵢ ~ N(0, σ²wᵢ² + ε²), σ relative
     to each weight's magnitude; ``eps`` keeps zero weights perturbed (it must be small enough that the ε-noise alone

@@ -28,7 +28,8 @@ def test_pacbayes_sigma_on_a_quadratic(ref):
     rel_sd = 0.5 * (2 * float((a ** 2).sum()) / m) ** 0.5 / float(a.sum())
     assert abs(out.sigma / expected - 1) < 4 * rel_sd
     assert out.measure == pytest.approx(1 / out.sigma ** 2, rel=1e-12)
-    assert target * (1 - 1e-4) <= out.increase <= target   # the bisection closes on the target from below
+    # 12 bisections of a factor-10 bracket pin σ to 10^(1/4096), so ΔL ∝ σ² to 0.11%, from below
+    assert target * (1 - 2e-3) <= out.increase <= target
     assert (out.magnitude_aware, out.eps, out.n_samples, out.target) == (False, None, m, target)
 
 
