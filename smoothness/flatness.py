@@ -21,7 +21,9 @@ H_{s,s'} the Hessian block between rows s and s'. Written as κ = Tr(D·H_WW) wi
 with the project's Hessian-vector product: exactly from the numel(W) products with the unit vectors of W (the
 default; fine for the few thousand weights of a classifier head), or by Hutchinson's estimate E[(Dz)ᵀ H z] over
 Rademacher z on W when ``n_samples`` is given. The default layer is the last ``nn.Linear``'s weight: the layer fed by
-the penultimate (feature) representation, as in Petzka et al.'s experiments.
+the penultimate (feature) representation, as in Petzka et al.'s experiments. Cost: one Hessian-vector product per
+weight of W (exact) or per probe; on the seed ConvNet's head (15,680 weights, 256 images, one CPU thread, ~0.65 s a
+product) exact would take about 3 hours, 20 probes take 13 s for a 1% standard error: use ``n_samples`` there.
 """
 from __future__ import annotations
 
