@@ -12,13 +12,17 @@ from ._rng import ESTIMATOR_SEED, NondeterministicLossError
 from .concentration import ConcentrationResult, gradient_concentration
 from .curvature import EigenResult, TraceResult, directional_curvature, hessian_trace, top_eigenvalues
 from .density import DensityResult, spectral_density
+from .flatness import PacBayesFlatness, RelativeFlatness, pacbayes_flatness, pacbayes_mag_flatness, relative_flatness
 from .gradient import loss_and_gradient
 from .hvp import hvp
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
 from .lipschitz import local_lipschitz
+from .norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, path_norm, spectral_product
 from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
+from .sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,
+                        epsilon_sharpness, worst_case_sharpness)
 
 __all__ = [
     "ESTIMATOR_SEED", "NondeterministicLossError",
@@ -27,5 +31,9 @@ __all__ = [
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",
     "DensityResult", "spectral_density", "ConcentrationResult", "gradient_concentration",
     "preconditioned_top_eigenvalues",
+    "WorstCaseSharpness", "AverageCaseSharpness", "EpsilonSharpness", "worst_case_sharpness",
+    "average_case_sharpness", "epsilon_sharpness",
+    "PacBayesFlatness", "RelativeFlatness", "pacbayes_flatness", "pacbayes_mag_flatness", "relative_flatness",
+    "DistanceToInit", "SpectralProduct", "PathNorm", "distance_to_init", "spectral_product", "path_norm",
 ]
 __version__ = "0.1.0"

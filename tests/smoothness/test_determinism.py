@@ -86,6 +86,19 @@ CALLS = {
     "gradient_concentration": lambda m, b: smoothness.gradient_concentration(m, ce, b, 2),
     "preconditioned_top_eigenvalues": lambda m, b: smoothness.preconditioned_top_eigenvalues(
         m, ce, b, {n: 1.0 + p.detach().abs() for n, p in m.named_parameters()}, k=2),
+    "worst_case_sharpness": lambda m, b: smoothness.worst_case_sharpness(m, ce, b, rho=0.05, n_steps=3),
+    "average_case_sharpness": lambda m, b: smoothness.average_case_sharpness(
+        m, ce, b, rho=0.05, n_samples=3, generator=torch.Generator().manual_seed(5)),
+    "epsilon_sharpness": lambda m, b: smoothness.epsilon_sharpness(m, ce, b, n_steps=3),
+    "pacbayes_flatness": lambda m, b: smoothness.pacbayes_flatness(
+        m, ce, b, n_samples=2, n_bisections=3, generator=torch.Generator().manual_seed(5)),
+    "pacbayes_mag_flatness": lambda m, b: smoothness.pacbayes_mag_flatness(
+        m, ce, b, n_samples=2, n_bisections=3, generator=torch.Generator().manual_seed(5)),
+    "relative_flatness": lambda m, b: smoothness.relative_flatness(m, ce, b),
+    "distance_to_init": lambda m, b: smoothness.distance_to_init(m, {n: p.detach() * 0.5
+                                                                     for n, p in m.named_parameters()}),
+    "spectral_product": lambda m, b: smoothness.spectral_product(m),
+    "path_norm": lambda m, b: smoothness.path_norm(m, (2, 6, 6)),
 }
 
 

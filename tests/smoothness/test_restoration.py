@@ -8,7 +8,8 @@ from torch import nn
 import smoothness as sm
 
 ESTIMATORS = ["line_probe", "local_lipschitz", "hvp", "top_eigenvalues", "hessian_trace", "directional_curvature",
-              "internal_covariate_shift", "loss_and_gradient"]
+              "internal_covariate_shift", "loss_and_gradient", "worst_case_sharpness", "average_case_sharpness",
+              "epsilon_sharpness", "pacbayes_flatness", "pacbayes_mag_flatness", "relative_flatness"]
 
 
 def run(name, model, loss_fn, batch, bn_mode, direction):
@@ -28,6 +29,18 @@ def run(name, model, loss_fn, batch, bn_mode, direction):
         return sm.internal_covariate_shift(model, loss_fn, batch, lr=0.1, bn_mode=bn_mode)
     if name == "loss_and_gradient":
         return sm.loss_and_gradient(model, loss_fn, batch, bn_mode=bn_mode)
+    if name == "worst_case_sharpness":
+        return sm.worst_case_sharpness(model, loss_fn, batch, rho=0.05, n_steps=3, bn_mode=bn_mode)
+    if name == "average_case_sharpness":
+        return sm.average_case_sharpness(model, loss_fn, batch, rho=0.05, n_samples=3, bn_mode=bn_mode,
+                                         generator=torch.Generator().manual_seed(0))
+    if name == "epsilon_sharpness":
+        return sm.epsilon_sharpness(model, loss_fn, batch, n_steps=3, bn_mode=bn_mode)
+    if name in ("pacbayes_flatness", "pacbayes_mag_flatness"):
+        return getattr(sm, name)(model, loss_fn, batch, n_samples=2, n_bisections=3, bn_mode=bn_mode,
+                                 generator=torch.Generator().manual_seed(0))
+    if name == "relative_flatness":
+        return sm.relative_flatness(model, loss_fn, batch, bn_mode=bn_mode)
     raise KeyError(name)
 
 

@@ -1,0 +1,123 @@
+"""Weight-norm baselines of the generalisation studies (Jiang et al. 2020, "Fantastic generalization measures"):
+distance to initialisation, product of spectral norms, path norm. Functions of the weights alone: no data, no
+BatchNorm mode beyond what each says. All parameters count, trainable or frozen (the network is what is measured).
+
+- distance to init: ‖w − w₀‖₂ over all parameters (Frobenius norm of the difference, all layers together).
+- spectral product: Π_i ‖W_i‖₂ over the weight of every nn.Linear and convolution module, largest singular value.
+  A conv kernel (out, in, k, k) is reshaped to (out, in·k·k): that is the norm Jiang et al. use, not the operator
+  norm of the convolution itself (which depends on the input size and can be larger). BatchNorm's scale is not
+  included. ``log_value`` = Σ log ‖W_i‖₂ (Jiang et al.'s "log.prod.of.spec" is 2·log_value, the squared product).
+- path norm (Neyshabur et al. 2015, "Norm-based capacity control"): √(Σ over input-output paths of Π w²), computed as
+  Jiang et al. do by squaring every parameter and forwarding an all-ones input: the sum of the outputs is the sum
+  over paths (biases start paths of their own), ``squared`` holds it (Jiang's "path.norm") and ``value`` its root.
+  This is exact for ReLU networks (the squared network's activations are positive, ReLU passes them); max-pooling
+  picks the largest path instead of summing, and other activations (tanh) make the forward no longer a path sum.
+  BatchNorm runs in eval mode as the affine map it then is, y = a·x + b with a = γ/√(var + eps),
+  b = β − a·mean, and is squared as a layer: a², b² (folded, not γ², β² with the running statistics left in,
+  which would not be a path sum). Normalisation without running statistics has no fixed affine map: refused.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ._objective import estimator_mode
+from ._rng import fixed_rng
+
+_STATELESS_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True)
+class DistanceToInit:
+    value: float                              # ‖w − w₀‖₂ over all parameters
+    n_params: int
+
+
+@dataclass(frozen=True)
+class SpectralProduct:
+    value: float                              # Π ‖W_i‖₂
+    log_value: float                          # Σ log ‖W_i‖₂ (finite where value over/underflows)
+    layers: Tuple[str, ...]                   # parameter names of the W_i
+    norms: Tuple[float, ...]                  # ‖W_i‖₂
+
+
+@dataclass(frozen=True)
+class PathNorm:
+    value: float                              # √(Σ_paths Π w²), Neyshabur et al.'s ℓ2 path norm
+    squared: float                            # Σ_paths Π w², Jiang et al.'s "path.norm"
+    input_shape: Tuple[int, ...]
+
+
+def distance_to_init(model: nn.Module, init_state: Mapping[str, torch.Tensor]) -> DistanceToInit:
+    """‖w − w₀‖₂ with w₀ from ``init_state`` (a state_dict saved at initialisation, or a dict of parameters; buffers
+    in it are ignored)."""
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in init_state]
+    if missing:
+        raise ValueError(f"init_state lacks the parameters {missing}: pass the model's state_dict() saved at "
+                         f"initialisation (a copy, e.g. copy.deepcopy(model.state_dict()))")
+    total = 0.0
+    for n, p in params.items():
+        w0 = init_state[n]
+        if tuple(w0.shape) != tuple(p.shape):
+            raise ValueError(f"init_state[{n!r}] has shape {tuple(w0.shape)}, the parameter {tuple(p.shape)}")
+        total += float(torch.sum((p.detach().double() - w0.detach().to(p.device).double()) ** 2))
+    return DistanceToInit(value=math.sqrt(total), n_params=sum(p.numel() for p in params.values()))
+
+
+def spectral_product(model: nn.Module) -> SpectralProduct:
+    """Π ‖W_i‖₂ over nn.Linear and convolution weights (conv kernels as (out, in·k·k) matrices)."""
+    layers, norms = [], []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            w = m.weight.detach()
+            # transposed convs store (in, out/groups, k...): rows are still the first dimension's filters
+            norms.append(float(torch.linalg.matrix_norm(w.reshape(w.shape[0], -1).double(), ord=2)))
+            layers.append(f"{name}.weight" if name else "weight")
+    if not layers:
+        raise ValueError("the model has no nn.Linear or convolution layer: no weight matrices to take norms of")
+    log_value = sum(math.log(v) if v > 0 else -math.inf for v in norms)
+    return SpectralProduct(value=math.prod(norms), log_value=log_value, layers=tuple(layers), norms=tuple(norms))
+
+
+def _has_running_stats(m: nn.Module) -> bool:
+    return (isinstance(getattr(m, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(m, "running_var", None), torch.Tensor))
+
+
+def path_norm(model: nn.Module, input_shape: Sequence[int]) -> PathNorm:
+    """Neyshabur et al.'s ℓ2 path norm: the square root of the summed outputs of the squared network (every
+    parameter squared, BatchNorm folded and squared, eval mode) on one all-ones input of ``input_shape`` (one
+    sample, without the batch dimension)."""
+    shape = tuple(int(s) for s in input_shape)
+    refused = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+               if isinstance(m, _STATELESS_NORMS) or (hasattr(m, "running_mean") and not _has_running_stats(m))]
+    if refused:
+        raise ValueError(f"path norm needs every normalisation layer to be a fixed affine map in eval mode, but "
+                         f"{refused} normalise with statistics of the input itself")
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    tensors = {**{n: b.clone() for n, b in buffers.items()}, **{n: p.detach() ** 2 for n, p in params.items()}}
+    for name, m in model.named_modules():
+        if _has_running_stats(m):
+            if getattr(m, "weight", None) is None or getattr(m, "bias", None) is None:
+                raise ValueError(f"{name} ({type(m).__name__}) has no affine parameters to hold the folded "
+                                 f"map; path norm supports affine BatchNorm only")
+            prefix = f"{name}." if name else ""
+            scale = m.weight.detach() * torch.rsqrt(m.running_var.detach() + m.eps)
+            shift = m.bias.detach() - scale * m.running_mean.detach()
+            tensors[prefix + "weight"], tensors[prefix + "bias"] = scale ** 2, shift ** 2
+            # with mean 0 and var + eps = 1 the layer computes weight·x + bias: the folded, squared map
+            tensors[prefix + "running_mean"] = torch.zeros_like(m.running_mean)
+            tensors[prefix + "running_var"] = torch.full_like(m.running_var, 1.0) - m.eps
+    first = next(iter(params.values()))
+    ones = torch.ones((1, *shape), dtype=first.dtype, device=first.device)
+    with torch.no_grad(), fixed_rng({first.device}), estimator_mode(model, "running"):
+        out = functional_call(model, tensors, (ones,))
+    squared = float(out.double().sum())
+    return PathNorm(value=math.sqrt(squared), squared=squared, input_shape=shape)

@@ -1,0 +1,149 @@
+"""Sharpness as the loss increase under a bounded weight perturbation: worst case, average case, and Keskar's
+ε-sharpness (METHODS.md §11).
+
+With T_w = diag(|w| + η) (adaptive; Kwon et al. 2021, "ASAM", their T_w with η = 0 by default here) or T_w = I:
+
+- worst case (Andriushchenko et al. 2023, "A modern look at the relationship between sharpness and
+  generalization"): S_max^ρ = max over ‖T_w⁻¹δ‖_p ≤ ρ of L(w + δ) − L(w), p = 2 or ∞, by the projected ascent of
+  :mod:`smoothness._ascent` (APGD-style, a lower bound on the maximum). For L(w) = cᵀw it is ρ‖T_w c‖₂ (p = 2) and
+  ρ‖T_w c‖₁ (p = ∞), which the first step already reaches;
+- average case (same paper): S_avg^ρ = E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w), Monte Carlo with a standard error.
+  At a minimum of ½Σ aᵢ(wᵢ − wᵢ*)² it is ρ²/2·Σ aᵢ Tᵢ²;
+- ε-sharpness (Keskar et al. 2017, "On large-batch training ... sharp minima", their metric 2.1 with A = I): the
+  worst case over the box |δᵢ| ≤ ε(|wᵢ| + 1), i.e. T_w = |w| + 1 and p = ∞, reported as 100·(max L − L)/(1 + L).
+  Keskar et al. maximise with L-BFGS-B; here the same ascent as the worst case.
+
+The adaptive scale T_w = |w| leaves weights that are exactly 0 where they are (δᵢ = Tᵢνᵢ = 0): pass ``eta`` > 0 to let
+them move (ASAM's η; Andriushchenko et al. add a small η too).
+
+``data`` is one ``(inputs, targets)`` batch or a list of chunks (a DataLoader): L is then the sample-weighted mean of
+the chunks' mean losses, each chunk with its own batch statistics in ``batch`` BN mode (see ``ChunkedObjective``).
+The model is left exactly as it was; every forward pass runs with the estimators' fixed seed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ._ascent import projected_ascent
+from ._objective import make_objective, sample_count
+from ._perturb import (base_loss, check_count, check_generator, check_positive, gaussian, loss_at,
+                       mean_and_stderr, weight_scale)
+
+NORMS = (2, math.inf)
+
+
+@dataclass(frozen=True)
+class WorstCaseSharpness:
+    value: float                     # max found of L(w + δ) − L(w) (≥ 0: δ = 0 is feasible; a lower bound)
+    base_loss: float
+    increases: Tuple[float, ...]     # L(w + δ_k) − L(w) at each ascent iterate, to judge convergence
+    rho: float
+    adaptive: bool
+    norm: float                      # 2 or inf
+    eta: float                       # T_w = |w| + eta when adaptive
+    n_steps: int
+    n_passes: int                    # forward+backward passes
+    start: str                       # "gradient", or "random" when ∇L(w) was 0
+    bn_mode: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class AverageCaseSharpness:
+    value: float                     # mean over samples of L(w + δ) − L(w)
+    stderr: float                    # standard error of that mean
+    base_loss: float
+    rho: float
+    adaptive: bool
+    eta: float
+    n_samples: int
+    n_passes: int                    # forward passes (one backward more, at w, for the determinism check)
+    bn_mode: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class EpsilonSharpness:
+    value: float                     # 100·(max L − L(w)) / (1 + L(w)), Keskar et al.'s percentage
+    max_loss: float
+    base_loss: float
+    epsilon: float
+    n_steps: int
+    n_passes: int
+    bn_mode: str
+    batch_size: int
+
+
+def _check_norm(norm) -> float:
+    if isinstance(norm, bool) or norm not in NORMS:
+        raise ValueError(f"norm must be 2 or float('inf'), got {norm!r}")
+    return float(norm)
+
+
+def _generator(generator) -> torch.Generator:
+    return torch.Generator().manual_seed(0) if generator is None else check_generator(generator)
+
+
+def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, adaptive: bool = True,
+                         norm: float = 2, eta: float = 0.0, n_steps: int = 20, bn_mode: str = "batch",
+                         generator: Optional[torch.Generator] = None) -> WorstCaseSharpness:
+    """max over ‖T_w⁻¹δ‖_norm ≤ rho of L(w + δ) − L(w) by ``n_steps`` steps of APGD-style projected ascent.
+
+    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with 0) is used only when ∇L(w) is 0
+    on the ball's support, for a random first point (recorded as ``start="random"``).
+    """
+    rho = check_positive("rho", rho)
+    p = _check_norm(norm)
+    eta = check_positive("eta", eta, allow_zero=True)
+    check_count("n_steps", n_steps, 1)
+    objective = make_objective(model, loss_fn, data, bn_mode)
+    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps, _generator(generator))
+    return WorstCaseSharpness(value=out.best_loss - out.base_loss, base_loss=out.base_loss, increases=out.increases,
+                              rho=rho, adaptive=bool(adaptive), norm=p, eta=eta, n_steps=n_steps,
+                              n_passes=out.n_passes, start=out.start, bn_mode=bn_mode,
+                              batch_size=sample_count(objective))
+
+
+def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: float = 1e-3, n_steps: int = 20,
+                      bn_mode: str = "batch", generator: Optional[torch.Generator] = None) -> EpsilonSharpness:
+    """Keskar et al. (2017): 100·(max over |δᵢ| ≤ ε(|wᵢ| + 1) of L(w + δ) − L(w)) / (1 + L(w)), in percent.
+
+    The box is the ℓ∞ ball of :func:`worst_case_sharpness` with T_w = |w| + 1; Keskar et al. report ε = 1e-3 and
+    5e-4. Costs n_steps + 1 forward+backward passes.
+    """
+    epsilon = check_positive("epsilon", epsilon)
+    check_count("n_steps", n_steps, 1)
+    objective = make_objective(model, loss_fn, data, bn_mode)
+    out = projected_ascent(objective, weight_scale(objective, True, 1.0), epsilon, math.inf, n_steps,
+                           _generator(generator))
+    return EpsilonSharpness(value=100 * (out.best_loss - out.base_loss) / (1 + out.base_loss),
+                            max_loss=out.best_loss, base_loss=out.base_loss, epsilon=epsilon, n_steps=n_steps,
+                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=sample_count(objective))
+
+
+def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, n_samples: int,
+                           generator: torch.Generator, adaptive: bool = True, eta: float = 0.0,
+                           bn_mode: str = "batch") -> AverageCaseSharpness:
+    """E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w) over ``n_samples`` draws from ``generator`` (δ = ρ·T_w ⊙ z, z drawn
+    parameter by parameter in ``named_parameters`` order), with its standard error. One forward pass per sample
+    (per chunk), plus one forward+backward pass at w."""
+    rho = check_positive("rho", rho)
+    eta = check_positive("eta", eta, allow_zero=True)
+    check_count("n_samples", n_samples, 2)
+    check_generator(generator)
+    objective = make_objective(model, loss_fn, data, bn_mode)
+    scale = weight_scale(objective, adaptive, eta)
+    f0 = base_loss(objective)
+    samples = []
+    for _ in range(n_samples):
+        z = gaussian(objective, generator)
+        samples.append(loss_at(objective, {n: rho * scale[n] * z[n] for n in objective.names}) - f0)
+    value, stderr = mean_and_stderr(samples)
+    return AverageCaseSharpness(value=value, stderr=stderr, base_loss=f0, rho=rho, adaptive=bool(adaptive), eta=eta,
+                                n_samples=n_samples, n_passes=n_samples + 1, bn_mode=bn_mode,
+                                batch_size=sample_count(objective))
