@@ -9,8 +9,8 @@ silently, and so are reached runs whose measure or gap is missing (``n_missing``
 - **τ** (Jiang et al. 2020, "Fantastic Generalization Measures and Where to Find Them", §3): Kendall's rank
   correlation between measure and gap over all usable runs; here τ-b (``scipy.stats.kendalltau``), which equals
   Jiang's sign-agreement τ when there are no ties.
-- **Ψ**, the granulated coefficient (Jiang et al. 2020, eq. 4): for axis i, ψ_i = (1/m_i) Σ_{θ_-i} τ(runs where only
-  θ_i varies), the mean over the m_i cells of fixed values of the other axes; Ψ = (1/n) Σ_i ψ_i. With several seeds
+- **Ψ**, Jiang et al.'s granulated Kendall coefficient: for axis i, ψ_i = (1/m_i) Σ_{θ_-i} τ(runs where only θ_i
+  varies), the mean over the m_i cells of fixed values of the other axes; Ψ = (1/n) Σ_i ψ_i over the n axes. With several seeds
   the seed is held fixed like the other axes: a cell is one (θ_-i, seed) combination, so a cell τ never mixes seed
   noise into the effect of θ_i, and ψ_i is the mean over all cells of all seeds. A cell with fewer than 2 distinct
   values of θ_i, or whose τ is undefined (measure or gap constant in it), is skipped and counted; Ψ averages the
@@ -40,7 +40,6 @@ from .stats import CONFIDENCE
 
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 MIN_RUNS = 3
-_PAIR_BUDGET = 4_000_000  # resample × pair entries held at once by weighted_tau_b
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class AxisTau:
 
 @dataclass(frozen=True)
 class Granulated:
-    """Ψ = mean of the defined ψ_i (Jiang et al. 2020, eq. 4)."""
+    """Ψ = mean of the defined ψ_i (Jiang et al. 2020); ``n`` runs used."""
     measure: str
     value: float
     axes: tuple[AxisTau, ...]
@@ -147,7 +146,7 @@ def _tau_b(x, y) -> tuple[float, float]:
 
 
 def kendall_tau(df: pd.DataFrame, measure: str, gap: str = "gap") -> Tau:
-    """τ-b(measure, gap) over the runs that reached the target (Jiang et al. 2020, eq. 2)."""
+    """τ-b(measure, gap) over the runs that reached the target (Jiang et al. 2020)."""
     usable, not_reached, missing = usable_runs(df, measure, gap)
     value, p = _tau_b(usable[measure], usable[gap])
     return Tau(measure, value, p, len(usable), len(not_reached), len(missing))
@@ -163,7 +162,7 @@ def cells(usable: pd.DataFrame, axis: str, axes, seed: str | None) -> list[np.nd
 
 
 def granulated_tau(df: pd.DataFrame, measure: str, axes, gap: str = "gap", seed: str | None = "seed") -> Granulated:
-    """Ψ and ψ_i per axis (Jiang et al. 2020, eq. 4); cells are (other axes, seed) combinations (module doc)."""
+    """Ψ and ψ_i per axis (Jiang et al. 2020); cells are (other axes, seed) combinations (module doc)."""
     axes = list(axes)
     if not axes:
         raise AnalysisError("granulated τ needs at least one hyper-parameter axis")
@@ -195,24 +194,24 @@ def weighted_tau_b(x, y, weights) -> np.ndarray:
 
     Equal to ``scipy.stats.kendalltau(np.repeat(x, w), np.repeat(y, w))`` for each row w: τ-b = (C − D) /
     sqrt((n0 − n1)(n0 − n2)) with n0 = N(N − 1)/2 pairs of the N drawn runs, n1 (n2) of them tied in x (y); the
-    copies of one run are tied in both. NaN where the denominator is 0.
+    copies of one run are tied in both. As quadratic forms, C − D = ½ wᵀSw with S_ab = sign(x_a − x_b)·sign(y_a −
+    y_b), and the ties between distinct runs are ½ wᵀTw with T_ab = [x_a = x_b], a ≠ b. NaN where the denominator is 0.
     """
     x, y, w = np.asarray(x, float), np.asarray(y, float), np.asarray(weights, float)
-    i, j = np.triu_indices(len(x), 1)
-    sign = np.sign(x[i] - x[j]) * np.sign(y[i] - y[j])
-    tie_x, tie_y = (x[i] == x[j]).astype(float), (y[i] == y[j]).astype(float)
-    out = np.empty(len(w))
-    step = max(1, _PAIR_BUDGET // max(1, len(i)))
-    for s in range(0, len(w), step):
-        wb = w[s:s + step]
-        ww = wb[:, i] * wb[:, j]
-        n = wb.sum(1)
-        n0 = n * (n - 1) / 2
-        copies = (wb * (wb - 1) / 2).sum(1)
-        den = np.sqrt(np.maximum(n0 - copies - ww @ tie_x, 0) * np.maximum(n0 - copies - ww @ tie_y, 0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[s:s + step] = np.where(den > 0, (ww @ sign) / den, np.nan)
-    return out
+    dx, dy = x[:, None] - x[None, :], y[:, None] - y[None, :]
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+
+    def form(matrix):
+        return ((w @ matrix) * w).sum(1) / 2
+
+    n = w.sum(1)
+    n0 = n * (n - 1) / 2
+    copies = (w * (w - 1) / 2).sum(1)
+    tied_x = form(((dx == 0) & off_diagonal).astype(float))
+    tied_y = form(((dy == 0) & off_diagonal).astype(float))
+    den = np.sqrt(np.maximum(n0 - copies - tied_x, 0) * np.maximum(n0 - copies - tied_y, 0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, form(np.sign(dx) * np.sign(dy)) / den, np.nan)
 
 
 def _interval(values: np.ndarray, confidence: float) -> Interval:

@@ -96,8 +96,14 @@ def coefficients(results: dict[str, MeasureResult]) -> Figure:
     return fig
 
 
-def write_figures(df: pd.DataFrame, results: dict[str, MeasureResult], out_dir, hue: str, gap: str = "gap",
-                  gap_label: str = "generalisation gap", lr: str | None = "lr") -> list[Path]:
-    """Save ``measure_vs_gap`` and ``generalization_coefficients`` (PNG + PDF) to ``out_dir``; return the paths."""
+def write_figures(df: pd.DataFrame, results: dict[str, MeasureResult], out_dir, hue: str | None = None,
+                  gap: str = "gap", gap_label: str = "generalisation gap", lr: str | None = "lr") -> list[Path]:
+    """Save ``measure_vs_gap`` and ``generalization_coefficients`` (PNG + PDF) to ``out_dir``; return the paths.
+
+    ``hue`` defaults to ``bn`` where the table has it, else to the first axis of the analysis that is not ``lr``.
+    """
+    if hue is None:
+        axes = [a.axis for a in next(iter(results.values())).granulated.axes]
+        hue = "bn" if "bn" in df.columns else next((a for a in axes if a != lr), axes[0])
     paths = save_figure(measure_vs_gap(df, results, hue, gap, gap_label, lr), out_dir, "measure_vs_gap")
     return paths + save_figure(coefficients(results), out_dir, "generalization_coefficients")

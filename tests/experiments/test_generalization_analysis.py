@@ -160,7 +160,7 @@ def test_report_lists_runs_that_did_not_reach_and_writes_md_and_csv(tmp_path):
 def test_figures_are_byte_identical_when_written_twice(tmp_path):
     df = noisy(3).assign(flat=lambda d: 10 ** d["gap"].rank())  # positive over decades: log x-axis
     results = analyse(df, ["sharpness", "flat"], ["lr", "bn"], n_resamples=50)
-    first = write_figures(df, results, tmp_path / "one", hue="bn")
+    first = write_figures(df, results, tmp_path / "one")  # colour: bn
     second = write_figures(df, results, tmp_path / "two", hue="bn")
     assert sorted(p.name for p in first) == ["generalization_coefficients.pdf", "generalization_coefficients.png",
                                              "measure_vs_gap.pdf", "measure_vs_gap.png"]
