@@ -6,15 +6,15 @@ The input is a plain DataFrame, one row per run: ``run``, the hyper-parameter ax
 reached the target enter a coefficient; the others are counted in every result (``n_not_reached``), never dropped
 silently, and so are reached runs whose measure or gap is missing (``n_missing``).
 
-- **τ** (Jiang et al. 2020, "Fantastic Generalization Measures and Where to Find Them", §3): Kendall's rank
+- **τ** (Jiang et al. 2020, "Fantastic Generalization Measures and Where to Find Them"): Kendall's rank
   correlation between measure and gap over all usable runs; here τ-b (``scipy.stats.kendalltau``), which equals
   Jiang's sign-agreement τ when there are no ties.
 - **Ψ**, Jiang et al.'s granulated Kendall coefficient: for axis i, ψ_i = (1/m_i) Σ_{θ_-i} τ(runs where only θ_i
-  varies), the mean over the m_i cells of fixed values of the other axes; Ψ = (1/n) Σ_i ψ_i over the n axes. With several seeds
-  the seed is held fixed like the other axes: a cell is one (θ_-i, seed) combination, so a cell τ never mixes seed
-  noise into the effect of θ_i, and ψ_i is the mean over all cells of all seeds. A cell with fewer than 2 distinct
-  values of θ_i, or whose τ is undefined (measure or gap constant in it), is skipped and counted; Ψ averages the
-  axes whose ψ_i is defined.
+  varies), the mean over the m_i cells of fixed values of the other axes; Ψ = (1/n) Σ_i ψ_i over the n axes. With
+  several seeds the seed is held fixed like the other axes: a cell is one (θ_-i, seed) combination, so a cell τ never
+  mixes seed noise into the effect of θ_i, and ψ_i is the mean over all cells of all seeds. A cell with fewer than 2
+  distinct values of θ_i, or whose τ is undefined (measure or gap constant in it), is skipped and counted; Ψ averages
+  the axes whose ψ_i is defined. ``seed=None`` pools the seeds instead (a cell then holds every seed's runs).
 - **Within a fixed learning rate** (Andriushchenko et al. 2023, "A Modern Look at the Relationship between
   Sharpness and Generalization"): sharpness can track the gap across learning rates only because both follow the
   learning rate; τ and Ψ (over the other axes) at each learning rate separately show whether it does within one.
@@ -22,7 +22,8 @@ silently, and so are reached runs whose measure or gap is missing (``n_missing``
   (``BOOTSTRAP_RESAMPLES`` times, generator seeded with ``BOOTSTRAP_SEED``; deterministic), and each resample gives
   τ* and, from the very same resample, every cell τ* and so ψ_i* and Ψ*. One study-wide resample for all axes keeps
   the dependence between axes, which reuse the same runs; resampling within cells would not, and Jiang's cells hold
-  only |Θ_i| runs, too few to resample. In a resample, cells are skipped by the rule above, and a resample where τ*
+  only |Θ_i| runs, too few to resample. Seeds are not resampled as clusters: a study of 1 to 5 seeds has too few.
+  In a resample, cells are skipped by the rule above, and a resample where τ*
   or some ψ_i* is undefined is left out of that interval (counted in ``Interval.n_undefined``).
 """
 from __future__ import annotations
