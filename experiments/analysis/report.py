@@ -137,6 +137,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+format_number, format_p, markdown_table = _fmt, _p, _md_table  # public: other reports format numbers like this one
+
+
 def reading_guide(table: pd.DataFrame, include_unfinished: bool) -> list[str]:
     n_pairs = table.loc[table["test"] == st.PAIRED, "n_compared"]
     small = int(n_pairs.min()) if len(n_pairs) else None

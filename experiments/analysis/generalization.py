@@ -1,0 +1,263 @@
+"""Sharpness versus generalisation: rank correlations between a measure and the generalisation gap over a study.
+
+The input is a plain DataFrame, one row per run: ``run``, the hyper-parameter axes the caller names (``lr``,
+``batch_size``, ``bn``, ``width``...), ``seed``, ``gap`` (test minus train loss or error; the caller says which),
+``reached`` (bool: the run reached the target training loss) and one numeric column per measure. Only runs that
+reached the target enter a coefficient; the others are counted in every result (``n_not_reached``), never dropped
+silently, and so are reached runs whose measure or gap is missing (``n_missing``).
+
+- **τ** (Jiang et al. 2020, "Fantastic Generalization Measures and Where to Find Them"): Kendall's rank
+  correlation between measure and gap over all usable runs; here τ-b (``scipy.stats.kendalltau``), which equals
+  Jiang's sign-agreement τ when there are no ties.
+- **Ψ**, Jiang et al.'s granulated Kendall coefficient: for axis i, ψ_i = (1/m_i) Σ_{θ_-i} τ(runs where only θ_i
+  varies), the mean over the m_i cells of fixed values of the other axes; Ψ = (1/n) Σ_i ψ_i over the n axes. With
+  several seeds the seed is held fixed like the other axes: a cell is one (θ_-i, seed) combination, so a cell τ never
+  mixes seed noise into the effect of θ_i, and ψ_i is the mean over all cells of all seeds. A cell with fewer than 2
+  distinct values of θ_i, or whose τ is undefined (measure or gap constant in it), is skipped and counted; Ψ averages
+  the axes whose ψ_i is defined. ``seed=None`` pools the seeds instead (a cell then holds every seed's runs).
+- **Within a fixed learning rate** (Andriushchenko et al. 2023, "A Modern Look at the Relationship between
+  Sharpness and Generalization"): sharpness can track the gap across learning rates only because both follow the
+  learning rate; τ and Ψ (over the other axes) at each learning rate separately show whether it does within one.
+- **Bootstrap intervals** (percentile, ``CONFIDENCE``): the runs of the study are resampled with replacement
+  (``BOOTSTRAP_RESAMPLES`` times, generator seeded with ``BOOTSTRAP_SEED``; deterministic), and each resample gives
+  τ* and, from the very same resample, every cell τ* and so ψ_i* and Ψ*. One study-wide resample for all axes keeps
+  the dependence between axes, which reuse the same runs; resampling within cells would not, and Jiang's cells hold
+  only |Θ_i| runs, too few to resample. Seeds are not resampled as clusters: a study of 1 to 5 seeds has too few.
+  In a resample, cells are skipped by the rule above, and a resample where τ*
+  or some ψ_i* is undefined is left out of that interval (counted in ``Interval.n_undefined``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from pandas.api.types import is_bool_dtype, is_numeric_dtype
+from scipy import stats
+
+from .load import AnalysisError
+from .stats import CONFIDENCE
+
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
+MIN_RUNS = 3
+
+
+@dataclass(frozen=True)
+class Interval:
+    """Percentile bootstrap interval; ``n_undefined`` resamples gave no value and are left out."""
+    low: float
+    high: float
+    n_resamples: int
+    n_undefined: int
+
+
+@dataclass(frozen=True)
+class Tau:
+    """Kendall's τ-b between a measure and the gap over ``n`` runs that reached the target."""
+    measure: str
+    value: float
+    p: float
+    n: int
+    n_not_reached: int
+    n_missing: int
+
+
+@dataclass(frozen=True)
+class AxisTau:
+    """ψ_i: the mean τ over ``cells`` cells in which only ``axis`` varies."""
+    axis: str
+    value: float
+    cells: int
+    skipped_single_value: int
+    skipped_undefined: int
+
+
+@dataclass(frozen=True)
+class Granulated:
+    """Ψ = mean of the defined ψ_i (Jiang et al. 2020); ``n`` runs used."""
+    measure: str
+    value: float
+    axes: tuple[AxisTau, ...]
+    n: int
+    n_not_reached: int
+    n_missing: int
+
+    def by_axis(self) -> dict[str, float]:
+        return {a.axis: a.value for a in self.axes}
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    tau: Interval
+    psi: Interval
+    axes: dict[str, Interval]
+
+
+# -- input --------------------------------------------------------------------------------------------------------
+
+def _need(df: pd.DataFrame, column: str, what: str) -> None:
+    if column not in df.columns:
+        raise AnalysisError(f"no column {column!r} ({what}); the table has columns {list(df.columns)}")
+
+
+def usable_runs(df: pd.DataFrame, measure: str, gap: str = "gap", axes=(), seed: str | None = None,
+                min_runs: int = MIN_RUNS) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Check the table and split it: (usable, not reached, reached but measure or gap missing).
+
+    Raises ``AnalysisError`` naming the column at fault, or when fewer than ``min_runs`` runs are usable.
+    """
+    _need(df, "run", "one row per run, named")
+    _need(df, "reached", "bool: the run reached the target training loss")
+    _need(df, gap, "the generalisation gap, test minus train; pass gap=<column> if it is named otherwise")
+    _need(df, measure, "the measure")
+    for axis in axes:
+        _need(df, axis, "a hyper-parameter axis")
+        if df[axis].isna().any():
+            raise AnalysisError(f"axis {axis!r} has no value for run(s) {list(df.loc[df[axis].isna(), 'run'])}")
+    if seed is not None:
+        _need(df, seed, "the seed; pass seed=None to pool seeds")
+        if seed in axes:
+            raise AnalysisError(f"{seed!r} is the seed column, not a hyper-parameter axis: leave it out of axes")
+    if df["run"].duplicated().any():
+        raise AnalysisError(f"runs listed twice: {sorted(set(df.loc[df['run'].duplicated(), 'run']))}")
+    if not is_bool_dtype(df["reached"]):
+        raise AnalysisError(f"column 'reached' must be bool (reached the target training loss), not "
+                            f"{df['reached'].dtype}")
+    for column, what in ((measure, "measure"), (gap, "gap")):
+        if is_bool_dtype(df[column]) or not is_numeric_dtype(df[column]):
+            bad = df[column][pd.to_numeric(df[column], errors="coerce").isna() & df[column].notna()]
+            example = f" (e.g. {bad.iloc[0]!r} in run {df.loc[bad.index[0], 'run']!r})" if len(bad) else ""
+            raise AnalysisError(f"{what} column {column!r} is not numeric: dtype {df[column].dtype}{example}")
+    reached = df[df["reached"]]
+    finite = np.isfinite(reached[measure].astype(float)) & np.isfinite(reached[gap].astype(float))
+    usable, missing = reached[finite], reached[~finite]
+    if len(usable) < min_runs:
+        raise AnalysisError(f"{measure!r}: only {len(usable)} usable run(s) (reached the target, finite {measure!r} "
+                            f"and {gap!r}); need at least {min_runs}. {len(df) - len(reached)} did not reach the "
+                            f"target, {len(missing)} have a missing value")
+    return usable, df[~df["reached"]], missing
+
+
+# -- coefficients -------------------------------------------------------------------------------------------------
+
+def _tau_b(x, y) -> tuple[float, float]:
+    res = stats.kendalltau(np.asarray(x, float), np.asarray(y, float))  # τ-b; NaN for a constant column
+    return float(res.statistic), float(res.pvalue)
+
+
+def kendall_tau(df: pd.DataFrame, measure: str, gap: str = "gap") -> Tau:
+    """τ-b(measure, gap) over the runs that reached the target (Jiang et al. 2020)."""
+    usable, not_reached, missing = usable_runs(df, measure, gap)
+    value, p = _tau_b(usable[measure], usable[gap])
+    return Tau(measure, value, p, len(usable), len(not_reached), len(missing))
+
+
+def cells(usable: pd.DataFrame, axis: str, axes, seed: str | None) -> list[np.ndarray]:
+    """Row positions in ``usable`` of each (other axes, seed) cell, in a fixed order."""
+    keys = [a for a in axes if a != axis] + ([seed] if seed is not None else [])
+    if not keys:
+        return [np.arange(len(usable))]
+    groups = usable.reset_index(drop=True).groupby(keys, sort=True, dropna=False).indices
+    return [np.asarray(groups[k]) for k in sorted(groups, key=repr)]
+
+
+def granulated_tau(df: pd.DataFrame, measure: str, axes, gap: str = "gap", seed: str | None = "seed") -> Granulated:
+    """Ψ and ψ_i per axis (Jiang et al. 2020); cells are (other axes, seed) combinations (module doc)."""
+    axes = list(axes)
+    if not axes:
+        raise AnalysisError("granulated τ needs at least one hyper-parameter axis")
+    usable, not_reached, missing = usable_runs(df, measure, gap, axes, seed)
+    x, y = usable[measure].to_numpy(float), usable[gap].to_numpy(float)
+    per_axis = []
+    for axis in axes:
+        values = usable[axis].to_numpy()
+        taus, single, undefined = [], 0, 0
+        for idx in cells(usable, axis, axes, seed):
+            if pd.unique(values[idx]).size < 2:
+                single += 1
+                continue
+            t = _tau_b(x[idx], y[idx])[0]
+            if math.isnan(t):
+                undefined += 1
+            else:
+                taus.append(t)
+        per_axis.append(AxisTau(axis, float(np.mean(taus)) if taus else math.nan, len(taus), single, undefined))
+    defined = [a.value for a in per_axis if not math.isnan(a.value)]
+    return Granulated(measure, float(np.mean(defined)) if defined else math.nan, tuple(per_axis), len(usable),
+                      len(not_reached), len(missing))
+
+
+# -- bootstrap ----------------------------------------------------------------------------------------------------
+
+def weighted_tau_b(x, y, weights) -> np.ndarray:
+    """τ-b of each resample, where row b of ``weights`` (resamples × runs) says how often each run was drawn.
+
+    Equal to ``scipy.stats.kendalltau(np.repeat(x, w), np.repeat(y, w))`` for each row w: τ-b = (C − D) /
+    sqrt((n0 − n1)(n0 − n2)) with n0 = N(N − 1)/2 pairs of the N drawn runs, n1 (n2) of them tied in x (y); the
+    copies of one run are tied in both. As quadratic forms, C − D = ½ wᵀSw with S_ab = sign(x_a − x_b)·sign(y_a −
+    y_b), and the ties between distinct runs are ½ wᵀTw with T_ab = [x_a = x_b], a ≠ b. NaN where the denominator is 0.
+    """
+    x, y, w = np.asarray(x, float), np.asarray(y, float), np.asarray(weights, float)
+    dx, dy = x[:, None] - x[None, :], y[:, None] - y[None, :]
+    off_diagonal = ~np.eye(len(x), dtype=bool)
+
+    def form(matrix):
+        return ((w @ matrix) * w).sum(1) / 2
+
+    n = w.sum(1)
+    n0 = n * (n - 1) / 2
+    copies = (w * (w - 1) / 2).sum(1)
+    tied_x = form(((dx == 0) & off_diagonal).astype(float))
+    tied_y = form(((dy == 0) & off_diagonal).astype(float))
+    den = np.sqrt(np.maximum(n0 - copies - tied_x, 0) * np.maximum(n0 - copies - tied_y, 0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, form(np.sign(dx) * np.sign(dy)) / den, np.nan)
+
+
+def _interval(values: np.ndarray, confidence: float) -> Interval:
+    ok = values[np.isfinite(values)]
+    if not len(ok):
+        return Interval(math.nan, math.nan, len(values), len(values))
+    lo, hi = np.percentile(ok, [50 * (1 - confidence), 50 * (1 + confidence)])
+    return Interval(float(lo), float(hi), len(values), len(values) - len(ok))
+
+
+def _resampled_psi(usable, x, y, axes, seed, w) -> dict[str, np.ndarray]:
+    per_axis = {}
+    for axis in axes:
+        codes = pd.factorize(usable[axis])[0]
+        cell_taus = []
+        for idx in cells(usable, axis, axes, seed):
+            wc = w[:, idx]
+            drawn_values = (wc @ (codes[idx, None] == np.unique(codes[idx])[None, :]) > 0).sum(1)
+            t = weighted_tau_b(x[idx], y[idx], wc)
+            cell_taus.append(np.where(drawn_values >= 2, t, np.nan))
+        stacked = np.vstack(cell_taus)
+        with np.errstate(invalid="ignore"):
+            counts = np.isfinite(stacked).sum(0)
+            per_axis[axis] = np.where(counts > 0, np.nansum(stacked, 0) / np.maximum(counts, 1), np.nan)
+    return per_axis
+
+
+def bootstrap(df: pd.DataFrame, measure: str, axes, gap: str = "gap", seed: str | None = "seed",
+              n_resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED,
+              confidence: float = CONFIDENCE) -> Bootstrap:
+    """Percentile intervals of τ, Ψ and each ψ_i from one set of study-wide run resamples (module doc).
+
+    Ψ* averages the axes whose ψ_i is defined on the full data; a resample in which one of them is undefined gives
+    no Ψ*. ``axes`` may be empty (then only τ has an interval).
+    """
+    axes = list(axes)
+    usable = usable_runs(df, measure, gap, axes, seed)[0]
+    x, y = usable[measure].to_numpy(float), usable[gap].to_numpy(float)
+    n = len(usable)
+    w = np.random.default_rng(rng_seed).multinomial(n, np.full(n, 1 / n), size=n_resamples)
+    tau = _interval(weighted_tau_b(x, y, w), confidence)
+    if not axes:
+        return Bootstrap(tau, Interval(math.nan, math.nan, n_resamples, n_resamples), {})
+    per_axis = _resampled_psi(usable.reset_index(drop=True), x, y, axes, seed, w)
+    point = granulated_tau(df, measure, axes, gap, seed).by_axis()
+    kept = [a for a in axes if not math.isnan(point[a])]
+    psi = np.mean([per_axis[a] for a in kept], 0) if kept else np.full(n_resamples, np.nan)
+    return Bootstrap(tau, _interval(psi, confidence), {a: _interval(per_axis[a], confidence) for a in axes})
