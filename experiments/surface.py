@@ -6,7 +6,8 @@ What is evaluated
 The run's model, at the weights of ``epoch`` (``init`` = ``weights-init.pt``, ``final`` = ``weights-final.pt``, an
 integer = ``checkpoints/epoch-NNN.pt`` when the run still has it), on a fixed sample of ``samples`` images of the
 run's own training subset (the first ``samples`` of a permutation seeded with ``SAMPLE_SEED``, so two models
-trained with the same seed are measured on the same images; 0 = the whole subset), with the cross-entropy loss.
+trained with the same seed are measured on the same images; 0 = the whole subset), with the run's own training loss
+(``config.json``'s ``loss``, ``experiments.losses``: cross-entropy, or mse for runs trained with ``--loss mse``).
 A 2-D surface uses two directions drawn by ``smoothness.random_direction`` from one generator seeded with
 ``direction_seed`` (d₁ first, then d₂), normalised at the evaluated weights; a 1-D surface uses d₁ alone. An
 interpolation evaluates (1 − α)·w_init + α·w_final with the buffers (BN running statistics) of the final weights.
@@ -22,10 +23,10 @@ workers or device), so the same command on two runs gives the same stem. Arrays 
 ==============  ==========================================================================================
 ``x``           (n,) float64: coefficients along d₁ (for an interpolation: α, the weight of the final weights)
 ``y``           (m,) float64: coefficients along d₂ (2-D only)
-``losses``      (n,) or (n, m) float64: mean cross-entropy at w + x[i]·d₁ (+ y[j]·d₂); NaN where not computed
+``losses``      (n,) or (n, m) float64: mean loss at w + x[i]·d₁ (+ y[j]·d₂); NaN where not computed
 ``accuracies``  same shape: fraction of argmax hits; NaN where not computed
 ``done``        same shape, bool: the cell is computed (a computed loss may itself be inf/NaN far from w)
-``spec``        0-d str: JSON of the spec, the run id, model, and sha256 of the weight files used
+``spec``        0-d str: JSON of the spec, the run id, model, loss, and sha256 of the weight files used
 ==============  ==========================================================================================
 
 The file is rewritten atomically (temporary file + rename) after every completed task (a grid row, or a few points
@@ -59,7 +60,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, RunConfig
 from .store import StoreError, atomic_write_bytes
@@ -181,7 +181,9 @@ def read_surface(path: Path) -> StoredSurface:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            return StoredSurface(path=path, spec=json.loads(str(f["spec"])), x=f["x"],
+            # files written before the loss was recorded were all evaluated with cross-entropy
+            spec = {"loss": "cross-entropy", **json.loads(str(f["spec"]))}
+            return StoredSurface(path=path, spec=spec, x=f["x"],
                                  y=f["y"] if "y" in f.files else None, losses=f["losses"],
                                  accuracies=f["accuracies"], done=f["done"])
     except (OSError, ValueError, KeyError) as exc:
@@ -268,7 +270,7 @@ def prepare_job(run_dir: Path, spec: SurfaceSpec, data_dir: Optional[str] = None
     job = {"model": cfg.to_dict(), "input_shape": tuple(ds.input_shape), "num_classes": ds.num_classes,
            "x": x, "y": y, "spec": dataclasses.asdict(spec), "state": state, **weights}
     identity = {**dataclasses.asdict(spec), "run": cfg.run_id, "model": cfg.model, "norm": cfg.norm,
-                "seed": cfg.seed, "lr": cfg.lr, "sample_seed": SAMPLE_SEED, "chunk": CHUNK, "weights_sha256": shas}
+                "loss": cfg.loss, "seed": cfg.seed, "lr": cfg.lr, "sample_seed": SAMPLE_SEED, "chunk": CHUNK, "weights_sha256": shas}
     return job, identity
 
 
@@ -277,9 +279,12 @@ class _Built:
 
     def __init__(self, job: dict, device: torch.device):
         import smoothness
+
+        from .losses import get_loss
         spec = SurfaceSpec(**job["spec"])
         cfg = RunConfig.from_dict(job["model"])
         self.spec = spec
+        self.loss_fn = get_loss(cfg.loss)
         self.model = build_run_model(cfg, job["state"], job["input_shape"], job["num_classes"]).to(device)
         x, y = job["x"].to(device), job["y"].to(device)
         self.chunks = [(x[i:i + CHUNK], y[i:i + CHUNK]) for i in range(0, x.shape[0], CHUNK)]
@@ -301,13 +306,13 @@ class _Built:
         s = self.spec
         cols = np.asarray(cols)
         if s.kind == "interpolation":
-            out = smoothness.interpolation(self.model, F.cross_entropy, self.chunks, self.start, self.end,
+            out = smoothness.interpolation(self.model, self.loss_fn, self.chunks, self.start, self.end,
                                            self.coords[0][cols], bn_mode=s.bn_mode, bn_stats=s.bn_stats)
         elif s.dim == 1:
-            out = smoothness.loss_surface(self.model, F.cross_entropy, self.chunks, self.directions,
+            out = smoothness.loss_surface(self.model, self.loss_fn, self.chunks, self.directions,
                                           [self.coords[0][cols]], bn_mode=s.bn_mode, bn_stats=s.bn_stats)
         else:
-            out = smoothness.loss_surface(self.model, F.cross_entropy, self.chunks, self.directions,
+            out = smoothness.loss_surface(self.model, self.loss_fn, self.chunks, self.directions,
                                           [self.coords[0][[row]], self.coords[1][cols]], bn_mode=s.bn_mode,
                                           bn_stats=s.bn_stats)
         return out.losses.reshape(-1), out.accuracies.reshape(-1)

@@ -243,3 +243,33 @@ def test_cli_bad_input(copy_of, tmp_path):
     result = CliRunner().invoke(main, ["surface", str(tmp_path)])
     assert result.exit_code != 0 and "neither a run directory" in result.output
     assert not (run / "surfaces").exists()   # nothing written by a refused command
+
+
+# -- issue 20: the run's own loss ----------------------------------------------------------------------------------
+def test_mse_run_is_evaluated_with_its_own_loss_and_labelled_with_it(tmp_path):
+    """Failed before: a run trained with --loss mse was evaluated with cross-entropy, labelled "training loss"."""
+    from experiments.analysis.surface_figures import curves_figure
+    from experiments.losses import squared_error
+    run = train_run(RunConfig(model="convnet", loss="mse", **TINY), tmp_path).path
+    spec = sf.SurfaceSpec(dim=1, grid=3, lo=-1.0, hi=1.0, samples=48)
+    (stored,) = sf.compute_surfaces([run], spec, executor="serial", device="cpu", quiet=True)
+    assert stored.spec["loss"] == "mse" and sf.read_surface(stored.path).spec["loss"] == "mse"
+    cfg, model = _model(run, "final")
+    x, y = sf.evaluation_batch(cfg, 48, None)
+    model.eval()
+    with torch.no_grad():
+        assert stored.losses[1] == pytest.approx(float(squared_error(model(x), y)), rel=1e-6)
+        assert stored.losses[1] != pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-2)
+    fig = curves_figure([stored])
+    assert fig.axes[0].get_ylabel() == "training loss (mse)"
+
+
+def test_surface_files_written_before_the_loss_was_recorded_read_as_cross_entropy(copy_of):
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(dim=1, grid=3, samples=48)
+    (stored,) = sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    old = {k: v for k, v in stored.spec.items() if k != "loss"}
+    sf.StoredSurface(**{**stored.__dict__, "spec": old}).save()
+    assert sf.read_surface(stored.path).spec["loss"] == "cross-entropy"
+    (again,) = sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    assert again.complete   # resumable: not refused as "other options"
