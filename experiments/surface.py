@@ -52,8 +52,10 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -69,6 +71,9 @@ EXECUTORS = ("serial", "process", "ray")
 NORMALIZE = ("filter", "layer", "none")
 IGNORE = ("biasbn", "none")
 SAMPLE_SEED = 0
+MAX_COEFFICIENT = 1e3       # |LOW|, |HIGH| of --range, in units of the weights' norm (Li et al. plot within ±1)
+BYTES_PER_POINT = 17        # losses and accuracies (float64) and done (bool)
+MAX_ARRAY_BYTES = 2 ** 30   # the arrays of one surface are held in memory and rewritten after every task
 CHUNK = 1000          # images per forward pass
 CELLS_1D = 4          # points per task of a 1-D curve
 
@@ -107,6 +112,14 @@ class SurfaceSpec:
             raise ConfigError(f"--grid must be at least 2 points per axis, got {self.grid}")
         if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
             raise ConfigError(f"--range must be LOW:HIGH with finite LOW < HIGH, got {self.lo}:{self.hi}")
+        if max(abs(self.lo), abs(self.hi)) > MAX_COEFFICIENT:
+            raise ConfigError(f"--range {self.lo:g}:{self.hi:g} is beyond ±{MAX_COEFFICIENT:g} (the coefficients are "
+                              f"in units of the weights' norm; Li et al. use -1:1): give a range within it")
+        needed = BYTES_PER_POINT * self.grid ** self.dim
+        if needed > MAX_ARRAY_BYTES:
+            raise ConfigError(f"--grid {self.grid} --dim {self.dim} would need {needed / 2 ** 30:.3g} GiB of memory "
+                              f"for its arrays ({BYTES_PER_POINT} bytes per point); the limit is "
+                              f"{MAX_ARRAY_BYTES / 2 ** 30:g} GiB: use a smaller --grid")
         if self.samples < 0:
             raise ConfigError(f"--samples must be >= 0 (0 = the whole training subset), got {self.samples}")
         if self.bn_mode not in ("batch", "running"):
@@ -141,7 +154,7 @@ class SurfaceSpec:
 
 
 def check_epoch(epoch: str) -> str:
-    if epoch in ("init", "final") or (epoch.isdigit() and int(epoch) >= 0):
+    if epoch in ("init", "final") or re.fullmatch(r"[0-9]+", epoch):   # str.isdigit also accepts "²"
         return epoch
     raise ConfigError(f"--epoch must be init, final or a checkpoint epoch (a non-negative integer), got {epoch!r}")
 
@@ -186,8 +199,9 @@ def read_surface(path: Path) -> StoredSurface:
             return StoredSurface(path=path, spec=spec, x=f["x"],
                                  y=f["y"] if "y" in f.files else None, losses=f["losses"],
                                  accuracies=f["accuracies"], done=f["done"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise SurfaceError(f"{path} is not a readable surface file ({exc}); move it away to recompute it") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise SurfaceError(f"{path} is not a readable surface file ({type(exc).__name__}: {exc}; truncated by a "
+                           f"crash or a full disk?); delete it (or move it away) to recompute it") from None
 
 
 # -- a run and its weights -----------------------------------------------------------------------------------------
@@ -229,9 +243,29 @@ def weights_file(run_dir: Path, epoch: str) -> Path:
 def load_state(path: Path) -> Tuple[dict, str]:
     """(model state_dict on CPU, sha256 of the file)."""
     data = Path(path).read_bytes()
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    state = obj["model"] if "model" in obj and isinstance(obj["model"], dict) else obj
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:   # torch.load raises many types on a truncated or foreign file
+        raise SurfaceError(f"{path} is not a readable weights file ({len(data)} bytes; {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it is truncated or "
+                           f"damaged: restore it, or retrain the run") from None
+    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SurfaceError(f"{path} holds no model state_dict (got {type(state).__name__}); restore the run's "
+                           f"weights file, or retrain the run")
     return state, hashlib.sha256(data).hexdigest()
+
+
+def check_weights(cfg: RunConfig, path: Path, state: dict, input_shape, num_classes: int) -> None:
+    """Refuse, in this process and before any work, weights that do not fit the run's model (another model's file)."""
+    try:
+        build_run_model(cfg, state, input_shape, num_classes)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+        raise SurfaceError(f"{path} does not hold weights of this run's model ({cfg.model}, norm {cfg.norm}): "
+                           f"{first}; it belongs to another run: restore the run's own file, or retrain it") \
+            from None
 
 
 def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -259,13 +293,14 @@ def prepare_job(run_dir: Path, spec: SurfaceSpec, data_dir: Optional[str] = None
     from .data import DATASETS
     cfg = read_run_config(run_dir)
     ds = DATASETS[cfg.dataset]
-    if spec.kind == "interpolation":
-        start, sha_init = load_state(weights_file(run_dir, "init"))
-        state, sha_final = load_state(weights_file(run_dir, "final"))
-        weights, shas = {"start": start}, {"init": sha_init, "final": sha_final}
-    else:
-        state, sha = load_state(weights_file(run_dir, spec.epoch))
-        weights, shas = {}, {spec.epoch: sha}
+    epochs = ("init", "final") if spec.kind == "interpolation" else (spec.epoch,)
+    states, shas = {}, {}
+    for epoch in epochs:
+        path = weights_file(run_dir, epoch)
+        states[epoch], shas[epoch] = load_state(path)
+        check_weights(cfg, path, states[epoch], ds.input_shape, ds.num_classes)
+    state = states[epochs[-1]]
+    weights = {"start": states["init"]} if spec.kind == "interpolation" else {}
     x, y = evaluation_batch(cfg, spec.samples, data_dir)
     job = {"model": cfg.to_dict(), "input_shape": tuple(ds.input_shape), "num_classes": ds.num_classes,
            "x": x, "y": y, "spec": dataclasses.asdict(spec), "state": state, **weights}

@@ -25,6 +25,20 @@ from .figures import save_figure
 from .load import AnalysisError, model_order
 
 VMIN, VMAX, VLEVEL = 0.1, 10.0, 0.5   # loss-landscape's plot_2D.py defaults
+MAX_LEVELS = 200                      # matplotlib takes minutes to draw and label thousands of contour lines
+
+
+def check_levels(vmin: float, vmax: float, vlevel: float) -> None:
+    """Refuse contour levels that cannot be drawn: non-finite, empty, or too many lines."""
+    if not all(np.isfinite([vmin, vmax, vlevel])):
+        raise AnalysisError(f"--vmin, --vmax and --vlevel must be finite numbers, got {vmin}, {vmax}, {vlevel}")
+    if not (vmin < vmax and vlevel > 0):
+        raise AnalysisError(f"contour levels need --vmin < --vmax and --vlevel > 0, got {vmin}, {vmax}, {vlevel}")
+    n = (vmax - vmin) / vlevel
+    if n > MAX_LEVELS:
+        raise AnalysisError(f"--vmin {vmin:g} --vmax {vmax:g} --vlevel {vlevel:g} asks for {n:.3g} contour lines; "
+                            f"at most {MAX_LEVELS} can be drawn: use --vlevel {(vmax - vmin) / MAX_LEVELS:.3g} or "
+                            f"more, or a narrower --vmin/--vmax")
 
 
 def _label(spec: dict, by_lr: bool) -> str:
@@ -169,8 +183,7 @@ def plot_surfaces(surfaces: Sequence[StoredSurface], out_dir, *, vmin: float = V
     """Draw one figure from surfaces computed with the same options; named after their file stem."""
     if not surfaces:
         raise AnalysisError("no surfaces to draw")
-    if not (vmin < vmax and vlevel > 0):
-        raise AnalysisError(f"contour levels need vmin < vmax and vlevel > 0, got {vmin}, {vmax}, {vlevel}")
+    check_levels(vmin, vmax, vlevel)
     _same_setting(surfaces)
     spec = surfaces[0].spec
     if spec["kind"] == "interpolation":

@@ -273,3 +273,69 @@ def test_surface_files_written_before_the_loss_was_recorded_read_as_cross_entrop
     assert sf.read_surface(stored.path).spec["loss"] == "cross-entropy"
     (again,) = sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
     assert again.complete   # resumable: not refused as "other options"
+
+
+# -- issue 20: bad inputs are refused in one line, before any work -------------------------------------------------
+def _refused(result, message):
+    """A clean one-line click error (no traceback, no other exception) saying ``message``."""
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "Traceback" not in result.output and message in result.output, result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "100000"], "would need 158 GiB of memory"),          # was a numpy MemoryError traceback
+    (["--grid", "100000"], "the limit is 1 GiB"),
+    (["--range", "-1e308:1e308"], "beyond ±1000"),                   # was an overflow traceback
+    (["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    (["--epoch", "²"], "--epoch must be init, final"),               # "²".isdigit() is True, int("²") fails
+    (["--vlevel", "1e-9"], "at most 200 can be drawn"),
+    (["--vlevel", "1e-4"], "at most 200 can be drawn"),              # drew for minutes
+    (["--vmax", "inf"], "must be finite"),
+])
+def test_cli_refuses_bad_options_before_computing(copy_of, args, message):
+    _, runs = copy_of
+    result = CliRunner().invoke(main, ["-q", "surface", str(runs["convnet"]), "--executor", "serial", "--grid", "3",
+                                       "--samples", "16", *args])
+    _refused(result, message)
+    assert not (runs["convnet"] / "surfaces").exists()
+
+
+def _break_truncate(run, other):
+    path = run / "weights-final.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _break_empty(run, other):
+    (run / "weights-final.pt").write_bytes(b"")
+
+
+def _break_foreign(run, other):
+    shutil.copy(other / "weights-final.pt", run / "weights-final.pt")
+
+
+@pytest.mark.parametrize("damage,message", [(_break_truncate, "not a readable weights file"),
+                                            (_break_empty, "not a readable weights file"),
+                                            (_break_foreign, "does not hold weights of this run's model (convnet")])
+def test_damaged_or_foreign_weights_are_refused_in_the_parent(copy_of, damage, message):
+    """Failed before: a traceback, a bare "Aborted!", or a state_dict error inside a worker."""
+    _, runs = copy_of
+    damage(runs["convnet"], runs["bn-convnet"])
+    result = CliRunner().invoke(main, ["-q", "surface", str(runs["convnet"]), "--grid", "3", "--samples", "16",
+                                       "--workers", "1"])
+    _refused(result, message)
+    assert str(runs["convnet"] / "weights-final.pt") in result.output
+    assert not (runs["convnet"] / "surfaces").exists()
+
+
+def test_truncated_surface_file_says_to_delete_it_and_is_kept(copy_of):
+    """Failed before: zipfile.BadZipFile traceback."""
+    _, runs = copy_of
+    args = ["-q", "surface", str(runs["convnet"]), "--executor", "serial", "--dim", "1", "--grid", "3",
+            "--samples", "16", "--no-figures"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (path,) = (runs["convnet"] / "surfaces").glob("*.npz")
+    path.write_bytes(path.read_bytes()[:200])
+    before = path.read_bytes()
+    result = CliRunner().invoke(main, args)
+    _refused(result, f"{path} is not a readable surface file")
+    assert "delete it" in result.output and path.read_bytes() == before
