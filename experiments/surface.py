@@ -39,7 +39,9 @@ Fan-out
 Tasks are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at once. ``serial``
 evaluates them in this process; ``process`` on ``workers`` spawned processes (each reads a run's job file once);
 ``ray`` as Ray tasks on a local or given cluster. Every worker uses ``threads`` torch threads (default 1, as the
-training launchers do), so a cell's value does not depend on the executor.
+training launchers do), so a cell's value does not depend on the executor. A worker that dies stops the command
+with a one-line error (the finished rows are stored: the same command resumes); workers watch their parent and exit,
+removing the job folder, when it is killed.
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,7 +409,21 @@ def _torch_threads(n: int) -> Iterator[None]:
 _WORKER: Dict[str, object] = {}
 
 
-def _worker_init(threads: int) -> None:
+PARENT_POLL_S = 0.2   # how often a worker checks that its parent is alive
+
+
+def _die_with_parent(parent: int, tmp: str) -> None:
+    """Worker watchdog: once the parent is gone (killed, even by SIGKILL), remove the job folder and exit, so that
+    no orphan keeps its memory. Polling os.getppid is portable and, unlike Linux's PR_SET_PDEATHSIG, leaves the
+    worker a moment to clean up."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os._exit(1)
+
+
+def _worker_init(threads: int, parent: int, tmp: str) -> None:
+    threading.Thread(target=_die_with_parent, args=(parent, tmp), daemon=True, name="die-with-parent").start()
     torch.set_num_threads(threads)
 
 
@@ -499,7 +517,7 @@ def _run_pool(runs: Sequence[SurfaceRun], workers: int, threads: int, device: to
     every worker reads once, so a task carries only its row number."""
     tmp = tempfile.mkdtemp(prefix="smoothness-surface-")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads,))
+                                  initializer=_worker_init, initargs=(threads, os.getpid(), tmp))
     try:
         futures = {}
         for k, run in enumerate(runs):
@@ -510,7 +528,12 @@ def _run_pool(runs: Sequence[SurfaceRun], workers: int, threads: int, device: to
             for task in run.tasks:
                 futures[pool.submit(_worker_task, job_path, str(device), task)] = run
         for future in cf.as_completed(futures):
-            task, losses, accuracies = future.result()
+            try:
+                task, losses, accuracies = future.result()
+            except cf.process.BrokenProcessPool:
+                raise SurfaceError("a surface worker process died (killed, or out of memory); every finished row "
+                                   "is stored: run the same command again to compute only the missing points") \
+                    from None
             store(futures[future], task, losses, accuracies)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -339,3 +340,66 @@ def test_truncated_surface_file_says_to_delete_it_and_is_kept(copy_of):
     result = CliRunner().invoke(main, args)
     _refused(result, f"{path} is not a readable surface file")
     assert "delete it" in result.output and path.read_bytes() == before
+
+
+# -- issue 20: workers -----------------------------------------------------------------------------------------------
+def _workers(parent):
+    """The pool's spawned workers among ``parent``'s descendants (not the resource tracker)."""
+    out = []
+    for p in parent.children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_killed_worker_gives_one_clear_error_and_the_rows_stay(copy_of):
+    """Failed before: a BrokenProcessPool traceback."""
+    import os
+    import signal
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(grid=40, samples=48)
+
+    def kill_a_worker(run_dir, task):
+        if not kill_a_worker.done:
+            kill_a_worker.done = True
+            os.kill(_workers(psutil.Process())[0].pid, signal.SIGKILL)
+    kill_a_worker.done = False
+    with pytest.raises(sf.SurfaceError, match="worker process died.*run the same command again"):
+        sf.compute_surfaces([runs["convnet"]], spec, executor="process", workers=2, device="cpu", quiet=True,
+                            on_task=kill_a_worker)
+    kept = sf.read_surface(sf.surface_path(runs["convnet"], spec))
+    assert 0 < kept.done.sum() < kept.done.size
+
+
+def test_workers_and_job_folder_die_with_a_killed_parent(copy_of, tmp_path):
+    """kill -9 of the CLI process: its workers exit and remove the job folder within seconds.
+    Failed before: two workers and the resource tracker kept running, the temporary folder stayed."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    _, runs = copy_of
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "-q", "surface", str(runs["convnet"]),
+           "--grid", "200", "--samples", "48", "--workers", "2", "--no-figures"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        while not (len(_workers(parent)) == 2 and list((runs["convnet"] / "surfaces").glob("*.npz"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the surface command never started workers"
+            time.sleep(0.1)
+        children = parent.children(recursive=True)   # the workers and the resource tracker
+        assert list(tmp.glob("smoothness-surface-*"))
+    finally:
+        proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert list(tmp.glob("smoothness-surface-*")) == []
