@@ -17,7 +17,7 @@ def spectrum_command(ctx, results_dir, out_dir):
     from .analysis.load import AnalysisError
     from .analysis.spectrum_figures import plot_spectrum
     try:
-        paths = plot_spectrum(results_dir, out_dir)
+        paths = plot_spectrum(results_dir, out_dir, notify=lambda message: click.echo(message, err=True))
     except AnalysisError as exc:
         raise click.ClickException(str(exc)) from None
     if not (ctx.obj or {}).get("quiet"):

@@ -6,7 +6,8 @@ What is evaluated
 The run's model, at the weights of ``epoch`` (``init`` = ``weights-init.pt``, ``final`` = ``weights-final.pt``, an
 integer = ``checkpoints/epoch-NNN.pt`` when the run still has it), on a fixed sample of ``samples`` images of the
 run's own training subset (the first ``samples`` of a permutation seeded with ``SAMPLE_SEED``, so two models
-trained with the same seed are measured on the same images; 0 = the whole subset), with the cross-entropy loss.
+trained with the same seed are measured on the same images; 0 = the whole subset), with the run's own training loss
+(``config.json``'s ``loss``, ``experiments.losses``: cross-entropy, or mse for runs trained with ``--loss mse``).
 A 2-D surface uses two directions drawn by ``smoothness.random_direction`` from one generator seeded with
 ``direction_seed`` (d₁ first, then d₂), normalised at the evaluated weights; a 1-D surface uses d₁ alone. An
 interpolation evaluates (1 − α)·w_init + α·w_final with the buffers (BN running statistics) of the final weights.
@@ -22,10 +23,10 @@ workers or device), so the same command on two runs gives the same stem. Arrays 
 ==============  ==========================================================================================
 ``x``           (n,) float64: coefficients along d₁ (for an interpolation: α, the weight of the final weights)
 ``y``           (m,) float64: coefficients along d₂ (2-D only)
-``losses``      (n,) or (n, m) float64: mean cross-entropy at w + x[i]·d₁ (+ y[j]·d₂); NaN where not computed
+``losses``      (n,) or (n, m) float64: mean loss at w + x[i]·d₁ (+ y[j]·d₂); NaN where not computed
 ``accuracies``  same shape: fraction of argmax hits; NaN where not computed
 ``done``        same shape, bool: the cell is computed (a computed loss may itself be inf/NaN far from w)
-``spec``        0-d str: JSON of the spec, the run id, model, and sha256 of the weight files used
+``spec``        0-d str: JSON of the spec, the run id, model, loss, and sha256 of the weight files used
 ==============  ==========================================================================================
 
 The file is rewritten atomically (temporary file + rename) after every completed task (a grid row, or a few points
@@ -38,7 +39,9 @@ Fan-out
 Tasks are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at once. ``serial``
 evaluates them in this process; ``process`` on ``workers`` spawned processes (each reads a run's job file once);
 ``ray`` as Ray tasks on a local or given cluster. Every worker uses ``threads`` torch threads (default 1, as the
-training launchers do), so a cell's value does not depend on the executor.
+training launchers do), so a cell's value does not depend on the executor. A worker that dies stops the command
+with a one-line error (the finished rows are stored: the same command resumes); workers watch their parent and exit,
+removing the job folder, when it is killed.
 """
 from __future__ import annotations
 
@@ -51,15 +54,18 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import tempfile
+import threading
+import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError, RunConfig
 from .store import StoreError, atomic_write_bytes
@@ -69,6 +75,9 @@ EXECUTORS = ("serial", "process", "ray")
 NORMALIZE = ("filter", "layer", "none")
 IGNORE = ("biasbn", "none")
 SAMPLE_SEED = 0
+MAX_COEFFICIENT = 1e3       # |LOW|, |HIGH| of --range, in units of the weights' norm (Li et al. plot within ±1)
+BYTES_PER_POINT = 17        # losses and accuracies (float64) and done (bool)
+MAX_ARRAY_BYTES = 2 ** 30   # the arrays of one surface are held in memory and rewritten after every task
 CHUNK = 1000          # images per forward pass
 CELLS_1D = 4          # points per task of a 1-D curve
 
@@ -107,6 +116,14 @@ class SurfaceSpec:
             raise ConfigError(f"--grid must be at least 2 points per axis, got {self.grid}")
         if not (math.isfinite(self.lo) and math.isfinite(self.hi) and self.lo < self.hi):
             raise ConfigError(f"--range must be LOW:HIGH with finite LOW < HIGH, got {self.lo}:{self.hi}")
+        if max(abs(self.lo), abs(self.hi)) > MAX_COEFFICIENT:
+            raise ConfigError(f"--range {self.lo:g}:{self.hi:g} is beyond ±{MAX_COEFFICIENT:g} (the coefficients are "
+                              f"in units of the weights' norm; Li et al. use -1:1): give a range within it")
+        needed = BYTES_PER_POINT * self.grid ** self.dim
+        if needed > MAX_ARRAY_BYTES:
+            raise ConfigError(f"--grid {self.grid} --dim {self.dim} would need {needed / 2 ** 30:.3g} GiB of memory "
+                              f"for its arrays ({BYTES_PER_POINT} bytes per point); the limit is "
+                              f"{MAX_ARRAY_BYTES / 2 ** 30:g} GiB: use a smaller --grid")
         if self.samples < 0:
             raise ConfigError(f"--samples must be >= 0 (0 = the whole training subset), got {self.samples}")
         if self.bn_mode not in ("batch", "running"):
@@ -141,7 +158,7 @@ class SurfaceSpec:
 
 
 def check_epoch(epoch: str) -> str:
-    if epoch in ("init", "final") or (epoch.isdigit() and int(epoch) >= 0):
+    if epoch in ("init", "final") or re.fullmatch(r"[0-9]+", epoch):   # str.isdigit also accepts "²"
         return epoch
     raise ConfigError(f"--epoch must be init, final or a checkpoint epoch (a non-negative integer), got {epoch!r}")
 
@@ -181,11 +198,14 @@ def read_surface(path: Path) -> StoredSurface:
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as f:
-            return StoredSurface(path=path, spec=json.loads(str(f["spec"])), x=f["x"],
+            # files written before the loss was recorded were all evaluated with cross-entropy
+            spec = {"loss": "cross-entropy", **json.loads(str(f["spec"]))}
+            return StoredSurface(path=path, spec=spec, x=f["x"],
                                  y=f["y"] if "y" in f.files else None, losses=f["losses"],
                                  accuracies=f["accuracies"], done=f["done"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise SurfaceError(f"{path} is not a readable surface file ({exc}); move it away to recompute it") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise SurfaceError(f"{path} is not a readable surface file ({type(exc).__name__}: {exc}; truncated by a "
+                           f"crash or a full disk?); delete it (or move it away) to recompute it") from None
 
 
 # -- a run and its weights -----------------------------------------------------------------------------------------
@@ -227,9 +247,29 @@ def weights_file(run_dir: Path, epoch: str) -> Path:
 def load_state(path: Path) -> Tuple[dict, str]:
     """(model state_dict on CPU, sha256 of the file)."""
     data = Path(path).read_bytes()
-    obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    state = obj["model"] if "model" in obj and isinstance(obj["model"], dict) else obj
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:   # torch.load raises many types on a truncated or foreign file
+        raise SurfaceError(f"{path} is not a readable weights file ({len(data)} bytes; {type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it is truncated or "
+                           f"damaged: restore it, or retrain the run") from None
+    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SurfaceError(f"{path} holds no model state_dict (got {type(state).__name__}); restore the run's "
+                           f"weights file, or retrain the run")
     return state, hashlib.sha256(data).hexdigest()
+
+
+def check_weights(cfg: RunConfig, path: Path, state: dict, input_shape, num_classes: int) -> None:
+    """Refuse, in this process and before any work, weights that do not fit the run's model (another model's file)."""
+    try:
+        build_run_model(cfg, state, input_shape, num_classes)
+    except RuntimeError as exc:
+        lines = str(exc).splitlines()
+        first = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
+        raise SurfaceError(f"{path} does not hold weights of this run's model ({cfg.model}, norm {cfg.norm}): "
+                           f"{first}; it belongs to another run: restore the run's own file, or retrain it") \
+            from None
 
 
 def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -257,18 +297,19 @@ def prepare_job(run_dir: Path, spec: SurfaceSpec, data_dir: Optional[str] = None
     from .data import DATASETS
     cfg = read_run_config(run_dir)
     ds = DATASETS[cfg.dataset]
-    if spec.kind == "interpolation":
-        start, sha_init = load_state(weights_file(run_dir, "init"))
-        state, sha_final = load_state(weights_file(run_dir, "final"))
-        weights, shas = {"start": start}, {"init": sha_init, "final": sha_final}
-    else:
-        state, sha = load_state(weights_file(run_dir, spec.epoch))
-        weights, shas = {}, {spec.epoch: sha}
+    epochs = ("init", "final") if spec.kind == "interpolation" else (spec.epoch,)
+    states, shas = {}, {}
+    for epoch in epochs:
+        path = weights_file(run_dir, epoch)
+        states[epoch], shas[epoch] = load_state(path)
+        check_weights(cfg, path, states[epoch], ds.input_shape, ds.num_classes)
+    state = states[epochs[-1]]
+    weights = {"start": states["init"]} if spec.kind == "interpolation" else {}
     x, y = evaluation_batch(cfg, spec.samples, data_dir)
     job = {"model": cfg.to_dict(), "input_shape": tuple(ds.input_shape), "num_classes": ds.num_classes,
            "x": x, "y": y, "spec": dataclasses.asdict(spec), "state": state, **weights}
     identity = {**dataclasses.asdict(spec), "run": cfg.run_id, "model": cfg.model, "norm": cfg.norm,
-                "seed": cfg.seed, "lr": cfg.lr, "sample_seed": SAMPLE_SEED, "chunk": CHUNK, "weights_sha256": shas}
+                "loss": cfg.loss, "seed": cfg.seed, "lr": cfg.lr, "sample_seed": SAMPLE_SEED, "chunk": CHUNK, "weights_sha256": shas}
     return job, identity
 
 
@@ -277,9 +318,12 @@ class _Built:
 
     def __init__(self, job: dict, device: torch.device):
         import smoothness
+
+        from .losses import get_loss
         spec = SurfaceSpec(**job["spec"])
         cfg = RunConfig.from_dict(job["model"])
         self.spec = spec
+        self.loss_fn = get_loss(cfg.loss)
         self.model = build_run_model(cfg, job["state"], job["input_shape"], job["num_classes"]).to(device)
         x, y = job["x"].to(device), job["y"].to(device)
         self.chunks = [(x[i:i + CHUNK], y[i:i + CHUNK]) for i in range(0, x.shape[0], CHUNK)]
@@ -301,13 +345,13 @@ class _Built:
         s = self.spec
         cols = np.asarray(cols)
         if s.kind == "interpolation":
-            out = smoothness.interpolation(self.model, F.cross_entropy, self.chunks, self.start, self.end,
+            out = smoothness.interpolation(self.model, self.loss_fn, self.chunks, self.start, self.end,
                                            self.coords[0][cols], bn_mode=s.bn_mode, bn_stats=s.bn_stats)
         elif s.dim == 1:
-            out = smoothness.loss_surface(self.model, F.cross_entropy, self.chunks, self.directions,
+            out = smoothness.loss_surface(self.model, self.loss_fn, self.chunks, self.directions,
                                           [self.coords[0][cols]], bn_mode=s.bn_mode, bn_stats=s.bn_stats)
         else:
-            out = smoothness.loss_surface(self.model, F.cross_entropy, self.chunks, self.directions,
+            out = smoothness.loss_surface(self.model, self.loss_fn, self.chunks, self.directions,
                                           [self.coords[0][[row]], self.coords[1][cols]], bn_mode=s.bn_mode,
                                           bn_stats=s.bn_stats)
         return out.losses.reshape(-1), out.accuracies.reshape(-1)
@@ -365,7 +409,21 @@ def _torch_threads(n: int) -> Iterator[None]:
 _WORKER: Dict[str, object] = {}
 
 
-def _worker_init(threads: int) -> None:
+PARENT_POLL_S = 0.2   # how often a worker checks that its parent is alive
+
+
+def _die_with_parent(parent: int, tmp: str) -> None:
+    """Worker watchdog: once the parent is gone (killed, even by SIGKILL), remove the job folder and exit, so that
+    no orphan keeps its memory. Polling os.getppid is portable and, unlike Linux's PR_SET_PDEATHSIG, leaves the
+    worker a moment to clean up."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os._exit(1)
+
+
+def _worker_init(threads: int, parent: int, tmp: str) -> None:
+    threading.Thread(target=_die_with_parent, args=(parent, tmp), daemon=True, name="die-with-parent").start()
     torch.set_num_threads(threads)
 
 
@@ -459,7 +517,7 @@ def _run_pool(runs: Sequence[SurfaceRun], workers: int, threads: int, device: to
     every worker reads once, so a task carries only its row number."""
     tmp = tempfile.mkdtemp(prefix="smoothness-surface-")
     pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads,))
+                                  initializer=_worker_init, initargs=(threads, os.getpid(), tmp))
     try:
         futures = {}
         for k, run in enumerate(runs):
@@ -470,7 +528,12 @@ def _run_pool(runs: Sequence[SurfaceRun], workers: int, threads: int, device: to
             for task in run.tasks:
                 futures[pool.submit(_worker_task, job_path, str(device), task)] = run
         for future in cf.as_completed(futures):
-            task, losses, accuracies = future.result()
+            try:
+                task, losses, accuracies = future.result()
+            except cf.process.BrokenProcessPool:
+                raise SurfaceError("a surface worker process died (killed, or out of memory); every finished row "
+                                   "is stored: run the same command again to compute only the missing points") \
+                    from None
             store(futures[future], task, losses, accuracies)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -29,6 +29,18 @@ def _parse_range(value: Optional[str], interpolate: bool) -> Tuple[float, float]
     return lo_f, hi_f
 
 
+def _check_levels(figures: bool, vmin: float, vmax: float, vlevel: float) -> None:
+    """Before any point is computed: the figure drawn at the end must be drawable."""
+    if not figures:
+        return
+    from .analysis import AnalysisError
+    from .analysis.surface_figures import check_levels
+    try:
+        check_levels(vmin, vmax, vlevel)
+    except AnalysisError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @click.command("surface", short_help="Loss surfaces (Li et al. 2018) of finished runs.")
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--epoch", default="final", show_default=True,
@@ -58,7 +70,8 @@ def _parse_range(value: Optional[str], interpolate: bool) -> Tuple[float, float]
               help="parallel workers [default: the cores (1 on CUDA or serial)]")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads per worker")
 @click.option("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
-@click.option("--device", default="auto", show_default=True, help="auto (cuda if available), cpu or cuda")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto (cuda if available), cpu or cuda")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="folder holding the dataset files")
 @click.option("--figures/--no-figures", default=True, show_default=True, help="draw the figure when done")
 @click.option("--figures-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -78,6 +91,7 @@ def surface_command(ctx, run_dirs, epoch, dim, grid, range_, samples, bn_mode, b
     from .surface import SurfaceError, compute_surfaces, expand_run_dirs
     quiet = (ctx.obj or {}).get("quiet", False)
     lo, hi = _parse_range(range_, interpolate)
+    _check_levels(figures, vmin, vmax, vlevel)
     try:
         if interpolate:
             explicit = [f"--{n}" for n in ("dim", "epoch", "direction-seed", "normalize", "ignore")

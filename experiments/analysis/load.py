@@ -49,6 +49,7 @@ class RunData:
     config: dict
     records: list = field(default_factory=list)
     done: bool = False
+    lines: list = field(default_factory=list)   # the line of records.jsonl each record was read from
     variant: str = ""   # the options that set this run apart from other runs of the folder (pairing.variant_labels)
 
     @property
@@ -128,20 +129,20 @@ def _check_record(record) -> str | None:
     return None
 
 
-def _read_records(path: Path, done: bool) -> list[dict]:
-    """Parse records.jsonl; a torn last line of an unfinished run (killed mid-write) is skipped with a warning.
+def _read_records(path: Path, done: bool) -> tuple[list[dict], list[int]]:
+    """(records, their line numbers): parse records.jsonl; a torn last line of an unfinished run (killed mid-write) is skipped with a warning.
 
     Any other bad line (not UTF-8, not JSON, not an object, a field of the wrong type) raises AnalysisError naming
     ``file:line``.
     """
     if not path.exists():
-        return []
+        return [], []
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as err:
         raise AnalysisError(f"{path}: cannot be read ({err.strerror or err}); check its permissions") from None
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records = []
+    records, numbers = [], []
     for i, raw in enumerate(lines):
         if not raw.strip():
             continue
@@ -154,6 +155,7 @@ def _read_records(path: Path, done: bool) -> list[dict]:
             problem = f"not valid JSON ({err})"
         if problem is None:
             records.append(record)
+            numbers.append(i + 1)
             continue
         if i == last and not done:
             warnings.warn(f"{path}:{i + 1}: skipping a truncated last record of an unfinished run "
@@ -162,7 +164,7 @@ def _read_records(path: Path, done: bool) -> list[dict]:
         raise AnalysisError(f"{path}:{i + 1}: corrupt record: {problem}. Each line must be one JSON object of "
                             f"results/README.md's schema; only the last line of an unfinished run may be "
                             f"truncated.")
-    return records
+    return records, numbers
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -203,7 +205,8 @@ def read_study(results_dir) -> list[RunData]:
     runs = []
     for d in _run_dirs(Path(results_dir)):
         done = (d / "done").exists()
-        run = RunData(d, _read_json(d / "config.json"), _read_records(d / "records.jsonl", done), done)
+        records, lines = _read_records(d / "records.jsonl", done)
+        run = RunData(d, _read_json(d / "config.json"), records, done, lines=lines)
         if not run.records:
             warnings.warn(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only",
                           stacklevel=2)

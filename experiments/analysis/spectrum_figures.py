@@ -28,7 +28,7 @@ from matplotlib.lines import Line2D
 
 from ..atomic import atomic_write_text
 from ..plotstyle import styled
-from ..spectrum import density_of
+from ..spectrum import density_of, record_problem
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, _figure, save_figure
 from .load import AnalysisError, _run_fields, model_order, read_study
 from .metrics import averaged
@@ -42,21 +42,47 @@ MODE_STYLE = {"batch": "-", "running": "--"}
 MODE_LABEL = {"batch": "batch statistics (train mode)", "running": "running statistics (eval mode)"}
 
 
-def spectrum_table(results_dir) -> pd.DataFrame:
-    """One row per spectrum record: run identity, epoch, bn_mode, scalars, and the record itself."""
+def _spectrum_records(run) -> list[dict]:
+    """The run's spectrum records, each checked; a corrupt or repeated one stops the analysis at file:line."""
+    path, seen, out = run.path / "records.jsonl", {}, []
+    for r, line in zip(run.records, run.lines):
+        if r.get("kind") != "spectrum":
+            continue
+        problem = record_problem(r)
+        if problem is None and (r["epoch"], r["bn_mode"]) in seen:
+            problem = (f"a second record of epoch {r['epoch']}, bn_mode {r['bn_mode']} (the first is on line "
+                       f"{seen[r['epoch'], r['bn_mode']]}); it would be averaged twice")
+        if problem is not None:
+            raise AnalysisError(f"{path}:{line}: bad spectrum record: {problem}. Fix or remove the line (records "
+                                f"are written by --spectrum-every, one per epoch and BN mode)")
+        seen[r["epoch"], r["bn_mode"]] = line
+        out.append(r)
+    return out
+
+
+def _left_out(table: pd.DataFrame, notify) -> None:
+    dropped = table[~averaged(table["status"])].drop_duplicates("run")
+    if notify is not None and not dropped.empty:
+        notify(f"left out {len(dropped)} run(s) that did not finish (their spectra are not averaged): "
+               + ", ".join(f"{r} ({s})" for r, s in zip(dropped["run"], dropped["status"])))
+
+
+def spectrum_table(results_dir, notify=None) -> pd.DataFrame:
+    """One row per spectrum record: run identity, epoch, bn_mode, scalars, and the record itself.
+    ``notify(message)`` is told which runs are left out (unfinished or diverged)."""
     rows = []
     for run in read_study(results_dir):
         fields = _run_fields(run)
-        for r in run.records:
-            if r.get("kind") == "spectrum":
-                rows.append({**fields, "epoch": int(r["epoch"]), "bn_mode": r["bn_mode"],
-                             "lambda_max": r.get("lambda_max"), "lambda_k": r.get("lambda_k"),
-                             "top_k": r.get("top_k"), "gradient_concentration": r.get("gradient_concentration"),
-                             "mean_eigenvalue": r.get("mean_eigenvalue"), "record": r})
+        for r in _spectrum_records(run):
+            rows.append({**fields, "epoch": int(r["epoch"]), "bn_mode": r["bn_mode"],
+                         "lambda_max": r.get("lambda_max"), "lambda_k": r.get("lambda_k"),
+                         "top_k": r.get("top_k"), "gradient_concentration": r.get("gradient_concentration"),
+                         "mean_eigenvalue": r.get("mean_eigenvalue"), "record": r})
     if not rows:
         raise AnalysisError(f"{results_dir}: no spectrum records; run the study with --spectrum-every E (e.g. 5) "
                             f"to record the Hessian spectrum at initialisation and every E epochs")
     table = pd.DataFrame(rows)
+    _left_out(table, notify)
     # curves are networks (and learning rates when the study has several): only runs that differ in the seed alone
     # are averaged, and only finished ones (as in the report)
     table = table[averaged(table["status"])].reset_index(drop=True)
@@ -211,9 +237,9 @@ def summary_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n" + ("\n" + paired if paired else "")
 
 
-def plot_spectrum(results_dir, out_dir=None) -> list[Path]:
+def plot_spectrum(results_dir, out_dir=None, notify=None) -> list[Path]:
     """Write the spectrum figures (PNG + PDF) and spectrum.md; default ``out_dir`` is ``results_dir/figures``."""
-    table = spectrum_table(results_dir)   # raises AnalysisError before anything is written
+    table = spectrum_table(results_dir, notify)   # raises AnalysisError before anything is written
     out_dir = Path(results_dir) / "figures" if out_dir is None else Path(out_dir)
     paths = []
     for stem, fig in (("spectrum_density", density_figure(table)), ("spectrum_bn_modes", bn_modes_figure(table)),

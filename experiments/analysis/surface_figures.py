@@ -25,6 +25,20 @@ from .figures import save_figure
 from .load import AnalysisError, model_order
 
 VMIN, VMAX, VLEVEL = 0.1, 10.0, 0.5   # loss-landscape's plot_2D.py defaults
+MAX_LEVELS = 200                      # matplotlib takes minutes to draw and label thousands of contour lines
+
+
+def check_levels(vmin: float, vmax: float, vlevel: float) -> None:
+    """Refuse contour levels that cannot be drawn: non-finite, empty, or too many lines."""
+    if not all(np.isfinite([vmin, vmax, vlevel])):
+        raise AnalysisError(f"--vmin, --vmax and --vlevel must be finite numbers, got {vmin}, {vmax}, {vlevel}")
+    if not (vmin < vmax and vlevel > 0):
+        raise AnalysisError(f"contour levels need --vmin < --vmax and --vlevel > 0, got {vmin}, {vmax}, {vlevel}")
+    n = (vmax - vmin) / vlevel
+    if n > MAX_LEVELS:
+        raise AnalysisError(f"--vmin {vmin:g} --vmax {vmax:g} --vlevel {vlevel:g} asks for {n:.3g} contour lines; "
+                            f"at most {MAX_LEVELS} can be drawn: use --vlevel {(vmax - vmin) / MAX_LEVELS:.3g} or "
+                            f"more, or a narrower --vmin/--vmax")
 
 
 def _label(spec: dict, by_lr: bool) -> str:
@@ -53,6 +67,11 @@ def _figure(nrows: int, ncols: int, width: float, height: float, **kw):
 
 def _points(s: StoredSurface) -> str:
     return "" if s.complete else f" [{int(s.done.sum())}/{s.done.size} points]"
+
+
+def _loss(spec: dict) -> str:
+    """The loss the surface was evaluated with: the run's training loss (config.json's ``loss``)."""
+    return f"training loss ({spec['loss']})"
 
 
 def _setting(spec: dict) -> str:
@@ -90,9 +109,9 @@ def contour_figure(surfaces: Sequence[StoredSurface], *, vmin: float = VMIN, vma
                 ax.set_xlabel("α (direction 1)")
             if c == 0:
                 ax.set_ylabel("β (direction 2)")
-    fig.suptitle(f"Loss L(w + αd₁ + βd₂) at {spec['epoch']} weights, {spec['normalize']}-normalised directions "
-                 f"(seed {spec['direction_seed']}); lines every {vlevel:g} from {vmin:g}\n{_setting(spec)}; "
-                 f"+ = w", fontsize="medium")
+    fig.suptitle(f"{_loss(spec).capitalize()} L(w + αd₁ + βd₂) at {spec['epoch']} weights, "
+                 f"{spec['normalize']}-normalised directions (seed {spec['direction_seed']}); lines every {vlevel:g} "
+                 f"from {vmin:g}\n{_setting(spec)}; + = w", fontsize="medium")
     return fig
 
 
@@ -113,7 +132,7 @@ def curves_figure(surfaces: Sequence[StoredSurface]) -> Figure:
         axes[1][c].set_xlabel("α")
         for ax in axes[:, c]:
             ax.axvline(0, color="0.5", lw=0.8, ls=":")
-    axes[0][0].set_ylabel("training loss")
+    axes[0][0].set_ylabel(_loss(spec))
     axes[1][0].set_ylabel("training accuracy")
     handles = [Line2D([], [], color=col, lw=2, label=f"seed {seed}") for seed, col in palette.items()]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(handles)), frameon=False)
@@ -135,7 +154,7 @@ def interpolation_figure(surfaces: Sequence[StoredSurface]) -> Figure:
             ok = s.done
             loss_ax.plot(s.x[ok], s.losses[ok], color=palette[label], lw=1.5, alpha=0.85)
             acc_ax.plot(s.x[ok], s.accuracies[ok], color=palette[label], lw=1.5, alpha=0.85)
-    for ax, ylabel in ((loss_ax, "training loss"), (acc_ax, "training accuracy")):
+    for ax, ylabel in ((loss_ax, _loss(spec)), (acc_ax, "training accuracy")):
         for a in (0, 1):
             ax.axvline(a, color="0.5", lw=0.8, ls=":")
         ax.set(xlabel="α  (0 = initial weights, 1 = final weights)", ylabel=ylabel)
@@ -150,11 +169,11 @@ def interpolation_figure(surfaces: Sequence[StoredSurface]) -> Figure:
 
 
 def _same_setting(surfaces: Sequence[StoredSurface]) -> None:
-    keys = ("kind", "epoch", "dim", "grid", "lo", "hi", "samples", "bn_mode", "bn_stats", "direction_seed",
+    keys = ("kind", "loss", "epoch", "dim", "grid", "lo", "hi", "samples", "bn_mode", "bn_stats", "direction_seed",
             "normalize", "ignore")
     settings = {tuple(s.spec[k] for k in keys) for s in surfaces}
     if len(settings) > 1:
-        raise AnalysisError("surfaces drawn together must share every option (grid, range, samples, BN handling, "
+        raise AnalysisError("surfaces drawn together must share the loss and every option (grid, range, samples, BN handling, "
                             "direction seed, normalisation); got several settings: "
                             + "; ".join(str(dict(zip(keys, t))) for t in sorted(settings, key=str)))
 
@@ -164,8 +183,7 @@ def plot_surfaces(surfaces: Sequence[StoredSurface], out_dir, *, vmin: float = V
     """Draw one figure from surfaces computed with the same options; named after their file stem."""
     if not surfaces:
         raise AnalysisError("no surfaces to draw")
-    if not (vmin < vmax and vlevel > 0):
-        raise AnalysisError(f"contour levels need vmin < vmax and vlevel > 0, got {vmin}, {vmax}, {vlevel}")
+    check_levels(vmin, vmax, vlevel)
     _same_setting(surfaces)
     spec = surfaces[0].spec
     if spec["kind"] == "interpolation":

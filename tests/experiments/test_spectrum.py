@@ -313,8 +313,9 @@ def test_fake_study_files_and_summary_numbers(fake_study, tmp_path):
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == sorted(FILES)
     assert all((tmp_path / "figs" / f).stat().st_size > 5_000 for f in FILES)
-    assert result.output.split() == [str(tmp_path / "figs" / f) for f in FILES] + [
-        str(fake_study.path / "spectrum.md")]
+    notice, *paths = result.output.splitlines()   # the notice (stderr) names the unfinished run left out
+    assert notice.startswith("left out 1 run(s)") and fake_study.run("convnet", 1, 0.04).run_id in notice
+    assert paths == [str(tmp_path / "figs" / f) for f in FILES] + [str(fake_study.path / "spectrum.md")]
     summary = (fake_study.path / "spectrum.md").read_text().split("## Paired tests")[0]
     assert "(Lanczos; k = 3)" in summary   # the fake records' top_k, so the reader knows which λ_k
     # every row recomputed from the records written, finished runs only
@@ -470,3 +471,58 @@ def test_real_fashion_mnist_study_end_to_end(monkeypatch, tmp_path):
     assert again.exit_code == 0 and again.output == ""
     assert (study / "spectrum.md").read_text() == summary
     assert {f: (figures / f).read_bytes() for f in FILES} == first
+
+
+# -- issue 20: corrupt, repeated and left-out records ---------------------------------------------------------
+def _study_with_spectra(tmp_path, **kw):
+    study = make_results(tmp_path, models=("convnet", "bn-convnet"), seeds=(0, 1), **kw)
+    add_spectra(study)
+    return study
+
+
+def _duplicate(lines, i):
+    lines.insert(i + 1, lines[i])
+
+
+def _edit(change):
+    def edit(lines, i):
+        record = json.loads(lines[i])
+        change(record)
+        lines[i] = json.dumps(record)
+    return edit
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_duplicate, "a second record of epoch 0, bn_mode batch (the first is on line"),   # was averaged twice
+    (_edit(lambda r: r.pop("nodes")), '"nodes" must be a non-empty list'),
+    (_edit(lambda r: r.update(weights=r["weights"][:1])), '"nodes" has 2 probes but "weights" has 1'),
+    (_edit(lambda r: r["nodes"][0].__setitem__(2, None)), "probe 0: nodes and weights must be numbers, got None"),
+    (_edit(lambda r: r.update(nodes=[], weights=[])), '"nodes" must be a non-empty list'),
+    (_edit(lambda r: r.update(lambda_max="big")), '"lambda_max" must be a number or null'),
+    (_edit(lambda r: r.update(bn_mode="eval")), '"bn_mode" must be one of batch, running'),
+])
+def test_bad_spectrum_record_is_refused_at_file_and_line(tmp_path, damage, message):
+    """Failed before: a silent double count (n = 6 from 5 seeds) or one of six different tracebacks."""
+    study = _study_with_spectra(tmp_path)
+    path = study.runs[0].path / "records.jsonl"
+    lines = path.read_text().splitlines()
+    first = next(i for i, line in enumerate(lines) if '"spectrum"' in line)
+    damage(lines, first)
+    path.write_text("\n".join(lines) + "\n")
+    bad = first + 2 if damage is _duplicate else first + 1
+    result = CliRunner().invoke(main, ["spectrum", str(study.path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert f"{path}:{bad}: bad spectrum record: {message}" in result.output, result.output
+    assert not any((study.path / "figures").iterdir()) and not (study.path / "spectrum.md").exists()
+
+
+def test_left_out_runs_are_named_on_the_console(tmp_path):
+    """Failed before: the console said nothing about the dropped run (only report.md mentions it)."""
+    study = _study_with_spectra(tmp_path, unfinished=(("convnet", 1),))
+    with pytest.warns(UserWarning, match="truncated last record"):
+        result = CliRunner().invoke(main, ["-q", "spectrum", str(study.path)])
+    assert result.exit_code == 0, result.output
+    dropped = study.run("convnet", 1).run_id
+    assert f"left out 1 run(s) that did not finish (their spectra are not averaged): {dropped} (unfinished)" \
+        in result.output

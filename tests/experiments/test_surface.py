@@ -4,6 +4,7 @@ import json
 import shutil
 
 import numpy as np
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,3 +244,162 @@ def test_cli_bad_input(copy_of, tmp_path):
     result = CliRunner().invoke(main, ["surface", str(tmp_path)])
     assert result.exit_code != 0 and "neither a run directory" in result.output
     assert not (run / "surfaces").exists()   # nothing written by a refused command
+
+
+# -- issue 20: the run's own loss ----------------------------------------------------------------------------------
+def test_mse_run_is_evaluated_with_its_own_loss_and_labelled_with_it(tmp_path):
+    """Failed before: a run trained with --loss mse was evaluated with cross-entropy, labelled "training loss"."""
+    from experiments.analysis.surface_figures import curves_figure
+    from experiments.losses import squared_error
+    run = train_run(RunConfig(model="convnet", loss="mse", **TINY), tmp_path).path
+    spec = sf.SurfaceSpec(dim=1, grid=3, lo=-1.0, hi=1.0, samples=48)
+    (stored,) = sf.compute_surfaces([run], spec, executor="serial", device="cpu", quiet=True)
+    assert stored.spec["loss"] == "mse" and sf.read_surface(stored.path).spec["loss"] == "mse"
+    cfg, model = _model(run, "final")
+    x, y = sf.evaluation_batch(cfg, 48, None)
+    model.eval()
+    with torch.no_grad():
+        assert stored.losses[1] == pytest.approx(float(squared_error(model(x), y)), rel=1e-6)
+        assert stored.losses[1] != pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-2)
+    fig = curves_figure([stored])
+    assert fig.axes[0].get_ylabel() == "training loss (mse)"
+
+
+def test_surface_files_written_before_the_loss_was_recorded_read_as_cross_entropy(copy_of):
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(dim=1, grid=3, samples=48)
+    (stored,) = sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    old = {k: v for k, v in stored.spec.items() if k != "loss"}
+    sf.StoredSurface(**{**stored.__dict__, "spec": old}).save()
+    assert sf.read_surface(stored.path).spec["loss"] == "cross-entropy"
+    (again,) = sf.compute_surfaces([runs["convnet"]], spec, executor="serial", device="cpu", quiet=True)
+    assert again.complete   # resumable: not refused as "other options"
+
+
+# -- issue 20: bad inputs are refused in one line, before any work -------------------------------------------------
+def _refused(result, message):
+    """A clean one-line click error (no traceback, no other exception) saying ``message``."""
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert "Traceback" not in result.output and message in result.output, result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "100000"], "would need 158 GiB of memory"),          # was a numpy MemoryError traceback
+    (["--grid", "100000"], "the limit is 1 GiB"),
+    (["--range", "-1e308:1e308"], "beyond ±1000"),                   # was an overflow traceback
+    (["--device", "tpu"], "'tpu' is not one of 'auto', 'cpu', 'cuda'"),
+    (["--epoch", "²"], "--epoch must be init, final"),               # "²".isdigit() is True, int("²") fails
+    (["--vlevel", "1e-9"], "at most 200 can be drawn"),
+    (["--vlevel", "1e-4"], "at most 200 can be drawn"),              # drew for minutes
+    (["--vmax", "inf"], "must be finite"),
+])
+def test_cli_refuses_bad_options_before_computing(copy_of, args, message):
+    _, runs = copy_of
+    result = CliRunner().invoke(main, ["-q", "surface", str(runs["convnet"]), "--executor", "serial", "--grid", "3",
+                                       "--samples", "16", *args])
+    _refused(result, message)
+    assert not (runs["convnet"] / "surfaces").exists()
+
+
+def _break_truncate(run, other):
+    path = run / "weights-final.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _break_empty(run, other):
+    (run / "weights-final.pt").write_bytes(b"")
+
+
+def _break_foreign(run, other):
+    shutil.copy(other / "weights-final.pt", run / "weights-final.pt")
+
+
+@pytest.mark.parametrize("damage,message", [(_break_truncate, "not a readable weights file"),
+                                            (_break_empty, "not a readable weights file"),
+                                            (_break_foreign, "does not hold weights of this run's model (convnet")])
+def test_damaged_or_foreign_weights_are_refused_in_the_parent(copy_of, damage, message):
+    """Failed before: a traceback, a bare "Aborted!", or a state_dict error inside a worker."""
+    _, runs = copy_of
+    damage(runs["convnet"], runs["bn-convnet"])
+    result = CliRunner().invoke(main, ["-q", "surface", str(runs["convnet"]), "--grid", "3", "--samples", "16",
+                                       "--workers", "1"])
+    _refused(result, message)
+    assert str(runs["convnet"] / "weights-final.pt") in result.output
+    assert not (runs["convnet"] / "surfaces").exists()
+
+
+def test_truncated_surface_file_says_to_delete_it_and_is_kept(copy_of):
+    """Failed before: zipfile.BadZipFile traceback."""
+    _, runs = copy_of
+    args = ["-q", "surface", str(runs["convnet"]), "--executor", "serial", "--dim", "1", "--grid", "3",
+            "--samples", "16", "--no-figures"]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    (path,) = (runs["convnet"] / "surfaces").glob("*.npz")
+    path.write_bytes(path.read_bytes()[:200])
+    before = path.read_bytes()
+    result = CliRunner().invoke(main, args)
+    _refused(result, f"{path} is not a readable surface file")
+    assert "delete it" in result.output and path.read_bytes() == before
+
+
+# -- issue 20: workers -----------------------------------------------------------------------------------------------
+def _workers(parent):
+    """The pool's spawned workers among ``parent``'s descendants (not the resource tracker)."""
+    out = []
+    for p in parent.children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_killed_worker_gives_one_clear_error_and_the_rows_stay(copy_of):
+    """Failed before: a BrokenProcessPool traceback."""
+    import os
+    import signal
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(grid=40, samples=48)
+
+    def kill_a_worker(run_dir, task):
+        if not kill_a_worker.done:
+            kill_a_worker.done = True
+            os.kill(_workers(psutil.Process())[0].pid, signal.SIGKILL)
+    kill_a_worker.done = False
+    with pytest.raises(sf.SurfaceError, match="worker process died.*run the same command again"):
+        sf.compute_surfaces([runs["convnet"]], spec, executor="process", workers=2, device="cpu", quiet=True,
+                            on_task=kill_a_worker)
+    kept = sf.read_surface(sf.surface_path(runs["convnet"], spec))
+    assert 0 < kept.done.sum() < kept.done.size
+
+
+def test_workers_and_job_folder_die_with_a_killed_parent(copy_of, tmp_path):
+    """kill -9 of the CLI process: its workers exit and remove the job folder within seconds.
+    Failed before: two workers and the resource tracker kept running, the temporary folder stayed."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    _, runs = copy_of
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(Path(__file__).parents[2])}
+    cmd = [sys.executable, "-c", "from experiments.cli import main; main()", "-q", "surface", str(runs["convnet"]),
+           "--grid", "200", "--samples", "48", "--workers", "2", "--no-figures"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 120
+        while not (len(_workers(parent)) == 2 and list((runs["convnet"] / "surfaces").glob("*.npz"))):
+            assert proc.poll() is None and time.monotonic() < deadline, "the surface command never started workers"
+            time.sleep(0.1)
+        children = parent.children(recursive=True)   # the workers and the resource tracker
+        assert list(tmp.glob("smoothness-surface-*"))
+    finally:
+        proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert alive == [], [p.cmdline() for p in alive]
+    assert list(tmp.glob("smoothness-surface-*")) == []
