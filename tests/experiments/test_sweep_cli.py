@@ -311,6 +311,26 @@ def test_device_cuda_without_cuda_fails_before_anything_is_written(tmp_path, com
     assert_clean_error(result, ["--device cuda", "no CUDA device is available", "--device cpu or auto"], root)
 
 
+@pytest.mark.parametrize("command", [["train"], ["sweep", "--executor", "serial"],
+                                     ["run", "--study", "fashion-mnist-bn", "--executor", "serial"]])
+@pytest.mark.parametrize("args,needles", [
+    (["--subset", "0.01", "--batch-size", "100000"],
+     ["--batch-size 100000 is larger than the training subset (20 images", "--batch-size 20 or less", "full"]),
+    (["--subset", "0.01", "--batch-size", "100000", "--sampling", "shuffle"],
+     ["--batch-size 100000 is larger than the training subset (20 images"]),
+    (["--epochs", "2", "--warmup-steps", "12"],
+     ["--warmup-steps 12 is not shorter than the run, which has 12 steps", "use at most 11"]),
+    (["--sharpness-tol", "2"], ["--sharpness-tol must be in (0, 0.1], got 2.0"]),
+])
+def test_training_options_the_run_cannot_honour_fail_before_anything_is_written(tmp_path, command, args, needles):
+    """Issue 20 item 4: a batch larger than the subset was drawn with replacement (minutes for 100,000 images of 20)
+    or silently cut when shuffling; a warmup longer than the run failed only once the run's folder existed; a
+    sharpness tolerance of 2 was accepted (19.1 where 0.001 gives 33.1). Through a preset (`run --study`) too."""
+    root = tmp_path / "results"
+    result = CliRunner().invoke(main, [*command, "--dataset", "synthetic", "--results-dir", str(root), *args])
+    assert_clean_error(result, needles, root)
+
+
 @pytest.mark.parametrize("spec,needles", [
     ({"seeds": []}, ["--seeds", "empty"]),
     ({"models": [], "lrs": [0.1]}, ["--models", "empty"]),
