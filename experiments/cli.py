@@ -283,7 +283,9 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
 def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, threads, n_runs: int,
                        counts: dict) -> None:
     """Append how long this launch took and on what (the numbers behind the README's time budget); earlier
-    launches are kept, so relaunching a finished study never hides how long it took to compute."""
+    launches are kept, so relaunching a finished study never hides how long it took to compute. Called only for
+    launches that ran something: a relaunch that skips every run (`make run` on a fresh clone) leaves the
+    committed file as it is."""
     import os
     import platform
 
@@ -348,7 +350,8 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     counts = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    _write_launch_json(study_dir, time.perf_counter() - started, executor, workers, threads, len(runs), counts)
+    if any(r.status not in ("skipped", "busy") for r in results):   # else nothing ran: the log stays as it was
+        _write_launch_json(study_dir, time.perf_counter() - started, executor, workers, threads, len(runs), counts)
     if not quiet:
         click.echo("runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     failed = [r for r in results if r.status == "failed"]

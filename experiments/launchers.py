@@ -362,7 +362,7 @@ class ProgressDisplay:
         self.steps: Dict[str, int] = {}
         self.bars: Dict[str, tqdm] = {}
         self.positions: Dict[str, int] = {}
-        self.overall = tqdm(total=sum(steps_per_run.values()), desc="study", unit="step", disable=quiet,
+        self.overall = tqdm(total=sum(steps_per_run[cfg.run_id] for cfg in runs), desc="study", unit="step", disable=quiet,
                             dynamic_ncols=True, position=0)
         self._set_postfix()
 
@@ -385,7 +385,8 @@ class ProgressDisplay:
 
     def finish(self, result: LaunchResult, total_steps: int) -> None:
         """A finished, diverged or skipped run fills its share of the study bar; a failed or busy one does not,
-        so the bar ends short of 100% when runs are missing."""
+        so the bar ends short of 100% when runs are missing. (Runs found finished before the launch are not on
+        the display at all: ``launch`` says how many there are.)"""
         self.done_runs += 1
         if result.status in ("done", "diverged", "skipped"):
             self.overall.update(max(0, total_steps - self.steps.get(result.run_id, 0)))
@@ -456,8 +457,15 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     from .store import RunStore
     skipped = {cfg.run_id for cfg in runs if RunStore(root, cfg).done}
     todo = [cfg for cfg in runs if cfg.run_id not in skipped]
-    display = ProgressDisplay(runs, totals, quiet)
-    results: Dict[str, LaunchResult] = {}
+    results: Dict[str, LaunchResult] = {r: LaunchResult(r, "skipped", 0.0) for r in skipped}
+    if not todo:   # no bar: skipped runs filled in at once read as millions of steps per second
+        if not quiet:
+            tqdm.write(f"all {len(runs)} runs already finished; nothing to do" if len(runs) > 1
+                       else "the run is already finished; nothing to do")
+        return [results[cfg.run_id] for cfg in runs]
+    if skipped and not quiet:
+        tqdm.write(f"{len(skipped)} of {len(runs)} runs already finished; running the other {len(todo)}")
+    display = ProgressDisplay(todo, totals, quiet)   # the bar counts only the steps to run, so its rate is true
 
     def finished(result: LaunchResult) -> None:
         if result.run_id in results:   # an executor must report a run once; a second report is a bug
@@ -466,14 +474,10 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
         results[result.run_id] = result
         display.finish(result, totals[result.run_id])
 
-    for run_id in skipped:
-        finished(LaunchResult(run_id, "skipped", 0.0))
     args = [(cfg.to_dict(), str(root), resume, data_dir, threads) for cfg in todo]
     try:
         with _sigterm_as_interrupt():
-            if not todo:
-                pass
-            elif executor == "serial":
+            if executor == "serial":
                 for a in args:
                     finished(execute(*a, progress_queue=_DirectQueue(display)))
             elif executor == "process":

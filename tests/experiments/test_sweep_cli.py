@@ -357,6 +357,37 @@ def test_an_unreachable_ray_cluster_fails_fast(tmp_path):
     assert_clean_error(result, ["127.0.0.1:1", "does not answer", "ray start --head"], root)
 
 
+def test_a_relaunch_with_nothing_to_do_says_so_and_writes_nothing(tmp_path):
+    """Issue 20 items 2 and 3: `make run` on a fresh clone skips every run, yet appended to the tracked launch.json
+    (git status dirty) and filled the progress bar at once, reading millions of steps per second."""
+    args = ["sweep", "--models", "convnet", "--seeds", "0-1", *TINY, "--name", "t", "--results-dir", str(tmp_path),
+            "--executor", "serial", "--no-figures"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    files = {k: data for k, (data, _) in snapshot(tmp_path).items()}
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert {k: data for k, (data, _) in snapshot(tmp_path).items()} == files  # launch.json too, byte for byte
+    assert "all 2 runs already finished; nothing to do" in again.output
+    assert "step/s" not in again.output and "study:" not in again.output    # no bar for work that was not done
+    assert "runs: 2 skipped" in again.output
+    (launched,) = json.loads((tmp_path / "t" / "launch.json").read_text())["launches"]
+    assert launched["runs"] == {"done": 2}
+
+
+def test_a_relaunch_shows_progress_of_the_runs_left_only(tmp_path):
+    """The study bar counts the steps still to run (12 here, not the 24 of both runs), so its rate is true."""
+    args = ["sweep", "--models", "convnet", *TINY, "--name", "t", "--results-dir", str(tmp_path), "--executor",
+            "serial", "--no-figures"]
+    assert CliRunner().invoke(main, [*args, "--seeds", "0"]).exit_code == 0
+    again = CliRunner().invoke(main, [*args, "--seeds", "0-1"])
+    assert again.exit_code == 0, again.output
+    assert "1 of 2 runs already finished; running the other 1" in again.output
+    assert "12/12 [" in again.output and "/24 [" not in again.output
+    launches = json.loads((tmp_path / "t" / "launch.json").read_text())["launches"]
+    assert [x["runs"] for x in launches] == [{"done": 1}, {"done": 1, "skipped": 1}]
+
+
 def test_a_run_directory_with_another_config_is_never_overwritten(tmp_path):
     args = ["sweep", "--models", "convnet", "--seeds", "0", "--dataset", "synthetic", "--subset", "0.05", "--epochs",
             "1", "--probe-every", "5", "--sharpness-samples", "32", "--name", "t", "--results-dir", str(tmp_path),
