@@ -306,6 +306,17 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
     atomic_write_json(path, {"launches": launches})
 
 
+def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
+    """Say which interrupted runs this launch leaves as they are because their options differ (issue 20 item 5)."""
+    from .config import _option
+    from .launchers import left_behind
+    for run_dir, old, cfg, fields in left_behind(runs, study_dir):
+        changes = ", ".join(f"{_option(k)} {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in fields)
+        click.echo(f"warning: the options differ from those of the interrupted run {run_dir} ({changes}); "
+                   f"{cfg.run_id} is a new run and starts from scratch, and {run_dir.name} is left as it is "
+                   f"(to continue it instead, rerun with its options and --resume)", err=True)
+
+
 def _slurm_options(executor: str, slurm: dict):
     """The --slurm-* options as SlurmOptions; None when none is given and the executor is not slurm."""
     if executor != "slurm" and all(v in (None, ()) for v in slurm.values()):
@@ -332,6 +343,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
         _write_study_json(study_dir, study)
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
+    _warn_left_behind(runs, study_dir)
     if not quiet:
         click.echo(f"{len(runs)} runs ({', '.join(study.models)} x lr {list(study.lrs)} x seeds "
                    f"{list(study.seeds)}) -> {study_dir} [{executor}]")
@@ -495,6 +507,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
         study_dir = check_writable(results_dir / study_name)
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
+    _warn_left_behind([cfg], study_dir)
     from .launchers import ProgressDisplay, _DirectQueue, default_threads
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:

@@ -59,14 +59,14 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import multiprocessing as mp
 from multiprocessing.connection import wait as mp_wait
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig
+from .config import EXECUTION_FIELDS, ConfigError, RunConfig
 
 EXECUTORS = ("serial", "process", "ray", "slurm")
 DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
@@ -134,6 +134,35 @@ def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> Non
         raise StoreError(f"refusing to launch, nothing was written: {len(interrupted)} run(s) in {root} were "
                          f"interrupted before ({', '.join(interrupted)}); pass --resume to continue them from their "
                          f"last checkpoint (or move them away to start over)")
+
+
+def left_behind(runs: Sequence[RunConfig], root: Path) -> List[Tuple[Path, RunConfig, RunConfig, List[str]]]:
+    """Unfinished runs in ``root`` that this launch will not continue because some option changed: a run id names
+    its config, so a rerun with another ``--epochs`` is a new run from scratch, and the interrupted one stays as it
+    was. For every unfinished run directory with progress, not among ``runs`` and not running now, whose model,
+    norm and seed are those of a run of the launch: (that directory, its config, the launched config with the
+    fewest differences, the fields that differ). Reads only; an unreadable config.json is left to ``status``."""
+    from .store import StoreError, read_config  # the one reader of config.json
+    root, launched = Path(root), {cfg.run_id for cfg in runs}
+    out = []
+    for run_dir in sorted(root.iterdir()) if root.is_dir() else ():
+        if (run_dir.name in launched or not (run_dir / "config.json").is_file() or (run_dir / "done").exists()
+                or not has_progress(run_dir) or is_locked(run_dir)):
+            continue
+        try:
+            old = read_config(run_dir / "config.json")
+        except StoreError:
+            continue
+
+        def differing(cfg: RunConfig) -> List[str]:
+            new, was = cfg.to_dict(), old.to_dict()
+            return [k for k in new if k not in EXECUTION_FIELDS and new[k] != was[k]]
+
+        same = [cfg for cfg in runs if (cfg.model, cfg.norm, cfg.seed) == (old.model, old.norm, old.seed)]
+        if same:
+            closest = min(same, key=lambda cfg: len(differing(cfg)))
+            out.append((run_dir, old, closest, differing(closest)))
+    return out
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:

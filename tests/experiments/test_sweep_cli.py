@@ -388,6 +388,38 @@ def test_a_relaunch_shows_progress_of_the_runs_left_only(tmp_path):
     assert [x["runs"] for x in launches] == [{"done": 1}, {"done": 1, "skipped": 1}]
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_rerunning_with_changed_options_names_the_interrupted_run_it_leaves(tmp_path, command):
+    """Issue 20 item 5: a rerun with another option is another run id; it started from scratch without a word, and
+    the interrupted run stayed interrupted. Now the console names that run and the options that differ."""
+    small = ["--dataset", "synthetic", "--subset", "0.05", "--probe-every", "5", "--sharpness-samples", "32",
+             "--local-smoothness-samples", "64", "--results-dir", str(tmp_path)]
+    if command == "train":
+        args = ["train", "--model", "convnet", "--seed", "1", "--study", "t", *small]
+    else:
+        args = ["sweep", "--models", "convnet", "--seeds", "1", "--name", "t", "--executor", "serial",
+                "--no-figures", *small]
+    first = CliRunner().invoke(main, ["-q", *args, "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+    (old,) = run_dirs(tmp_path / "t")
+    (old / "done").unlink()                      # what a kill before the end leaves: records and checkpoints
+    before = snapshot(old)
+    again = CliRunner().invoke(main, ["-q", *args, "--epochs", "2", "--sharpness-tol", "0.01", "--resume"])
+    assert again.exit_code == 0, again.output
+    (warning,) = [line for line in again.output.splitlines() if line.startswith("warning:")]
+    assert f"the options differ from those of the interrupted run {old} (--epochs 1 -> 2, --sharpness-tol " \
+           f"0.001 -> 0.01)" in warning
+    (new,) = [p for p in run_dirs(tmp_path / "t") if p != old]
+    assert f"{new.name} is a new run and starts from scratch, and {old.name} is left as it is" in warning
+    assert snapshot(old) == before and (new / "done").exists()
+    other = CliRunner().invoke(main, ["-q", *args, "--epochs", "3", "--seed" if command == "train" else "--seeds",
+                                      "2"])
+    assert other.exit_code == 0 and "warning" not in other.output, other.output   # another seed: not the same run
+    same = CliRunner().invoke(main, ["-q", *args, "--epochs", "1", "--resume"])   # resumes it: nothing to say
+    assert same.exit_code == 0 and "warning" not in same.output, same.output
+    assert (old / "done").exists()
+
+
 def test_a_run_directory_with_another_config_is_never_overwritten(tmp_path):
     args = ["sweep", "--models", "convnet", "--seeds", "0", "--dataset", "synthetic", "--subset", "0.05", "--epochs",
             "1", "--probe-every", "5", "--sharpness-samples", "32", "--name", "t", "--results-dir", str(tmp_path),
