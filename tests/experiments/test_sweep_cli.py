@@ -278,9 +278,11 @@ def assert_clean_error(result, needles, root):
     (["--seeds", "0-9999", "--lrs", "0.1,0.2"], ["the grid has 40,000 runs", "at most 10,000"]),
     (["--slurm-partition", "gpu"], ["--slurm-* options apply to --executor slurm only"]),
     (["--executor", "slurm", "--slurm-sbatch", "no good"], ["--slurm-sbatch 'no good' is not KEY=VALUE"]),
-    (["--executor", "slurm", "--slurm-cluster", "local", "--device", "cuda"], ["--slurm-gpus 1"]),
+    pytest.param(["--executor", "slurm", "--slurm-cluster", "local", "--device", "cuda"], ["--slurm-gpus 1"],
+                 marks=pytest.mark.needs_slurm),
     pytest.param(["--executor", "slurm"], ["no `sbatch` on PATH", "--slurm-cluster local"],
-                 marks=pytest.mark.skipif(shutil.which("sbatch") is not None, reason="this machine has SLURM")),
+                 marks=[pytest.mark.needs_slurm,
+                        pytest.mark.skipif(shutil.which("sbatch") is not None, reason="this machine has SLURM")]),
 ])
 def test_bad_options_fail_before_anything_is_written(tmp_path, args, needles):
     root = tmp_path / "results"
@@ -346,9 +348,8 @@ def test_bad_sweep_files(tmp_path, spec, needles):
     assert_clean_error(result, needles, root)
 
 
-@pytest.mark.ray
+@pytest.mark.needs_ray
 def test_an_unreachable_ray_cluster_fails_fast(tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed: pip install 'smoothness-lab[ray]'")
     root = tmp_path / "results"
     began = time.monotonic()
     result = CliRunner().invoke(main, ["sweep", "--dataset", "synthetic", "--executor", "ray", "--ray-address",
