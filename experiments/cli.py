@@ -18,7 +18,8 @@ from .launchers import EXECUTORS
 _HELP = {
     "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10)",
     "subset": "fraction of the training set used, drawn with the run's seed",
-    "batch_size": "minibatch size, or 'full': every step on the whole training subset (gradient descent)",
+    "batch_size": "minibatch size (at most the training subset's size: a larger one is refused), or 'full': every "
+                  "step on the whole training subset (gradient descent)",
     "epochs": "passes over the training subset (a pass is round(n / batch) steps; one step at full batch)",
     "sampling": "minibatches drawn with replacement (the seed's) or by shuffling each pass",
     "naive_init": "uniform(-1, 1) initialisation of MLP layers (seed 000)",
@@ -31,7 +32,7 @@ _HELP = {
     "adam_beta2": "Adam/AdamW beta2",
     "adam_eps": "Adam/AdamW epsilon",
     "lr_schedule": "learning-rate schedule per step: constant, cosine (to 0 at the end) or step",
-    "warmup_steps": "linear warmup over the first N steps (0 = none)",
+    "warmup_steps": "linear warmup over the first N steps (0 = none; shorter than the run)",
     "lr_decay_every": "step schedule: multiply the lr by --lr-decay-factor every N steps",
     "lr_decay_factor": "step schedule: the factor of each decay",
     "probe_every": "line probe every N SGD steps (0 = off)",
@@ -44,7 +45,7 @@ _HELP = {
     "local_smoothness_samples": "training images for the per-epoch local smoothness (0 = the whole subset)",
     "sharpness_samples": "fixed training images for the top Hessian eigenvalue (0 = the whole subset)",
     "sharpness_every": "sharpness every N steps, with the optimizer's stability threshold (0 = once per evaluation)",
-    "sharpness_tol": "relative tolerance of the sharpness (Lanczos)",
+    "sharpness_tol": "relative tolerance of the sharpness (Lanczos), in (0, 0.1]",
     "sharpness_start": "start each sharpness measurement from a random vector (cold) or from the previous "
                        "measurement's top eigenvector (warm: fewer Hessian-vector products along training)",
     "spectrum_every": "Hessian eigenvalue density, top-10 eigenvalues and gradient concentration at init and every "
@@ -249,11 +250,13 @@ def _check_data(study: StudyConfig, data_dir) -> None:
 
 
 def _steps_per_run(study: StudyConfig, data_dir) -> dict:
+    """Every run's number of SGD steps; raises ConfigError for options that do not fit its training subset."""
     from .data import load_dataset
     out = {}
     for cfg in study.runs():
         n = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed,
                          data_dir=None if data_dir is None else str(data_dir)).x_train.shape[0]
+        cfg.check_training_set(n)
         out[cfg.run_id] = cfg.total_steps(n)
     return out
 
@@ -280,7 +283,9 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
 def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, threads, n_runs: int,
                        counts: dict) -> None:
     """Append how long this launch took and on what (the numbers behind the README's time budget); earlier
-    launches are kept, so relaunching a finished study never hides how long it took to compute."""
+    launches are kept, so relaunching a finished study never hides how long it took to compute. Called only for
+    launches that ran something: a relaunch that skips every run (`make run` on a fresh clone) leaves the
+    committed file as it is."""
     import os
     import platform
 
@@ -299,6 +304,17 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
         "cuda": torch.cuda.is_available(), "runs": counts, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     atomic_write_json(path, {"launches": launches})
+
+
+def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
+    """Say which interrupted runs this launch leaves as they are because their options differ (issue 20 item 5)."""
+    from .config import _option
+    from .launchers import left_behind
+    for run_dir, old, cfg, fields in left_behind(runs, study_dir):
+        changes = ", ".join(f"{_option(k)} {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in fields)
+        click.echo(f"warning: the options differ from those of the interrupted run {run_dir} ({changes}); "
+                   f"{cfg.run_id} is a new run and starts from scratch, and {run_dir.name} is left as it is "
+                   f"(to continue it instead, rerun with its options and --resume)", err=True)
 
 
 def _slurm_options(executor: str, slurm: dict):
@@ -327,6 +343,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
         _write_study_json(study_dir, study)
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
+    _warn_left_behind(runs, study_dir)
     if not quiet:
         click.echo(f"{len(runs)} runs ({', '.join(study.models)} x lr {list(study.lrs)} x seeds "
                    f"{list(study.seeds)}) -> {study_dir} [{executor}]")
@@ -345,7 +362,8 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     counts = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    _write_launch_json(study_dir, time.perf_counter() - started, executor, workers, threads, len(runs), counts)
+    if any(r.status not in ("skipped", "busy") for r in results):   # else nothing ran: the log stays as it was
+        _write_launch_json(study_dir, time.perf_counter() - started, executor, workers, threads, len(runs), counts)
     if not quiet:
         click.echo("runs: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     failed = [r for r in results if r.status == "failed"]
@@ -485,11 +503,12 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
         cfg = RunConfig(model=model, norm=norm, seed=seed, lr=lr, study=study_name, **options)
         check_launch([cfg], results_dir / study_name, executor="serial", resume=resume)
         _check_data(StudyConfig(models=(model,), seeds=(seed,), base=cfg), data_dir)
+        steps = _steps_per_run(StudyConfig(models=(model,), seeds=(seed,), lrs=(lr,), base=cfg), data_dir)
         study_dir = check_writable(results_dir / study_name)
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
+    _warn_left_behind([cfg], study_dir)
     from .launchers import ProgressDisplay, _DirectQueue, default_threads
-    steps = _steps_per_run(StudyConfig(models=(model,), seeds=(seed,), lrs=(lr,), base=cfg), data_dir)
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:
         result = execute(cfg.to_dict(), str(study_dir), resume, None if data_dir is None else str(data_dir),

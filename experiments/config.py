@@ -27,6 +27,11 @@ HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0,
                    "spectrum_every": 0}
 
 
+# Lanczos stops when the residual is at most tol x the eigenvalue (smoothness.lanczos), which bounds the sharpness's
+# error by about that fraction: beyond 10% the number is no longer a measurement (tol 2 gave 19.1 for 33.1).
+MAX_SHARPNESS_TOL = 0.1
+
+
 class ConfigError(ValueError):
     """A bad option value; the message names the command-line option."""
 
@@ -147,6 +152,10 @@ class RunConfig:
                      "warmup_steps", "lr_decay_every", "sharpness_every", "spectrum_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{_option(name)} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not self.sharpness_tol <= MAX_SHARPNESS_TOL:
+            raise ConfigError(f"--sharpness-tol must be in (0, {MAX_SHARPNESS_TOL:g}], got {self.sharpness_tol!r}: it "
+                              f"is the Lanczos residual relative to the eigenvalue, so the sharpness is only known "
+                              f"to within about that fraction (the default {RunConfig.sharpness_tol:g} gives 0.1%)")
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset!r}")
         if self.probe_min > self.probe_max:
@@ -225,6 +234,20 @@ class RunConfig:
 
     def total_steps(self, n_train: int) -> int:
         return self.steps_per_epoch(n_train) * self.epochs
+
+    def check_training_set(self, n_train: int) -> None:
+        """The range checks that need the size of the training subset (``n_train`` images), made before a run
+        directory is written: a minibatch no larger than the subset (whatever the sampling: a larger one would be
+        drawn with replacement, or silently cut to the subset when shuffling), a warmup shorter than the run."""
+        if self.batch_size > n_train:
+            raise ConfigError(f"--batch-size {self.batch_size} is larger than the training subset ({n_train} images "
+                              f"of {self.dataset} at --subset {self.subset:g}); use --batch-size {n_train} or less, "
+                              f"or --batch-size full for full-batch gradient descent")
+        total = self.total_steps(n_train)
+        if self.warmup_steps >= total:
+            raise ConfigError(f"--warmup-steps {self.warmup_steps} is not shorter than the run, which has {total} "
+                              f"steps ({self.epochs} epochs x {self.steps_per_epoch(n_train)}); use at most "
+                              f"{total - 1}, or more --epochs")
 
     @property
     def step_sizes(self) -> Tuple[float, ...]:

@@ -59,14 +59,14 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import multiprocessing as mp
 from multiprocessing.connection import wait as mp_wait
 
 from tqdm.auto import tqdm
 
-from .config import ConfigError, RunConfig
+from .config import EXECUTION_FIELDS, ConfigError, RunConfig
 
 EXECUTORS = ("serial", "process", "ray", "slurm")
 DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
@@ -134,6 +134,35 @@ def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> Non
         raise StoreError(f"refusing to launch, nothing was written: {len(interrupted)} run(s) in {root} were "
                          f"interrupted before ({', '.join(interrupted)}); pass --resume to continue them from their "
                          f"last checkpoint (or move them away to start over)")
+
+
+def left_behind(runs: Sequence[RunConfig], root: Path) -> List[Tuple[Path, RunConfig, RunConfig, List[str]]]:
+    """Unfinished runs in ``root`` that this launch will not continue because some option changed: a run id names
+    its config, so a rerun with another ``--epochs`` is a new run from scratch, and the interrupted one stays as it
+    was. For every unfinished run directory with progress, not among ``runs`` and not running now, whose model,
+    norm and seed are those of a run of the launch: (that directory, its config, the launched config with the
+    fewest differences, the fields that differ). Reads only; an unreadable config.json is left to ``status``."""
+    from .store import StoreError, read_config  # the one reader of config.json
+    root, launched = Path(root), {cfg.run_id for cfg in runs}
+    out = []
+    for run_dir in sorted(root.iterdir()) if root.is_dir() else ():
+        if (run_dir.name in launched or not (run_dir / "config.json").is_file() or (run_dir / "done").exists()
+                or not has_progress(run_dir) or is_locked(run_dir)):
+            continue
+        try:
+            old = read_config(run_dir / "config.json")
+        except StoreError:
+            continue
+
+        def differing(cfg: RunConfig) -> List[str]:
+            new, was = cfg.to_dict(), old.to_dict()
+            return [k for k in new if k not in EXECUTION_FIELDS and new[k] != was[k]]
+
+        same = [cfg for cfg in runs if (cfg.model, cfg.norm, cfg.seed) == (old.model, old.norm, old.seed)]
+        if same:
+            closest = min(same, key=lambda cfg: len(differing(cfg)))
+            out.append((run_dir, old, closest, differing(closest)))
+    return out
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -362,7 +391,7 @@ class ProgressDisplay:
         self.steps: Dict[str, int] = {}
         self.bars: Dict[str, tqdm] = {}
         self.positions: Dict[str, int] = {}
-        self.overall = tqdm(total=sum(steps_per_run.values()), desc="study", unit="step", disable=quiet,
+        self.overall = tqdm(total=sum(steps_per_run[cfg.run_id] for cfg in runs), desc="study", unit="step", disable=quiet,
                             dynamic_ncols=True, position=0)
         self._set_postfix()
 
@@ -385,7 +414,8 @@ class ProgressDisplay:
 
     def finish(self, result: LaunchResult, total_steps: int) -> None:
         """A finished, diverged or skipped run fills its share of the study bar; a failed or busy one does not,
-        so the bar ends short of 100% when runs are missing."""
+        so the bar ends short of 100% when runs are missing. (Runs found finished before the launch are not on
+        the display at all: ``launch`` says how many there are.)"""
         self.done_runs += 1
         if result.status in ("done", "diverged", "skipped"):
             self.overall.update(max(0, total_steps - self.steps.get(result.run_id, 0)))
@@ -456,8 +486,15 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     from .store import RunStore
     skipped = {cfg.run_id for cfg in runs if RunStore(root, cfg).done}
     todo = [cfg for cfg in runs if cfg.run_id not in skipped]
-    display = ProgressDisplay(runs, totals, quiet)
-    results: Dict[str, LaunchResult] = {}
+    results: Dict[str, LaunchResult] = {r: LaunchResult(r, "skipped", 0.0) for r in skipped}
+    if not todo:   # no bar: skipped runs filled in at once read as millions of steps per second
+        if not quiet:
+            tqdm.write(f"all {len(runs)} runs already finished; nothing to do" if len(runs) > 1
+                       else "the run is already finished; nothing to do")
+        return [results[cfg.run_id] for cfg in runs]
+    if skipped and not quiet:
+        tqdm.write(f"{len(skipped)} of {len(runs)} runs already finished; running the other {len(todo)}")
+    display = ProgressDisplay(todo, totals, quiet)   # the bar counts only the steps to run, so its rate is true
 
     def finished(result: LaunchResult) -> None:
         if result.run_id in results:   # an executor must report a run once; a second report is a bug
@@ -466,14 +503,10 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
         results[result.run_id] = result
         display.finish(result, totals[result.run_id])
 
-    for run_id in skipped:
-        finished(LaunchResult(run_id, "skipped", 0.0))
     args = [(cfg.to_dict(), str(root), resume, data_dir, threads) for cfg in todo]
     try:
         with _sigterm_as_interrupt():
-            if not todo:
-                pass
-            elif executor == "serial":
+            if executor == "serial":
                 for a in args:
                     finished(execute(*a, progress_queue=_DirectQueue(display)))
             elif executor == "process":

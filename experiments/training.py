@@ -121,6 +121,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
     x_train, y_train = data.x_train, data.y_train
     n = x_train.shape[0]
+    cfg.check_training_set(n)   # the CLI checks it before writing; here for callers of the library
     per_epoch, total = cfg.steps_per_epoch(n), cfg.total_steps(n)
     loss_fn = get_loss(cfg.loss)
 

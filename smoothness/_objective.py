@@ -199,6 +199,33 @@ def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
 
 
 # -- curvature over many batches ------------------------------------------------------------------------------------
+ChunkKind = Tuple[Tuple[Tuple[int, ...], torch.dtype], Tuple[Tuple[int, ...], torch.dtype]]
+
+
+def chunk_kind(inputs: torch.Tensor, targets: torch.Tensor) -> ChunkKind:
+    """The shapes and dtypes of a chunk's inputs and targets, what :func:`check_chunk` compares."""
+    return (tuple(inputs.shape), inputs.dtype), (tuple(targets.shape), targets.dtype)
+
+
+def check_chunk(i: int, chunk, first: ChunkKind | None = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunk ``i`` of an iterable of batches as ``(inputs, targets)``: a valid batch and, given chunk 0's
+    :func:`chunk_kind`, one of the same kind: the same per-sample shapes and dtypes of inputs and of targets. Only the
+    number of samples may differ (a last chunk is often smaller). The one check of chunks, for every estimator."""
+    try:
+        inputs, targets = check_batch(chunk)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"chunk {i} of the batches: {exc}") from None
+    if first is None:
+        return inputs, targets
+    for what, mine, (shape, dtype) in (("inputs", inputs, first[0]), ("targets", targets, first[1])):
+        if tuple(mine.shape[1:]) != shape[1:] or mine.dtype != dtype:
+            raise ValueError(f"chunk {i} of the batches has {what} of shape {tuple(mine.shape)} and dtype "
+                             f"{mine.dtype}, but chunk 0 has {what} of shape {shape} and dtype {dtype}; all chunks "
+                             f"must share the per-sample shape and the dtype of their inputs and of their targets "
+                             f"(only the number of samples may differ)")
+    return inputs, targets
+
+
 def is_single_batch(batch) -> bool:
     """Whether ``batch`` is meant as one batch rather than an iterable of batches: a tensor, or a tuple/list whose
     first element is not itself a batch-like pair of tensors (``(inputs, targets)``, or a malformed batch that
@@ -237,9 +264,11 @@ class ChunkedObjective:
         self.model, self.loss_fn, self.bn_mode, self.batches = model, loss_fn, bn_mode, batches
         self.device = next(iter(trainable_parameters(model).values())).device
         self._fingerprints: list = []
+        self._kind: ChunkKind | None = None   # chunk 0's shapes and dtypes, which every chunk must share
         self.first: Objective | None = None
         for i, chunk in enumerate(batches):
             inputs, targets = self._check(i, chunk)
+            self._kind = self._kind or chunk_kind(inputs, targets)
             self._fingerprints.append(self._fingerprint(inputs, targets))
             if self.first is None:
                 self.first = Objective(model, loss_fn, (inputs.to(self.device), targets.to(self.device)), bn_mode)
@@ -255,18 +284,7 @@ class ChunkedObjective:
         self.check_finite = self.first.check_finite
 
     def _check(self, i: int, chunk) -> Tuple[torch.Tensor, torch.Tensor]:
-        try:
-            inputs, targets = check_batch(chunk)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"chunk {i} of the batches: {exc}") from None
-        if self._fingerprints:
-            first_shape = self._fingerprints[0][1]
-            if (tuple(inputs.shape[1:]), tuple(targets.shape[1:])) != first_shape:
-                raise ValueError(f"chunk {i} of the batches has inputs of shape {tuple(inputs.shape)} and targets "
-                                 f"of shape {tuple(targets.shape)}, but chunk 0 has per-sample shapes "
-                                 f"{first_shape[0]} and {first_shape[1]}; every chunk must hold the same kind "
-                                 f"of samples")
-        return inputs, targets
+        return check_chunk(i, chunk, self._kind)
 
     @staticmethod
     def _fingerprint(inputs: torch.Tensor, targets: torch.Tensor) -> tuple:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._objective import Objective, Params, check_batch, check_bn_mode, trainable_parameters
+from ._objective import Objective, Params, check_batch, check_bn_mode, check_chunk, chunk_kind, trainable_parameters
 
 NORMALIZATIONS = ("filter", "layer", None)
 IGNORES = ("biasbn", None)
@@ -134,7 +134,8 @@ def _chunks(batch_or_batches) -> List[Tuple[torch.Tensor, torch.Tensor]]:
                         f"got {type(batch_or_batches).__name__}") from None
     if not chunks:
         raise ValueError("batch_or_batches holds no batch; give at least one (inputs, targets) pair")
-    return [check_batch(c) for c in chunks]
+    first = chunk_kind(*check_chunk(0, chunks[0]))
+    return [check_chunk(i, c, first) for i, c in enumerate(chunks)]
 
 
 def _check_coords(coords, n: int) -> Tuple[np.ndarray, ...]:

@@ -75,7 +75,7 @@ def test_config_is_frozen():
 
 # -- issue 10 item 3: the run id is a function of the computation, not of how a value was spelled ---------------
 @pytest.mark.parametrize("field,spelled,canonical", [
-    ("lr", 1, 1.0), ("subset", 1, 1.0), ("probe_min", 1, 1.0), ("sharpness_tol", 1, 1.0),
+    ("lr", 1, 1.0), ("subset", 1, 1.0), ("probe_min", 1, 1.0), ("probe_max", 4, 4.0),
     ("epochs", 3.0, 3), ("seed", 2.0, 2), ("batch_size", np.int64(16), 16), ("lr", np.float32(0.5), 0.5),
 ])
 def test_numbers_are_coerced_to_their_declared_type(field, spelled, canonical):
@@ -218,3 +218,28 @@ def test_spectrum_schedule_must_fall_on_evaluation_points():
     with pytest.raises(ConfigError, match="--spectrum-every .* multiple of --eval-every"):
         RunConfig(spectrum_every=2, eval_every=3)
     assert RunConfig(spectrum_every=6, eval_every=3).spectrum_every == 6
+
+
+# -- issue 20 item 4: options that a run cannot honour are refused, naming the bound ---------------------------------
+@pytest.mark.parametrize("tol", [2.0, 0.11, 1.0])
+def test_sharpness_tolerance_is_at_most_a_tenth(tol):
+    with pytest.raises(ConfigError, match=r"--sharpness-tol must be in \(0, 0.1\], got "):
+        RunConfig(sharpness_tol=tol)
+    assert RunConfig(sharpness_tol=0.1).sharpness_tol == 0.1
+
+
+@pytest.mark.parametrize("options, n_train, message", [
+    (dict(batch_size=100_000), 20, "--batch-size 100000 is larger than the training subset (20 images of "
+                                   "fashion-mnist at --subset 0.1); use --batch-size 20 or less, or --batch-size full"),
+    (dict(batch_size=21, sampling="shuffle"), 20, "--batch-size 21 is larger than the training subset (20 images"),
+    (dict(warmup_steps=60, epochs=2), 960, "--warmup-steps 60 is not shorter than the run, which has 60 steps "
+                                           "(2 epochs x 30); use at most 59, or more --epochs"),
+    (dict(warmup_steps=1, batch_size=0, epochs=1), 20, "--warmup-steps 1 is not shorter than the run, which has 1"),
+])
+def test_options_that_do_not_fit_the_training_subset(options, n_train, message):
+    cfg = RunConfig(**options)                  # the size of the subset is known only once the data is loaded
+    with pytest.raises(ConfigError) as err:
+        cfg.check_training_set(n_train)
+    assert message in str(err.value)
+    RunConfig(batch_size=20).check_training_set(20)
+    RunConfig(warmup_steps=59, epochs=2).check_training_set(960)

@@ -148,7 +148,7 @@ def test_ics_dataset_help_lists_every_dataset():
 def test_tensorboard_scalars_are_written(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     cfg = RunConfig(model="bn-convnet", dataset="synthetic", subset=0.01, batch_size=10, epochs=1, probe_every=1,
-                    probe_steps=2, local_smoothness_samples=10, sharpness_samples=8, sharpness_tol=0.5,
+                    probe_steps=2, local_smoothness_samples=10, sharpness_samples=8, sharpness_tol=0.1,
                     device="cpu", tensorboard=True, study="tb")
     outcome = train_run(cfg, tmp_path)
     assert outcome.status == "done" and outcome.steps == 2

@@ -83,9 +83,8 @@ def test_process_executor_gives_identical_records(reference, tmp_path):
     assert all(" threads=1 " in log for log in logs)
 
 
-@pytest.mark.ray
+@pytest.mark.needs_ray
 def test_ray_executor_gives_identical_records(reference, tmp_path):
-    pytest.importorskip("ray", reason="Ray is not installed: pip install 'smoothness-lab[ray]'")
     import ray
     (broken,) = grid(models=("convnet",), seeds=(7,))
     (tmp_path / broken.run_id).mkdir()

@@ -80,7 +80,7 @@ def _tiny(cfg: RunConfig) -> RunConfig:
     n_full = len(data.DATASETS[cfg.dataset].load(None, False).x_train)
     return dataclasses.replace(cfg, epochs=1, batch_size=BATCH, subset=BATCH / n_full, probe_every=10**6,
                                probe_steps=2, local_smoothness_samples=BATCH, sharpness_samples=4,
-                               sharpness_tol=0.5, device="cpu")
+                               sharpness_tol=0.1, device="cpu")
 
 
 @pytest.mark.parametrize("preset, spec", CASES)

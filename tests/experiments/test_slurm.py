@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-submitit = pytest.importorskip("submitit", reason="submitit is not installed: pip install 'smoothness-lab[slurm]'")
+pytestmark = pytest.mark.needs_slurm
+submitit = pytest.importorskip("submitit", reason="needs the slurm extra (submitit is not installed): "
+                                                  "pip install -e '.[slurm]'")
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dying import Bomb  # noqa: E402

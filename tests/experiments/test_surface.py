@@ -190,8 +190,8 @@ def test_process_pool_gives_the_serial_numbers(copy_of, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_ray
 def test_ray_gives_the_serial_numbers(copy_of, tmp_path):
-    pytest.importorskip("ray")
     _, runs = copy_of
     spec = sf.SurfaceSpec(dim=1, **SMALL)
     other = tmp_path / "serial"

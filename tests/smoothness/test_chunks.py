@@ -281,6 +281,40 @@ def test_mismatched_chunks(mlp_chunks, name):
         call(name, model, [(x0, y0), (x1.tolist(), y1)])
 
 
+def _mismatched(chunks):
+    """Chunk 2 unlike chunk 0 in one way each: inputs' per-sample shape, inputs' dtype, targets' dtype (a last chunk
+    that is merely smaller is fine, see SIZES)."""
+    (x0, y0), (x1, y1), (x2, y2) = chunks
+    return [
+        ("inputs of shape (3, 2, 3) and dtype torch.float64, but chunk 0 has inputs of shape (5, 6)",
+         [(x0, y0), (x1, y1), (x2.reshape(3, 2, 3), y2)]),
+        ("inputs of shape (3, 6) and dtype torch.float32, but chunk 0 has inputs of shape (5, 6) and dtype "
+         "torch.float64", [(x0, y0), (x1, y1), (x2.float(), y2)]),
+        ("targets of shape (3,) and dtype torch.int32, but chunk 0 has targets of shape (5,) and dtype torch.int64",
+         [(x0, y0), (x1, y1), (x2, y2.int())]),
+    ]
+
+
+@pytest.mark.parametrize("name", ESTIMATORS + ["loss_surface", "interpolation"])
+def test_chunks_of_another_shape_or_dtype_name_the_chunk(mlp_chunks, name):
+    """Issue 20 item 6: loss_surface and interpolation ran such chunks into the model (a raw torch RuntimeError),
+    and every estimator did so for a dtype that differs."""
+    model, chunks = mlp_chunks
+    d = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    w = {n: p.detach() for n, p in model.named_parameters()}
+    for what, data in _mismatched(chunks):
+        expected = "chunk 2 of the batches has " + what
+        with pytest.raises(ValueError) as info:
+            if name == "loss_surface":
+                sm.loss_surface(model, nn.CrossEntropyLoss(), data, [d], [[0.0, 0.5]], bn_mode="batch")
+            elif name == "interpolation":
+                sm.interpolation(model, nn.CrossEntropyLoss(), data, w, d, [0.0, 1.0], bn_mode="batch")
+            else:
+                call(name, model, data)
+        assert str(info.value).startswith(expected), str(info.value)
+        assert "all chunks must share the per-sample shape and the dtype" in str(info.value)
+
+
 @pytest.mark.parametrize("name", ESTIMATORS)
 def test_not_an_iterable(mlp_chunks, name):
     model, _ = mlp_chunks
