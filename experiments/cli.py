@@ -508,11 +508,11 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
     _warn_left_behind([cfg], study_dir)
-    from .launchers import ProgressDisplay, _DirectQueue, default_threads
+    from .launchers import DirectQueue, ProgressDisplay, default_threads
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:
         result = execute(cfg.to_dict(), str(study_dir), resume, None if data_dir is None else str(data_dir),
-                         default_threads(), progress_queue=_DirectQueue(display))
+                         default_threads(), progress_queue=DirectQueue(display))
     finally:
         display.close()
     if result.status in ("failed", "busy"):

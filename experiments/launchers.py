@@ -41,8 +41,8 @@ continued with ``resume`` (else the launch is refused before anything runs). SIG
 their last checkpoint), queued runs are not started, and KeyboardInterrupt is raised to the caller.
 
 Each run's ``run.log`` gets ``start`` (pid, host, threads, resume point, SLURM job) and ``finish`` / ``failed`` /
-``interrupted`` lines, and is locked (``run_lock``) while a process trains the run; ``experiments.status`` reads
-both.
+``interrupted`` lines, and is locked (``store.run_lock``) while a process trains the run; ``experiments.status``
+reads both.
 """
 from __future__ import annotations
 
@@ -67,18 +67,10 @@ from multiprocessing.connection import wait as mp_wait
 from tqdm.auto import tqdm
 
 from .config import EXECUTION_FIELDS, ConfigError, RunConfig
+from .launch_result import INTERRUPT_GRACE, LaunchResult
 
 EXECUTORS = ("serial", "process", "ray", "slurm")
 DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
-INTERRUPT_GRACE = 10.0       # seconds interrupted workers get to close their runs before they are killed
-
-
-@dataclass(frozen=True)
-class LaunchResult:
-    run_id: str
-    status: str        # done, diverged, skipped, failed, busy (another launch is training it right now)
-    seconds: float
-    error: str = ""
 
 
 def default_workers(executor: str, n_runs: int, slurm=None) -> int:
@@ -109,7 +101,7 @@ def has_progress(run_dir: Path) -> bool:
 def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> None:
     """Refuse to launch into ``root`` if a run directory there holds another config (or an unreadable one), or,
     without ``resume``, an interrupted run: nothing is written, every problem is named. Reads only."""
-    from .store import StoreError
+    from .store import StoreError, is_locked
     problems, interrupted = [], []
     for cfg in runs:
         run_dir = Path(root) / cfg.run_id
@@ -262,60 +254,12 @@ def _resume_point(run_dir: Path) -> str:
     return f"resuming from checkpoints/{ckpts[-1].name}" if ckpts else "no checkpoint: from the start"
 
 
-def _last_record(run_dir: Path) -> dict:
-    try:
-        with open(run_dir / "records.jsonl", "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
-            return json.loads(f.read().splitlines()[-1])
-    except (OSError, ValueError, IndexError):
-        return {}
-
-
-@contextmanager
-def run_lock(run_dir: Path):
-    """Hold an exclusive lock on ``run_dir/run.log`` while the run executes, so that two launches into the same
-    results directory never train one run at once; yields False (and holds nothing) if another process holds it.
-    The lock dies with its process, even on SIGKILL. No-op where ``fcntl`` is missing."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield True
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / "run.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(fd)
-
-
-def is_locked(run_dir: Path) -> bool:
-    """Whether a live process holds ``run_lock`` on this run (on this machine)."""
-    try:
-        import fcntl
-        fd = os.open(run_dir / "run.log", os.O_RDONLY)
-    except (ImportError, OSError):
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], threads: int,
             progress_queue=None) -> LaunchResult:
     """Run one config in this process (the body of every executor's task). Exceptions become a ``failed``
     result (traceback in run.log); KeyboardInterrupt is logged and re-raised."""
     import torch
-    from .store import RunStore, StoreError
+    from .store import RunStore, StoreError, run_lock
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
     start = time.perf_counter()
@@ -355,6 +299,7 @@ def _tail_text(path: Path, size: int = 65536) -> str:
 
 def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[str], threads: int, progress,
                     start: float) -> LaunchResult:
+    from .store import last_record
     from .training import train_run
     run_dir = Path(root) / cfg.run_id
     with _run_log(run_dir) as log:
@@ -373,7 +318,7 @@ def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[
             return LaunchResult(cfg.run_id, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
         detail = ""
         if outcome.status == "diverged":
-            detail = f" ({_last_record(run_dir).get('reason', 'loss not finite')})"
+            detail = f" ({last_record(run_dir).get('reason', 'loss not finite')})"
         log.info("finish %s: %s after %d steps in %.1f s%s", cfg.run_id, outcome.status, outcome.steps,
                  outcome.seconds, detail)
     return LaunchResult(cfg.run_id, outcome.status, time.perf_counter() - start)
@@ -436,7 +381,9 @@ class ProgressDisplay:
         self.overall.close()
 
 
-class _DirectQueue:
+class DirectQueue:
+    """Progress from a run in this process straight to the display (the serial executor, ``train``)."""
+
     def __init__(self, display: ProgressDisplay):
         self.display = display
 
@@ -508,7 +455,7 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
         with _sigterm_as_interrupt():
             if executor == "serial":
                 for a in args:
-                    finished(execute(*a, progress_queue=_DirectQueue(display)))
+                    finished(execute(*a, progress_queue=DirectQueue(display)))
             elif executor == "process":
                 _launch_processes(args, display, finished, min(workers, len(todo)))
             elif executor == "ray":
@@ -516,7 +463,7 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
             else:
                 from .slurm import SlurmOptions, launch_slurm
                 launch_slurm(args, display, finished, workers, threads, slurm or SlurmOptions(), Path(root),
-                             totals)
+                             totals, execute)
         for cfg in todo:    # the invariant every executor keeps; checked so that a broken one cannot exit 0
             if cfg.run_id not in results:
                 finished(LaunchResult(cfg.run_id, "failed", 0.0, f"the {executor} executor lost track of this run "
@@ -605,7 +552,8 @@ class _RunProcess:
 def _finished_on_disk(run_dir: Path) -> Optional[str]:
     if not (run_dir / "done").exists():
         return None
-    return "diverged" if _last_record(run_dir).get("kind") == "diverged" else "done"
+    from .store import last_record
+    return "diverged" if last_record(run_dir).get("kind") == "diverged" else "done"
 
 
 def _death(proc) -> str:

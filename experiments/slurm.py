@@ -1,7 +1,8 @@
 """``--executor slurm``: one SLURM job per run, submitted and followed through submitit.
 
-Every job calls the same ``launchers.execute`` as the other executors, with the same config and thread count, so
-its records are identical to theirs (tests/experiments/test_slurm.py compares them with the serial executor's).
+Every job calls the same ``launchers.execute`` as the other executors (handed to ``launch_slurm`` as ``task``), with
+the same config and thread count, so its records are identical to theirs (tests/experiments/test_slurm.py compares
+them with the serial executor's).
 What the cluster must provide: the results directory and the dataset on a file system every node sees, and this
 package importable by the job's Python (submitit runs the jobs with the launcher's interpreter, ``sys.executable``,
 and SLURM passes the launcher's environment on, so an installed package or a PYTHONPATH both work).
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from .config import ConfigError
+from .launch_result import INTERRUPT_GRACE, LaunchResult
 
 try:   # the `slurm` extra; without it, --executor slurm says how to install it
     import submitit
@@ -122,9 +124,11 @@ class _RunJob(_Checkpointable):
     """One run as a submitit job. On a time-out or preemption submitit calls ``checkpoint``: the run is requeued
     with ``resume=True`` and continues from its last checkpoint."""
 
+    def __init__(self, task):
+        self.task = task   # launchers.execute, handed over so that this module need not import launchers
+
     def __call__(self, cfg_dict, root, resume, data_dir, threads):
-        from .launchers import execute
-        return execute(cfg_dict, root, resume, data_dir, threads)
+        return self.task(cfg_dict, root, resume, data_dir, threads)
 
     def checkpoint(self, cfg_dict, root, resume, data_dir, threads):
         return submitit.helpers.DelayedSubmission(self, cfg_dict, root, True, data_dir, threads)
@@ -132,8 +136,8 @@ class _RunJob(_Checkpointable):
 
 def _progress(run_dir: Path) -> Optional[int]:
     """Steps a run has recorded so far (from the last complete line of its records), None before it starts."""
-    from .launchers import _last_record
-    record = _last_record(run_dir)
+    from .store import last_record   # store imports torch; the launcher process need not
+    record = last_record(run_dir)
     step = record.get("step") if isinstance(record, dict) else None
     if not isinstance(step, int):
         return None
@@ -150,12 +154,12 @@ def _job_failure(job, exc: BaseException) -> str:
 
 
 def launch_slurm(args, display, finished, workers: int, threads: int, options: SlurmOptions, root: Path,
-                 totals: Dict[str, int]) -> None:
+                 totals: Dict[str, int], task) -> None:
     """Submit one job per run and follow them until each has given a result (through ``finished``). On a cluster
     every job is submitted at once as a job array (``workers`` at a time); the local executor starts a job's
-    process at submission, so there at most ``workers`` are submitted at a time."""
+    process at submission, so there at most ``workers`` are submitted at a time. ``task``: what a job runs,
+    ``launchers.execute``."""
     from .config import RunConfig
-    from .launchers import INTERRUPT_GRACE, LaunchResult
     _import_submitit()
     executor = make_executor(options, options.log_dir or Path(root) / ".slurm", threads, workers)
     pending = collections.deque((RunConfig.from_dict(a[0]).run_id, a) for a in args)
@@ -167,7 +171,7 @@ def launch_slurm(args, display, finished, workers: int, threads: int, options: S
             return
         try:
             with executor.batch():
-                submitted = [executor.submit(_RunJob(), *a) for _, a in chunk]
+                submitted = [executor.submit(_RunJob(task), *a) for _, a in chunk]
         except Exception as exc:
             raise ConfigError(f"could not submit to the {options.cluster} cluster: {type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None

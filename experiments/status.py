@@ -3,7 +3,7 @@
 Reads only. The states, checked in this order (results/README.md describes the files):
 
 =============  ===================================================================================================
-running        a live process holds the run's lock (``launchers.run_lock``: an flock on its run.log, released by
+running        a live process holds the run's lock (``store.run_lock``: an flock on its run.log, released by
                the kernel when the process dies, even on SIGKILL); the detail names its pid and host. Seen from
                any machine whose file system shows that lock (local disks, NFSv4; not every cluster file system).
 corrupt        the directory cannot be trusted: config.json missing (while records or ``done`` exist), not a JSON
@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 import click
 
 from .config import ConfigError, RunConfig, StudyConfig
-from .launchers import is_locked
+from .store import is_locked
 
 STATES = ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
 _EVENT = re.compile(r"^\S+ \S+ [A-Z]+ (start|finish|failed|interrupted)\b(.*)$")

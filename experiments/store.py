@@ -28,6 +28,7 @@ import math
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, List, Optional
 
@@ -37,7 +38,8 @@ from .atomic import atomic_write, atomic_write_bytes, atomic_write_json, fsync_d
 from .config import ConfigError, RunConfig
 
 __all__ = ["StoreError", "RunStore", "check_writable", "read_config", "iter_records", "read_records",
-           "atomic_write", "atomic_write_bytes", "atomic_write_json", "RECORD_NUMBERS"]
+           "atomic_write", "atomic_write_bytes", "atomic_write_json", "RECORD_NUMBERS", "last_record", "run_lock",
+           "is_locked"]
 
 log = logging.getLogger(__name__)
 
@@ -375,3 +377,54 @@ class RunStore:
             os.fsync(self._file.fileno())
         self._size, self._sha = keep, hashlib.sha256(records[:keep])
         return chosen
+
+
+# -- the run lock, and a cheap look at the last record (launchers, slurm and status read them) ---------------------
+def last_record(run_dir: Path) -> dict:
+    """The last complete line of ``run_dir/records.jsonl``, unchecked; {} when there is none or it does not parse.
+    Reads only the file's tail, so that a launcher can poll a long run cheaply."""
+    try:
+        with open(Path(run_dir) / "records.jsonl", "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            return json.loads(f.read().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir/run.log`` while the run executes, so that two launches into the same
+    results directory never train one run at once; yields False (and holds nothing) if another process holds it.
+    The lock dies with its process, even on SIGKILL. No-op where ``fcntl`` is missing."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield True
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "run.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_lock`` on this run (on this machine)."""
+    try:
+        import fcntl
+        fd = os.open(run_dir / "run.log", os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)

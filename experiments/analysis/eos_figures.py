@@ -11,6 +11,8 @@ threshold is the preconditioned sharpness where a run records it, else the sharp
 ``eos_table`` measures, per run, progressive sharpening (the sharpness at the first measurement and the step at
 which it first reaches the threshold) and the plateau: the fraction of the measurements from that step on that lie
 within ±10% of the threshold (``BAND``). Cohen et al. report the sharpness "hovers right at, or just above" 2/η.
+
+``smoothness-lab plot`` draws the figure (``eos``) and writes the table (``eos.md``) through ``plots.FIGURES``.
 """
 from __future__ import annotations
 
@@ -103,6 +105,11 @@ def eos_markdown(table: pd.DataFrame, band: float = BAND) -> str:
     return "\n".join(lines) + "\n"
 
 
+def has_stepwise_sharpness(df: pd.DataFrame, runs: pd.DataFrame) -> bool:
+    """Whether some run measured its sharpness every few steps (``sharpness`` records): the EoS figure applies."""
+    return not eos_measurements(df).empty
+
+
 @styled
 def eos_figure(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     """Cohen et al.'s Figure 1: per model (column), the training loss (top, log scale) and the sharpness (bottom)
@@ -150,20 +157,6 @@ def eos_figure(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
     fig.legend(handles=handles, loc="outside lower center", ncols=min(5, len(handles)), frameon=False)
     fig.suptitle("Edge of stability (Cohen et al. 2021): sharpness rises to the threshold and hovers there")
     return fig
-
-
-def write_eos(df: pd.DataFrame, runs: pd.DataFrame, out_dir: Path, results_dir: Path) -> list[Path]:
-    """``eos.png``/``.pdf`` in ``out_dir`` and ``eos.md`` (the table) in ``results_dir``, for a study with step-wise
-    sharpness records; nothing otherwise (``smoothness-lab plot`` calls this for every study)."""
-    from ..atomic import atomic_write_text
-    from .figures import save_figure
-
-    fig = eos_figure(df, runs)
-    if fig is None:
-        return []
-    paths = save_figure(fig, out_dir, "eos")
-    atomic_write_text(results_dir / "eos.md", eos_markdown(eos_table(df, runs)))
-    return paths + [results_dir / "eos.md"]
 
 
 def plot_eos(results_dir, out_dir=None) -> list[Path]:

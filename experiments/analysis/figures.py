@@ -15,7 +15,7 @@ What is drawn, and why:
   seeds the interval is ±4.3 standard errors and a band, bootstrap or t, mostly shows how few seeds there are.
 
 Legends give the number of runs per curve and how many diverged or are unfinished. Figures are byte-reproducible:
-nothing random is drawn and no date is written (``save_figure``).
+nothing random is drawn and no date is written (``save_figure``). Which figures a study gets: ``plots.FIGURES``.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from matplotlib.transforms import blended_transform_factory
 
 from ..atomic import atomic_write
 from ..plotstyle import styled
-from .load import AnalysisError, model_order, read_study, records_frame, runs_frame, select
+from .load import model_order, select
 from .metrics import METRICS, averaged, loss_name, run_metrics
 from .stats import BAND_MIN_N, t_halfwidth
 
@@ -47,7 +47,8 @@ STEP, EPOCH = "SGD step", "epoch (passes over the training subset)"
 GRAD_DIFF = "‖∇L(w+s·d) − ∇L(w)‖₂"
 
 
-def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.0):
+def figure_grid(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 4.0):
+    """A Figure on the Agg canvas (no pyplot state) and its ``nrows x ncols`` axes as a flat list."""
     fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -200,7 +201,7 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
     """(a) loss landscape band, (b) gradient predictiveness band, (c) effective β over steps, per seed and mean."""
     runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
-    fig, (a, b, c) = _figure(3)
+    fig, (a, b, c) = figure_grid(3)
     _band(a, df, runs, palette, "loss_min", "loss_max", smooth, f"loss L(w+s·d) ({loss_name(df)})",
           "(a) loss landscape")
     _band(b, df, runs, palette, "grad_pred_min", "grad_pred_max", smooth, GRAD_DIFF, "(b) gradient predictiveness")
@@ -212,6 +213,11 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
     return fig
 
 
+def has_pass_sharpness(df: pd.DataFrame, runs: pd.DataFrame) -> bool:
+    """Whether some run recorded its sharpness per pass (``smoothness`` records): ``sharpness`` applies."""
+    return not select(df, "smoothness", "sharpness")["value"].dropna().empty
+
+
 @styled
 def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1, include_unfinished: bool = False) -> Figure:
     """Top Hessian eigenvalue per epoch with the 2/η line of Cohen et al. (2021), and the caveat that goes with it.
@@ -220,12 +226,12 @@ def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1, include_unf
     SGD study is measured on a fixed sample (``--sharpness-samples``, 256 images by default) while training takes
     minibatch steps, a different quantity from GD's threshold: the figure says so in its title. The step-wise
     sharpness of a full-batch study is drawn by ``eos_figures`` instead. None when no run recorded it per pass."""
-    values = select(df, "smoothness", "sharpness")["value"].dropna()
-    if values.empty:
+    if not has_pass_sharpness(df, runs):
         return None
+    values = select(df, "smoothness", "sharpness")["value"].dropna()
     runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
-    fig, (ax,) = _figure(1, width=6.5, height=4.5)
+    fig, (ax,) = figure_grid(1, width=6.5, height=4.5)
     banded = _seeds_and_mean(ax, df, runs, palette, "smoothness", "sharpness", "epoch", smooth,
                              "sharpness λ_max(∇²L)", "Sharpness vs the edge of stability")
     fig.suptitle("Caveat: 2/η is the threshold of full-batch GD; these runs take minibatch steps and the "
@@ -248,7 +254,7 @@ def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOO
     """Training loss per step (rolling mean); test loss, test accuracy and local smoothness per epoch."""
     runs = curve_labels(runs, include_unfinished=include_unfinished)
     palette = _palette(runs)
-    fig, (a, b, c, d) = _figure(2, nrows=2)
+    fig, (a, b, c, d) = figure_grid(2, nrows=2)
     banded = [
         _seeds_and_mean(a, df, runs, palette, "step", "loss", "step", smooth_steps,
                         f"training loss ({loss_name(df)}, log scale)",
@@ -272,17 +278,22 @@ def _dodge(labels: list) -> dict:
     return {lab: 10 ** (0.025 * (i - (k - 1) / 2)) for i, lab in enumerate(labels)}
 
 
+def several_lrs(df: pd.DataFrame, runs: pd.DataFrame) -> bool:
+    """Whether the study has at least two learning rates: ``lr_sweep`` applies."""
+    return runs["lr"].nunique() >= 2
+
+
 @styled
 def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame, include_unfinished: bool = False) -> Figure | None:
     """Final test accuracy, final test loss and median effective β vs learning rate, one dot per finished run and a
     bold mean, plus the divergence rate (Santurkar Fig. 1 style); None if the study has fewer than 2 lrs."""
-    if runs["lr"].nunique() < 2:
+    if not several_lrs(df, runs):
         return None
     runs = curve_labels(runs, by_lr=False, include_unfinished=include_unfinished)
     palette = _palette(runs)
     dodge = _dodge(list(palette))
     per_run = run_metrics(df).merge(runs[["run", "label", "averaged"]], on="run")
-    fig, axes = _figure(2, nrows=2)
+    fig, axes = figure_grid(2, nrows=2)
     label = {m.name: m.label_for(df) for m in METRICS}
     diverged_at = runs[runs["status"] == "diverged"].groupby("label")["lr"].agg(set).to_dict()
     panels = [("final_test_accuracy", "final test accuracy", False),
@@ -337,10 +348,6 @@ def _mark_excluded(ax, runs, palette, dodge):
                 zorder=5)
 
 
-FIGURES = {"santurkar_fig4": santurkar_fig4, "sharpness": sharpness, "seed_homework": seed_homework,
-           "lr_sweep": lr_sweep}
-
-
 def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
     """Write ``stem.png`` (dpi 200) and ``stem.pdf`` atomically (``experiments.atomic``: temp file, fsync, rename;
     the file mode follows the umask)."""
@@ -354,25 +361,3 @@ def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
             fig.savefig(f, format=ext, dpi=DPI, bbox_inches="tight", metadata=metadata)
         paths.append(out_dir / f"{stem}.{ext}")
     return paths
-
-
-def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinished: bool = False) -> list[Path]:
-    """Make every applicable figure of a study; default ``out_dir`` is ``results_dir/figures``. Returns the paths.
-
-    ``include_unfinished`` admits unfinished runs to the bold means, as the report's option of the same name does.
-    """
-    study = read_study(results_dir)  # raises AnalysisError before anything is written
-    df, runs = records_frame(study), runs_frame(study)
-    if df.empty:
-        raise AnalysisError(f"{results_dir}: no run has any records yet; nothing to plot")
-    out_dir = Path(results_dir) / "figures" if out_dir is None else Path(out_dir)
-    opt = {"include_unfinished": include_unfinished}
-    figures = {"santurkar_fig4": santurkar_fig4(df, runs, smooth=smooth, **opt),
-               "sharpness": sharpness(df, runs, **opt), "seed_homework": seed_homework(df, runs, **opt),
-               "lr_sweep": lr_sweep(df, runs, **opt)}
-    paths = []
-    for stem, fig in figures.items():
-        if fig is not None:
-            paths += save_figure(fig, out_dir, stem)
-    from .eos_figures import write_eos
-    return paths + write_eos(df, runs, out_dir, Path(results_dir))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .errors import AnalysisError
 from .pairing import group_label, options_key, variant_labels
 
 LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "loss", "variant", "options", "status", "kind", "step",
@@ -36,10 +37,6 @@ _NUMBERS = {"loss", "accuracy", "base_loss", "grad_norm", "loss_min", "loss_max"
             "sharpness", "sharpness_n_hvp"}
 _NUMBER_LISTS = {"step_sizes", "losses", "grad_diff_norms"}
 _COUNTS = {"step", "epoch"}
-
-
-class AnalysisError(RuntimeError):
-    """The results directory cannot be analysed; the message says what was wrong and what was expected."""
 
 
 @dataclass
@@ -224,7 +221,8 @@ def model_label(model: str, norm) -> str:
     return model if spec is None or norm in (None, spec.default_norm) else f"{model}:{norm}"
 
 
-def _run_fields(run: RunData) -> dict:
+def run_fields(run: RunData) -> dict:
+    """A run's columns of ``runs_frame`` (and of every long-form row): run, model (its group), seed, lr, ..."""
     c = run.config
     return {"run": c.get("run_id") or run.path.name,
             "model": group_label(model_label(c["model"], c.get("norm")), run.variant), "seed": c["seed"],
@@ -253,7 +251,7 @@ def runs_frame(runs: list[RunData]) -> pd.DataFrame:
     rows = []
     for run in runs:
         div = run.diverged or {}
-        rows.append({**_run_fields(run), "diverged_step": div.get("step"), "diverged_epoch": div.get("epoch"),
+        rows.append({**run_fields(run), "diverged_step": div.get("step"), "diverged_epoch": div.get("epoch"),
                      "n_records": len(run.records), "path": str(run.path)})
     return _frame(rows, RUN_COLUMNS).sort_values(["model", "lr", "seed", "run"], ignore_index=True)
 
@@ -261,7 +259,7 @@ def runs_frame(runs: list[RunData]) -> pd.DataFrame:
 def records_frame(runs: list[RunData]) -> pd.DataFrame:
     rows = []
     for run in runs:
-        f = _run_fields(run)
+        f = run_fields(run)
         head = tuple(f[c] for c in LONG_COLUMNS[:LONG_COLUMNS.index("status") + 1])
         for r in run.records:
             for key, value in r.items():

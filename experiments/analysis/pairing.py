@@ -22,6 +22,7 @@ import json
 import pandas as pd
 
 from ..config import EXECUTION_FIELDS
+from .errors import AnalysisError
 
 NOT_OPTIONS = frozenset({"model", "norm", "seed", "lr", "run_id", "config_hash", *EXECUTION_FIELDS})
 PAIR_ON = ["lr", "seed", "options"]  # with the model (or norm) the only difference, runs on these keys pair
@@ -81,7 +82,6 @@ def comparison_pairs(runs: pd.DataFrame, compare=None) -> list[tuple[str, str]]:
     Default: (X, bn-X) for every model X whose "bn-" counterpart ran with the same options (one pair per variant).
     ``compare=(a, b)`` names two groups, or two models (then one pair per variant that holds both).
     """
-    from .load import AnalysisError
     groups = runs.drop_duplicates("model")[["model", "variant"]]
     by_variant: dict[str, list[str]] = {}
     for group, variant in zip(groups["model"], groups["variant"]):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .load import RunData, _run_fields, model_order
+from .load import RunData, model_order, run_fields
 from .metrics import AVERAGED, WITH_UNFINISHED
 
 
@@ -16,7 +16,7 @@ def beta_by_step_size(study: list[RunData], include_unfinished: bool = False) ->
     rows = []
     statuses = WITH_UNFINISHED if include_unfinished else AVERAGED
     for run in study:
-        f = _run_fields(run)
+        f = run_fields(run)
         if f["status"] not in statuses:
             continue
         for r in run.records:

@@ -26,6 +26,7 @@ from .load import AnalysisError, model_order, read_study, records_frame, runs_fr
 from .metrics import METRICS, averaged, metric_bn_mode, run_metrics
 from .pairing import comparison_pairs, pair_up
 from .probes import beta_by_step_size, render_by_step_size
+from .tables import fmt, fmt_p, md_table
 
 SUMMARY_COLUMNS = ["lr", "metric", "label", "bn_mode", "model", "variant", "n", "mean", "sd", "diverged",
                    "unfinished", "survivors_only", "compared_to", "test", "n_compared", "left_out", "diff", "ci_low",
@@ -118,23 +119,11 @@ def summary_table(df: pd.DataFrame, compare=None, include_unfinished: bool = Fal
 
 # -- markdown -----------------------------------------------------------------------------------------------------
 
-def _fmt(x, digits=4) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
-
-
-def _p(x) -> str:
-    return "–" if x is None or math.isnan(x) else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
-
-
 def _cell(row) -> str:
     if row["n"] == 0:
         return "– (n=0)"
-    sd = f" ± {_fmt(row['sd'], 3)}" if row["n"] > 1 else ""
-    return f"{_fmt(row['mean'])}{sd} (n={row['n']}){' †' if row['survivors_only'] else ''}"
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    sd = f" ± {fmt(row['sd'], 3)}" if row["n"] > 1 else ""
+    return f"{fmt(row['mean'])}{sd} (n={row['n']}){' †' if row['survivors_only'] else ''}"
 
 
 format_number, format_p, markdown_table = _fmt, _p, _md_table  # public: other reports format numbers like this one
@@ -178,9 +167,9 @@ def _runs_section(div: pd.DataFrame) -> list[str]:
     body = [[r["model"], f"{r['lr']:g}", str(r["runs"]), str(r["done"]), str(r["diverged"]), str(r["unfinished"]),
              f"{r['diverged']}/{r['done'] + r['diverged']}" + (f" ({r['divergence_rate']:.0%})"
                                                                if r["done"] + r["diverged"] else ""),
-             f"{_p(r['p_fisher'])} (vs {r['compared_to']})" if isinstance(r["compared_to"], str) else ""]
+             f"{fmt_p(r['p_fisher'])} (vs {r['compared_to']})" if isinstance(r["compared_to"], str) else ""]
             for _, r in div.sort_values("lr", kind="stable").iterrows()]
-    return ["## Runs and divergence", ""] + _md_table(
+    return ["## Runs and divergence", ""] + md_table(
         ["model", "η", "runs", "done", "diverged", "unfinished", "divergence rate", "Fisher's exact p"], body)
 
 
@@ -190,7 +179,7 @@ def _divergence_line(div: pd.DataFrame, a: str, b: str, lr: float) -> str:
         return ""
     ra, rb = at.loc[a], at.loc[b]
     return (f"Divergence: {a} {ra['diverged']}/{ra['done'] + ra['diverged']}, {b} {rb['diverged']}/"
-            f"{rb['done'] + rb['diverged']} (Fisher's exact p = {_p(rb['p_fisher'])}).")
+            f"{rb['done'] + rb['diverged']} (Fisher's exact p = {fmt_p(rb['p_fisher'])}).")
 
 
 def _comparison_section(at_lr: pd.DataFrame, div: pd.DataFrame, a: str, b: str, lr: float) -> list[str]:
@@ -216,14 +205,14 @@ def _comparison_section(at_lr: pd.DataFrame, div: pd.DataFrame, a: str, b: str, 
             body.append([r["label"], "–", "–", *(["–"] if boot else []), "–", f"none ({r['note']})", "–", "–", "–",
                          "–"])
             continue
-        effect = "–" if math.isnan(r["effect"]) else f"{r['effect_kind']} = {_fmt(r['effect'], 3)}"
+        effect = "–" if math.isnan(r["effect"]) else f"{r['effect_kind']} = {fmt(r['effect'], 3)}"
         sig = "–" if math.isnan(r["p_holm"]) else ("yes" if r["p_holm"] < ALPHA else "no")
         test = f"{r['test']} ({int(r['n_compared'])})" + (f"; {r['note']}" if r["note"] else "")
-        body.append([r["label"] + (" †" if r["survivors_only"] else ""), _fmt(r["diff"]),
-                     f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]",
-                     *([f"[{_fmt(r['boot_low'])}, {_fmt(r['boot_high'])}]"] if boot else []), effect, test,
-                     _p(r["p"]), _p(r["p_holm"]), sig, _p(r["p_wilcoxon"])])
-    return lines + _md_table(header, body)
+        body.append([r["label"] + (" †" if r["survivors_only"] else ""), fmt(r["diff"]),
+                     f"[{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+                     *([f"[{fmt(r['boot_low'])}, {fmt(r['boot_high'])}]"] if boot else []), effect, test,
+                     fmt_p(r["p"]), fmt_p(r["p_holm"]), sig, fmt_p(r["p_wilcoxon"])])
+    return lines + md_table(header, body)
 
 
 def render_markdown(results_dir, table: pd.DataFrame, runs: pd.DataFrame, div: pd.DataFrame,
@@ -247,7 +236,7 @@ def render_markdown(results_dir, table: pd.DataFrame, runs: pd.DataFrame, div: p
             by_model = g.set_index("model")
             body.append([g["label"].iloc[0], g["bn_mode"].iloc[0], *(_cell(by_model.loc[m]) for m in models)])
         lines += ["", f"## η = {lr:g}", "", "### Mean ± sd over seeds", ""]
-        lines += _md_table(["metric", "BN mode", *models], body)
+        lines += md_table(["metric", "BN mode", *models], body)
         comps = at_lr.dropna(subset=["compared_to"]).drop_duplicates(["model", "compared_to"])
         for _, c in comps.iterrows():
             lines += _comparison_section(at_lr, div, c["compared_to"], c["model"], lr)

@@ -29,8 +29,8 @@ from matplotlib.lines import Line2D
 from ..atomic import atomic_write_text
 from ..plotstyle import styled
 from ..spectrum import density_of, record_problem
-from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, _figure, save_figure
-from .load import AnalysisError, _run_fields, model_order, read_study
+from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
+from .load import AnalysisError, model_order, read_study, run_fields
 from .metrics import averaged
 from .spectrum_stats import comparison_markdown
 from .stats import t_halfwidth
@@ -72,7 +72,7 @@ def spectrum_table(results_dir, notify=None) -> pd.DataFrame:
     ``notify(message)`` is told which runs are left out (unfinished or diverged)."""
     rows = []
     for run in read_study(results_dir):
-        fields = _run_fields(run)
+        fields = run_fields(run)
         for r in _spectrum_records(run):
             rows.append({**fields, "epoch": int(r["epoch"]), "bn_mode": r["bn_mode"],
                          "lambda_max": r.get("lambda_max"), "lambda_k": r.get("lambda_k"),
@@ -141,7 +141,7 @@ def density_figure(table: pd.DataFrame) -> Figure:
     batch = table[table["bn_mode"] == "batch"]
     epochs = chosen_epochs(table)
     palette = _palette(batch["model"])
-    fig, axes = _figure(len(epochs), width=5.0, height=4.2)
+    fig, axes = figure_grid(len(epochs), width=5.0, height=4.2)
     for ax, epoch in zip(axes, epochs):
         _draw_densities(ax, batch[batch["epoch"] == epoch], lambda r: palette[r["model"]], lambda r: "-")
         ax.set_title(f"epoch {epoch}")
@@ -182,7 +182,7 @@ def concentration_figure(table: pd.DataFrame) -> Figure:
     d["curve"] = [f"{m}, {b}" for m, b in zip(d["model"], d["bn_mode"])]
     palette = _palette(d["model"])
     order = [f"{m}, {b}" for m in palette for b in MODE_STYLE if ((d["model"] == m) & (d["bn_mode"] == b)).any()]
-    fig, axes = _figure(2, width=6.0, height=4.4)
+    fig, axes = figure_grid(2, width=6.0, height=4.4)
     k = ", ".join(str(int(v)) for v in sorted(d["top_k"].dropna().unique()))
     for ax, (metric, ylabel) in zip(axes, [("gradient_concentration", f"‖P_k g‖² / ‖g‖², k = {k}"),
                                            ("lambda_max", "λ_max(∇²L)")]):

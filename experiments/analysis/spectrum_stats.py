@@ -19,7 +19,8 @@ import pandas as pd
 
 from . import stats as st
 from .load import model_order
-from .report import _fmt, _md_table, _p, compare_groups
+from .report import compare_groups
+from .tables import fmt, fmt_p, md_table
 
 METRICS = (("lambda_max", "λ_max"), ("outlier_ratio", "λ_max / λ_k"), ("bulk_ratio", "λ_max / rms"),
            ("gradient_concentration", "concentration"))
@@ -39,7 +40,7 @@ def _rows(cases) -> list[list[str]]:
               in cases]
     adjusted = st.holm([c.p for *_, c in tested])
     return [[str(epoch), label, na, nb, str(c.n) + ("" if c.test == st.PAIRED else f" ({c.test or 'none'})"),
-             _fmt(c.diff), f"{_fmt(c.ci_low)} to {_fmt(c.ci_high)}", _p(c.p), _p(p_holm), _fmt(c.effect, 3)]
+             fmt(c.diff), f"{fmt(c.ci_low)} to {fmt(c.ci_high)}", fmt_p(c.p), fmt_p(p_holm), fmt(c.effect, 3)]
             for (epoch, label, na, nb, c), p_holm in zip(tested, adjusted)]
 
 
@@ -67,7 +68,7 @@ def comparison_markdown(table: pd.DataFrame) -> str:
     for title, cases in (("Networks (train-mode Hessian)", networks),
                          ("Population statistics (same weights, running − batch)", population)):
         if cases:
-            out += [f"## Paired tests: {title}", "", *_md_table(HEADER, _rows(cases)), ""]
+            out += [f"## Paired tests: {title}", "", *md_table(HEADER, _rows(cases)), ""]
     if out:
         out = ["Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and options "
                "(a Welch test, labelled, where fewer than 2 pairs exist).", ""] + out

@@ -518,3 +518,30 @@ def test_report_and_figures_respect_the_umask(tmp_path):
         os.umask(old)
     assert written and {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {
         p.name: oct(0o644) for p in written}
+
+
+def test_a_figure_registered_from_outside_the_package_is_drawn(tmp_path, monkeypatch):
+    """``plot_study`` draws what ``plots.FIGURES`` holds: a writer added by a user (a name, when it applies, how to
+    draw it, an optional table) gets its png/pdf and its .md like the built-in ones; one that does not apply, nothing."""
+    from matplotlib.figure import Figure
+
+    from experiments.analysis import FigureWriter, plots, register_figure
+
+    monkeypatch.setattr(plots, "FIGURES", dict(plots.FIGURES))   # the built-in registry is restored afterwards
+
+    def steps_per_run(df, runs, smooth, include_unfinished):
+        fig = Figure()
+        fig.subplots().bar(runs["run"], runs["n_records"])
+        return fig
+
+    register_figure(FigureWriter("records_per_run", lambda df, runs: len(runs) > 1, steps_per_run,
+                                 table=lambda df, runs: f"{len(runs)} runs\n"))
+    register_figure(FigureWriter("never", lambda df, runs: False, steps_per_run))
+    with pytest.raises(ValueError, match="already registered"):
+        register_figure(FigureWriter("eos", lambda df, runs: True, steps_per_run))
+    study = make_results(tmp_path, seeds=(0, 1), epochs=1)
+    names = [p.name for p in plot_study(study.path, out_dir=tmp_path / "figs")]
+    assert names[-3:] == ["records_per_run.png", "records_per_run.pdf", "records_per_run.md"]
+    assert not any(n.startswith("never") for n in names)
+    assert (tmp_path / "figs" / "records_per_run.png").stat().st_size > 0
+    assert (study.path / "records_per_run.md").read_text() == f"{len(load_runs(study.path))} runs\n"

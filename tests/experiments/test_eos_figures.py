@@ -122,7 +122,7 @@ def test_plot_eos_writes_png_and_pdf_and_skips_studies_without_stepwise_sharpnes
 def test_plot_draws_the_eos_figure_and_table_for_a_full_batch_study(study, tmp_path):
     """`smoothness-lab plot` is the one command: a study with step-wise sharpness gets eos.png/.pdf and eos.md,
     and no per-pass sharpness figure (its runs recorded none)."""
-    from experiments.analysis.figures import plot_study
+    from experiments.analysis.plots import plot_study
     out = tmp_path / "figs"
     paths = plot_study(study, out)
     names = {p.name for p in paths}
@@ -150,7 +150,7 @@ def test_edge_of_stability_preset_trains_on_real_data_and_plots(tmp_path):
     all of them in chunks every 20 steps, warm-started), shortened to 40 steps, then `plot`'s eos figure and table."""
     import dataclasses
 
-    from experiments.analysis.figures import plot_study
+    from experiments.analysis.plots import plot_study
     from experiments.presets import get_preset
     from experiments.training import train_run
 

@@ -10,9 +10,9 @@ from click.testing import CliRunner
 from experiments import launchers, training
 from experiments.cli import main
 from experiments.config import RunConfig
-from experiments.launchers import launch, run_lock
+from experiments.launchers import launch
 from experiments.status import STATES, run_info
-from experiments.store import StoreError
+from experiments.store import StoreError, run_lock
 
 CFG = RunConfig(study="st", dataset="synthetic", subset=0.05, epochs=2, batch_size=32, probe_every=5,
                 sharpness_samples=32, local_smoothness_samples=64)

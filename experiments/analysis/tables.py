@@ -1,0 +1,19 @@
+"""Markdown cells and tables, shared by the report (``report``) and the spectrum comparison (``spectrum_stats``)."""
+from __future__ import annotations
+
+import math
+
+
+def fmt(x, digits=4) -> str:
+    """A number to ``digits`` significant digits; "–" for a missing one (None or NaN)."""
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def fmt_p(x) -> str:
+    """A p-value: three decimals, two significant digits below 0.001; "–" for a missing one."""
+    return "–" if x is None or math.isnan(x) else (f"{x:.2g}" if x < 0.001 else f"{x:.3f}")
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
