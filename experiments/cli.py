@@ -234,13 +234,16 @@ def _fail(message: str) -> None:
 
 def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds, overrides: dict) -> StudyConfig:
     n = len(models or base_study.models) * len(lrs or base_study.lrs) * len(seeds or base_study.seeds)
+    n *= math.prod(len(v) for k, v in base_study.axes if overrides.get(k) is None)
     if n > MAX_RUNS:
         raise ConfigError(f"the grid has {n:,} runs (models x lrs x seeds); a study holds at most {MAX_RUNS:,}: "
                           f"split it into several studies")
-    base = dataclasses.replace(base_study.base, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    base = dataclasses.replace(base_study.base, **given)
+    axes = tuple((k, v) for k, v in base_study.axes if k not in given)  # an option given on the command line wins
     return StudyConfig(name=name or base_study.name, models=tuple(models or base_study.models),
                        lrs=tuple(lrs or base_study.lrs), seeds=tuple(seeds or base_study.seeds),
-                       base=dataclasses.replace(base, study=name or base_study.name))
+                       base=dataclasses.replace(base, study=name or base_study.name), axes=axes)
 
 
 def _check_data(study: StudyConfig, data_dir) -> None:
@@ -308,10 +311,10 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
 
 def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
     """Say which interrupted runs this launch leaves as they are because their options differ (issue 20 item 5)."""
-    from .config import _option
+    from .config import option_name
     from .launchers import left_behind
     for run_dir, old, cfg, fields in left_behind(runs, study_dir):
-        changes = ", ".join(f"{_option(k)} {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in fields)
+        changes = ", ".join(f"{option_name(k)} {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in fields)
         click.echo(f"warning: the options differ from those of the interrupted run {run_dir} ({changes}); "
                    f"{cfg.run_id} is a new run and starts from scratch, and {run_dir.name} is left as it is "
                    f"(to continue it instead, rerun with its options and --resume)", err=True)

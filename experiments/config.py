@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import math
 import numbers
@@ -24,7 +25,8 @@ HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0,
                    "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
                    "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1,
                    "probe_direction": "gradient", "eval_every": 1, "sharpness_every": 0, "sharpness_start": "cold",
-                   "spectrum_every": 0}
+                   "spectrum_every": 0, "target_train_loss": 0.0, "generalization_every": 0,
+                   "generalization_samples": 1000}
 
 
 # Lanczos stops when the residual is at most tol x the eigenvalue (smoothness.lanczos), which bounds the sharpness's
@@ -36,7 +38,7 @@ class ConfigError(ValueError):
     """A bad option value; the message names the command-line option."""
 
 
-def _option(name: str) -> str:
+def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
@@ -51,7 +53,7 @@ def coerce(name: str, value, kind, option: Optional[str] = None):
     learning rate, 3.0 the same epoch count as 3. Anything that is not that number is refused rather than guessed:
     3.5 for an integer, the string "0.1" for a float, and above all "false" for a boolean (bool("false") is True).
     """
-    option = option or _option(name)
+    option = option or option_name(name)
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -121,6 +123,10 @@ class RunConfig:
     sharpness_tol: float = 1e-3
     sharpness_start: str = "cold"           # "warm": start Lanczos from the previous sharpness measurement's vector
     spectrum_every: int = 0                 # Hessian density, top eigenvalues, gradient concentration (0 = off)
+    # Sharpness vs generalisation (experiments.generalization): stop at a training loss, measure the final weights
+    target_train_loss: float = 0.0          # stop at the first evaluation whose training loss is at most this (0 = off)
+    generalization_every: int = 0           # passes between generalisation measures, and at the end (0 = off)
+    generalization_samples: int = 1000      # fixed training images the generalisation measures use
     study: str = "fashion-mnist-bn"
     device: str = "auto"
     tensorboard: bool = False
@@ -144,18 +150,23 @@ class RunConfig:
         for name in ("lr", "probe_min", "probe_max", "sharpness_tol", "adam_eps", "lr_decay_factor"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{_option(name)} must be a positive number, got {value!r}")
+                raise ConfigError(f"{option_name(name)} must be a positive number, got {value!r}")
         for name in ("epochs", "probe_steps", "eval_every"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{_option(name)} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{option_name(name)} must be a positive integer, got {getattr(self, name)!r}")
         for name in ("batch_size", "probe_every", "local_smoothness_samples", "sharpness_samples", "seed",
-                     "warmup_steps", "lr_decay_every", "sharpness_every", "spectrum_every"):
+                     "warmup_steps", "lr_decay_every", "sharpness_every", "spectrum_every", "generalization_every"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{_option(name)} must be a non-negative integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{option_name(name)} must be a non-negative integer, got {getattr(self, name)!r}")
         if not self.sharpness_tol <= MAX_SHARPNESS_TOL:
             raise ConfigError(f"--sharpness-tol must be in (0, {MAX_SHARPNESS_TOL:g}], got {self.sharpness_tol!r}: it "
                               f"is the Lanczos residual relative to the eigenvalue, so the sharpness is only known "
                               f"to within about that fraction (the default {RunConfig.sharpness_tol:g} gives 0.1%)")
+        if self.generalization_samples <= 0:
+            raise ConfigError(f"--generalization-samples must be a positive integer, got {self.generalization_samples!r}")
+        if not (math.isfinite(self.target_train_loss) and self.target_train_loss >= 0):
+            raise ConfigError(f"--target-train-loss must be a non-negative number (0 = train all --epochs), got "
+                              f"{self.target_train_loss!r}")
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset!r}")
         if self.probe_min > self.probe_max:
@@ -178,17 +189,17 @@ class RunConfig:
         for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
                               ("probe_direction", PROBE_DIRECTIONS), ("sharpness_start", SHARPNESS_STARTS)):
             if getattr(self, name) not in choices:
-                raise ConfigError(f"unknown {_option(name)} {getattr(self, name)!r}; choose one of: "
+                raise ConfigError(f"unknown {option_name(name)} {getattr(self, name)!r}; choose one of: "
                                   f"{', '.join(choices)}")
         for name in ("momentum", "adam_beta1", "adam_beta2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ConfigError(f"{_option(name)} must be in [0, 1), got {value!r}")
+                raise ConfigError(f"{option_name(name)} must be in [0, 1), got {value!r}")
         if not (isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
                 and self.weight_decay >= 0):
             raise ConfigError(f"--weight-decay must be a non-negative number, got {self.weight_decay!r}")
         if self.optimizer == "sgd":
-            changed = [_option(n) for n in ("adam_beta1", "adam_beta2", "adam_eps")
+            changed = [option_name(n) for n in ("adam_beta1", "adam_beta2", "adam_eps")
                        if getattr(self, n) != HASHED_WHEN_SET[n]]
             if changed:
                 raise ConfigError(f"{', '.join(changed)} apply to --optimizer adam or adamw, not sgd")
@@ -275,13 +286,16 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A grid of runs: models x learning rates x seeds, all sharing the other options of ``base``."""
+    """A grid of runs: models x learning rates x seeds (x any further ``axes``), sharing the other options of
+    ``base``. ``axes`` holds (RunConfig field, values) pairs, e.g. (("batch_size", (32, 128)),), for grids over more
+    options (the generalization preset's batch size and weight decay)."""
 
     name: str = "fashion-mnist-bn"
     models: Tuple[str, ...] = ("convnet", "bn-convnet")
     lrs: Tuple[float, ...] = (0.04,)
     seeds: Tuple[int, ...] = (0, 1, 2)
     base: RunConfig = field(default_factory=RunConfig)
+    axes: Tuple[Tuple[str, Tuple], ...] = ()
 
     def __post_init__(self):
         for name, kind in (("models", str), ("lrs", float), ("seeds", int)):
@@ -298,25 +312,38 @@ class StudyConfig:
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ConfigError(f"--{name} lists a value twice: {list(values)}")
+        object.__setattr__(self, "axes", tuple((str(k), tuple(v)) for k, v in dict(self.axes).items()))
+        fields = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "norm", "lr", "seed", "study"}
+        for name, values in self.axes:
+            if name not in fields:
+                raise ConfigError(f"a study axis must be a run option other than model, lr and seed; got {name!r}")
+            if not values or len(set(values)) != len(values):
+                raise ConfigError(f"study axis {name!r} must list distinct values, got {list(values)}")
+            for v in values:  # each value must make a valid run
+                dataclasses.replace(self.base, **{name: v})
 
     def runs(self) -> Tuple[RunConfig, ...]:
         """One RunConfig per (model, lr, seed). A model may carry a norm as ``model:norm`` (``convnet:noisy``)."""
         out = []
+        names = [name for name, _ in self.axes]
         for spec in self.models:
             model, _, norm = spec.partition(":")
             for lr in self.lrs:
-                for seed in self.seeds:
-                    out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=lr, seed=seed,
-                                                   study=self.name))
+                for values in itertools.product(*(v for _, v in self.axes)):
+                    for seed in self.seeds:
+                        out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=lr, seed=seed,
+                                                       study=self.name, **dict(zip(names, values))))
         return tuple(out)
 
     def to_dict(self) -> dict:
+        extra = {"axes": {name: list(values) for name, values in self.axes}} if self.axes else {}
         return {"name": self.name, "models": list(self.models), "lrs": list(self.lrs), "seeds": list(self.seeds),
-                "base": self.base.to_dict()}
+                "base": self.base.to_dict(), **extra}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StudyConfig":
         """The inverse of :meth:`to_dict`; fields a grid was written without take their defaults (as in
         :meth:`RunConfig.from_dict`), so a grid saved before a field existed equals the same grid saved after."""
         return cls(name=data["name"], models=tuple(data["models"]), lrs=tuple(data["lrs"]),
-                   seeds=tuple(data["seeds"]), base=RunConfig.from_dict(data["base"]))
+                   seeds=tuple(data["seeds"]), base=RunConfig.from_dict(data["base"]),
+                   axes=tuple(data.get("axes", {}).items()))

@@ -46,6 +46,15 @@ class Diverged(Exception):
         self.step, self.reason = step, reason
 
 
+class StopTraining(Exception):
+    """Raised by a point hook to end the run at this point (e.g. a target training loss was reached): the run is
+    finished there, as if ``total`` had been this step."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+
+
 @dataclass
 class StepState:
     """What a hook sees. ``batch`` is None at points; ``loss`` is set for gradient hooks (``.grad`` holds ∇L)."""

@@ -7,9 +7,9 @@ from typing import Dict
 from .config import ConfigError, RunConfig, StudyConfig
 
 
-def _study(name: str, models, lrs=(0.04,), seeds=(0, 1, 2), **base) -> StudyConfig:
+def _study(name: str, models, lrs=(0.04,), seeds=(0, 1, 2), axes=(), **base) -> StudyConfig:
     return StudyConfig(name=name, models=tuple(models), lrs=tuple(lrs), seeds=tuple(seeds),
-                       base=RunConfig(study=name, **base))
+                       base=RunConfig(study=name, **base), axes=tuple(axes))
 
 
 PRESETS: Dict[str, StudyConfig] = {}
@@ -50,6 +50,13 @@ _register(_study("edge-of-stability", ["fc-tanh"], lrs=(0.03, 0.04, 0.05), seeds
                  sharpness_samples=0, sharpness_every=20, sharpness_start="warm", local_smoothness_samples=0),
           "Cohen et al. 2021 Fig. 1: full-batch GD, fc-tanh, square loss, 5,000 FashionMNIST images, 2,000 steps, "
           "3 learning rates, sharpness on all 5,000 every 20 steps (about 22 min with --workers 1)")
+
+_register(_study("generalization", ["mlp", "bn-mlp"], lrs=(0.05, 0.2), seeds=(0, 1),
+                 axes=(("batch_size", (32, 128)), ("weight_decay", (0.0, 1e-4))),
+                 subset=1000 / 60000, epochs=400, probe_every=0, target_train_loss=0.01, generalization_every=400),
+          "Jiang et al. 2020 / Andriushchenko et al. 2023: MLP with and without BN on 1,000 FashionMNIST images, "
+          "lr x batch size x weight decay x BN, 2 seeds, each trained to training cross-entropy 0.01, then every "
+          "sharpness/flatness/norm measure (`smoothness-lab generalization`; about 10 min on 2 cores)")
 
 
 def get_preset(name: str) -> StudyConfig:

@@ -52,6 +52,11 @@ RECORD_NUMBERS = {
     "eval": ("train_loss", "train_accuracy", "test_loss", "test_accuracy"),
     "smoothness": ("local_smoothness", "sharpness", "sharpness_n_hvp"),
     "diverged": ("loss",),
+    "generalization": ("n_samples", "base_loss", "worst_case_sharpness", "average_case_sharpness",
+                       "average_case_sharpness_stderr", "epsilon_sharpness", "pacbayes_flatness", "pacbayes_sigma",
+                       "pacbayes_mag_flatness", "pacbayes_mag_sigma", "relative_flatness", "lambda_max",
+                       "hessian_trace", "distance_to_init", "spectral_product_log", "path_norm"),
+    "target": ("target", "train_loss"),
 }
 #: list-of-numbers fields of each record kind
 RECORD_NUMBER_LISTS = {"probe": ("step_sizes", "losses", "grad_diff_norms")}

@@ -23,11 +23,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import optim, spectrum, tracking
+from . import generalization, optim, spectrum, tracking
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .losses import get_loss
-from .loop import Diverged, Hook, StepState, Timer, run_steps
+from .loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from .models import build_model
 from .store import RunStore, StoreError, atomic_write_json
 
@@ -128,6 +128,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, norm=cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
                         naive_init=cfg.naive_init).to(device)
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on resume: same seed
     optimizer, scheduler = make_optimizer(cfg, model, total)
     sampler = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 10_000)).to(device)
@@ -135,6 +136,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     sharp_batch = tracking.sharpness_batch(model, x_train[sharp_idx], y_train[sharp_idx])
     ls_idx = order[:cfg.local_smoothness_samples] if cfg.local_smoothness_samples else None
     spec_idx = order[:spectrum.SAMPLES]
+    gen_idx = order[:cfg.generalization_samples]
     timer = Timer(device)
     warm = tracking.WarmStart(cfg.sharpness_start == "warm")
     start = 0
@@ -218,6 +220,16 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm, loss_fn):
                     emit({"step": step, "epoch": epoch, **rec})
         emit(smooth)
+        reached = bool(cfg.target_train_loss) and rec["train_loss"] <= cfg.target_train_loss
+        if generalization.due(cfg.generalization_every, epoch, cfg.epochs) or (cfg.generalization_every and reached):
+            with timer("generalization"):
+                emit({"step": step, "epoch": epoch, **generalization.measure(
+                    model, (x_train[gen_idx], y_train[gen_idx]), loss_fn, init_state, data.input_shape)})
+        if cfg.target_train_loss and (reached or step == total):
+            emit({"kind": "target", "step": step, "epoch": epoch, "reached": reached,
+                  "target": cfg.target_train_loss, "train_loss": rec["train_loss"]})
+            if reached:  # before the checkpoint: a resume replays from the last one and stops here again
+                raise StopTraining(step)
         with timer("checkpoint"):
             store.save_checkpoint(epoch, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -243,6 +255,12 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                   skip_first_point=checkpoint is not None,
                   on_flush=None if progress is None else (lambda done: progress(cfg.run_id, done, total)),
                   extra_records=(lambda t: {"lr": optim.current_lr(optimizer)}) if scheduled else None)
+    except StopTraining as s:
+        store.close()
+        store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
+        store.save_weights("final", model.state_dict())
+        store.mark_done()
+        return RunOutcome(cfg.run_id, "done", s.step, time.perf_counter() - start_time, store.dir)
     except Diverged as d:
         store.append({"kind": "diverged", "step": d.step, "epoch": epoch_of(d.step), "bn_mode": "batch",
                       "loss": None, "reason": d.reason})

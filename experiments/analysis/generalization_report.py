@@ -17,7 +17,7 @@ import pandas as pd
 from ..atomic import atomic_write_text
 from .generalization import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, MIN_RUNS, Bootstrap, Granulated, Tau,
                              bootstrap, granulated_tau, kendall_tau, usable_runs)
-from .report import format_number, markdown_table
+from .tables import fmt as format_number, md_table as markdown_table
 
 WITHIN_LR_COLUMNS = ["measure", "lr", "n", "n_not_reached", "tau", "tau_low", "tau_high", "psi", "note"]
 

@@ -126,9 +126,6 @@ def _cell(row) -> str:
     return f"{fmt(row['mean'])}{sd} (n={row['n']}){' †' if row['survivors_only'] else ''}"
 
 
-format_number, format_p, markdown_table = _fmt, _p, _md_table  # public: other reports format numbers like this one
-
-
 def reading_guide(table: pd.DataFrame, include_unfinished: bool) -> list[str]:
     n_pairs = table.loc[table["test"] == st.PAIRED, "n_compared"]
     small = int(n_pairs.min()) if len(n_pairs) else None

@@ -86,15 +86,17 @@ def _tiny(cfg: RunConfig) -> RunConfig:
 @pytest.mark.parametrize("preset, spec", CASES)
 def test_preset_runs_one_step(preset, spec, offline_data, tmp_path):
     study = get_preset(preset)
-    cfg = study.runs()[study.models.index(spec) * len(study.lrs) * len(study.seeds)]  # runs(): model-major
+    cfg = study.runs()[study.models.index(spec) * len(study.runs()) // len(study.models)]  # runs(): model-major
     assert (cfg.study, cfg.model, cfg.lr, cfg.seed) == (preset, spec.partition(":")[0], study.lrs[0],
                                                          study.seeds[0])
-    tiny = _tiny(cfg)
+    tiny = _tiny(cfg) if cfg.probe_every else dataclasses.replace(_tiny(cfg), probe_every=0)
     outcome = training.train_run(tiny, tmp_path)
     assert outcome.status == "done" and outcome.steps == 1, outcome
     kinds = {json.loads(line)["kind"] for line in (outcome.path / "records.jsonl").read_text().splitlines()}
-    optional = {"sharpness": cfg.sharpness_every > 0, "spectrum": cfg.spectrum_every > 0}  # preset-specific extras
-    assert kinds == {"eval", "smoothness", "probe", "step"} | {k for k, on in optional.items() if on}
+    optional = {"sharpness": cfg.sharpness_every > 0, "spectrum": cfg.spectrum_every > 0,  # preset-specific extras
+                "probe": cfg.probe_every > 0, "generalization": cfg.generalization_every > 0,
+                "target": cfg.target_train_loss > 0}
+    assert kinds == {"eval", "smoothness", "step"} | {k for k, on in optional.items() if on}
     saved = RunConfig.from_dict(json.loads((outcome.path / "config.json").read_text()))
     assert (saved.model, saved.norm, saved.dataset, saved.naive_init) == (cfg.model, cfg.norm, cfg.dataset,
                                                                          cfg.naive_init)
