@@ -50,6 +50,11 @@ _HELP = {
                        "measurement's top eigenvector (warm: fewer Hessian-vector products along training)",
     "spectrum_every": "Hessian eigenvalue density, top-10 eigenvalues and gradient concentration at init and every "
                       "E epochs, in both BN modes (0 = off; about 3 min per measurement and mode on one core)",
+    "target_train_loss": "stop at the first evaluation whose training loss is at most this (0 = train every epoch); "
+                         "a 'target' record says whether the run reached it",
+    "generalization_every": "sharpness/flatness/norm measures of sharpness vs generalisation (experiments."
+                            "generalization) at init, every E epochs and at the end (0 = off)",
+    "generalization_samples": "fixed training images the generalisation measures use",
     "device": "auto (cuda if available), cpu or cuda",
     "tensorboard": "also write TensorBoard scalars to <run>/tb",
 }

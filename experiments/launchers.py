@@ -134,7 +134,7 @@ def left_behind(runs: Sequence[RunConfig], root: Path) -> List[Tuple[Path, RunCo
     was. For every unfinished run directory with progress, not among ``runs`` and not running now, whose model,
     norm and seed are those of a run of the launch: (that directory, its config, the launched config with the
     fewest differences, the fields that differ). Reads only; an unreadable config.json is left to ``status``."""
-    from .store import StoreError, read_config  # the one reader of config.json
+    from .store import StoreError, is_locked, read_config  # the one reader of config.json
     root, launched = Path(root), {cfg.run_id for cfg in runs}
     out = []
     for run_dir in sorted(root.iterdir()) if root.is_dir() else ():
