@@ -188,7 +188,8 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int 
         raise ValueError(f"n_samples must be an int >= 2 (the standard error needs two samples); got {n_samples}")
     objective = make_objective(model, loss_fn, batch, bn_mode)
     check_kind(kind)
-    op = curvature_matrix(objective, kind, resolve_params(objective, params), group)
+    names = resolve_params(objective, params)
+    op = curvature_matrix(objective, kind, names, group)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     samples = []
     for _ in range(n_samples):
@@ -196,8 +197,7 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int 
         samples.append(float(torch.dot(v, op.matvec(v))))
     t = torch.tensor(samples, dtype=torch.float64)
     return TraceResult(mean=float(t.mean()), stderr=float(t.std(unbiased=True) / math.sqrt(n_samples)),
-                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind,
-                       params=resolve_params(objective, params))
+                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names)
 
 
 def directional_curvature(model: nn.Module, loss_fn: Callable, batch, direction: Mapping, *,

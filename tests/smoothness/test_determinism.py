@@ -86,6 +86,7 @@ CALLS = {
     "gradient_concentration": lambda m, b: smoothness.gradient_concentration(m, ce, b, 2),
     "preconditioned_top_eigenvalues": lambda m, b: smoothness.preconditioned_top_eigenvalues(
         m, ce, b, {n: 1.0 + p.detach().abs() for n, p in m.named_parameters()}, k=2),
+    "curvature_operator": lambda m, b: smoothness.curvature_operator(m, ce, b, kind="ggn").matvec(direction(m)),
 }
 
 
