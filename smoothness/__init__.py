@@ -6,6 +6,10 @@ Dropout layers are always off (eval mode) inside estimators, and every evaluatio
 generators seeded with ``ESTIMATOR_SEED`` (the caller's generator states are restored), so every number is a
 deterministic function of w even with random modules such as noisy BatchNorm; randomness out of that seed's reach
 raises ``NondeterministicLossError``.
+
+Curvature estimators take ``kind`` (the Hessian, the generalised Gauss-Newton or the empirical Fisher), ``params`` (a
+block of parameters) and ``group`` (data split across torch.distributed ranks); ``curvature_operator`` exposes the
+matrix itself, also as a scipy LinearOperator (see ``smoothness.operator``).
 """
 from ._objective import BN_MODES, NonFiniteLossError
 from ._rng import ESTIMATOR_SEED, NondeterministicLossError
@@ -19,6 +23,7 @@ from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
 from .lipschitz import local_lipschitz
 from .norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, path_norm, spectral_product
+from .operator import KINDS, CurvatureOperator, curvature_operator
 from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
 from .sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,
@@ -35,5 +40,6 @@ __all__ = [
     "average_case_sharpness", "epsilon_sharpness",
     "PacBayesFlatness", "RelativeFlatness", "pacbayes_flatness", "pacbayes_mag_flatness", "relative_flatness",
     "DistanceToInit", "SpectralProduct", "PathNorm", "distance_to_init", "spectral_product", "path_norm",
+    "KINDS", "CurvatureOperator", "curvature_operator",
 ]
 __version__ = "0.1.0"

@@ -101,9 +101,20 @@ class Objective:
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        if self._at_w is None and not is_checked(self.model, self.bn_mode, self._devices):
-            self.loss_and_grad_at_w()  # runs the determinism check before the first estimate on this model
+        self.ensure_checked()
         return self._loss(params)
+
+    def ensure_checked(self) -> None:
+        """Run the determinism check before the first estimate on this model (see check_deterministic)."""
+        if self._at_w is None and not is_checked(self.model, self.bn_mode, self._devices):
+            self.loss_and_grad_at_w()
+
+    def outputs(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The model's outputs z = f(x; params) on the batch, in the objective's mode and with its fixed seed (no
+        determinism check: callers run :meth:`ensure_checked` first)."""
+        tensors = {**{n: b.clone() for n, b in self._buffers.items()}, **params}
+        with fixed_rng(self._devices), estimator_mode(self.model, self.bn_mode):
+            return functional_call(self.model, tensors, (self.inputs,))
 
     def _loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         tensors = {**{n: b.clone() for n, b in self._buffers.items()}, **params}
@@ -155,21 +166,29 @@ class Objective:
                              f"so smoothness estimates are meaningless here")
 
     # -- directions ---------------------------------------------------------------------------------------------
-    def check_direction(self, direction, what: str = "direction", allow_zero: bool = False) -> Params:
+    def check_direction(self, direction, what: str = "direction", allow_zero: bool = False,
+                        names: Sequence[str] | None = None) -> Params:
+        """``direction`` checked and cast to the parameters' dtype and device; keyed by the trainable parameters,
+        or by ``names`` (a block of them) when given."""
+        block = names is not None and tuple(names) != self.names
+        names = self.names if names is None else tuple(names)
         if not isinstance(direction, Mapping):
-            raise TypeError(f"{what} must be a dict keyed like dict(model.named_parameters()), "
-                            f"got {type(direction).__name__}")
-        missing = [n for n in self.names if n not in direction]
-        extra = [n for n in direction if n not in self.params]
+            raise TypeError(f"{what} must be a dict keyed like dict(model.named_parameters())"
+                            f"{' restricted to params' if block else ''}, got {type(direction).__name__}")
+        missing = [n for n in names if n not in direction]
+        extra = [n for n in direction if n not in names]
         if missing or extra:
             parts = []
             if missing:
                 parts.append(f"missing keys {missing}")
             if extra:
-                parts.append(f"unexpected keys {extra} (only trainable parameters are allowed)")
-            raise ValueError(f"{what} does not match the model's trainable parameters: " + "; ".join(parts))
+                parts.append(f"unexpected keys {extra} (only " + (f"the block's parameters {list(names)}" if block
+                                                                  else "trainable parameters") + " are allowed)")
+            raise ValueError(f"{what} does not match the " + ("parameter block" if block else
+                                                                "model's trainable parameters") + ": "
+                             + "; ".join(parts))
         out = {}
-        for n in self.names:
+        for n in names:
             d = direction[n]
             if not isinstance(d, torch.Tensor):
                 raise TypeError(f"{what}[{n!r}] must be a tensor, got {type(d).__name__}")

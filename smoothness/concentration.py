@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._objective import make_objective, sample_count
-from .hvp import hessian_operator
+from ._objective import make_objective
 from .lanczos import lanczos_top
+from .operator import block_dimension, check_kind, curvature_matrix, resolve_params
 
 
 @dataclass(frozen=True)
@@ -38,27 +38,36 @@ class ConcentrationResult:
     n_hvp: int
     bn_mode: str
     batch_size: int
+    kind: str = "hessian"                      # U_k are eigenvectors of this matrix ("hessian", "ggn", …)
+    params: Optional[Tuple[str, ...]] = None   # block: g and U_k restricted to these parameters (None: all)
 
 
 def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *, tol: float = 1e-4,
                            max_iter: Optional[int] = None, bn_mode: str = "batch",
-                           generator: Optional[torch.Generator] = None) -> ConcentrationResult:
+                           generator: Optional[torch.Generator] = None, kind: str = "hessian",
+                           params: Optional[Sequence[str]] = None, group=None) -> ConcentrationResult:
     """The fraction of ‖∇L(w; B)‖² in the span of the top-k eigenvectors of ∇²L(w; B), with those k eigenvalues.
 
     One forward and backward pass for g, then Lanczos for the top k (see ``top_eigenvalues``; for what ``tol``
     means for the fraction, see the module docstring). ``batch`` is
-    one ``(inputs, targets)`` pair or an iterable of them. The model is left exactly as it was.
+    one ``(inputs, targets)`` pair or an iterable of them. The model is left exactly as it was. ``kind``, ``params``
+    and ``group``: the eigenvectors of another curvature matrix, a parameter block (g restricted to it too), data
+    over torch.distributed ranks; see ``smoothness.operator``.
     """
     objective = make_objective(model, loss_fn, batch, bn_mode)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    n = block_dimension(objective, names)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1 or k >= objective.n_params:
-        raise ValueError(f"k must satisfy 1 <= k < number of trainable parameters ({objective.n_params}); got {k}")
+    if k < 1 or k >= n:
+        raise ValueError(f"k must satisfy 1 <= k < number of trainable parameters ({n}"
+                         f"{' in the block' if names else ''}); got {k}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
         raise ValueError(f"max_iter must be an int >= k ({k}) or None; got {max_iter!r}")
-    op = hessian_operator(objective, products=4 * k + 20)  # a typical count for the top k at a tight tol
+    op = curvature_matrix(objective, kind, names, group, products=4 * k + 20)  # typical for the top k, tight tol
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     out = lanczos_top(lambda rows: torch.stack([op.matvec(r) for r in rows]), op.n, k, tol=tol,
                       max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen)
@@ -69,4 +78,4 @@ def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *
     return ConcentrationResult(fraction=min(fraction, 1.0) if grad_sq > 0 else fraction, k=k,
                                eigenvalues=tuple(float(v) for v in out.values), grad_norm=math.sqrt(grad_sq),
                                loss=op.loss, converged=bool(out.converged), n_hvp=op.n_hvp, bn_mode=bn_mode,
-                               batch_size=sample_count(objective))
+                               batch_size=op.n_samples, kind=kind, params=names)

@@ -14,9 +14,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from ._objective import dot, make_objective, sample_count
-from .hvp import hessian_operator
+from ._objective import dot, make_objective
 from .lanczos import lanczos_top
+from .operator import block_dimension, check_kind, curvature_matrix, resolve_params
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,16 @@ class EigenResult:
     bn_mode: str
     batch_size: int                  # small Hessian batches give high-variance eigenvalues: keep it with the number
     vectors: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
+    params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
 
     def vector_dicts(self, model: nn.Module) -> List[Dict[str, torch.Tensor]]:
-        """The Ritz vectors as dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only)."""
+        """The Ritz vectors as dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only, or the
+        block ``params``)."""
         if self.vectors is None:
             raise ValueError("this EigenResult holds no vectors")
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad
+                  and (self.params is None or n in self.params)}
         numel = sum(p.numel() for p in params.values())
         if self.vectors.shape[1] != numel:
             raise ValueError(f"the vectors have {self.vectors.shape[1]} entries but the model has {numel} trainable "
@@ -70,13 +74,19 @@ class TraceResult:
     n_hvp: int
     bn_mode: str
     batch_size: int
+    kind: str = "hessian"
+    params: Optional[Tuple[str, ...]] = None
 
 
 def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, tol: float = 1e-3,
                     max_iter: Optional[int] = None, bn_mode: str = "batch",
                     generator: Optional[torch.Generator] = None, start: Optional[Start] = None,
-                    block_size: Optional[int] = None) -> EigenResult:
+                    block_size: Optional[int] = None, kind: str = "hessian", params: Optional[Sequence[str]] = None,
+                    group=None) -> EigenResult:
     """The k largest eigenvalues of ∇²_w L(w; B) by block Lanczos with full reorthogonalisation.
+
+    ``kind`` ("hessian", "ggn", "empirical-fisher"), ``params`` (a parameter block) and ``group`` (data split across
+    torch.distributed ranks) choose the matrix: see ``smoothness.operator``. The default is the whole Hessian.
 
     Converged means every value's residual norm (``error_bounds``) is at most ``tol`` relative: each value is then
     within ``tol`` of an eigenvalue of H (see :class:`EigenResult` for what that does and does not prove).
@@ -98,27 +108,31 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
     given). One forward pass and one backward pass with a retained graph, then one extra backward pass per product.
     """
     objective = make_objective(model, loss_fn, batch, bn_mode)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    n = block_dimension(objective, names)
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1 or k >= objective.n_params:
-        raise ValueError(f"k must satisfy 1 <= k < number of trainable parameters ({objective.n_params}); got {k}")
+    if k < 1 or k >= n:
+        raise ValueError(f"k must satisfy 1 <= k < number of trainable parameters ({n}"
+                         f"{' in the block' if names else ''}); got {k}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
         raise ValueError(f"max_iter must be an int >= k ({k}) or None; got {max_iter!r}")
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                   or not 1 <= block_size <= objective.n_params):
+                                   or not 1 <= block_size <= n):
         raise ValueError(f"block_size must be an int in [1, number of trainable parameters "
-                         f"({objective.n_params})] or None (k); got {block_size!r}")
-    block = min(k, objective.n_params) if block_size is None else block_size
-    op = hessian_operator(objective)
+                         f"({n})] or None (k); got {block_size!r}")
+    block = min(k, n) if block_size is None else block_size
+    op = curvature_matrix(objective, kind, names, group)
     rows = None if start is None else _start_rows(start, objective, op)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     out = lanczos_top(lambda v: torch.stack([op.matvec(r) for r in v]), op.n, k, tol=tol, block_size=block,
                       max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen, start=rows)
     return EigenResult(values=tuple(float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
                        error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
-                       batch_size=sample_count(objective), vectors=out.vectors)
+                       batch_size=op.n_samples, vectors=out.vectors, kind=kind, params=names)
 
 
 def _start_rows(start, objective, op) -> torch.Tensor:
@@ -148,7 +162,7 @@ def _start_rows(start, objective, op) -> torch.Tensor:
     rows = []
     for i, item in enumerate(items):
         if isinstance(item, Mapping):
-            rows.append(op.flatten(objective.check_direction(item, f"start[{i}]")))
+            rows.append(op.flatten(objective.check_direction(item, f"start[{i}]", names=op.names)))
             continue
         if not isinstance(item, torch.Tensor):
             raise TypeError(f"start[{i}] must be a tensor or a dict keyed like named_parameters(); got "
@@ -166,12 +180,16 @@ def _start_rows(start, objective, op) -> torch.Tensor:
 
 
 def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int = 100, bn_mode: str = "batch",
-                  generator: Optional[torch.Generator] = None) -> TraceResult:
-    """Hutchinson's estimate of tr ∇²L(w; B) = E[vᵀHv] over Rademacher v, with its standard error."""
+                  generator: Optional[torch.Generator] = None, kind: str = "hessian",
+                  params: Optional[Sequence[str]] = None, group=None) -> TraceResult:
+    """Hutchinson's estimate of tr ∇²L(w; B) = E[vᵀHv] over Rademacher v, with its standard error (``kind``,
+    ``params``, ``group``: another curvature matrix, a block, data over ranks; see ``smoothness.operator``)."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
         raise ValueError(f"n_samples must be an int >= 2 (the standard error needs two samples); got {n_samples}")
     objective = make_objective(model, loss_fn, batch, bn_mode)
-    op = hessian_operator(objective)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    op = curvature_matrix(objective, kind, names, group)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     samples = []
     for _ in range(n_samples):
@@ -179,13 +197,19 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int 
         samples.append(float(torch.dot(v, op.matvec(v))))
     t = torch.tensor(samples, dtype=torch.float64)
     return TraceResult(mean=float(t.mean()), stderr=float(t.std(unbiased=True) / math.sqrt(n_samples)),
-                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective))
+                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names)
 
 
 def directional_curvature(model: nn.Module, loss_fn: Callable, batch, direction: Mapping, *,
-                          bn_mode: str = "batch") -> float:
-    """dᵀHd / dᵀd: the exact curvature of L along d (compare with the effective β of a line probe along d)."""
+                          bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
+                          group=None) -> float:
+    """dᵀHd / dᵀd: the exact curvature of L along d (compare with the effective β of a line probe along d).
+
+    With ``kind`` / ``params`` / ``group``, dᵀMd / dᵀd for that matrix M (``direction`` keyed by the block's
+    parameters); see ``smoothness.operator``."""
     objective = make_objective(model, loss_fn, batch, bn_mode)
-    d = objective.check_direction(direction)
-    hd = hessian_operator(objective).matvec_dict(d)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    d = objective.check_direction(direction, names=names)
+    hd = curvature_matrix(objective, kind, names, group).matvec_dict(d)
     return dot(d, hd) / dot(d, d)

@@ -34,15 +34,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
-from ._objective import make_objective, sample_count
-from .hvp import hessian_operator
+from ._objective import make_objective
+from .operator import check_kind, curvature_matrix, resolve_params
 
 # β below this multiple of the machine epsilon times the largest |α|, β seen means the Krylov space is invariant
 _BREAKDOWN = 50.0
@@ -59,6 +59,8 @@ class DensityResult:
     n_hvp: int
     bn_mode: str
     batch_size: int                  # samples the loss averages over (all chunks together)
+    kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
+    params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
 
     def __post_init__(self):
         if len(self.nodes) != len(self.weights) or not self.nodes:
@@ -139,8 +141,12 @@ def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], start: to
 
 
 def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: int = 4, n_steps: int = 80,
-                     bn_mode: str = "batch", generator: Optional[torch.Generator] = None) -> DensityResult:
+                     bn_mode: str = "batch", generator: Optional[torch.Generator] = None, kind: str = "hessian",
+                     params: Optional[Sequence[str]] = None, group=None) -> DensityResult:
     """The eigenvalue density of ∇²_w L(w; B) by stochastic Lanczos quadrature (see the module docstring).
+
+    ``kind``, ``params`` and ``group`` choose another curvature matrix, a parameter block (``n_params`` is then the
+    block's size) and data split over torch.distributed ranks; see ``smoothness.operator``.
 
     ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each (capped at the number of parameters): at most
     n_probes × n_steps Hessian-vector products (on convolutional networks with enough work, linearized products
@@ -152,7 +158,9 @@ def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: in
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     objective = make_objective(model, loss_fn, batch, bn_mode)
-    op = hessian_operator(objective, products=n_probes * min(n_steps, objective.n_params))
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    op = curvature_matrix(objective, kind, names, group, products=n_probes * min(n_steps, objective.n_params))
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     nodes, weights = [], []
     for _ in range(n_probes):
@@ -161,4 +169,4 @@ def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: in
         nodes.append(tuple(float(x) for x in theta))
         weights.append(tuple(float(x) for x in tau))
     return DensityResult(nodes=tuple(nodes), weights=tuple(weights), n_params=op.n, n_steps=n_steps,
-                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective))
+                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names)

@@ -18,7 +18,7 @@ Three implementations of the same operator H = ∇²L(w), chosen by :func:`hessi
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -109,8 +109,11 @@ class LinearizedHessianOperator(_FlatOperator):
         return {n: hv[n].detach() for n in self.names}
 
 
-class ChunkedHessianOperator(_FlatOperator):
-    """H = Σ_c (n_c/N)·∇²L(w; B_c) over the chunks of a :class:`ChunkedObjective`, one chunk's graph at a time."""
+class ChunkedOperator(_FlatOperator):
+    """M = Σ_c (n_c/N)·M(w; B_c) over the chunks of a :class:`ChunkedObjective`, one chunk's graph at a time, for
+    the one-batch operator class ``chunk_operator`` (the Hessian here; the GGN and empirical Fisher subclass it)."""
+
+    chunk_operator: Callable[[Objective], _FlatOperator]
 
     def __init__(self, objective: ChunkedObjective):
         super().__init__(objective)
@@ -122,10 +125,16 @@ class ChunkedHessianOperator(_FlatOperator):
         self.n_hvp += 1
         out = None
         for weight, chunk in self.objective.chunks():
-            hv = HessianOperator(chunk).matvec_dict(vector)  # the chunk's graph is freed when the operator goes
+            hv = self.chunk_operator(chunk).matvec_dict(vector)  # the chunk's graph is freed when the operator goes
             out = ({n: weight * t for n, t in hv.items()} if out is None
                    else {n: out[n] + weight * t for n, t in hv.items()})
         return out
+
+
+class ChunkedHessianOperator(ChunkedOperator):
+    """H = Σ_c (n_c/N)·∇²L(w; B_c) over the chunks of a :class:`ChunkedObjective`."""
+
+    chunk_operator = HessianOperator
 
 
 # Linearize when (convolution FLOPs of one forward pass) x (expected products) reaches this: about 25 s of
@@ -161,7 +170,8 @@ def hessian_operator(objective, *, products: int = 0) -> _FlatOperator:
 
 
 def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.Tensor], *,
-        bn_mode: str = "batch") -> Dict[str, torch.Tensor]:
+        bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
+        group=None) -> Dict[str, torch.Tensor]:
     """The exact Hessian-vector product H·v with H = ∇²_w L(w; B), by double backpropagation.
 
     ``batch`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
@@ -169,7 +179,15 @@ def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.T
     chunks' mean losses, computed one chunk at a time. ``vector`` and the result are dicts keyed like
     ``dict(model.named_parameters())`` (trainable parameters only). The model is left exactly as it was
     (parameters, buffers, train/eval flags, ``.grad``).
+
+    ``kind`` ("ggn", "empirical-fisher"), ``params`` (a block: ``vector`` and the result keyed by its parameters)
+    and ``group`` (data over torch.distributed ranks) give M·v for another matrix M; see ``smoothness.operator``.
+    For many products, build the operator once with ``smoothness.curvature_operator``.
     """
+    from .operator import check_kind, curvature_matrix, resolve_params  # operator builds on this module
+
     objective = make_objective(model, loss_fn, batch, bn_mode)
-    v = objective.check_direction(vector, "vector", allow_zero=True)
-    return hessian_operator(objective).matvec_dict(v)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    v = objective.check_direction(vector, "vector", allow_zero=True, names=names)
+    return curvature_matrix(objective, kind, names, group).matvec_dict(v)

@@ -99,6 +99,7 @@ CALLS = {
                                                                      for n, p in m.named_parameters()}),
     "spectral_product": lambda m, b: smoothness.spectral_product(m),
     "path_norm": lambda m, b: smoothness.path_norm(m, (2, 6, 6)),
+    "curvature_operator": lambda m, b: smoothness.curvature_operator(m, ce, b, kind="ggn").matvec(direction(m)),
 }
 
 

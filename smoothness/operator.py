@@ -1,0 +1,210 @@
+"""Curvature matrices as linear operators: the Hessian, the GGN and the empirical Fisher, whole or one block.
+
+For a mean-reduced loss L(w) = (1/N) Σᵢ ℓ(f(xᵢ; w), yᵢ) (METHODS.md §10):
+
+- ``kind="hessian"``: H = ∇²_w L (``smoothness.hvp``: retained graph, linearized, or chunked).
+- ``kind="ggn"``: G = (1/N) Σᵢ Jᵢᵀ ∇²_z ℓ Jᵢ, PSD for convex ℓ; the Fisher for softmax cross-entropy
+  (``smoothness.ggn``; with BatchNorm in batch mode, Jᵀ∇²_z L J over the whole batch's outputs).
+- ``kind="empirical-fisher"``: F̂ = (1/N) Σᵢ gᵢgᵢᵀ from per-sample gradients (``smoothness.fisher``; refused for
+  BatchNorm in batch mode, where per-sample gradients do not exist).
+
+``params`` (a list of parameter names) selects the diagonal block M_BB: the rows and columns of those parameters;
+a product is M·(v_B, 0) restricted to B (one full product: blocks save no work, only dimensions). Vectors are
+keyed, and flattened, in ``named_parameters()`` order whatever the order of ``params``. ``group`` (a
+``torch.distributed`` process group) makes M the sample-weighted mean over every rank's data
+(``smoothness.distributed``).
+
+Lifetime of a :class:`CurvatureOperator`: it is M at the weights the model holds when it is built. Every product
+(``matvec`` and each product of ``to_scipy()``) runs inside the objective's restoring scope, like every estimator:
+parameters are never written, buffers are cloned, train/eval flags are set for the pass and put back, and the
+caller's random generators are restored, so between and after products the model is exactly as found, with or
+without a ``with`` block. The operator holds memory (a retained graph, or the per-sample gradients) until it is
+closed (``close()``, or leaving ``with curvature_operator(...) as op:``); products after that raise, and so do
+products after the model's parameters are changed in place (an optimizer step, ``load_state_dict``): the operator
+would otherwise mix the old and the new weights. Build a new one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._objective import ChunkedObjective, Params, make_objective, sample_count
+from .distributed import DistributedOperator
+from .fisher import ChunkedEmpiricalFisherOperator, EmpiricalFisherOperator, check_per_sample
+from .ggn import ChunkedGGNOperator, GGNOperator
+from .hvp import _FlatOperator, hessian_operator
+
+KINDS = ("hessian", "ggn", "empirical-fisher")
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}: use 'hessian' (∇²L), 'ggn' (generalised Gauss-Newton, the Fisher "
+                         f"for cross-entropy) or 'empirical-fisher' (mean of per-sample gradient outer products)")
+    return kind
+
+
+def resolve_params(objective, params: Optional[Sequence[str]]) -> Optional[Tuple[str, ...]]:
+    """``params`` as a tuple of trainable parameter names in ``named_parameters()`` order (None: all of them)."""
+    if params is None:
+        return None
+    if isinstance(params, str) or not isinstance(params, (list, tuple)):
+        raise TypeError(f"params must be a list of parameter names (e.g. ['head.weight', 'head.bias']) or None, got "
+                        f"{type(params).__name__}" + (f" {params!r}: wrap it in a list" if isinstance(params, str)
+                                                      else ""))
+    if not params:
+        raise ValueError("params is empty: give at least one parameter name, or None for all trainable parameters")
+    unknown = [n for n in params if n not in objective.params]
+    if unknown:
+        frozen = [n for n in unknown if n in dict(objective.model.named_parameters())]
+        raise ValueError(f"unknown parameter names {unknown}" + (f" ({frozen} have requires_grad=False)" if frozen
+                                                                 else "")
+                         + f"; valid names (the trainable parameters) are {list(objective.names)}")
+    if len(set(params)) != len(params):
+        raise ValueError(f"params names a parameter twice: {list(params)}")
+    return tuple(n for n in objective.names if n in set(params))
+
+
+def block_dimension(objective, names: Optional[Tuple[str, ...]]) -> int:
+    """The dimension n of the operator on the block ``names`` (all trainable parameters for None)."""
+    return objective.n_params if names is None else sum(objective.base[n].numel() for n in names)
+
+
+class BlockOperator(_FlatOperator):
+    """M_BB: the diagonal block of ``inner`` on the parameters ``names``; products M·(v_B, 0) restricted to B."""
+
+    def __init__(self, inner, names: Tuple[str, ...]):
+        super().__init__(inner.objective)
+        self.inner, self.names = inner, names
+        base = inner.objective.base
+        self.shapes = [base[n].shape for n in names]
+        self.numels = [base[n].numel() for n in names]
+        self.n = sum(self.numels)
+        self.loss = inner.loss
+        self.n_samples = getattr(inner, "n_samples", None)
+
+    @property
+    def gradient(self) -> Params:
+        return {n: self.inner.gradient[n] for n in self.names}
+
+    def matvec_dict(self, vector: Mapping[str, torch.Tensor]) -> Params:
+        self.n_hvp += 1
+        full = {n: (vector[n] if n in vector else torch.zeros_like(t)) for n, t in self.objective.base.items()}
+        out = self.inner.matvec_dict(full)
+        return {n: out[n] for n in self.names}
+
+
+def curvature_matrix(objective, kind: str = "hessian", params: Optional[Tuple[str, ...]] = None, group=None,
+                     products: int = 0):
+    """The flat operator (``matvec``, ``matvec_dict``, ``flatten``, ``n``, ``loss``, ``gradient``, ``n_hvp``,
+    ``n_samples``) of ``kind`` on the block ``params`` (resolved by :func:`resolve_params`) over ``objective``,
+    combined over ``group``'s ranks. ``products``: the expected number of products (see ``hessian_operator``).
+    With the defaults this is ``hessian_operator(objective, products=products)``."""
+    check_kind(kind)
+    chunked = isinstance(objective, ChunkedObjective)
+    if kind == "hessian":
+        op = hessian_operator(objective, products=products)
+    elif kind == "ggn":
+        op = ChunkedGGNOperator(objective) if chunked else GGNOperator(objective)
+    else:
+        check_per_sample(objective.model, objective.bn_mode)
+        op = ChunkedEmpiricalFisherOperator(objective) if chunked else EmpiricalFisherOperator(objective)
+    op.n_samples = sample_count(objective)
+    if group is not None:
+        op = DistributedOperator(op, sample_count(objective), group)
+    if params is not None and params != objective.names:
+        op = BlockOperator(op, params)
+    return op
+
+
+class CurvatureOperator:
+    """A curvature matrix M (``kind``) on a parameter block, as products on dicts and as a scipy LinearOperator.
+
+    Build it with :func:`curvature_operator`; see the module docstring for its lifetime.
+    """
+
+    def __init__(self, op, objective, kind: str, params: Optional[Tuple[str, ...]], bn_mode: str):
+        self._op, self._objective = op, objective
+        self.kind, self.params, self.bn_mode = kind, params, bn_mode
+        self.names: Tuple[str, ...] = tuple(op.names)  # the keys of vectors, in flattening order
+        self.shape = (op.n, op.n)
+        self.batch_size: int = op.n_samples
+        self.loss: float = op.loss
+        self._versions = self._parameter_versions()
+        self._closed = False
+
+    def _parameter_versions(self) -> Dict[str, int]:
+        return {n: p._version for n, p in self._objective.params.items()}
+
+    def _check_alive(self) -> None:
+        if self._closed:
+            raise RuntimeError("this CurvatureOperator is closed (it was used as a context manager, or close() was "
+                               "called); build a new one with smoothness.curvature_operator")
+        changed = [n for n, v in self._parameter_versions().items() if v != self._versions[n]]
+        if changed:
+            raise RuntimeError(f"the model's parameters {changed} were changed in place since this operator was "
+                               f"built; it describes the old weights: build a new one with "
+                               f"smoothness.curvature_operator")
+
+    @property
+    def n_products(self) -> int:
+        return self._op.n_hvp
+
+    def matvec(self, direction: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """M·v for v a dict keyed like ``dict(model.named_parameters())`` restricted to ``params``."""
+        self._check_alive()
+        v = self._objective.check_direction(direction, "direction", allow_zero=True, names=self.names)
+        return self._op.matvec_dict(v)
+
+    def _flat_matvec(self, x: np.ndarray) -> np.ndarray:
+        self._check_alive()
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        v = torch.as_tensor(x).to(dtype=self._op.dtype, device=self._op.device)
+        return self._op.matvec(v).detach().to(device="cpu", dtype=torch.float64).numpy()
+
+    def to_scipy(self):
+        """M as a ``scipy.sparse.linalg.LinearOperator`` on flat float64 vectors (the block's parameters
+        concatenated in ``named_parameters()`` order, as curvlinops orders them). Vectors are cast to the model's
+        dtype for each product (float32 models: products accurate to float32). Symmetric: ``rmatvec`` is
+        ``matvec``. With ``group``, every rank must take the same products in the same order."""
+        from scipy.sparse.linalg import LinearOperator
+
+        return LinearOperator(self.shape, matvec=self._flat_matvec, rmatvec=self._flat_matvec, dtype=np.float64)
+
+    def close(self) -> None:
+        """Free what the operator holds (retained graph, per-sample gradients); later products raise."""
+        self._closed = True
+        self._op = None
+
+    def __enter__(self) -> "CurvatureOperator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        block = "all trainable parameters" if self.params is None else list(self.params)
+        return (f"CurvatureOperator(kind={self.kind!r}, shape={self.shape}, params={block}, "
+                f"bn_mode={self.bn_mode!r}, batch_size={self.batch_size})")
+
+
+def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str = "hessian",
+                       params: Optional[Sequence[str]] = None, bn_mode: str = "batch",
+                       group=None) -> CurvatureOperator:
+    """The curvature matrix ``kind`` of L(w) = loss_fn(model(x), y) (a mean-reduced loss) at the model's weights.
+
+    ``data``: one ``(inputs, targets)`` batch or an iterable of them (sample-weighted mean over chunks, one chunk in
+    memory at a time). ``params``: parameter names of a diagonal block (None: all trainable parameters).
+    ``group``: a ``torch.distributed`` process group; each rank passes its own shard and the operator is the one
+    over the union. Returns a :class:`CurvatureOperator`: ``.matvec(dict)``, ``.to_scipy()``, ``.shape``,
+    ``.kind``, ``.params``, ``.names``; also a context manager (see the module docstring for its lifetime).
+    Building it costs a forward and a backward pass (for the empirical Fisher, the per-sample gradients).
+    """
+    objective = make_objective(model, loss_fn, data, bn_mode)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    op = curvature_matrix(objective, kind, names, group)
+    return CurvatureOperator(op, objective, kind, names, bn_mode)
