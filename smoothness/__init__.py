@@ -18,12 +18,12 @@ from .curvature import EigenResult, TraceResult, directional_curvature, hessian_
 from .density import DensityResult, spectral_density
 from .flatness import PacBayesFlatness, RelativeFlatness, pacbayes_flatness, pacbayes_mag_flatness, relative_flatness
 from .gradient import loss_and_gradient
-from .hvp import hvp
+
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
 from .lipschitz import local_lipschitz
 from .norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, path_norm, spectral_product
-from .operator import KINDS, CurvatureOperator, curvature_operator
+from .operator import KINDS, CurvatureOperator, curvature_operator, hvp
 from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
 from .sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,

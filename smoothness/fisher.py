@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from ._objective import Objective, Params, estimator_mode
 from ._rng import fixed_rng
-from .hvp import ChunkedOperator, _FlatOperator
+from .hvp import ChunkedOperator, FlatOperator
 
 # the per-sample gradients must average to the batch gradient to this relative accuracy (far above rounding)
 _MEAN_RTOL = 1e-4
@@ -48,7 +48,7 @@ def _coupled_message(what: str) -> str:
             f"affine map per sample), or kind='ggn' / kind='hessian', which are defined in both modes")
 
 
-class EmpiricalFisherOperator(_FlatOperator):
+class EmpiricalFisherOperator(FlatOperator):
     """F̂ = (1/N) Σᵢ gᵢgᵢᵀ for one batch (see the module docstring); ``.loss`` and ``.gradient`` at w.
 
     ``check``: verify that the per-sample gradients average to the batch gradient (one extra forward and backward

@@ -27,10 +27,10 @@ from typing import Mapping
 import torch
 
 from ._objective import Objective, Params
-from .hvp import ChunkedOperator, _FlatOperator
+from .hvp import ChunkedOperator, FlatOperator
 
 
-class GGNOperator(_FlatOperator):
+class GGNOperator(FlatOperator):
     """G = Jᵀ ∇²_z L J for one batch (see the module docstring); ``.loss`` and ``.gradient`` are L and ∇L at w."""
 
     def __init__(self, objective: Objective):

@@ -18,15 +18,15 @@ Three implementations of the same operator H = ∇²L(w), chosen by :func:`hessi
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
 
-from ._objective import ChunkedObjective, Objective, Params, make_objective
+from ._objective import ChunkedObjective, Objective, Params
 
 
-class _FlatOperator:
+class FlatOperator:
     """The parameter layout shared by the operators: dicts of tensors <-> one flat vector."""
 
     def __init__(self, objective):
@@ -50,7 +50,7 @@ class _FlatOperator:
         return self.flatten(self.matvec_dict(self.unflatten(flat)))
 
 
-class HessianOperator(_FlatOperator):
+class HessianOperator(FlatOperator):
     """H = ∇²L(w; B) as a linear map on flat vectors (and on parameter dicts)."""
 
     def __init__(self, objective: Objective):
@@ -85,7 +85,7 @@ class HessianOperator(_FlatOperator):
         return out
 
 
-class LinearizedHessianOperator(_FlatOperator):
+class LinearizedHessianOperator(FlatOperator):
     """H = ∇²L(w; B) through ``torch.func.linearize(∇L, w)``: one trace, then tangent-only products.
 
     Raises whatever ``torch.func`` raises for a model it cannot trace (data-dependent Python control flow,
@@ -109,11 +109,11 @@ class LinearizedHessianOperator(_FlatOperator):
         return {n: hv[n].detach() for n in self.names}
 
 
-class ChunkedOperator(_FlatOperator):
+class ChunkedOperator(FlatOperator):
     """M = Σ_c (n_c/N)·M(w; B_c) over the chunks of a :class:`ChunkedObjective`, one chunk's graph at a time, for
     the one-batch operator class ``chunk_operator`` (the Hessian here; the GGN and empirical Fisher subclass it)."""
 
-    chunk_operator: Callable[[Objective], _FlatOperator]
+    chunk_operator: Callable[[Objective], FlatOperator]
 
     def __init__(self, objective: ChunkedObjective):
         super().__init__(objective)
@@ -154,7 +154,7 @@ def _conv_flops(objective: Objective) -> float:
                      if "convolution" in str(op)))
 
 
-def hessian_operator(objective, *, products: int = 0) -> _FlatOperator:
+def hessian_operator(objective, *, products: int = 0) -> FlatOperator:
     """The operator for ``objective``: chunked for an iterable of batches; for one batch, linearized when about
     ``products`` products will be taken and their convolution work makes the trace pay (and the model can be
     traced), else a retained graph. The choice depends only on the model and the batch shape, never on timings,
@@ -167,27 +167,3 @@ def hessian_operator(objective, *, products: int = 0) -> _FlatOperator:
         except Exception:  # noqa: BLE001 -- an untraceable model still has a Hessian: take the general route
             pass
     return HessianOperator(objective)
-
-
-def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.Tensor], *,
-        bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
-        group=None) -> Dict[str, torch.Tensor]:
-    """The exact Hessian-vector product H·v with H = ∇²_w L(w; B), by double backpropagation.
-
-    ``batch`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
-    :class:`~smoothness._objective.ChunkedObjective`): then H is the Hessian of the sample-weighted mean of the
-    chunks' mean losses, computed one chunk at a time. ``vector`` and the result are dicts keyed like
-    ``dict(model.named_parameters())`` (trainable parameters only). The model is left exactly as it was
-    (parameters, buffers, train/eval flags, ``.grad``).
-
-    ``kind`` ("ggn", "empirical-fisher"), ``params`` (a block: ``vector`` and the result keyed by its parameters)
-    and ``group`` (data over torch.distributed ranks) give M·v for another matrix M; see ``smoothness.operator``.
-    For many products, build the operator once with ``smoothness.curvature_operator``.
-    """
-    from .operator import check_kind, curvature_matrix, resolve_params  # operator builds on this module
-
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    v = objective.check_direction(vector, "vector", allow_zero=True, names=names)
-    return curvature_matrix(objective, kind, names, group).matvec_dict(v)

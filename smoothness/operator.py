@@ -35,7 +35,7 @@ from ._objective import ChunkedObjective, Params, make_objective, sample_count
 from .distributed import DistributedOperator
 from .fisher import ChunkedEmpiricalFisherOperator, EmpiricalFisherOperator, check_per_sample
 from .ggn import ChunkedGGNOperator, GGNOperator
-from .hvp import _FlatOperator, hessian_operator
+from .hvp import FlatOperator, hessian_operator
 
 KINDS = ("hessian", "ggn", "empirical-fisher")
 
@@ -73,7 +73,7 @@ def block_dimension(objective, names: Optional[Tuple[str, ...]]) -> int:
     return objective.n_params if names is None else sum(objective.base[n].numel() for n in names)
 
 
-class BlockOperator(_FlatOperator):
+class BlockOperator(FlatOperator):
     """M_BB: the diagonal block of ``inner`` on the parameters ``names``; products M·(v_B, 0) restricted to B."""
 
     def __init__(self, inner, names: Tuple[str, ...]):
@@ -208,3 +208,25 @@ def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str =
     names = resolve_params(objective, params)
     op = curvature_matrix(objective, kind, names, group)
     return CurvatureOperator(op, objective, kind, names, bn_mode)
+
+
+def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.Tensor], *,
+        bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
+        group=None) -> Dict[str, torch.Tensor]:
+    """The exact Hessian-vector product H·v with H = ∇²_w L(w; B), by double backpropagation.
+
+    ``batch`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
+    :class:`~smoothness._objective.ChunkedObjective`): then H is the Hessian of the sample-weighted mean of the
+    chunks' mean losses, computed one chunk at a time. ``vector`` and the result are dicts keyed like
+    ``dict(model.named_parameters())`` (trainable parameters only). The model is left exactly as it was
+    (parameters, buffers, train/eval flags, ``.grad``).
+
+    ``kind`` ("ggn", "empirical-fisher"), ``params`` (a block: ``vector`` and the result keyed by its parameters)
+    and ``group`` (data over torch.distributed ranks) give M·v for another matrix M; see ``smoothness.operator``.
+    For many products, build the operator once with ``smoothness.curvature_operator``.
+    """
+    objective = make_objective(model, loss_fn, batch, bn_mode)
+    check_kind(kind)
+    names = resolve_params(objective, params)
+    v = objective.check_direction(vector, "vector", allow_zero=True, names=names)
+    return curvature_matrix(objective, kind, names, group).matvec_dict(v)
