@@ -576,6 +576,7 @@ def _register_commands() -> None:
     main.add_command(ics_command)
     from .surface_cli import surface_command; main.add_command(surface_command)  # noqa: E702 (one line to merge)
     main.add_command(spectrum_command)
+    from .generalization_cli import generalization_command; main.add_command(generalization_command)  # noqa: E702
 
 
 _register_commands()

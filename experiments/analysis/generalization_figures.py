@@ -26,10 +26,19 @@ from .generalization_report import MeasureResult
 NOT_REACHED = "did not reach the target (excluded)"
 
 
-def _new_figure(ncols: int, width: float, height: float) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width * ncols, height), layout="constrained")
+MAX_COLUMNS = 4
+
+
+def _new_figure(n: int, width: float, height: float) -> tuple[Figure, list]:
+    """``n`` panels in rows of at most ``MAX_COLUMNS``; the unused panels of the last row are hidden."""
+    ncols = min(n, MAX_COLUMNS)
+    nrows = -(-n // ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
     FigureCanvasAgg(fig)
-    return fig, list(fig.subplots(1, ncols, squeeze=False).ravel())
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
 
 
 def _label(column: str, values: pd.Series) -> pd.Series:
@@ -59,7 +68,7 @@ def measure_vs_gap(df: pd.DataFrame, results: dict[str, MeasureResult], hue: str
         if len(x) and (x > 0).all() and x.max() / x.min() > 100:
             ax.set_xscale("log")
         r = results[m]
-        ax.set(xlabel=m, ylabel=gap_label if ax is axes[0] else "",
+        ax.set(xlabel=m, ylabel=gap_label if axes.index(ax) % MAX_COLUMNS == 0 else "",
                title=f"{m}\nτ = {r.tau.value:.2f}, Ψ = {r.granulated.value:.2f} (n={r.tau.n})")
     handles, labels = axes[0].get_legend_handles_labels()
     if axes[0].get_legend() is not None:

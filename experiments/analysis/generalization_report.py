@@ -158,9 +158,12 @@ def render_markdown(df: pd.DataFrame, results: dict[str, MeasureResult], axes, g
 
 def write_report(df: pd.DataFrame, measures, axes, out_dir, gap: str = "gap",
                  gap_label: str = "test loss − train loss", seed: str | None = "seed", lr: str | None = "lr",
-                 n_resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED) -> Path:
-    """Write generalization.md and generalization.csv (``summary_table``) to ``out_dir``; return the .md path."""
-    results = analyse(df, measures, axes, gap, seed, lr, n_resamples, rng_seed)
+                 n_resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED,
+                 results: dict[str, MeasureResult] | None = None) -> Path:
+    """Write generalization.md and generalization.csv (``summary_table``) to ``out_dir``; return the .md path.
+    ``results``: the ``analyse`` output for these arguments, when the caller has it already (figures need it too)."""
+    if results is None:
+        results = analyse(df, measures, axes, gap, seed, lr, n_resamples, rng_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "generalization.csv", summary_table(results).to_csv(index=False))

@@ -116,3 +116,43 @@ def test_study_axes_multiply_the_grid_and_survive_a_round_trip():
         StudyConfig(axes=(("batch_size", (32, 32)),))
     with pytest.raises(ConfigError, match="--weight-decay"):
         StudyConfig(axes=(("weight_decay", (-1.0,)),))
+
+
+def test_generalization_command_on_a_small_real_grid(tmp_path):
+    """Train a 2 x 2 x 2 grid (BN x lr x weight decay) with the measures at the end, then `smoothness-lab
+    generalization`: its τ equals scipy's on the numbers in the records."""
+    from click.testing import CliRunner
+    from scipy import stats
+
+    from experiments.cli import main
+
+    study = StudyConfig(name="g", models=("mlp", "bn-mlp"), lrs=(0.05, 0.2), seeds=(0,),
+                        axes=(("weight_decay", (0.0, 1e-3)),), base=RunConfig(**{**TINY, "epochs": 2},
+                                                                              generalization_every=100))
+    root = tmp_path / "g"
+    for cfg in study.runs():
+        train_run(cfg, root)
+    result = CliRunner().invoke(main, ["generalization", str(root), "--resamples", "200"])
+    assert result.exit_code == 0, result.output
+    assert (root / "generalization.md").exists() and (root / "figures" / "measure_vs_gap.png").exists()
+    gaps, sharp = [], []
+    for run in sorted(root.glob("*/records.jsonl")):
+        recs = [json.loads(line) for line in run.read_text().splitlines()]
+        ev = [r for r in recs if r["kind"] == "eval"][-1]
+        gaps.append(ev["train_accuracy"] - ev["test_accuracy"])
+        sharp.append([r for r in recs if r["kind"] == "generalization"][-1]["lambda_max"])
+    expected = stats.kendalltau(sharp, gaps).statistic
+    import pandas as pd
+    table = pd.read_csv(root / "generalization.csv").set_index("measure")
+    assert table.loc["lambda_max", "n_used"] == 8
+    assert table.loc["lambda_max", "tau"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_generalization_command_without_records_says_what_to_run(tmp_path):
+    from click.testing import CliRunner
+
+    from experiments.cli import main
+
+    train_run(RunConfig(**TINY), tmp_path / "plain")
+    result = CliRunner().invoke(main, ["generalization", str(tmp_path / "plain")])
+    assert result.exit_code == 1 and "--generalization-every" in result.output and "Traceback" not in result.output
