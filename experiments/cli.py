@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import sys
@@ -14,6 +13,7 @@ import click
 
 from .config import ConfigError, RunConfig, StudyConfig
 from .launchers import EXECUTORS
+from .study_files import read_json
 
 _HELP = {
     "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10)",
@@ -275,7 +275,7 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
     before a RunConfig field existed is not appended again."""
     from .store import atomic_write_json
     path = study_dir / "study.json"
-    grids = json.loads(path.read_text()).get("grids", []) if path.exists() else []
+    grids = read_json(path).get("grids", []) if path.exists() else []
 
     def same(grid) -> bool:
         try:
@@ -303,7 +303,7 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
     from .store import atomic_write_json
     path = study_dir / "launch.json"
     try:
-        launches = json.loads(path.read_text()).get("launches", []) if path.exists() else []
+        launches = read_json(path).get("launches", []) if path.exists() else []
     except (OSError, ValueError, AttributeError):
         launches = []
     launches.append({
@@ -453,7 +453,7 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
     seeds_l = _parse_list(seeds, int, "--seeds")
     if sweep_file is not None:
         try:
-            spec = json.loads(sweep_file.read_text())
+            spec = read_json(sweep_file)
         except (OSError, ValueError) as exc:
             _fail(f"{sweep_file} is not valid JSON: {exc}")
         if not isinstance(spec, dict):

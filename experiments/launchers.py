@@ -50,7 +50,6 @@ import collections
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import threading
@@ -89,25 +88,15 @@ def default_threads() -> int:
 
 
 # -- checks made before anything runs ------------------------------------------------------------------------
-def has_progress(run_dir: Path) -> bool:
-    """Whether an unfinished run directory holds records or a checkpoint of an earlier launch (continuing it needs
-    ``resume``; ``training.train_run`` refuses it otherwise)."""
-    run_dir = Path(run_dir)
-    records = run_dir / "records.jsonl"
-    return ((records.exists() and records.stat().st_size > 0)
-            or any((run_dir / "checkpoints").glob("epoch-*.pt")))
-
-
 def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> None:
     """Refuse to launch into ``root`` if a run directory there holds another config (or an unreadable one), or,
     without ``resume``, an interrupted run: nothing is written, every problem is named. Reads only."""
-    from .store import StoreError, is_locked
+    from .store import StoreError, config_path, has_progress, is_done, is_locked, read_config
     problems, interrupted = [], []
     for cfg in runs:
         run_dir = Path(root) / cfg.run_id
-        path = run_dir / "config.json"
+        path = config_path(run_dir)
         if path.exists():
-            from .store import read_config  # the one reader of config.json
             try:
                 theirs = read_config(path)
             except StoreError as exc:  # unreadable, or options that do not give the hash it claims
@@ -117,7 +106,7 @@ def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> Non
                 problems.append(f"{path.parent} holds a different config (hash {theirs.config_hash!r}, "
                                 f"expected {cfg.config_hash!r})")
                 continue
-        if not resume and not (run_dir / "done").exists() and has_progress(run_dir) and not is_locked(run_dir):
+        if not resume and not is_done(run_dir) and has_progress(run_dir) and not is_locked(run_dir):
             interrupted.append(run_dir.name)
     if problems:
         raise StoreError("refusing to launch, nothing was written: " + "; ".join(problems)
@@ -134,15 +123,15 @@ def left_behind(runs: Sequence[RunConfig], root: Path) -> List[Tuple[Path, RunCo
     was. For every unfinished run directory with progress, not among ``runs`` and not running now, whose model,
     norm and seed are those of a run of the launch: (that directory, its config, the launched config with the
     fewest differences, the fields that differ). Reads only; an unreadable config.json is left to ``status``."""
-    from .store import StoreError, is_locked, read_config  # the one reader of config.json
+    from .store import StoreError, config_path, has_config, has_progress, is_done, is_locked, read_config
     root, launched = Path(root), {cfg.run_id for cfg in runs}
     out = []
     for run_dir in sorted(root.iterdir()) if root.is_dir() else ():
-        if (run_dir.name in launched or not (run_dir / "config.json").is_file() or (run_dir / "done").exists()
+        if (run_dir.name in launched or not has_config(run_dir) or is_done(run_dir)
                 or not has_progress(run_dir) or is_locked(run_dir)):
             continue
         try:
-            old = read_config(run_dir / "config.json")
+            old = read_config(config_path(run_dir))
         except StoreError:
             continue
 
@@ -232,9 +221,8 @@ def check_launch(runs: Sequence[RunConfig], root: Path, *, executor: str, ray_ad
 @contextmanager
 def _run_log(run_dir: Path):
     """Route the ``experiments`` logger to ``run_dir/run.log`` (only there) while the run executes."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    from .store import run_log_handler
+    handler = run_log_handler(run_dir)
     logger = logging.getLogger("experiments")
     old_level, old_propagate = logger.level, logger.propagate
     logger.addHandler(handler)
@@ -250,8 +238,10 @@ def _run_log(run_dir: Path):
 
 
 def _resume_point(run_dir: Path) -> str:
-    ckpts = sorted((run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    return f"resuming from checkpoints/{ckpts[-1].name}" if ckpts else "no checkpoint: from the start"
+    from .store import checkpoint_epochs, checkpoint_path
+    epochs = checkpoint_epochs(run_dir)
+    return (f"resuming from {checkpoint_path(run_dir, epochs[-1]).relative_to(run_dir)}" if epochs
+            else "no checkpoint: from the start")
 
 
 def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], threads: int,
@@ -259,7 +249,7 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
     """Run one config in this process (the body of every executor's task). Exceptions become a ``failed``
     result (traceback in run.log); KeyboardInterrupt is logged and re-raised."""
     import torch
-    from .store import RunStore, StoreError, run_lock
+    from .store import RunStore, StoreError, event_fields, has_progress, last_event, run_lock
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
     start = time.perf_counter()
@@ -277,8 +267,8 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
 
     with run_lock(run_dir) as mine:
         if not mine:
-            pid = re.search(r" start \S+ pid=(\d+) host=(\S+)", _tail_text(run_dir / "run.log"))
-            by = f" (pid {pid.group(1)} on {pid.group(2)})" if pid else ""
+            pid, host, _ = event_fields(last_event(run_dir, ("start",))[1])
+            by = f" (pid {pid} on {host})" if pid and host else ""
             return LaunchResult(cfg.run_id, "busy", 0.0, f"another launch is training it right now{by}; it was "
                                 f"left alone")
         if not resume and has_progress(run_dir):   # before run.log is written: it keeps saying what happened
@@ -286,15 +276,6 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
                                 f"config; pass --resume to continue it from its last checkpoint (or move the "
                                 f"directory away to start over)")
         return _execute_locked(cfg, root, resume, data_dir, threads, progress, start)
-
-
-def _tail_text(path: Path, size: int = 65536) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-            return f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
 
 
 def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[str], threads: int, progress,
@@ -550,9 +531,9 @@ class _RunProcess:
 
 
 def _finished_on_disk(run_dir: Path) -> Optional[str]:
-    if not (run_dir / "done").exists():
+    from .store import is_done, last_record
+    if not is_done(run_dir):
         return None
-    from .store import last_record
     return "diverged" if last_record(run_dir).get("kind") == "diverged" else "done"
 
 

@@ -45,7 +45,7 @@ def due(every: int, epoch: int, epochs: int) -> bool:
 
 def bn_modes(norm: str) -> Tuple[str, ...]:
     """Both modes when the network normalises (train vs eval behaviour differs), else the one that exists."""
-    return ("batch",) if norm in (None, "none") else ("batch", "running")
+    return ("batch",) if norm in (None, "none") else smoothness.BN_MODES
 
 
 def measure(model: nn.Module, batch, norm: str, loss_fn=F.cross_entropy) -> List[Dict]:
@@ -69,7 +69,6 @@ def measure(model: nn.Module, batch, norm: str, loss_fn=F.cross_entropy) -> List
     return out
 
 
-BN_MODES = ("batch", "running")
 SCALARS = ("lambda_max", "lambda_k", "gradient_concentration", "mean_eigenvalue")   # numbers (or null)
 COUNTS = ("epoch", "samples", "n_params", "n_steps")                                # required integers
 
@@ -95,8 +94,8 @@ def _probes_problem(record: Dict) -> Optional[str]:
 
 def record_problem(record: Dict) -> Optional[str]:
     """What is wrong with a spectrum record as :func:`measure` writes it (and the figures read it), or None."""
-    if record.get("bn_mode") not in BN_MODES:
-        return f'"bn_mode" must be one of {", ".join(BN_MODES)}, got {record.get("bn_mode")!r}'
+    if record.get("bn_mode") not in smoothness.BN_MODES:
+        return f'"bn_mode" must be one of {", ".join(smoothness.BN_MODES)}, got {record.get("bn_mode")!r}'
     for key in COUNTS:
         if not (isinstance(record.get(key), int) and not isinstance(record.get(key), bool)):
             return f'"{key}" must be an integer, got {record.get(key)!r}'

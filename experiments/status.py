@@ -24,31 +24,29 @@ not started    expected by the study's ``study.json`` grids (or its directory ho
 from __future__ import annotations
 
 import dataclasses
-import json
-import re
 import socket
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import click
 
+from . import store
 from .config import ConfigError, RunConfig, StudyConfig
-from .store import is_locked
+from .store import StoreError, is_locked
+from .study_files import STUDY_JSON, read_json
 
 STATES = ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
-_EVENT = re.compile(r"^\S+ \S+ [A-Z]+ (start|finish|failed|interrupted)\b(.*)$")
-_RUN_FILES = ("config.json", "run.log", "records.jsonl", "done", "checkpoints")
-# what a reader of a corrupt file may raise: bad bytes, bad JSON, wrong types, a JSON array where an object belongs
+# what checking a corrupt study.json or config may raise: wrong types, a JSON array where an object belongs
 _READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
 
 def _expected_runs(study_dir: Path) -> Tuple[List[str], List[str]]:
     """Run ids the study's grids expect, and warnings about grids that cannot be read."""
-    path = study_dir / "study.json"
+    path = study_dir / STUDY_JSON
     if not path.exists():
         return [], []
     try:
-        grids = json.loads(path.read_text(encoding="utf-8")).get("grids", [])
+        grids = read_json(path).get("grids", [])
     except (OSError,) + _READ_ERRORS as exc:
         return [], [f"{path} is unreadable ({exc}); runs not started yet are not listed"]
     ids, warnings = [], []
@@ -61,79 +59,37 @@ def _expected_runs(study_dir: Path) -> Tuple[List[str], List[str]]:
     return ids, warnings
 
 
-def _last_event(run_dir: Path) -> Tuple[Optional[str], str]:
-    """The launcher's last start / finish / failed / interrupted line in run.log: (event, rest of the line)."""
-    try:
-        lines = (run_dir / "run.log").read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None, ""
-    for line in reversed(lines):
-        m = _EVENT.match(line)
-        if m:
-            return m.group(1), m.group(2).strip(" :")
-    return None, ""
-
-
 def _read_config(run_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
     """(config, problem): the run's config.json checked as a RunConfig; problem is ``config.json: <reason>``."""
-    path = run_dir / "config.json"
+    if not store.config_path(run_dir).exists():
+        return None, None
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-        if not isinstance(data, dict):
-            raise TypeError(f"a JSON {type(data).__name__}, not the run's config object")
+        data = store.read_config_file(store.config_path(run_dir)).data
         names = {f.name for f in dataclasses.fields(RunConfig)}
         RunConfig.from_dict({k: v for k, v in data.items() if k in names})
-    except FileNotFoundError:
-        return None, None
-    except OSError as exc:
-        return None, f"config.json: unreadable ({exc.strerror or exc})"
+    except StoreError as exc:
+        return None, f"{store.CONFIG}: {exc.problem}"
+    except (ConfigError, TypeError) as exc:
+        return None, f"{store.CONFIG}: {exc}"
     except _READ_ERRORS as exc:
-        return None, f"config.json: {_reason(exc)}"
+        return None, f"{store.CONFIG}: {type(exc).__name__}: {exc}"
     if data.get("run_id") not in (None, run_dir.name):
-        return None, f"config.json: it is the config of run {data['run_id']}, not of {run_dir.name}"
+        return None, f"{store.CONFIG}: it is the config of run {data['run_id']}, not of {run_dir.name}"
     return data, None
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, UnicodeDecodeError):
-        return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})"
-    if isinstance(exc, json.JSONDecodeError):
-        return f"not JSON ({exc.msg} at column {exc.colno})"
-    return f"{exc}" if isinstance(exc, (ConfigError, TypeError)) else f"{type(exc).__name__}: {exc}"
-
-
 def _read_records(run_dir: Path, done: bool) -> Tuple[List[dict], Optional[str]]:
-    """(records, problem). Every line must be a JSON object with a ``kind``; only the last line of an unfinished
-    run may be torn (the line being written when it was killed). Problem: ``records.jsonl:<line>: <reason>``."""
+    """(records, problem). Only the last line of an unfinished run may be torn (the line being written when it was
+    killed). Problem: ``records.jsonl:<line>: <reason>``."""
     try:
-        lines = (run_dir / "records.jsonl").read_bytes().split(b"\n")
-    except FileNotFoundError:
-        return [], None
-    except OSError as exc:
-        return [], f"records.jsonl: unreadable ({exc.strerror or exc})"
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records = []
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict):
-                raise TypeError(f"a JSON {type(record).__name__}, not a record object")
-            if "kind" not in record:
-                raise TypeError("a record without a 'kind'")
-        except _READ_ERRORS as exc:
-            if i == last and not done and isinstance(exc, json.JSONDecodeError):
-                break   # torn by a kill mid-write: the run resumes from its checkpoint without it
-            return records, f"records.jsonl:{i + 1}: {_reason(exc)}"
-        records.append(record)
-    return records, None
+        return store.read_records(store.records_path(run_dir), torn_tail="error" if done else "skip"), None
+    except StoreError as exc:
+        return [], f"{store.RECORDS}{'' if exc.line is None else f':{exc.line}'}: {exc.problem}"
 
 
 def _checkpoint(run_dir: Path, config: Optional[dict]) -> Optional[str]:
     """``epoch K of N`` of the run's last checkpoint, None without one."""
-    ckpts = sorted((run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").is_dir() else []
-    epoch = next((int(p.stem[6:]) for p in reversed(ckpts) if p.stem[6:].isdigit()), None)
+    epoch = (store.checkpoint_epochs(run_dir) or [None])[-1]
     epochs = config.get("epochs") if config else None
     return None if epoch is None else f"epoch {epoch}" + (f" of {epochs}" if isinstance(epochs, int) else "")
 
@@ -143,34 +99,26 @@ def _checkpoint_note(run_dir: Path, config: Optional[dict]) -> str:
     return f"resumes from its checkpoint after {where}" if where else "no checkpoint yet: a relaunch starts it over"
 
 
-def _where(rest: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
-    """(pid, host, SLURM job) from a run.log start line."""
-    def field(name):
-        m = re.search(rf"\b{name}=(\S+)", rest)
-        return m.group(1).rstrip(",") if m else None
-    return field("pid"), field("host"), field("slurm_job")
-
-
 def run_info(run_dir: Path) -> Tuple[str, str]:
     """(state, detail) of one run directory: the module docstring defines the states."""
     run_dir = Path(run_dir)
-    event, rest = _last_event(run_dir)
-    if not run_dir.is_dir() or (event is None and not any((run_dir / f).exists() for f in _RUN_FILES)):
+    event, rest = store.last_event(run_dir)
+    if not run_dir.is_dir() or (event is None and not store.run_files(run_dir)):
         return "not started", ""
     config, problem = _read_config(run_dir)
     if is_locked(run_dir):
-        pid, host, job = _where(rest) if event == "start" else (None, None, None)
+        pid, host, job = store.event_fields(rest) if event == "start" else (None, None, None)
         by = " ".join(x for x in (f"pid {pid}" if pid else "", f"on {host}" if host else "",
                                   f"in SLURM job {job}" if job else "") if x) or "a live process"
         where = _checkpoint(run_dir, config)
         return "running", f"by {by}; " + (f"last checkpoint after {where}" if where else "no checkpoint yet")
-    done = (run_dir / "done").exists()
+    done = store.is_done(run_dir)
     records, records_problem = _read_records(run_dir, done)
-    if problem is None and config is None and (done or records or any((run_dir / "checkpoints").glob("*.pt"))):
-        problem = "config.json: missing, although the directory holds the run's records or checkpoints"
+    if problem is None and config is None and (done or records or store.checkpoint_epochs(run_dir)):
+        problem = f"{store.CONFIG}: missing, although the directory holds the run's records or checkpoints"
     problem = problem or records_problem
     if problem is None and done and not records:
-        problem = "records.jsonl: no records, although the run is marked done"
+        problem = f"{store.RECORDS}: no records, although the run is marked done"
     if problem is not None:
         return "corrupt", problem
     diverged = next((r for r in reversed(records) if r.get("kind") == "diverged"), None)
@@ -188,7 +136,7 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
     if event == "interrupted":
         return "interrupted", f"{note} (interrupted: Ctrl-C or SIGTERM)"
     if event == "start":
-        _, host, job = _where(rest)
+        _, host, job = store.event_fields(rest)
         if host and host != socket.gethostname():
             return "interrupted", (f"{note} (last started on {host}{f' in SLURM job {job}' if job else ''}; if "
                                    f"its lock is not visible from this machine it may still be running there)")
@@ -208,12 +156,8 @@ def study_status(study_dir: Path) -> List[tuple]:
     return rows
 
 
-def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith(".") and any((path / f).exists() for f in _RUN_FILES)
-
-
 def _study_rows(study_dir: Path) -> Tuple[List[tuple], List[str]]:
-    found = sorted(p.name for p in study_dir.iterdir() if _is_run_dir(p))
+    found = sorted(p.name for p in study_dir.iterdir() if store.is_run_dir(p))
     expected, warnings = _expected_runs(study_dir)
     ids = found + [r for r in expected if r not in found]
     return [(r, *run_info(study_dir / r)) for r in ids], warnings

@@ -14,9 +14,14 @@ records of an uninterrupted run:
 `RunStore.restore` takes the newest checkpoint, checks that the records file begins with the records it covers, and
 cuts the file back to that mark (dropping records made after the checkpoint, and a torn last line).
 
-Readers for other tools: `read_config` and `iter_records` / `read_records` raise `StoreError` naming the file (and
-line) for anything that is not what results/README.md describes: non-UTF-8 bytes, a line that is not a JSON object,
-a value of the wrong type.
+This module is the only code that opens, parses or writes a run directory's files (status, analysis, launchers,
+slurm, surface and spectrum read through it): the file names, what makes a folder a run (`RUN_FILES`), the record
+schema (`RECORD_NUMBERS`, `RECORD_NUMBER_LISTS`, `smoothness.BN_MODES`), the run.log event lines, checkpoint and
+weights files. Its readers (`read_config_file`, `read_config`, `iter_numbered_records` / `iter_records` /
+`read_records`, `load_weights`) raise `StoreError` naming the file (and line) for anything that is not what
+results/README.md describes: non-UTF-8 bytes, a line that is not a JSON object, a value of the wrong type; such a
+`StoreError` also carries the path, line and problem apart, so that status and analysis can word the location their
+own way.
 """
 from __future__ import annotations
 
@@ -26,24 +31,41 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, List, Optional
+from typing import BinaryIO, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
+
+from smoothness import BN_MODES
 
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, remove_temporaries
 from .config import ConfigError, RunConfig
 
-__all__ = ["StoreError", "RunStore", "check_writable", "read_config", "iter_records", "read_records",
-           "atomic_write", "atomic_write_bytes", "atomic_write_json", "RECORD_NUMBERS", "last_record", "run_lock",
-           "is_locked"]
+__all__ = ["StoreError", "RunStore", "check_writable", "read_config", "read_config_file",
+           "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
+           "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
+           "run_files", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
+           "event_fields", "run_log_handler", "weights_file", "load_weights", "run_lock", "is_locked"]
 
 log = logging.getLogger(__name__)
 
+# -- the files of a run directory (results/README.md) ----------------------------------------------------------
+CONFIG, RECORDS, TIMING, DATASET, RUN_LOG, DONE = (
+    "config.json", "records.jsonl", "timing.json", "dataset.json", "run.log", "done")
+CHECKPOINTS = "checkpoints"
+SURFACES = "surfaces"         # surfaces/<stem>.npz, written by `smoothness-lab surface`
 CHECKPOINT_GLOB = "epoch-*.pt"
+#: A folder is a run directory when it holds any of these (and its name does not start with "."). Holding one of
+#: PROGRESS_FILES without config.json makes it a broken run (its model, lr and seed are unknown); holding only a
+#: run.log, a run that failed before it started, or is starting now.
+RUN_FILES = (CONFIG, RECORDS, DONE, TIMING, CHECKPOINTS, RUN_LOG)
+PROGRESS_FILES = (RECORDS, DONE, TIMING, CHECKPOINTS)
 
 #: numeric fields of each record kind (results/README.md): a number, or null for a non-finite one
 RECORD_NUMBERS = {
@@ -65,8 +87,74 @@ RECORD_NUMBER_LISTS = {"probe": ("step_sizes", "losses", "grad_diff_norms")}
 WEIGHTS = ("init", "final")   # the weight sets every run keeps: weights-init.pt, weights-final.pt
 
 
+def _weights_name(which: str) -> str:
+    return f"weights-{which}.pt"
+
+
 class StoreError(RuntimeError):
-    """The results directory cannot be used as asked; the message says why and what to do."""
+    """The results directory cannot be used as asked; the message says why and what to do.
+
+    Raised by the readers of run files, it also carries ``path``, ``line`` (None when the file as a whole is wrong),
+    ``problem`` (what is wrong, without the location), ``unreadable`` (the file system refused the file:
+    permissions, a disk error) and ``torn`` (a last line without its newline, as a kill mid-write leaves) apart,
+    so that status and analysis can word the location their own way."""
+
+    def __init__(self, message: str, path=None, problem: Optional[str] = None, line: Optional[int] = None, *,
+                 torn: bool = False, unreadable: bool = False):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
+        self.problem, self.line, self.torn, self.unreadable = problem or message, line, torn, unreadable
+
+
+# -- what a folder holds ---------------------------------------------------------------------------------------
+def run_files(path) -> List[str]:
+    """The names of `RUN_FILES` that ``path`` holds, in that order."""
+    path = Path(path)
+    return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def is_run_dir(path) -> bool:
+    """Whether ``path`` is a run directory (the rule at `RUN_FILES`)."""
+    path = Path(path)
+    return path.is_dir() and not path.name.startswith(".") and bool(run_files(path))
+
+
+def has_config(run_dir) -> bool:
+    return (Path(run_dir) / CONFIG).is_file()
+
+
+def config_path(run_dir) -> Path:
+    return Path(run_dir) / CONFIG
+
+
+def records_path(run_dir) -> Path:
+    return Path(run_dir) / RECORDS
+
+
+def is_done(run_dir) -> bool:
+    """Whether the ``done`` marker is there: the run finished (or diverged)."""
+    return (Path(run_dir) / DONE).exists()
+
+
+def checkpoint_epochs(run_dir) -> List[int]:
+    """The epochs of the checkpoints in ``run_dir/checkpoints``, ascending (a file whose name is not epoch-NNN.pt is
+    passed over)."""
+    directory = Path(run_dir) / CHECKPOINTS
+    if not directory.is_dir():
+        return []
+    stems = (p.stem.removeprefix("epoch-") for p in directory.glob(CHECKPOINT_GLOB))
+    return sorted(int(s) for s in stems if s.isdigit())
+
+
+def checkpoint_path(run_dir, epoch: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"epoch-{int(epoch):03d}.pt"
+
+
+def has_progress(run_dir) -> bool:
+    """Whether an unfinished run directory holds records or a checkpoint of an earlier launch (continuing it needs
+    ``resume``; ``training.train_run`` refuses it otherwise)."""
+    records = records_path(run_dir)
+    return (records.exists() and records.stat().st_size > 0) or bool(checkpoint_epochs(run_dir))
 
 
 def _clean(value):
@@ -99,34 +187,72 @@ def check_writable(root: Path) -> Path:
 
 
 # -- readers ---------------------------------------------------------------------------------------------------
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+        raise StoreError(f"{path}: {problem}", path, problem, unreadable=True) from None
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """A run's ``config.json`` as written: the JSON object (``data``) and its ``text``, so that a reader that checks
+    fields of its own can point at their line (`line_of`)."""
+    path: Path
+    data: dict
+    text: str
+
+    def line_of(self, key: str) -> int:
+        """The line of ``"key":`` in the file (1 if not found)."""
+        m = re.search(rf'^.*"{re.escape(key)}"\s*:', self.text, flags=re.MULTILINE)
+        return self.text.count("\n", 0, m.start()) + 1 if m else 1
+
+
+def read_config_file(path) -> ConfigFile:
+    """A run's ``config.json`` as a JSON object, unchecked against RunConfig (status shows, and analysis averages,
+    runs whose options an older version wrote). StoreError names the file (and line) when it is not readable
+    UTF-8 JSON holding an object."""
+    path = Path(path)
+    data = _read_bytes(path)
+    try:
+        text = data.decode("utf-8")
+        obj = json.loads(text)
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        raise StoreError(f"{path}: {problem}; expected the run's config as JSON", path, problem) from None
+    except json.JSONDecodeError as exc:
+        problem = f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+        raise StoreError(f"{path}: {problem}; expected the run's config as a JSON object", path, problem,
+                           exc.lineno) from None
+    if not isinstance(obj, dict):
+        problem = f"must be a JSON object (the run's config), got {_json_type(obj)}"
+        raise StoreError(f"{path}: {problem}", path, problem, 1)
+    return ConfigFile(path, obj, text)
+
+
 def read_config(path) -> RunConfig:
     """The RunConfig saved in a run's ``config.json``, checked: readable UTF-8 JSON, an object of known options of
     the right types, and (where the file holds them) a run_id and config_hash that match those options.
 
     Every problem is a one-line StoreError that names the file; use ``to_dict()`` / ``run_id`` on the result."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except UnicodeDecodeError as exc:
-        raise StoreError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                         f"expected the run's config as JSON") from None
-    except ValueError as exc:
-        raise StoreError(f"{path}: not valid JSON ({exc}); expected the run's config as a JSON object") from None
+    data = read_config_file(path).data
     try:
         cfg = RunConfig.from_dict(data)
     except ConfigError as exc:
-        raise StoreError(f"{path}: {exc}") from None
+        raise StoreError(f"{path}: {exc}", path, str(exc)) from None
     for key, mine in (("config_hash", cfg.config_hash), ("run_id", cfg.run_id)):
         if key in data and data[key] != mine:
-            raise StoreError(f"{path}: {key} {data[key]!r} does not match the options in the file (they give "
-                             f"{mine!r}); the file was edited, or written by another version of the toolkit")
+            problem = (f"{key} {data[key]!r} does not match the options in the file (they give {mine!r}); the file "
+                       f"was edited, or written by another version of the toolkit")
+            raise StoreError(f"{path}: {problem}", path, problem)
     return cfg
 
 
 def _json_type(value) -> str:
-    names = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number"}
+    names = {list: "an array", str: "a string", bool: "true/false", int: "a number", float: "a number",
+             dict: "an object"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
@@ -134,6 +260,8 @@ def _record_problem(record) -> Optional[str]:
     """What is wrong with one parsed record line, or None."""
     if not isinstance(record, dict):
         return f"expected a JSON object, got {_json_type(record)}"
+    if "kind" not in record:
+        return "a record without a 'kind'"
     kind = record.get("kind")
     if not isinstance(kind, str):
         return f"'kind' must be a string, got {kind!r}"
@@ -143,8 +271,8 @@ def _record_problem(record) -> Optional[str]:
             return f"{key!r} must be a non-negative integer, got {value!r}"
     if "step" not in record:
         return "no 'step' key"
-    if "bn_mode" in record and record["bn_mode"] not in ("batch", "running"):
-        return f"'bn_mode' must be 'batch' or 'running', got {record['bn_mode']!r}"
+    if "bn_mode" in record and record["bn_mode"] not in BN_MODES:
+        return f"'bn_mode' must be {' or '.join(repr(m) for m in BN_MODES)}, got {record['bn_mode']!r}"
     for key in RECORD_NUMBERS.get(kind, ()):
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -157,8 +285,8 @@ def _record_problem(record) -> Optional[str]:
     return None
 
 
-def iter_records(path, *, torn_tail: str = "skip") -> Iterator[dict]:
-    """The records of a records.jsonl file, each checked against results/README.md.
+def iter_numbered_records(path, *, torn_tail: str = "skip") -> Iterator[Tuple[int, dict]]:
+    """(line number, record) for every record of a records.jsonl file, each checked against results/README.md.
 
     A last line without its newline is what a kill in the middle of a write leaves. ``torn_tail`` says what to do
     with it when it does not parse: "skip" it, "warn" (a `UserWarning`, then skip) or "error". Any other bad line
@@ -166,16 +294,18 @@ def iter_records(path, *, torn_tail: str = "skip") -> Iterator[dict]:
     if torn_tail not in ("skip", "warn", "error"):
         raise ValueError(f"torn_tail must be 'skip', 'warn' or 'error', got {torn_tail!r}")
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         return
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    yield from _parse_records(path, data, torn_tail)
+    yield from _parse_records(path, _read_bytes(path), torn_tail)
 
 
-def _parse_records(path: Path, data: bytes, torn_tail: str) -> Iterator[dict]:
+def iter_records(path, *, torn_tail: str = "skip") -> Iterator[dict]:
+    """`iter_numbered_records` without the line numbers."""
+    for _, record in iter_numbered_records(path, torn_tail=torn_tail):
+        yield record
+
+
+def _parse_records(path: Path, data: bytes, torn_tail: str) -> Iterator[Tuple[int, dict]]:
     lines = data.split(b"\n")
     for i, raw in enumerate(lines):
         torn = i == len(lines) - 1      # no newline after it (empty when the file ends with one)
@@ -185,20 +315,21 @@ def _parse_records(path: Path, data: bytes, torn_tail: str) -> Iterator[dict]:
             record = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError as exc:
             problem = f"not UTF-8 text (byte {raw[exc.start]:#04x} at column {exc.start + 1})"
-        except ValueError as exc:
-            problem = f"not valid JSON: {exc}"
+        except json.JSONDecodeError as exc:
+            problem = f"not valid JSON ({exc.msg} at column {exc.colno})"
         else:
             problem = _record_problem(record)
         if problem is None:
-            yield record
+            yield i + 1, record
             continue
         if torn and torn_tail != "error":
             if torn_tail == "warn":
                 warnings.warn(f"{path}, line {i + 1}: skipping a truncated last record (the line being written "
-                              f"when the run was killed)", stacklevel=3)
+                              f"when the run was killed)", stacklevel=4)
             return
-        raise StoreError(f"{path}, line {i + 1}: corrupt record ({problem}). Each line must be one JSON record as "
-                         f"described in results/README.md; move the run directory away and rerun it") from None
+        raise StoreError(f"{path}, line {i + 1}: corrupt record ({problem}). Each line must be one JSON record "
+                           f"as described in results/README.md; move the run directory away and rerun it",
+                           path, problem, i + 1, torn=torn) from None
 
 
 def read_records(path, *, torn_tail: str = "skip") -> List[dict]:
@@ -212,8 +343,8 @@ class RunStore:
     def __init__(self, root: Path, config: RunConfig):
         self.config = config
         self.dir = Path(root) / config.run_id
-        self.records_path = self.dir / "records.jsonl"
-        self.checkpoints = self.dir / "checkpoints"
+        self.records_path = self.dir / RECORDS
+        self.checkpoints = self.dir / CHECKPOINTS
         self._file: Optional[BinaryIO] = None
         self._size = 0                      # bytes in records.jsonl, and their running sha256
         self._sha = hashlib.sha256()
@@ -222,7 +353,7 @@ class RunStore:
     # -- lifecycle --------------------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return (self.dir / "done").exists()
+        return is_done(self.dir)
 
     def open(self) -> "RunStore":
         """Create or re-open the directory; refuse one that holds a different config."""
@@ -230,14 +361,13 @@ class RunStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         if new_dir:
             fsync_dir(self.dir.parent)
-        cfg_path = self.dir / "config.json"
+        cfg_path = self.dir / CONFIG
         if cfg_path.exists():
             try:
-                theirs = json.loads(cfg_path.read_bytes().decode("utf-8"))
-                if not isinstance(theirs, dict):
-                    raise ValueError(f"a JSON {type(theirs).__name__}, not an object")
-            except (OSError, ValueError) as exc:
-                raise StoreError(f"{cfg_path} is unreadable ({exc}); move the directory away to rerun") from None
+                theirs = read_config_file(cfg_path).data
+            except StoreError as exc:
+                raise StoreError(f"{cfg_path} is unreadable ({exc.problem}); move the directory away to "
+                                 f"rerun") from None
             if theirs.get("config_hash") != self.config.config_hash:
                 raise StoreError(f"{self.dir} already holds a run with a different config "
                                  f"(hash {theirs.get('config_hash')} vs {self.config.config_hash}); "
@@ -251,8 +381,7 @@ class RunStore:
 
     def has_progress(self) -> bool:
         """Whether an earlier attempt left records or checkpoints (then only a resume may continue)."""
-        has_records = self.records_path.exists() and self.records_path.stat().st_size > 0
-        return has_records or (self.checkpoints.exists() and any(self.checkpoints.glob(CHECKPOINT_GLOB)))
+        return has_progress(self.dir)
 
     def _open_records(self) -> BinaryIO:
         if self._file is None:
@@ -290,10 +419,14 @@ class RunStore:
         """Write ``done``, after the records are durable: a finished run never lacks its last records."""
         self.sync_records()
         self.close()
-        atomic_write_bytes(self.dir / "done", b"")
+        atomic_write_bytes(self.dir / DONE, b"")
 
     def write_timing(self, timing: dict) -> None:
-        atomic_write_json(self.dir / "timing.json", timing)
+        atomic_write_json(self.dir / TIMING, timing)
+
+    def write_dataset(self, info: dict) -> None:
+        """``dataset.json``: which dataset files the run read (checksums) and how they were preprocessed."""
+        atomic_write_json(self.dir / DATASET, info)
 
     # -- records ----------------------------------------------------------------------------------------------
     def read_records(self) -> List[dict]:
@@ -306,7 +439,7 @@ class RunStore:
         state = {**state, "records_mark": self.sync_records()}
         buffer = io.BytesIO()
         torch.save(state, buffer)
-        atomic_write_bytes(self.checkpoints / f"epoch-{epoch:03d}.pt", buffer.getvalue())
+        atomic_write_bytes(checkpoint_path(self.dir, epoch), buffer.getvalue())
 
     def _checkpoint_files(self) -> List[Path]:
         return sorted(self.checkpoints.glob(CHECKPOINT_GLOB)) if self.checkpoints.exists() else []
@@ -326,7 +459,7 @@ class RunStore:
             raise ValueError(f"unknown weights {which!r}; use one of {WEIGHTS}")
         buffer = io.BytesIO()
         torch.save({k: v.detach().cpu() for k, v in state_dict.items()}, buffer)
-        path = self.dir / f"weights-{which}.pt"
+        path = self.dir / _weights_name(which)
         atomic_write_bytes(path, buffer.getvalue())
         return path
 
@@ -384,18 +517,128 @@ class RunStore:
         return chosen
 
 
-# -- the run lock, and a cheap look at the last record (launchers, slurm and status read them) ---------------------
+# -- a cheap look at the last record (launchers, slurm, surface) -------------------------------------------------
 def last_record(run_dir: Path) -> dict:
     """The last complete line of ``run_dir/records.jsonl``, unchecked; {} when there is none or it does not parse.
     Reads only the file's tail, so that a launcher can poll a long run cheaply."""
     try:
-        with open(Path(run_dir) / "records.jsonl", "rb") as f:
+        with open(records_path(run_dir), "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
-            return json.loads(f.read().splitlines()[-1])
+            record = json.loads(f.read().splitlines()[-1])
     except (OSError, ValueError, IndexError):
         return {}
+    return record if isinstance(record, dict) else {}
 
 
+# -- run.log: the launcher's event lines -------------------------------------------------------------------------
+EVENTS = ("start", "finish", "failed", "interrupted")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_EVENT = re.compile(r"^\S+ \S+ [A-Z]+ (" + "|".join(EVENTS) + r")\b(.*)$")
+
+
+def run_log_handler(run_dir: Path) -> logging.Handler:
+    """A logging handler that appends to ``run_dir/run.log`` in the format `last_event` reads; the launcher logs
+    ``start <run-id> pid=.. host=.. [slurm_job=..]``, ``finish``, ``failed`` and ``interrupted`` lines through it."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(Path(run_dir) / RUN_LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+    return handler
+
+
+def last_event(run_dir: Path, events=EVENTS) -> Tuple[Optional[str], str]:
+    """The last of the launcher's ``events`` lines in run.log: (event, the rest of the line); (None, "") without."""
+    try:
+        lines = (Path(run_dir) / RUN_LOG).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None, ""
+    for line in reversed(lines):
+        m = _EVENT.match(line)
+        if m and m.group(1) in events:
+            return m.group(1), m.group(2).strip(" :")
+    return None, ""
+
+
+def event_fields(rest: str) -> Tuple[Optional[str], Optional[str], Optional[str]]:
+    """(pid, host, SLURM job) from the rest of a run.log start line."""
+    def field(name):
+        m = re.search(rf"\b{name}=(\S+)", rest)
+        return m.group(1).rstrip(",") if m else None
+    return field("pid"), field("host"), field("slurm_job")
+
+
+# -- weights: weights-init.pt, weights-final.pt, checkpoints/epoch-NNN.pt -----------------------------------------
+def weights_file(run_dir: Path, epoch: str) -> Path:
+    """The file holding a run's weights at ``epoch`` ("init", "final", or a number: a checkpoint still kept);
+    StoreError saying why when the run has none."""
+    run_dir = Path(run_dir)
+    if epoch in WEIGHTS:
+        path = run_dir / _weights_name(epoch)
+        if not path.exists():
+            if epoch == "final" and not is_done(run_dir):
+                why = "the run has not finished; resume it first"
+            elif epoch == "final" and last_record(run_dir).get("kind") == "diverged":
+                why = "the run diverged, so it has no finite final weights"
+            else:
+                why = "it was trained before runs kept their weights; retrain it to draw surfaces"
+            raise StoreError(f"{run_dir} has no {path.name} ({why})")
+        return path
+    path = checkpoint_path(run_dir, int(epoch))
+    if not path.exists():
+        have = [str(e) for e in checkpoint_epochs(run_dir)]
+        raise StoreError(f"{run_dir} has no checkpoint of epoch {epoch} (checkpoints present: "
+                         f"{', '.join(have) or 'none'}); use --epoch init or final")
+    return path
+
+
+def load_weights(path: Path) -> Tuple[dict, str]:
+    """(model state_dict on CPU, sha256 of the file) from a weights file or a checkpoint (its ``model``); a file
+    that does not load, or holds no state_dict, is a StoreError."""
+    path = Path(path)
+    data = _read_bytes(path)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:   # torch.load raises many types on a truncated or foreign file
+        raise StoreError(f"{path} is not a readable weights file ({len(data)} bytes; {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it is truncated or "
+                         f"damaged: restore it, or retrain the run") from None
+    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise StoreError(f"{path} holds no model state_dict (got {type(state).__name__}); restore the run's "
+                         f"weights file, or retrain the run")
+    return state, hashlib.sha256(data).hexdigest()
+
+
+# -- surfaces/<stem>.npz: arrays and the JSON spec they were computed from ------------------------------------
+def surface_file(run_dir: Path, stem: str) -> Path:
+    return Path(run_dir) / SURFACES / f"{stem}.npz"
+
+
+def surface_files(run_dir: Path) -> List[Path]:
+    """The run's stored surfaces, by name."""
+    return sorted((Path(run_dir) / SURFACES).glob("*.npz"))
+
+
+def stored_form(spec: dict) -> dict:
+    """``spec`` as `read_arrays` gives it back (tuples become lists), to compare a wanted spec with a stored one."""
+    return json.loads(json.dumps(spec, sort_keys=True))
+
+
+def write_arrays(path: Path, spec: dict, arrays: dict) -> None:
+    """One npz holding ``arrays`` and ``spec`` (as JSON, under "spec"), written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, spec=np.array(json.dumps(spec, sort_keys=True)), **arrays)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_arrays(path: Path) -> Tuple[dict, dict]:
+    """(spec, arrays) of a file `write_arrays` wrote; OSError, ValueError, KeyError, EOFError or
+    zipfile.BadZipFile when it is unreadable, truncated or not such a file."""
+    with np.load(path, allow_pickle=False) as f:
+        return json.loads(str(f["spec"])), {k: f[k] for k in f.files if k != "spec"}
+
+
+# -- the run lock ------------------------------------------------------------------------------------------------
 @contextmanager
 def run_lock(run_dir: Path):
     """Hold an exclusive lock on ``run_dir/run.log`` while the run executes, so that two launches into the same
@@ -407,7 +650,7 @@ def run_lock(run_dir: Path):
         yield True
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / "run.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(run_dir / RUN_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -423,7 +666,7 @@ def is_locked(run_dir: Path) -> bool:
     """Whether a live process holds ``run_lock`` on this run (on this machine)."""
     try:
         import fcntl
-        fd = os.open(run_dir / "run.log", os.O_RDONLY)
+        fd = os.open(Path(run_dir) / RUN_LOG, os.O_RDONLY)
     except (ImportError, OSError):
         return False
     try:

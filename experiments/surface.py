@@ -49,7 +49,6 @@ import concurrent.futures as cf
 import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import multiprocessing as mp
@@ -67,8 +66,12 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from smoothness import BN_MODES
+
 from .config import ConfigError, RunConfig
-from .store import StoreError, atomic_write_bytes
+from .store import (StoreError, config_path, has_config, load_weights, read_arrays, read_config, stored_form,
+                    surface_file, write_arrays)
+from .store import weights_file as stored_weights_file
 
 KINDS = ("surface", "interpolation")
 EXECUTORS = ("serial", "process", "ray")
@@ -126,8 +129,8 @@ class SurfaceSpec:
                               f"{MAX_ARRAY_BYTES / 2 ** 30:g} GiB: use a smaller --grid")
         if self.samples < 0:
             raise ConfigError(f"--samples must be >= 0 (0 = the whole training subset), got {self.samples}")
-        if self.bn_mode not in ("batch", "running"):
-            raise ConfigError(f"--bn-mode must be batch or running, got {self.bn_mode!r}")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(f"--bn-mode must be {' or '.join(BN_MODES)}, got {self.bn_mode!r}")
         if self.bn_stats not in ("keep", "recompute"):
             raise ConfigError(f"--bn-stats must be keep or recompute, got {self.bn_stats!r}")
         if self.bn_mode == "batch" and self.bn_stats != "keep":
@@ -164,7 +167,7 @@ def check_epoch(epoch: str) -> str:
 
 
 def surface_path(run_dir: Path, spec: SurfaceSpec) -> Path:
-    return Path(run_dir) / "surfaces" / f"{spec.stem}.npz"
+    return surface_file(run_dir, spec.stem)
 
 
 # -- the stored arrays ---------------------------------------------------------------------------------------------
@@ -183,26 +186,20 @@ class StoredSurface:
         return bool(self.done.all())
 
     def save(self) -> None:
-        arrays = {"x": self.x, "losses": self.losses, "accuracies": self.accuracies, "done": self.done,
-                  "spec": np.array(json.dumps(self.spec, sort_keys=True))}
+        arrays = {"x": self.x, "losses": self.losses, "accuracies": self.accuracies, "done": self.done}
         if self.y is not None:
             arrays["y"] = self.y
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, buffer.getvalue())
+        write_arrays(self.path, self.spec, arrays)
 
 
 def read_surface(path: Path) -> StoredSurface:
     """Load a stored surface (see the module docstring for the arrays)."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            # files written before the loss was recorded were all evaluated with cross-entropy
-            spec = {"loss": "cross-entropy", **json.loads(str(f["spec"]))}
-            return StoredSurface(path=path, spec=spec, x=f["x"],
-                                 y=f["y"] if "y" in f.files else None, losses=f["losses"],
-                                 accuracies=f["accuracies"], done=f["done"])
+        spec, f = read_arrays(path)
+        # files written before the loss was recorded were all evaluated with cross-entropy
+        return StoredSurface(path=path, spec={"loss": "cross-entropy", **spec}, x=f["x"], y=f.get("y"),
+                             losses=f["losses"], accuracies=f["accuracies"], done=f["done"])
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
         raise SurfaceError(f"{path} is not a readable surface file ({type(exc).__name__}: {exc}; truncated by a "
                            f"crash or a full disk?); delete it (or move it away) to recompute it") from None
@@ -210,10 +207,9 @@ def read_surface(path: Path) -> StoredSurface:
 
 # -- a run and its weights -----------------------------------------------------------------------------------------
 def read_run_config(run_dir: Path) -> RunConfig:
-    from .store import StoreError, read_config  # the one reader of config.json
-    path = Path(run_dir) / "config.json"
+    path = config_path(run_dir)
     if not path.exists():
-        raise SurfaceError(f"{run_dir} is not a run directory (no config.json); give run directories such as "
+        raise SurfaceError(f"{run_dir} is not a run directory (no {path.name}); give run directories such as "
                            f"results/<study>/<run-id>, or a study directory holding them")
     try:
         return read_config(path)
@@ -222,42 +218,19 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 
 def weights_file(run_dir: Path, epoch: str) -> Path:
-    run_dir = Path(run_dir)
-    if epoch in ("init", "final"):
-        path = run_dir / f"weights-{epoch}.pt"
-        if not path.exists():
-            records = run_dir / "records.jsonl"
-            if epoch == "final" and not (run_dir / "done").exists():
-                why = "the run has not finished; resume it first"
-            elif epoch == "final" and records.exists() and '"kind": "diverged"' in records.read_text():
-                why = "the run diverged, so it has no finite final weights"
-            else:
-                why = "it was trained before runs kept their weights; retrain it to draw surfaces"
-            raise SurfaceError(f"{run_dir} has no {path.name} ({why})")
-        return path
-    path = run_dir / "checkpoints" / f"epoch-{int(epoch):03d}.pt"
-    if not path.exists():
-        have = sorted(p.stem.removeprefix("epoch-").lstrip("0") or "0"
-                      for p in (run_dir / "checkpoints").glob("epoch-*.pt")) if (run_dir / "checkpoints").exists() else []
-        raise SurfaceError(f"{run_dir} has no checkpoint of epoch {epoch} (checkpoints present: "
-                           f"{', '.join(have) or 'none'}); use --epoch init or final")
-    return path
+    """The file of the run's weights at ``epoch`` (``store.weights_file``)."""
+    try:
+        return stored_weights_file(run_dir, epoch)
+    except StoreError as exc:
+        raise SurfaceError(str(exc)) from None
 
 
 def load_state(path: Path) -> Tuple[dict, str]:
-    """(model state_dict on CPU, sha256 of the file)."""
-    data = Path(path).read_bytes()
+    """(model state_dict on CPU, sha256 of the file) (``store.load_weights``)."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:   # torch.load raises many types on a truncated or foreign file
-        raise SurfaceError(f"{path} is not a readable weights file ({len(data)} bytes; {type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); it is truncated or "
-                           f"damaged: restore it, or retrain the run") from None
-    state = obj["model"] if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise SurfaceError(f"{path} holds no model state_dict (got {type(state).__name__}); restore the run's "
-                           f"weights file, or retrain the run")
-    return state, hashlib.sha256(data).hexdigest()
+        return load_weights(path)
+    except StoreError as exc:
+        raise SurfaceError(str(exc)) from None
 
 
 def check_weights(cfg: RunConfig, path: Path, state: dict, input_shape, num_classes: int) -> None:
@@ -379,7 +352,7 @@ def open_surface(run_dir: Path, spec: SurfaceSpec, identity: dict) -> StoredSurf
     path = surface_path(run_dir, spec)
     if path.exists():
         stored = read_surface(path)
-        if stored.spec != json.loads(json.dumps(identity, sort_keys=True)):
+        if stored.spec != stored_form(identity):
             raise SurfaceError(f"{path} was computed from other weights or options than asked now "
                                f"({_difference(stored.spec, identity)}); nothing was overwritten: move it away "
                                f"to recompute it")
@@ -581,10 +554,10 @@ def expand_run_dirs(paths: Sequence[Path]) -> List[Path]:
     """Run directories as given; a study directory (no config.json, run directories inside) stands for its runs."""
     out = []
     for p in map(Path, paths):
-        if (p / "config.json").exists():
+        if has_config(p):
             out.append(p)
             continue
-        inside = sorted(c for c in p.iterdir() if (c / "config.json").exists()) if p.is_dir() else []
+        inside = sorted(c for c in p.iterdir() if has_config(c)) if p.is_dir() else []
         if not inside:
             raise SurfaceError(f"{p} is neither a run directory (config.json) nor a study directory holding runs")
         out += inside

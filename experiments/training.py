@@ -29,7 +29,7 @@ from .data import load_dataset
 from .losses import get_loss
 from .loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from .models import build_model
-from .store import RunStore, StoreError, atomic_write_json
+from .store import RunStore, StoreError
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
 
@@ -116,7 +116,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                          f"from its last checkpoint (or move the directory away to start over)")
 
     data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
-    atomic_write_json(store.dir / "dataset.json", data.info)  # which files were read (checksums), preprocessing
+    store.write_dataset(data.info)  # which files were read (checksums), preprocessing
     data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
     x_train, y_train = data.x_train, data.y_train

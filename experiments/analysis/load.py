@@ -1,6 +1,7 @@
 """Read a study's run directories into pandas tables.
 
-A study directory holds one directory per run (``config.json`` + ``records.jsonl``, see ``results/README.md``).
+A study directory holds one directory per run (``config.json`` + ``records.jsonl``, see ``results/README.md``), read
+through ``experiments.store`` (the one reader of run directories); its StoreErrors become AnalysisErrors here.
 ``load`` melts every numeric field of every record into one long-form row; ``load_runs`` gives one row per run.
 Unfinished and diverged runs are kept and flagged in ``status``; nothing is dropped silently: a directory that holds
 run files but no config.json stops the analysis with its name, and a malformed line stops it with ``file:line``.
@@ -11,15 +12,15 @@ apart from model, seed and lr, so that runs of two models pair on (lr, seed, opt
 """
 from __future__ import annotations
 
-import json
 import math
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from .. import store
+from ..store import StoreError
 from .errors import AnalysisError
 from .pairing import group_label, options_key, variant_labels
 
@@ -28,15 +29,7 @@ LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "loss", "varian
 RUN_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "loss", "variant", "options", "status", "diverged_step",
                "diverged_epoch", "n_records", "path"]
 _RECORD_KEYS = {"kind", "step", "epoch", "bn_mode"}
-_EXPECTED = "run directories, each holding config.json and records.jsonl (see results/README.md)"
-# Files that make a directory a run directory (results/README.md); one of them without config.json is a broken run.
-_RUN_FILES = ("records.jsonl", "done", "timing.json", "checkpoints")
-# Record fields of the schema (results/README.md) and the types they must have; other fields are free-form.
-_NUMBERS = {"loss", "accuracy", "base_loss", "grad_norm", "loss_min", "loss_max", "grad_pred_min", "grad_pred_max",
-            "effective_beta", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "local_smoothness",
-            "sharpness", "sharpness_n_hvp"}
-_NUMBER_LISTS = {"step_sizes", "losses", "grad_diff_norms"}
-_COUNTS = {"step", "epoch"}
+_EXPECTED = f"run directories, each holding {store.CONFIG} and {store.RECORDS} (see results/README.md)"
 
 
 @dataclass
@@ -61,19 +54,14 @@ class RunData:
         return "done" if self.done else "unfinished"
 
 
-def _key_line(text: str, key: str) -> int:
-    """The line of ``"key":`` in a JSON text (1 if not found): error messages point at file:line."""
-    m = re.search(rf'^.*"{re.escape(key)}"\s*:', text, flags=re.MULTILINE)
-    return text.count("\n", 0, m.start()) + 1 if m else 1
-
-
 def _is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
-def _check_config(path: Path, text: str, config: dict) -> None:
-    """The fields the analysis groups and pairs on must have their RunConfig types."""
-    problems = []
+def _check_config(file: store.ConfigFile) -> None:
+    """The fields the analysis groups and pairs on must have their RunConfig types (the rest of the file is not
+    checked: runs an older version wrote are still averaged)."""
+    config, problems = file.data, []
     for key in ("model", "seed", "lr"):
         if key not in config:
             problems.append((key, f'has no "{key}"'))
@@ -88,80 +76,37 @@ def _check_config(path: Path, text: str, config: dict) -> None:
         problems.append(("lr", f'"lr" must be a positive number, got {lr!r}'))
     if problems:
         key, what = problems[0]
-        raise AnalysisError(f"{path}:{_key_line(text, key)}: {what}; expected the run's RunConfig as written by "
+        raise AnalysisError(f"{file.path}:{file.line_of(key)}: {what}; expected the run's RunConfig as written by "
                             f"the toolkit (fix the file or move the run directory out of the study)")
 
 
-def _read_json(path: Path) -> dict:
+def _read_config(run_dir: Path) -> dict:
     try:
-        text = path.read_bytes().decode("utf-8")
-        data = json.loads(text)
-    except OSError as err:
-        raise AnalysisError(f"{path}: cannot be read ({err.strerror or err}); check its permissions") from None
-    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError
-        line = f":{err.lineno}" if hasattr(err, "lineno") else ""
-        raise AnalysisError(f"{path}{line}: cannot be read as JSON ({err}); expected the run's RunConfig "
-                            f"object") from None
-    if not isinstance(data, dict):
-        raise AnalysisError(f"{path}:1: expected a JSON object (the run's RunConfig), got {type(data).__name__}")
-    _check_config(path, text, data)
-    return data
+        file = store.read_config_file(store.config_path(run_dir))
+    except StoreError as err:
+        if err.unreadable:
+            raise AnalysisError(f"{err.path}: {err.problem}; check its permissions") from None
+        line = "" if err.line is None else f":{err.line}"
+        raise AnalysisError(f"{err.path}{line}: cannot be read as JSON ({err.problem}); expected the run's "
+                            f"RunConfig object") from None
+    _check_config(file)
+    return file.data
 
 
-def _check_record(record) -> str | None:
-    """What is wrong with one parsed record line, or None."""
-    if not isinstance(record, dict):
-        return f"expected one JSON object per line, got a JSON {type(record).__name__}"
-    if not isinstance(record.get("kind"), str):
-        return "expected a \"kind\" key naming the record kind (step, probe, eval, smoothness, diverged)"
-    for key, value in record.items():
-        if key in _COUNTS and not (value is None or _is_count(value)):
-            return f"field \"{key}\" must be a non-negative integer, got {value!r}"
-        if key in _NUMBERS and not _is_number(value):
-            return f"field \"{key}\" must be a number or null, got {value!r}"
-        if key in _NUMBER_LISTS and not (isinstance(value, list) and all(_is_number(v) for v in value)):
-            return f"field \"{key}\" must be a list of numbers, got {value!r}"
-        if key == "bn_mode" and not (value is None or isinstance(value, str)):
-            return f"field \"bn_mode\" must be a string, got {value!r}"
-    return None
-
-
-def _read_records(path: Path, done: bool) -> tuple[list[dict], list[int]]:
-    """(records, their line numbers): parse records.jsonl; a torn last line of an unfinished run (killed mid-write) is skipped with a warning.
-
-    Any other bad line (not UTF-8, not JSON, not an object, a field of the wrong type) raises AnalysisError naming
-    ``file:line``.
-    """
-    if not path.exists():
-        return [], []
+def _read_records(run_dir: Path, done: bool) -> tuple[list[dict], list[int]]:
+    """(records, their line numbers); a torn last line of an unfinished run (killed mid-write) is skipped with a
+    warning. Any other bad line (not UTF-8, not JSON, not an object, a field of the wrong type) raises AnalysisError
+    naming ``file:line``."""
     try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as err:
-        raise AnalysisError(f"{path}: cannot be read ({err.strerror or err}); check its permissions") from None
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records, numbers = [], []
-    for i, raw in enumerate(lines):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-            problem = _check_record(record)
-        except UnicodeDecodeError as err:
-            problem = f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-        except ValueError as err:
-            problem = f"not valid JSON ({err})"
-        if problem is None:
-            records.append(record)
-            numbers.append(i + 1)
-            continue
-        if i == last and not done:
-            warnings.warn(f"{path}:{i + 1}: skipping a truncated last record of an unfinished run "
-                          f"(the line being written when the run stopped)", stacklevel=3)
-            continue
-        raise AnalysisError(f"{path}:{i + 1}: corrupt record: {problem}. Each line must be one JSON object of "
-                            f"results/README.md's schema; only the last line of an unfinished run may be "
-                            f"truncated.")
-    return records, numbers
+        numbered = list(store.iter_numbered_records(store.records_path(run_dir),
+                                                    torn_tail="error" if done else "warn"))
+    except StoreError as err:
+        if err.unreadable:
+            raise AnalysisError(f"{err.path}: {err.problem}; check its permissions") from None
+        raise AnalysisError(f"{err.path}:{err.line}: corrupt record: {err.problem}. Each line must be one JSON "
+                            f"object of results/README.md's schema; only the last line of an unfinished run may be "
+                            f"truncated.") from None
+    return [r for _, r in numbered], [n for n, _ in numbered]
 
 
 def _run_dirs(root: Path) -> list[Path]:
@@ -169,27 +114,27 @@ def _run_dirs(root: Path) -> list[Path]:
         raise AnalysisError(f"results directory {root} does not exist; expected a study directory of {_EXPECTED}")
     if not root.is_dir():
         raise AnalysisError(f"{root} is not a directory; expected a study directory of {_EXPECTED}")
-    if (root / "config.json").is_file():
+    if store.has_config(root):
         return [root]
     entries = sorted(root.iterdir())
     if not entries:
         raise AnalysisError(f"results directory {root} is empty; expected {_EXPECTED}")
-    runs = [d for d in entries if d.is_dir() and (d / "config.json").is_file()]
-    broken = [d for d in entries if d.is_dir() and d not in runs and any((d / f).exists() for f in _RUN_FILES)]
+    present = {d: store.run_files(d) for d in entries if store.is_run_dir(d)}
+    runs = [d for d in present if store.has_config(d)]
+    broken = {d: [f for f in files if f in store.PROGRESS_FILES] for d, files in present.items() if d not in runs}
+    broken = {d: files for d, files in broken.items() if files}
     if broken:
-        names = ", ".join(f"{d.name} (holds {', '.join(f for f in _RUN_FILES if (d / f).exists())})"
-                          for d in broken)
-        raise AnalysisError(f"{root}: run director{'y' if len(broken) == 1 else 'ies'} without config.json: "
+        names = ", ".join(f"{d.name} (holds {', '.join(files)})" for d, files in broken.items())
+        raise AnalysisError(f"{root}: run director{'y' if len(broken) == 1 else 'ies'} without {store.CONFIG}: "
                             f"{names}. Without its config a run's model, lr and seed are unknown, so it can be "
-                            f"neither averaged nor left out silently: restore config.json or move the directory "
+                            f"neither averaged nor left out silently: restore {store.CONFIG} or move the directory "
                             f"out of the study folder")
-    starting = [d.name for d in entries if d.is_dir() and d not in runs and (d / "run.log").exists()]
+    starting = [d.name for d in present if d not in runs and d not in broken]
     if starting:
         warnings.warn(f"{root}: {', '.join(starting)} hold only a run.log (no config.json, no records): runs that "
                       f"failed before they started, or are starting now; not analysed", stacklevel=3)
     if not runs:
-        studies = [d.name for d in entries if d.is_dir() and any(
-            (sub / "config.json").is_file() for sub in d.iterdir() if sub.is_dir())]
+        studies = [d.name for d in entries if d.is_dir() and any(store.has_config(sub) for sub in d.iterdir())]
         hint = (f" It looks like a results root holding the studies {studies}: pass one of them."
                 if studies else "")
         found = ", ".join(e.name for e in entries[:8]) + (", ..." if len(entries) > 8 else "")
@@ -201,9 +146,9 @@ def read_study(results_dir) -> list[RunData]:
     """Parse every run directory of a study (or a single run directory)."""
     runs = []
     for d in _run_dirs(Path(results_dir)):
-        done = (d / "done").exists()
-        records, lines = _read_records(d / "records.jsonl", done)
-        run = RunData(d, _read_json(d / "config.json"), records, done, lines=lines)
+        done = store.is_done(d)
+        records, lines = _read_records(d, done)
+        run = RunData(d, _read_config(d), records, done, lines=lines)
         if not run.records:
             warnings.warn(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only",
                           stacklevel=2)

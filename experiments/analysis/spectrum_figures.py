@@ -29,6 +29,7 @@ from matplotlib.lines import Line2D
 from ..atomic import atomic_write_text
 from ..plotstyle import styled
 from ..spectrum import density_of, record_problem
+from ..store import records_path
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
 from .load import AnalysisError, model_order, read_study, run_fields
 from .metrics import averaged
@@ -44,7 +45,7 @@ MODE_LABEL = {"batch": "batch statistics (train mode)", "running": "running stat
 
 def _spectrum_records(run) -> list[dict]:
     """The run's spectrum records, each checked; a corrupt or repeated one stops the analysis at file:line."""
-    path, seen, out = run.path / "records.jsonl", {}, []
+    path, seen, out = records_path(run.path), {}, []
     for r, line in zip(run.records, run.lines):
         if r.get("kind") != "spectrum":
             continue

@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..plotstyle import styled
+from ..store import has_config, surface_files
 from ..surface import StoredSurface, read_surface
 from .figures import save_figure
 from .load import AnalysisError, model_order
@@ -199,7 +200,7 @@ def find_surfaces(run_dirs: Sequence[Path]) -> Dict[str, List[StoredSurface]]:
     """Every stored surface of the runs, grouped by file stem (one stem = one set of options)."""
     groups: Dict[str, List[StoredSurface]] = defaultdict(list)
     for run_dir in run_dirs:
-        for path in sorted((Path(run_dir) / "surfaces").glob("*.npz")):
+        for path in surface_files(run_dir):
             groups[path.stem].append(read_surface(path))
     return dict(sorted(groups.items()))
 
@@ -207,7 +208,7 @@ def find_surfaces(run_dirs: Sequence[Path]) -> Dict[str, List[StoredSurface]]:
 def plot_study_surfaces(study_dir, out_dir=None, **levels) -> List[Path]:
     """Redraw every surface stored under a study's runs into ``study_dir/figures`` (or ``out_dir``)."""
     study_dir = Path(study_dir)
-    runs = sorted(p for p in study_dir.iterdir() if (p / "config.json").exists()) if study_dir.is_dir() else []
+    runs = sorted(p for p in study_dir.iterdir() if has_config(p)) if study_dir.is_dir() else []
     groups = find_surfaces(runs)
     if not groups:
         raise AnalysisError(f"{study_dir}: no run holds surfaces/*.npz; compute them with `smoothness-lab surface`")

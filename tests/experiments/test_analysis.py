@@ -319,15 +319,15 @@ def _corrupt(study, case):
     if case == "array":
         lines[2] = b"[1, 2, 3]"
         records.write_bytes(b"\n".join(lines))
-        return re.escape(f"{records}:3: corrupt record: expected one JSON object per line, got a JSON list")
+        return re.escape(f"{records}:3: corrupt record: expected a JSON object, got an array")
     if case == "record-type":
         lines[2] = lines[2].replace(b'"loss": ', b'"loss": "abc", "x": ', 1)
         records.write_bytes(b"\n".join(lines))
-        return re.escape(f"{records}:3: corrupt record: field \"loss\"") + " must be a number or null, got 'abc'"
+        return re.escape(f"{records}:3: corrupt record: 'loss' must be a number or null, got 'abc'")
     if case == "step-type":
         lines[1] = lines[1].replace(b'"step": 0', b'"step": "0"', 1)
         records.write_bytes(b"\n".join(lines))
-        return re.escape(f"{records}:2: corrupt record: field \"step\" must be a non-negative integer")
+        return re.escape(f"{records}:2: corrupt record: 'step' must be a non-negative integer")
     text = config.read_text()
     if case == "lr-type":
         config.write_text(text.replace('"lr": 0.04', '"lr": "abc"'))

@@ -138,7 +138,7 @@ def test_a_failing_run_is_reported_and_the_others_finish(tmp_path):
     assert "StoreError" in results[0].error and "corrupt" in results[0].error
     log = (bad_dir / "run.log").read_text()
     assert "ERROR failed: StoreError" in log and "Traceback" in log
-    assert run_info(bad_dir) == ("corrupt", "records.jsonl:1: not JSON (Expecting value at column 1)")
+    assert run_info(bad_dir) == ("corrupt", "records.jsonl:1: not valid JSON (Expecting value at column 1)")
     assert (tmp_path / good.run_id / "done").exists()
 
 

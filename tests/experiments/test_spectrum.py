@@ -493,13 +493,16 @@ def _edit(change):
 
 
 @pytest.mark.parametrize("damage,message", [
-    (_duplicate, "a second record of epoch 0, bn_mode batch (the first is on line"),   # was averaged twice
-    (_edit(lambda r: r.pop("nodes")), '"nodes" must be a non-empty list'),
-    (_edit(lambda r: r.update(weights=r["weights"][:1])), '"nodes" has 2 probes but "weights" has 1'),
-    (_edit(lambda r: r["nodes"][0].__setitem__(2, None)), "probe 0: nodes and weights must be numbers, got None"),
-    (_edit(lambda r: r.update(nodes=[], weights=[])), '"nodes" must be a non-empty list'),
-    (_edit(lambda r: r.update(lambda_max="big")), '"lambda_max" must be a number or null'),
-    (_edit(lambda r: r.update(bn_mode="eval")), '"bn_mode" must be one of batch, running'),
+    # was averaged twice
+    (_duplicate, "bad spectrum record: a second record of epoch 0, bn_mode batch (the first is on line"),
+    (_edit(lambda r: r.pop("nodes")), 'bad spectrum record: "nodes" must be a non-empty list'),
+    (_edit(lambda r: r.update(weights=r["weights"][:1])),
+     'bad spectrum record: "nodes" has 2 probes but "weights" has 1'),
+    (_edit(lambda r: r["nodes"][0].__setitem__(2, None)),
+     "bad spectrum record: probe 0: nodes and weights must be numbers, got None"),
+    (_edit(lambda r: r.update(nodes=[], weights=[])), 'bad spectrum record: "nodes" must be a non-empty list'),
+    (_edit(lambda r: r.update(lambda_max="big")), 'bad spectrum record: "lambda_max" must be a number or null'),
+    (_edit(lambda r: r.update(bn_mode="eval")), "corrupt record: 'bn_mode' must be 'batch' or 'running'"),
 ])
 def test_bad_spectrum_record_is_refused_at_file_and_line(tmp_path, damage, message):
     """Failed before: a silent double count (n = 6 from 5 seeds) or one of six different tracebacks."""
@@ -513,7 +516,7 @@ def test_bad_spectrum_record_is_refused_at_file_and_line(tmp_path, damage, messa
     result = CliRunner().invoke(main, ["spectrum", str(study.path)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
-    assert f"{path}:{bad}: bad spectrum record: {message}" in result.output, result.output
+    assert f"{path}:{bad}: {message}" in result.output, result.output
     assert not any((study.path / "figures").iterdir()) and not (study.path / "spectrum.md").exists()
 
 

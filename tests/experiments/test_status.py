@@ -140,16 +140,17 @@ def _rewrite_line(path, index, text):
 @pytest.mark.parametrize("damage,problem", [
     (lambda r: (r / "config.json").unlink(),
      "config.json: missing, although the directory holds the run's records or checkpoints"),
-    (lambda r: (r / "config.json").write_text("{not json"), "config.json: not JSON ("),
-    (lambda r: (r / "config.json").write_text("[1, 2]"), "config.json: a JSON list, not the run's config object"),
+    (lambda r: (r / "config.json").write_text("{not json"), "config.json: not valid JSON ("),
+    (lambda r: (r / "config.json").write_text("[1, 2]"),
+     "config.json: must be a JSON object (the run's config), got an array"),
     (lambda r: (r / "config.json").write_text(
         json.dumps({**json.loads((r / "config.json").read_text()), "lr": "abc"})),
      "config.json: --lr must be a number, got 'abc'"),
     (lambda r: _rewrite_line(r / "records.jsonl", 1, b'["kind", "step"]'),
-     "records.jsonl:2: a JSON list, not a record object"),
+     "records.jsonl:2: expected a JSON object, got an array"),
     (lambda r: _rewrite_line(r / "records.jsonl", 2, b'{"kind": "step", "loss": "\xff"}'),
      "records.jsonl:3: not UTF-8 text (byte 0xff at column 27)"),
-    (lambda r: _rewrite_line(r / "records.jsonl", 3, b'{"kind": "st'), "records.jsonl:4: not JSON ("),
+    (lambda r: _rewrite_line(r / "records.jsonl", 3, b'{"kind": "st'), "records.jsonl:4: not valid JSON ("),
     (lambda r: _rewrite_line(r / "records.jsonl", 4, b'{"step": 3}'), "records.jsonl:5: a record without a 'kind'"),
     (lambda r: (r / "records.jsonl").write_bytes((r / "records.jsonl").read_bytes()[:-20]),   # torn, yet `done`
      "records.jsonl:"),
@@ -171,7 +172,7 @@ def test_status_command_on_a_corrupt_study_prints_one_row_per_run(run):
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     row, counts = result.output.strip().splitlines()
-    assert row.split()[:2] == [CFG.run_id, "corrupt"] and "records.jsonl:2: a JSON list" in row
+    assert row.split()[:2] == [CFG.run_id, "corrupt"] and "records.jsonl:2: expected a JSON object, got an array" in row
     assert counts == "1 runs: 0 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 1 corrupt, 0 not started"
 
 
