@@ -417,8 +417,8 @@ def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: s
     order of ``run_dirs``.
 
     Every check and every job is prepared before the first task runs. ``on_task(run_dir, task)`` is called in this
-    process after each task is stored (the progress bar uses the same hook). Workers default to one per core, one
-    on CUDA (the tasks share the GPU).
+    process after each task is stored (the progress bar uses the same hook). Workers default to the executor's
+    rule (``executors.default_workers``: one per core, one on this machine's GPU).
     """
     from tqdm.auto import tqdm
 
@@ -441,7 +441,7 @@ def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: s
             owner[key] = run
     if not tasks:
         return [r.stored for r in runs]
-    n_workers = workers or (1 if dev.type == "cuda" else executors.default_workers(executor, len(tasks), options))
+    n_workers = workers or executors.default_workers(executor, len(tasks), options, one_gpu=dev.type == "cuda")
     bar = tqdm(total=sum(len(t.args[1][1]) for t in tasks), unit="pt", disable=quiet, desc="surface",
                dynamic_ncols=True)
 

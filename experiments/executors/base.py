@@ -137,9 +137,14 @@ def check_executor(name: str, options: ExecutorOptions = ExecutorOptions(), devi
     return executor
 
 
-def default_workers(name: str, n_tasks: int, options: ExecutorOptions = ExecutorOptions()) -> int:
-    """Tasks at once when ``--workers`` is not given (the executor's rule)."""
-    return get_executor(name).default_workers(n_tasks, options)
+def default_workers(name: str, n_tasks: int, options: ExecutorOptions = ExecutorOptions(), *,
+                    one_gpu: bool = False) -> int:
+    """Tasks at once when ``--workers`` is not given: the executor's rule, or 1 for tasks that would all share this
+    machine's one GPU (``one_gpu``: a surface's rows on CUDA)."""
+    executor = get_executor(name)
+    if one_gpu and not executor.elsewhere(options):
+        return 1
+    return executor.default_workers(n_tasks, options)
 
 
 @contextmanager

@@ -147,3 +147,5 @@ def test_checks_name_the_executor_and_its_options():
     with pytest.raises(ConfigError, match="--workers must be a positive integer, got 0"):
         executors.check_executor("process", workers=0)
     assert executors.default_workers("serial", 10) == 1
+    assert executors.default_workers("process", 10, one_gpu=True) == 1     # rows sharing this machine's GPU
+    assert executors.default_workers("slurm", 10, one_gpu=True) == 10     # a job, and a GPU, per task
