@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import click
 
 from .config import ConfigError, RunConfig, StudyConfig
-from .launchers import EXECUTORS
+from .executors.choice import ExecutorChoice
 from .study_files import read_json
 
 _HELP = {
@@ -124,7 +124,7 @@ def launch_options(fn):
                      show_default=True, help="where study directories are created"),
         click.option("--data-dir", type=click.Path(path_type=Path), default=None,
                      help="folder holding the dataset files (else $SMOOTHNESS_DATA, ./data, system paths)"),
-        click.option("--executor", type=click.Choice(EXECUTORS), default="process", show_default=True,
+        click.option("--executor", type=ExecutorChoice(), default="process", show_default=True,
                      help="how runs are fanned out"),
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="parallel runs [default: min(cores, runs); 1 for serial]"),
@@ -299,7 +299,8 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
 
     import torch
 
-    from .launchers import default_threads, default_workers
+    from .executors import default_workers
+    from .launchers import default_threads
     from .store import atomic_write_json
     path = study_dir / "launch.json"
     try:
@@ -329,7 +330,7 @@ def _slurm_options(executor: str, slurm: dict):
     """The --slurm-* options as SlurmOptions; None when none is given and the executor is not slurm."""
     if executor != "slurm" and all(v in (None, ()) for v in slurm.values()):
         return None
-    from .slurm import SlurmOptions, parse_sbatch
+    from .executors.slurm import SlurmOptions, parse_sbatch
     given = {k: v for k, v in dict(cluster=slurm["slurm_cluster"], partition=slurm["slurm_partition"],
                                    time_min=slurm["slurm_time"], gpus=slurm["slurm_gpus"], cpus=slurm["slurm_cpus"],
                                    mem_gb=slurm["slurm_mem_gb"]).items() if v is not None}

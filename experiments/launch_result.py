@@ -1,10 +1,8 @@
-"""What every executor reports for a run, and how long it waits for interrupted runs: shared by ``launchers`` and
-the executors it dispatches to (``slurm``), which must not import ``launchers`` back."""
+"""What every run of a launch ends as: returned by ``launchers.execute`` (the task every executor runs) and by
+``launchers.launch``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-INTERRUPT_GRACE = 10.0       # seconds interrupted workers get to close their runs before they are killed
 
 
 @dataclass(frozen=True)

@@ -36,45 +36,38 @@ never overwritten: the error says to move it away.
 
 Fan-out
 -------
-Tasks are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at once. ``serial``
-evaluates them in this process; ``process`` on ``workers`` spawned processes (each reads a run's job file once);
-``ray`` as Ray tasks on a local or given cluster. Every worker uses ``threads`` torch threads (default 1, as the
-training launchers do), so a cell's value does not depend on the executor. A worker that dies stops the command
-with a one-line error (the finished rows are stored: the same command resumes); workers watch their parent and exit,
-removing the job folder, when it is killed.
+Tasks are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at once, run by an
+executor of the registry (``experiments.executors``: serial, process, ray, slurm, or one registered from outside).
+A run's job (model, weights, data) is the tasks' shared object, shipped once (the process executor: one file that
+each task's process reads; Ray: one object), and built once per job in a worker. Every worker uses ``threads`` torch threads (default 1, as the training launchers do), so a cell's
+value does not depend on the executor. A worker that dies stops the command with a one-line error (the finished rows
+are stored: the same command resumes); workers watch their parent and exit, removing the shared job files, when it
+is killed.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing as mp
-import os
 import re
-import shutil
-import tempfile
-import threading
-import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from smoothness import BN_MODES
 
+from . import executors
 from .config import ConfigError, RunConfig
 from .store import (StoreError, config_path, has_config, load_weights, read_arrays, read_config, stored_form,
                     surface_file, write_arrays)
 from .store import weights_file as stored_weights_file
 
 KINDS = ("surface", "interpolation")
-EXECUTORS = ("serial", "process", "ray")
 NORMALIZE = ("filter", "layer", "none")
 IGNORE = ("biasbn", "none")
 SAMPLE_SEED = 0
@@ -368,49 +361,16 @@ def _difference(a: dict, b: dict) -> str:
     return "differs in " + ", ".join(keys)
 
 
-# -- executors -----------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# -- fan-out -------------------------------------------------------------------------------------------------------
+_BUILT: dict = {}   # this process's last built job: a worker evaluates many tasks of one job
 
 
-_WORKER: Dict[str, object] = {}
-
-
-PARENT_POLL_S = 0.2   # how often a worker checks that its parent is alive
-
-
-def _die_with_parent(parent: int, tmp: str) -> None:
-    """Worker watchdog: once the parent is gone (killed, even by SIGKILL), remove the job folder and exit, so that
-    no orphan keeps its memory. Polling os.getppid is portable and, unlike Linux's PR_SET_PDEATHSIG, leaves the
-    worker a moment to clean up."""
-    while os.getppid() == parent:
-        time.sleep(PARENT_POLL_S)
-    shutil.rmtree(tmp, ignore_errors=True)
-    os._exit(1)
-
-
-def _worker_init(threads: int, parent: int, tmp: str) -> None:
-    threading.Thread(target=_die_with_parent, args=(parent, tmp), daemon=True, name="die-with-parent").start()
-    torch.set_num_threads(threads)
-
-
-def _worker_task(job_path: str, device: str, task: Task):
-    """Runs in a worker process: build (once per job file) and evaluate one task."""
-    if _WORKER.get("path") != job_path:
-        _WORKER["built"] = _Built(torch.load(job_path, map_location="cpu", weights_only=True), torch.device(device))
-        _WORKER["path"] = job_path
-    return task, *_WORKER["built"].evaluate(task)
-
-
-def _ray_task(job, device: str, threads: int, task: Task):
-    torch.set_num_threads(threads)
-    return task, *_Built(job, torch.device(device)).evaluate(task)
+def evaluate_task(job: dict, device: str, task: Task, progress=None) -> Tuple[Task, np.ndarray, np.ndarray]:
+    """One task, in a worker of any executor (``job``: the run's shared job; built once per job and device)."""
+    if _BUILT.get("job") is not job or _BUILT.get("device") != device:
+        _BUILT.clear()
+        _BUILT.update(job=job, device=device, built=_Built(job, torch.device(device)))
+    return task, *_BUILT["built"].evaluate(task)
 
 
 @dataclass
@@ -422,42 +382,50 @@ class SurfaceRun:
     tasks: List[Task]
 
 
-def default_workers(executor: str, n_tasks: int, device: torch.device) -> int:
-    if executor == "serial" or device.type == "cuda":
-        return 1
-    return max(1, min(os.cpu_count() or 1, n_tasks))
-
-
 def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: str = "process",
                      workers: Optional[int] = None, threads: int = 1, device: str = "auto",
                      data_dir: Optional[str] = None, ray_address: Optional[str] = None, quiet: bool = False,
                      on_task: Optional[Callable[[Path, Task], None]] = None) -> List[StoredSurface]:
-    """Compute (or finish) ``spec`` for every run; returns the stored surfaces in the order of ``run_dirs``.
+    """Compute (or finish) ``spec`` for every run on the executor of that name; returns the stored surfaces in the
+    order of ``run_dirs``.
 
     Every check and every job is prepared before the first task runs. ``on_task(run_dir, task)`` is called in this
-    process after each task is stored (the progress bar uses the same hook).
+    process after each task is stored (the progress bar uses the same hook). Workers default to the executor's
+    rule (``executors.default_workers``: one per core, one on this machine's GPU).
     """
     from tqdm.auto import tqdm
 
     from .training import resolve_device
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown --executor {executor!r}; choose one of: {', '.join(EXECUTORS)}")
-    if threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {threads}")
+    options = executors.ExecutorOptions(ray_address=ray_address or None,
+                                        workdir=Path(run_dirs[0]).parent if run_dirs else None)
+    executors.check_executor(executor, options, [device], workers=workers, threads=threads)
     dev = resolve_device(device)
     runs = []
     for run_dir in run_dirs:
         job, identity = prepare_job(run_dir, spec, data_dir)
         stored = open_surface(run_dir, spec, identity)
         runs.append(SurfaceRun(Path(run_dir), stored, job, missing_tasks(stored.done)))
-    todo = [(r, t) for r in runs for t in r.tasks]
-    if not todo:
+    tasks, owner, shared = [], {}, {}
+    for k, run in enumerate(runs):
+        for task in run.tasks:
+            key = f"{k}:{task[0]}:{task[1][0]}"
+            shared[f"job-{k}"] = run.job
+            tasks.append(executors.Task(key, evaluate_task, (str(dev), task), shared=f"job-{k}"))
+            owner[key] = run
+    if not tasks:
         return [r.stored for r in runs]
-    n_workers = workers or default_workers(executor, len(todo), dev)
-    bar = tqdm(total=sum(len(t[1]) for _, t in todo), unit="pt", disable=quiet, desc="surface",
+    n_workers = workers or executors.default_workers(executor, len(tasks), options, one_gpu=dev.type == "cuda")
+    bar = tqdm(total=sum(len(t.args[1][1]) for t in tasks), unit="pt", disable=quiet, desc="surface",
                dynamic_ncols=True)
 
-    def store(run: SurfaceRun, task: Task, losses, accuracies) -> None:
+    def store(outcome: executors.Outcome) -> None:
+        run = owner[outcome.key]
+        if not outcome.ok:
+            what = (f"a surface worker process died ({outcome.cause})" if outcome.cause
+                    else f"a surface task of {run.run_dir} failed ({outcome.error})")
+            raise SurfaceError(f"{what}; every finished row is stored: run the same command again to compute only "
+                               f"the missing points")
+        task, losses, accuracies = outcome.result
         cells = _cells(task)
         run.stored.losses[cells] = losses
         run.stored.accuracies[cells] = accuracies
@@ -469,85 +437,12 @@ def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: s
             on_task(run.run_dir, task)
 
     try:
-        if executor == "serial":
-            with _torch_threads(threads):
-                for run in runs:
-                    if run.tasks:
-                        built = _Built(run.job, dev)
-                        for task in run.tasks:
-                            store(run, task, *built.evaluate(task))
-        elif executor == "process":
-            _run_pool(runs, n_workers, threads, dev, store)
-        else:
-            _run_ray(runs, n_workers, threads, dev, ray_address, store)
+        executors.run_tasks(executor, tasks, workers=n_workers, threads=threads, on_done=store, options=options,
+                            shared=shared, gpus=1.0 if dev.type == "cuda" else 0.0)
     finally:
         bar.close()
+        _BUILT.clear()   # the serial executor built the last job here
     return [r.stored for r in runs]
-
-
-def _run_pool(runs: Sequence[SurfaceRun], workers: int, threads: int, device: torch.device, store) -> None:
-    """Spawned workers (no fork: torch and CUDA are not fork-safe); each run's job goes to a temporary file that
-    every worker reads once, so a task carries only its row number."""
-    tmp = tempfile.mkdtemp(prefix="smoothness-surface-")
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads, os.getpid(), tmp))
-    try:
-        futures = {}
-        for k, run in enumerate(runs):
-            if not run.tasks:
-                continue
-            job_path = os.path.join(tmp, f"job-{k}.pt")
-            torch.save(run.job, job_path)
-            for task in run.tasks:
-                futures[pool.submit(_worker_task, job_path, str(device), task)] = run
-        for future in cf.as_completed(futures):
-            try:
-                task, losses, accuracies = future.result()
-            except cf.process.BrokenProcessPool:
-                raise SurfaceError("a surface worker process died (killed, or out of memory); every finished row "
-                                   "is stored: run the same command again to compute only the missing points") \
-                    from None
-            store(futures[future], task, losses, accuracies)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    else:
-        pool.shutdown(wait=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _run_ray(runs: Sequence[SurfaceRun], workers: int, threads: int, device: torch.device, address, store) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--executor ray needs Ray: pip install 'smoothness-lab[ray]'") from None
-    started = not ray.is_initialized()
-    if started:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False)
-    pending = {}
-    try:
-        remote = ray.remote(num_cpus=threads, num_gpus=1 if device.type == "cuda" else 0, max_retries=0)(_ray_task)
-        for run in runs:
-            if run.tasks:
-                ref = ray.put(run.job)
-                for task in run.tasks:
-                    pending[remote.remote(ref, str(device), threads, task)] = run
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for obj in ready:
-                task, losses, accuracies = ray.get(obj)
-                store(pending.pop(obj), task, losses, accuracies)
-    except BaseException:
-        for obj in pending:
-            ray.cancel(obj, force=True)
-        raise
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def expand_run_dirs(paths: Sequence[Path]) -> List[Path]:

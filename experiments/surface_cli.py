@@ -9,7 +9,8 @@ from typing import Optional, Tuple
 import click
 from click.core import ParameterSource
 
-from .surface import EXECUTORS, IGNORE, NORMALIZE, SurfaceSpec
+from .executors.choice import ExecutorChoice
+from .surface import IGNORE, NORMALIZE, SurfaceSpec
 
 _DEFAULT_RANGE = {"surface": (-1.0, 1.0), "interpolation": (-0.5, 1.5)}
 
@@ -64,7 +65,7 @@ def _check_levels(figures: bool, vmin: float, vmax: float, vlevel: float) -> Non
               help="biasbn: no perturbation of biases and BN parameters (Li et al.)")
 @click.option("--interpolate", is_flag=True,
               help="instead of random directions: the 1-D linear interpolation from init to final weights")
-@click.option("--executor", type=click.Choice(EXECUTORS), default="process", show_default=True,
+@click.option("--executor", type=ExecutorChoice(), default="process", show_default=True,
               help="how grid rows are fanned out")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="parallel workers [default: the cores (1 on CUDA or serial)]")

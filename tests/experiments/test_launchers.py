@@ -24,6 +24,8 @@ from dying import EXIT_CODE, Bomb  # noqa: E402
 
 from experiments import launchers  # noqa: E402
 from experiments.config import RunConfig, StudyConfig  # noqa: E402
+from experiments.executors import process as process_executor  # noqa: E402
+from experiments.executors.ray import check_ray_address  # noqa: E402
 from experiments.launchers import LaunchResult, launch, preflight  # noqa: E402
 from experiments.status import run_info  # noqa: E402
 from experiments.store import StoreError  # noqa: E402
@@ -186,12 +188,12 @@ def _pending_bytes(conn) -> int:
 def deaths_unseen_by_wait(monkeypatch):
     """mp_wait reports only pipes with data waiting, never a process's end: as if every death happened just after
     the launcher's wait returned, before it looked at the processes."""
-    real = launchers.mp_wait
+    real = process_executor.mp_wait
 
     def wait(objects, timeout=None):
         ready = real(objects, timeout)
         return [o for o in ready if isinstance(o, Connection) and _pending_bytes(o) > 0]
-    monkeypatch.setattr(launchers, "mp_wait", wait)
+    monkeypatch.setattr(process_executor, "mp_wait", wait)
 
 
 def test_a_process_dying_before_its_run_starts_is_reported_failed(tmp_path, deaths_unseen_by_wait):
@@ -263,5 +265,5 @@ def test_bad_executor_arguments():
     with pytest.raises(ConfigError, match="--ray-address applies to --executor ray only"):
         launch(grid(), "/nonexistent", executor="process", ray_address="127.0.0.1:6379")
     with pytest.raises(ConfigError, match="not HOST:PORT"):
-        launchers.check_ray_address("localhost")
+        check_ray_address("localhost")
     assert LaunchResult("x", "done", 1.0).error == ""

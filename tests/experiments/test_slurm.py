@@ -1,4 +1,4 @@
-"""`--executor slurm` (experiments.slurm) through submitit's local executor, which runs each job as a process on this
+"""`--executor slurm` (experiments.executors.slurm) through submitit's local executor, which runs each job as a process on this
 machine the way SLURM would on a node: records identical to the serial executor's, a preempted job requeued and
 resumed from its checkpoint, a job that dies reported as failed; the --slurm-* options as the sbatch lines a real
 cluster would get."""
@@ -23,7 +23,7 @@ from dying import Bomb  # noqa: E402
 from experiments.cli import main  # noqa: E402
 from experiments.config import ConfigError, RunConfig, StudyConfig  # noqa: E402
 from experiments.launchers import launch  # noqa: E402
-from experiments.slurm import SlurmOptions, check_slurm, make_executor, parse_sbatch  # noqa: E402
+from experiments.executors.slurm import SlurmOptions, check_slurm, make_executor, parse_sbatch  # noqa: E402
 from experiments.status import study_status  # noqa: E402
 
 LOCAL = SlurmOptions(cluster="local")

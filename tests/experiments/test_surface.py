@@ -344,12 +344,13 @@ def test_truncated_surface_file_says_to_delete_it_and_is_kept(copy_of):
 
 # -- issue 20: workers -----------------------------------------------------------------------------------------------
 def _workers(parent):
-    """The pool's spawned workers among ``parent``'s descendants (not the resource tracker)."""
+    """The task processes among ``parent``'s descendants: the children of its multiprocessing fork server (not the
+    server itself, nor the resource tracker)."""
     out = []
-    for p in parent.children(recursive=True):
+    for p in parent.children():
         try:
-            if "spawn_main" in " ".join(p.cmdline()):
-                out.append(p)
+            if "forkserver" in " ".join(p.cmdline()):
+                out += p.children()
         except psutil.Error:
             pass
     return out
@@ -362,20 +363,20 @@ def test_a_killed_worker_gives_one_clear_error_and_the_rows_stay(copy_of):
     _, runs = copy_of
     spec = sf.SurfaceSpec(grid=40, samples=48)
 
-    def kill_a_worker(run_dir, task):
-        if not kill_a_worker.done:
-            kill_a_worker.done = True
-            os.kill(_workers(psutil.Process())[0].pid, signal.SIGKILL)
-    kill_a_worker.done = False
+    def kill_workers(run_dir, task):
+        # every task has a process of its own, and one may have sent its row just before it is killed: kill the
+        # running ones after every stored row, until a row is lost
+        for worker in _workers(psutil.Process()):
+            os.kill(worker.pid, signal.SIGKILL)
     with pytest.raises(sf.SurfaceError, match="worker process died.*run the same command again"):
         sf.compute_surfaces([runs["convnet"]], spec, executor="process", workers=2, device="cpu", quiet=True,
-                            on_task=kill_a_worker)
+                            on_task=kill_workers)
     kept = sf.read_surface(sf.surface_path(runs["convnet"], spec))
     assert 0 < kept.done.sum() < kept.done.size
 
 
 def test_workers_and_job_folder_die_with_a_killed_parent(copy_of, tmp_path):
-    """kill -9 of the CLI process: its workers exit and remove the job folder within seconds.
+    """kill -9 of the CLI process: its workers exit and remove the shared job folder within seconds.
     Failed before: two workers and the resource tracker kept running, the temporary folder stayed."""
     import os
     import subprocess
@@ -396,10 +397,10 @@ def test_workers_and_job_folder_die_with_a_killed_parent(copy_of, tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "the surface command never started workers"
             time.sleep(0.1)
         children = parent.children(recursive=True)   # the workers and the resource tracker
-        assert list(tmp.glob("smoothness-surface-*"))
+        assert list(tmp.glob("smoothness-shared-*"))
     finally:
         proc.kill()
     proc.wait()
     _, alive = psutil.wait_procs(children, timeout=5)
     assert alive == [], [p.cmdline() for p in alive]
-    assert list(tmp.glob("smoothness-surface-*")) == []
+    assert list(tmp.glob("smoothness-shared-*")) == []
