@@ -164,3 +164,9 @@ def test_local_smoothness_steps_with_the_scheduled_learning_rate(schedule, tmp_p
     assert len(set(seen)) == len(seen)       # it moved with the schedule, not the base cfg.lr
     step_lr = {r["step"]: r["lr"] for r in records if r["kind"] == "step"}
     assert seen[1] == pytest.approx(step_lr[5])   # the rate step 5 is taken with
+
+
+def test_the_probe_bn_modes_are_the_librarys():
+    """The option lists them by hand (so that --help imports no torch); they must stay smoothness.BN_MODES."""
+    import smoothness
+    assert tuple(measurements.find_option("probe_bn_mode").choices) == tuple(smoothness.BN_MODES)
