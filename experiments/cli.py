@@ -15,6 +15,7 @@ from .config import ConfigError, RunConfig, StudyConfig
 from .executors.choice import ExecutorChoice
 from .study_files import read_json
 
+# Help of RunConfig's own fields; the measurements' options bring theirs (experiments/measurements/)
 _HELP = {
     "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10)",
     "subset": "fraction of the training set used, drawn with the run's seed",
@@ -35,30 +36,19 @@ _HELP = {
     "warmup_steps": "linear warmup over the first N steps (0 = none; shorter than the run)",
     "lr_decay_every": "step schedule: multiply the lr by --lr-decay-factor every N steps",
     "lr_decay_factor": "step schedule: the factor of each decay",
-    "probe_every": "line probe every N SGD steps (0 = off)",
-    "probe_steps": "number K of step sizes in a line probe",
-    "probe_min": "smallest probe step, in units of lr",
-    "probe_max": "largest probe step, in units of lr",
-    "probe_bn_mode": "BatchNorm mode of the line probes",
-    "probe_direction": "line probes along d = -gradient (Santurkar) or along the optimizer's actual update",
-    "eval_every": "passes between evaluations, per-pass smoothness and checkpoints",
-    "local_smoothness_samples": "training images for the per-epoch local smoothness (0 = the whole subset)",
-    "sharpness_samples": "fixed training images for the top Hessian eigenvalue (0 = the whole subset)",
-    "sharpness_every": "sharpness every N steps, with the optimizer's stability threshold (0 = once per evaluation)",
-    "sharpness_tol": "relative tolerance of the sharpness (Lanczos), in (0, 0.1]",
-    "sharpness_start": "start each sharpness measurement from a random vector (cold) or from the previous "
-                       "measurement's top eigenvector (warm: fewer Hessian-vector products along training)",
-    "spectrum_every": "Hessian eigenvalue density, top-10 eigenvalues and gradient concentration at init and every "
-                      "E epochs, in both BN modes (0 = off; about 3 min per measurement and mode on one core)",
-    "target_train_loss": "stop at the first evaluation whose training loss is at most this (0 = train every epoch); "
-                         "a 'target' record says whether the run reached it",
-    "generalization_every": "sharpness/flatness/norm measures of sharpness vs generalisation (experiments."
-                            "generalization) at init, every E epochs and at the end (0 = off)",
-    "generalization_samples": "fixed training images the generalisation measures use",
     "device": "auto (cuda if available), cpu or cuda",
     "tensorboard": "also write TensorBoard scalars to <run>/tb",
 }
-_TRACKING_FIELDS = tuple(_HELP)
+_CHOICES = {"sampling": ["replacement", "shuffle"], "optimizer": ["sgd", "adam", "adamw"],
+            "lr_schedule": ["constant", "cosine", "step"], "loss": ["cross-entropy", "mse"]}
+_BEFORE_MEASUREMENTS = tuple(_HELP)[:-2]   # the options --help lists before the measurements', then device, tensorboard
+
+
+def tracking_fields() -> tuple:
+    """The RunConfig options `run`, `sweep` and `train` take, in --help order: RunConfig's own (``_HELP``), then
+    every registered measurement's (also those registered after this module was imported), then where it runs."""
+    from .measurements import options
+    return _BEFORE_MEASUREMENTS + tuple(o.name for o in options()) + ("device", "tensorboard")
 # A study holds at most this many runs (models x lrs x seeds): 10,000 runs of the main job's size are about
 # 18 CPU-days; a larger grid is almost certainly a typo (--seeds 0-100000000) and would only hang while it is built.
 MAX_RUNS = 10_000
@@ -84,38 +74,56 @@ class BatchSize(click.ParamType):
         return number
 
 
-def _field_type(f: dataclasses.Field):
-    from .config import PROBE_DIRECTIONS, SHARPNESS_STARTS
-    choices = {"sharpness_start": list(SHARPNESS_STARTS), "sampling": ["replacement", "shuffle"], "probe_bn_mode": ["batch", "running"],
-               "probe_direction": list(PROBE_DIRECTIONS), "optimizer": ["sgd", "adam", "adamw"],
-               "lr_schedule": ["constant", "cosine", "step"], "loss": ["cross-entropy", "mse"]}
-    if f.name in choices:
-        return click.Choice(choices[f.name])
-    if f.name == "batch_size":
-        return BatchSize()
-    return {int: int, float: float, str: str, bool: bool}.get(type(f.default), str)
+def _option_spec(name: str):
+    """(click type, default, help, is a flag) of a RunConfig option: from ``_HELP`` or its measurement's Option."""
+    from .measurements import find_option
+    option = find_option(name)
+    if option is not None:
+        kind = click.Choice(list(option.choices)) if option.choices else option.type
+        return kind, option.default, option.help, option.type is bool
+    default = next(f.default for f in dataclasses.fields(RunConfig) if f.name == name)
+    if name in _CHOICES:
+        kind = click.Choice(_CHOICES[name])
+    elif name == "batch_size":
+        kind = BatchSize()
+    else:
+        kind = {int: int, float: float, str: str, bool: bool}.get(type(default), str)
+    return kind, default, _HELP[name], isinstance(default, bool)
 
 
 def tracking_options(defaults_from_study: bool):
-    """One click option per RunConfig field (STYLE.md). In `run`/`sweep` they override the study's values."""
-    fields = {f.name: f for f in dataclasses.fields(RunConfig)}
-
+    """One click option per RunConfig option (STYLE.md), measurements' included. In `run`/`sweep` they override the
+    study's values. The options are made when the command is decorated: a measurement registered later (after
+    `experiments.cli` was imported) adds its options to the commands through `add_measurement_options`."""
     def decorate(fn):
-        for name in reversed(_TRACKING_FIELDS):
-            f = fields[name]
-            flag = "--" + name.replace("_", "-")
-            if isinstance(f.default, bool):
-                decl = [f"{flag}/--no-{name.replace('_', '-')}"]
-            else:
-                decl = [flag]
-            if defaults_from_study:
-                fn = click.option(*decl, name, type=_field_type(f), default=None,
-                                  help=f"{_HELP[name]} [default: the study's; {f.default!r} in fashion-mnist-bn]")(fn)
-            else:
-                fn = click.option(*decl, name, type=_field_type(f), default=f.default, show_default=True,
-                                  help=_HELP[name])(fn)
+        for name in reversed(tracking_fields()):
+            fn = _click_option(name, defaults_from_study)(fn)
+        fn.tracking_defaults_from_study = defaults_from_study
         return fn
     return decorate
+
+
+def _click_option(name: str, defaults_from_study: bool):
+    kind, default, help_text, flag = _option_spec(name)
+    flag_name = "--" + name.replace("_", "-")
+    decl = [f"{flag_name}/--no-{name.replace('_', '-')}"] if flag else [flag_name]
+    if defaults_from_study:
+        return click.option(*decl, name, type=kind, default=None,
+                            help=f"{help_text} [default: the study's; {default!r} in fashion-mnist-bn]")
+    return click.option(*decl, name, type=kind, default=default, show_default=True, help=help_text)
+
+
+class TrackingCommand(click.Command):
+    """A command with `tracking_options`: before it parses its arguments (or prints --help) it adds the options of
+    measurements registered after it was built, so that registering a measurement is all it takes."""
+
+    def parse_args(self, ctx, args):
+        have = {p.name for p in self.params}
+        from_study = self.callback.tracking_defaults_from_study
+        for name in tracking_fields():
+            if name not in have:
+                _click_option(name, from_study)(self)  # appends a click.Option to self.params
+        return super().parse_args(ctx, args)
 
 
 def launch_options(fn):
@@ -410,7 +418,7 @@ def main(ctx, quiet):
     ctx.obj = {"quiet": quiet}
 
 
-@main.command()
+@main.command(cls=TrackingCommand)
 @click.option("--study", "study_name", default="fashion-mnist-bn", show_default=True,
               help="a preset study (see `smoothness-lab studies`)")
 @click.option("--models", default=None, help="override the study's models, e.g. convnet,bn-convnet,convnet:noisy")
@@ -435,7 +443,7 @@ def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, wo
               slurm=slurm)
 
 
-@main.command()
+@main.command(cls=TrackingCommand)
 @click.option("--models", default="convnet,bn-convnet", show_default=True, help="comma-separated models[:norm]")
 @click.option("--lrs", default="0.04", show_default=True, help="comma-separated learning rates")
 @click.option("--seeds", default="0-2", show_default=True, help="seeds: a range 0-4 or a list 0,1,2")
@@ -471,10 +479,10 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
         lrs_l = listed("lrs", float, lrs_l)
         seeds_l = listed("seeds", int, seeds_l)
         name = spec.pop("name", name)
-        unknown = sorted(set(spec) - set(_TRACKING_FIELDS))
+        unknown = sorted(set(spec) - set(tracking_fields()))
         if unknown:
             _fail(f"{sweep_file}: unknown keys {unknown}; allowed: models, lrs, seeds, name, "
-                  f"{', '.join(_TRACKING_FIELDS)}")
+                  f"{', '.join(tracking_fields())}")
         overrides.update(spec)
     try:
         check_folder_name(name, "--name")
@@ -490,7 +498,7 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
               slurm=slurm)
 
 
-@main.command()
+@main.command(cls=TrackingCommand)
 @click.option("--model", default="convnet", show_default=True, help="a model from the registry")
 @click.option("--norm", default=None, help="none, torch, scratch, scratch-fn, noisy, l1, l2, linf [default: the model's]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))

@@ -12,34 +12,30 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
+from . import measurements
+from .measurements import find_option, option_name
+
 SAMPLING = ("replacement", "shuffle")
-PROBE_DIRECTIONS = ("gradient", "update")
-SHARPNESS_STARTS = ("cold", "warm")
 # fields that say where/how a run executes but not what it computes: recorded, never hashed
 EXECUTION_FIELDS = ("study", "device", "tensorboard")
-# Fields added after runs were published (optimizers, schedules, full-batch GD, step-wise and warm-started sharpness,
-# the Hessian spectrum). They
-# enter the hash only when set to something other than these defaults, which reproduce what runs did before the
-# fields existed, so every earlier run keeps its id (and a finished run is still found and skipped).
-HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0, "nesterov": False,
-                   "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
-                   "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1,
-                   "probe_direction": "gradient", "eval_every": 1, "sharpness_every": 0, "sharpness_start": "cold",
-                   "spectrum_every": 0, "target_train_loss": 0.0, "generalization_every": 0,
-                   "generalization_samples": 1000}
-
-
-# Lanczos stops when the residual is at most tol x the eigenvalue (smoothness.lanczos), which bounds the sharpness's
-# error by about that fraction: beyond 10% the number is no longer a measurement (tol 2 gave 19.1 for 33.1).
-MAX_SHARPNESS_TOL = 0.1
+# Fields added after runs were published (optimizers, schedules, full-batch GD; the measurements' options declare
+# theirs, ``Option.hashed``). They enter the hash only when set to something other than these defaults, which
+# reproduce what runs did before the fields existed, so every earlier run keeps its id (and a finished run is still
+# found and skipped).
+_CORE_HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0, "nesterov": False,
+                         "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
+                         "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1}
+#: every option that enters the run id only when set, with the value that leaves it out (options whose legacy value
+#: depends on other options, as --pass-sharpness, are not here: ``RunConfig.hashed_dict`` asks them)
+HASHED_WHEN_SET = {**_CORE_HASHED_WHEN_SET,
+                   **{o.name: o.legacy_value({}) for o in measurements.options()
+                      if o.hashed == "when_set" and o.legacy_rule is None}}
+#: the field holding the options of measurements registered after RunConfig was built
+LATER_OPTIONS = "later_options"
 
 
 class ConfigError(ValueError):
     """A bad option value; the message names the command-line option."""
-
-
-def option_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _shown(value) -> str:
@@ -78,12 +74,14 @@ def coerce(name: str, value, kind, option: Optional[str] = None):
 @functools.lru_cache(maxsize=None)
 def _declared_types(cls) -> Tuple[Tuple[str, object], ...]:
     hints = typing.get_type_hints(cls)
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls))
+    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(cls) if f.name != LATER_OPTIONS)
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """Everything that determines one training run's numbers (one model, one lr, one seed)."""
+class RunConfigFields:
+    """RunConfig's own fields: what is not an option of a measurement (experiments/measurements/). `RunConfig` is
+    this class with one field per option of the built-in measurements, generated from the registry, and
+    ``later_options`` for the options of measurements registered after it was built."""
 
     model: str = "convnet"
     norm: Optional[str] = None              # None: the model's default (bn-convnet: torch BatchNorm)
@@ -108,25 +106,6 @@ class RunConfig:
     warmup_steps: int = 0                   # linear warmup lr·(t+1)/W over the first W steps
     lr_decay_every: int = 0                 # step schedule: steps between decays
     lr_decay_factor: float = 0.1            # step schedule: the factor of each decay
-    probe_every: int = 10                   # Santurkar line probe every N steps (0 = never)
-    probe_steps: int = 8                    # K step sizes ...
-    probe_min: float = 0.5                  # ... evenly spaced in [probe_min, probe_max] x lr
-    probe_max: float = 4.0
-    probe_bn_mode: str = "batch"
-    probe_direction: str = "gradient"       # d = −g (Santurkar) or "update": the optimizer's own step
-    # Per-epoch measurements on fixed samples of the training subset. Seed 003 used the whole subset (0 here) for
-    # the local smoothness; on a 2-core CPU that alone is 40% of a run, so the default samples 2,000 images.
-    eval_every: int = 1                     # passes between evaluations (eval + smoothness records, checkpoint)
-    local_smoothness_samples: int = 2000    # 0 = the whole training subset (seed 003)
-    sharpness_samples: int = 256            # fixed training sample for the top Hessian eigenvalue (0 = whole subset)
-    sharpness_every: int = 0                # steps between sharpness records (0 = once per evaluation instead)
-    sharpness_tol: float = 1e-3
-    sharpness_start: str = "cold"           # "warm": start Lanczos from the previous sharpness measurement's vector
-    spectrum_every: int = 0                 # Hessian density, top eigenvalues, gradient concentration (0 = off)
-    # Sharpness vs generalisation (experiments.generalization): stop at a training loss, measure the final weights
-    target_train_loss: float = 0.0          # stop at the first evaluation whose training loss is at most this (0 = off)
-    generalization_every: int = 0           # passes between generalisation measures, and at the end (0 = off)
-    generalization_samples: int = 1000      # fixed training images the generalisation measures use
     study: str = "fashion-mnist-bn"
     device: str = "auto"
     tensorboard: bool = False
@@ -136,6 +115,7 @@ class RunConfig:
             object.__setattr__(self, "batch_size", 0)  # as written in sweep files and presets: full-batch GD
         for name, kind in _declared_types(type(self)):
             object.__setattr__(self, name, coerce(name, getattr(self, name), kind))
+        self._check_later_options()
         from .models import MODELS, resolve_norm
         from .norms import NORMS
         if self.model not in MODELS:
@@ -147,47 +127,55 @@ class RunConfig:
         if self.dataset not in DATASETS:
             raise ConfigError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
         # types are already coerced above: what is left to check is the range
-        for name in ("lr", "probe_min", "probe_max", "sharpness_tol", "adam_eps", "lr_decay_factor"):
+        for name in ("lr", "adam_eps", "lr_decay_factor"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{option_name(name)} must be a positive number, got {value!r}")
-        for name in ("epochs", "probe_steps", "eval_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{option_name(name)} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("batch_size", "probe_every", "local_smoothness_samples", "sharpness_samples", "seed",
-                     "warmup_steps", "lr_decay_every", "sharpness_every", "spectrum_every", "generalization_every"):
+        if self.epochs <= 0:
+            raise ConfigError(f"--epochs must be a positive integer, got {self.epochs!r}")
+        for name in ("batch_size", "seed", "warmup_steps", "lr_decay_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{option_name(name)} must be a non-negative integer, got {getattr(self, name)!r}")
-        if not self.sharpness_tol <= MAX_SHARPNESS_TOL:
-            raise ConfigError(f"--sharpness-tol must be in (0, {MAX_SHARPNESS_TOL:g}], got {self.sharpness_tol!r}: it "
-                              f"is the Lanczos residual relative to the eigenvalue, so the sharpness is only known "
-                              f"to within about that fraction (the default {RunConfig.sharpness_tol:g} gives 0.1%)")
-        if self.generalization_samples <= 0:
-            raise ConfigError(f"--generalization-samples must be a positive integer, got {self.generalization_samples!r}")
-        if not (math.isfinite(self.target_train_loss) and self.target_train_loss >= 0):
-            raise ConfigError(f"--target-train-loss must be a non-negative number (0 = train all --epochs), got "
-                              f"{self.target_train_loss!r}")
         if not 0 < self.subset <= 1:
             raise ConfigError(f"--subset must be in (0, 1], got {self.subset!r}")
-        if self.probe_min > self.probe_max:
-            raise ConfigError(f"--probe-min ({self.probe_min}) must not exceed --probe-max ({self.probe_max})")
         if self.sampling not in SAMPLING:
             raise ConfigError(f"unknown --sampling {self.sampling!r}; choose one of: {', '.join(SAMPLING)}")
-        from smoothness import BN_MODES  # the one home of the modes; imported here so that --help stays fast
-        if self.probe_bn_mode not in BN_MODES:
-            raise ConfigError(f"unknown --probe-bn-mode {self.probe_bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.spectrum_every and self.spectrum_every % self.eval_every:
-            raise ConfigError(f"--spectrum-every ({self.spectrum_every}) must be a multiple of --eval-every "
-                              f"({self.eval_every}): the spectrum is measured at evaluation points")
         self._check_optimizer()
+        for option in measurements.options():
+            problem = option.problem(getattr(self, option.name))
+            if problem:
+                raise ConfigError(problem)
+        for m in measurements.MEASUREMENTS.values():
+            problem = m.check(self) if m.check is not None else None
+            if problem:
+                raise ConfigError(problem)
+
+    def _check_later_options(self) -> None:
+        """``later_options`` as sorted (name, value) pairs of registered options, coerced, defaults left out."""
+        later = {}
+        for name, value in dict(getattr(self, LATER_OPTIONS, ())).items():
+            option = find_option(name)
+            if option is None:
+                raise ConfigError(f"unknown option {option_name(name)}: no registered measurement declares it")
+            value = coerce(name, value, option.type)
+            if value != option.default:
+                later[name] = value
+        if hasattr(self, LATER_OPTIONS):
+            object.__setattr__(self, LATER_OPTIONS, tuple(sorted(later.items())))
+
+    def __getattr__(self, name):
+        """The value of an option of a measurement registered after RunConfig was built (its default if unset)."""
+        option = None if name.startswith("__") or name == LATER_OPTIONS else find_option(name)
+        if option is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return dict(self.__dict__.get(LATER_OPTIONS, ())).get(name, option.default)
 
     def _check_optimizer(self) -> None:
         from .losses import LOSSES
         from .optim import OPTIMIZERS, SCHEDULES
-        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES),
-                              ("probe_direction", PROBE_DIRECTIONS), ("sharpness_start", SHARPNESS_STARTS)):
+        for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown {option_name(name)} {getattr(self, name)!r}; choose one of: "
                                   f"{', '.join(choices)}")
@@ -215,13 +203,24 @@ class RunConfig:
 
     # -- identity ---------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every option by name (those of later-registered measurements too, where set): config.json."""
+        out = dataclasses.asdict(self)
+        out.update(out.pop(LATER_OPTIONS, ()))
+        return out
 
     def hashed_dict(self) -> dict:
-        """What the run id hashes: every field but the execution ones, and the later fields only where set
-        (``HASHED_WHEN_SET``)."""
-        return {k: v for k, v in self.to_dict().items()
-                if k not in EXECUTION_FIELDS and not (k in HASHED_WHEN_SET and v == HASHED_WHEN_SET[k])}
+        """What the run id hashes: every field but the execution ones, and the later fields (``HASHED_WHEN_SET``,
+        the measurements' "when_set" options) only where they differ from what runs did before they existed."""
+        values = self.to_dict()
+
+        def left_out(key, value) -> bool:
+            if key in EXECUTION_FIELDS:
+                return True
+            if key in HASHED_WHEN_SET:
+                return value == HASHED_WHEN_SET[key]
+            option = find_option(key)
+            return option is not None and option.hashed == "when_set" and value == option.legacy_value(values)
+        return {k: v for k, v in values.items() if not left_out(k, v)}
 
     @property
     def config_hash(self) -> str:
@@ -277,11 +276,45 @@ class RunConfig:
         derived, so they are accepted and ignored here (`experiments.store.read_config` checks them)."""
         if not isinstance(data, dict):
             raise ConfigError(f"a run config must be a JSON object of options, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = option_names()
         unknown = set(data) - names - {"run_id", "config_hash"}
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        data = {k: v for k, v in data.items() if k in names}
+        for option in measurements.options():   # a config saved before the option existed means its legacy value
+            if option.name not in data and option.legacy_rule is not None:
+                data[option.name] = option.legacy_rule(data)
+        return cls(**data)
+
+
+def _build_run_config():
+    """RunConfigFields plus one field per option of the registered measurements and ``later_options``; its
+    constructor also takes options of measurements registered later, by name (they go to ``later_options``)."""
+    measurements.base.reserve(f.name for f in dataclasses.fields(RunConfigFields))
+    cls = dataclasses.make_dataclass(
+        "RunConfig", [(o.name, o.type, o.default) for o in measurements.options()]
+        + [(LATER_OPTIONS, tuple, ())], bases=(RunConfigFields,), frozen=True,
+        namespace={"__module__": __name__, "__doc__": "Everything that determines one training run's numbers (one "
+                   "model, one lr, one seed): RunConfigFields and the options of the measurements."})
+    generated = cls.__init__
+    fields = {f.name for f in dataclasses.fields(cls)}
+
+    def __init__(self, *args, **kwargs):
+        later = dict(kwargs.pop(LATER_OPTIONS, ()))
+        later.update((k, kwargs.pop(k)) for k in [k for k in kwargs if k not in fields])
+        generated(self, *args, **kwargs, **{LATER_OPTIONS: tuple(later.items())})
+    __init__.__doc__ = generated.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+RunConfig = _build_run_config()
+
+
+def option_names() -> set:
+    """Every option a RunConfig takes by name: its fields and the options of every registered measurement."""
+    return ({f.name for f in dataclasses.fields(RunConfig)} - {LATER_OPTIONS}) | {o.name for o in
+                                                                               measurements.options()}
 
 
 @dataclass(frozen=True)
@@ -303,7 +336,7 @@ class StudyConfig:
             if isinstance(values, (str, bytes)) or not isinstance(values, (tuple, list)):
                 raise ConfigError(f"--{name} must be a list, got {_shown(values)}")
             object.__setattr__(self, name, tuple(coerce(name, v, kind, f"--{name}") for v in values))
-        if not isinstance(self.base, RunConfig):
+        if not isinstance(self.base, RunConfig):  # noqa: the class is generated above
             raise ConfigError(f"a study's base must be a RunConfig, got {type(self.base).__name__}")
         if not self.models or not self.lrs or not self.seeds:
             empty = [n for n in ("models", "lrs", "seeds") if not getattr(self, n)]
@@ -313,7 +346,7 @@ class StudyConfig:
             if len(set(values)) != len(values):
                 raise ConfigError(f"--{name} lists a value twice: {list(values)}")
         object.__setattr__(self, "axes", tuple((str(k), tuple(v)) for k, v in dict(self.axes).items()))
-        fields = {f.name for f in dataclasses.fields(RunConfig)} - {"model", "norm", "lr", "seed", "study"}
+        fields = option_names() - {"model", "norm", "lr", "seed", "study"}
         for name, values in self.axes:
             if name not in fields:
                 raise ConfigError(f"a study axis must be a run option other than model, lr and seed; got {name!r}")

@@ -47,7 +47,8 @@ _register(_study("fashion-mnist-spectrum", ["convnet", "bn-convnet"], seeds=(0, 
           "concentration at init and after the last pass, both BN modes (about 50 min on 2 cores)")
 _register(_study("edge-of-stability", ["fc-tanh"], lrs=(0.03, 0.04, 0.05), seeds=(0,), loss="mse",
                  batch_size=0, subset=5000 / 60000, epochs=2000, eval_every=100, probe_every=50,
-                 sharpness_samples=0, sharpness_every=20, sharpness_start="warm", local_smoothness_samples=0),
+                 sharpness_samples=0, sharpness_every=20, sharpness_start="warm", pass_sharpness=False,
+                 local_smoothness_samples=0),
           "Cohen et al. 2021 Fig. 1: full-batch GD, fc-tanh, square loss, 5,000 FashionMNIST images, 2,000 steps, "
           "3 learning rates, sharpness on all 5,000 every 20 steps (about 22 min with --workers 1)")
 

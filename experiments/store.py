@@ -46,6 +46,7 @@ from smoothness import BN_MODES
 
 from .atomic import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, remove_temporaries
 from .config import ConfigError, RunConfig
+from .measurements.base import CORE_RECORD_NUMBERS, RecordSchema
 
 __all__ = ["StoreError", "RunStore", "check_writable", "read_config", "read_config_file",
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
@@ -67,21 +68,12 @@ CHECKPOINT_GLOB = "epoch-*.pt"
 RUN_FILES = (CONFIG, RECORDS, DONE, TIMING, CHECKPOINTS, RUN_LOG)
 PROGRESS_FILES = (RECORDS, DONE, TIMING, CHECKPOINTS)
 
-#: numeric fields of each record kind (results/README.md): a number, or null for a non-finite one
-RECORD_NUMBERS = {
-    "step": ("loss", "accuracy"),
-    "probe": ("base_loss", "grad_norm", "loss_min", "loss_max", "grad_pred_min", "grad_pred_max", "effective_beta"),
-    "eval": ("train_loss", "train_accuracy", "test_loss", "test_accuracy"),
-    "smoothness": ("local_smoothness", "sharpness", "sharpness_n_hvp"),
-    "diverged": ("loss",),
-    "generalization": ("n_samples", "base_loss", "worst_case_sharpness", "average_case_sharpness",
-                       "average_case_sharpness_stderr", "epsilon_sharpness", "pacbayes_flatness", "pacbayes_sigma",
-                       "pacbayes_mag_flatness", "pacbayes_mag_sigma", "relative_flatness", "lambda_max",
-                       "hessian_trace", "distance_to_init", "spectral_product_log", "path_norm"),
-    "target": ("target", "train_loss"),
-}
+#: numeric fields of each record kind (results/README.md): a number, or null for a non-finite one. Read from the
+#: measurement registry (each measurement declares its records, experiments/measurements/) plus the kinds the loop
+#: writes itself (``diverged``), on every look-up: a measurement registered later is checked too.
+RECORD_NUMBERS = RecordSchema("numbers", CORE_RECORD_NUMBERS)
 #: list-of-numbers fields of each record kind
-RECORD_NUMBER_LISTS = {"probe": ("step_sizes", "losses", "grad_diff_norms")}
+RECORD_NUMBER_LISTS = RecordSchema("number_lists", {})
 
 
 WEIGHTS = ("init", "final")   # the weight sets every run keeps: weights-init.pt, weights-final.pt

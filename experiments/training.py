@@ -1,16 +1,22 @@
 """One training run, top to bottom: data → model → optimizer and schedule → the loop (experiments/loop.py), with
-every measurement a hook on a schedule:
+every measurement a hook on a schedule. The hooks come from the measurement registry (experiments/measurements/,
+one file each), built from a `RunContext` of this run, in registry order; every ``--*-every`` is 0 = off:
 
-| hook | when | record |
-|---|---|---|
-| (the loop) | every step, before the update, on the step's batch | ``step``: loss, accuracy (and ``lr`` under a schedule) |
-| ``probe`` | every ``probe_every`` steps, on the step's batch | ``probe``: Santurkar's line probe along −g, or along the optimizer's update (``probe_direction``) |
-| ``sharpness`` | every ``sharpness_every`` steps, gradient known | ``sharpness``: λ_max on the fixed sharpness sample, the optimizer's stability threshold, Adam's λ_max(P⁻¹H) |
-| ``measure`` | at initialisation, every ``eval_every`` passes and at the end | ``eval``, ``spectrum`` (every ``spectrum_every`` passes), ``smoothness``, then a checkpoint |
+| measurement | hook | when | record |
+|---|---|---|---|
+| ``step`` | (the loop) | every step, before the update, on the step's batch | ``step``: loss, accuracy (and ``lr`` under a schedule) |
+| ``evaluation`` | ``eval`` | at initialisation, every ``eval_every`` passes and at the end | ``eval``: train/test loss and accuracy, running BN |
+| ``probe`` | ``probe`` | every ``probe_every`` steps, on the step's batch | ``probe``: Santurkar's line probe along −g, or along the optimizer's update (``probe_direction``) |
+| ``sharpness`` | ``sharpness`` | every ``sharpness_every`` steps, gradient known | ``sharpness``: λ_max on the fixed sharpness sample, the optimizer's stability threshold, Adam's λ_max(P⁻¹H) |
+| ``spectrum`` | ``spectrum`` | at evaluations every ``spectrum_every`` passes and at the end | ``spectrum``: Hessian density, top eigenvalues, gradient concentration, per BN mode |
+| ``smoothness`` | ``smoothness`` | at every evaluation | ``smoothness``: local smoothness at the optimizer's current step size (``pass_local_smoothness``), λ_max (``pass_sharpness``) |
+| ``generalization`` | ``generalization``, ``target`` | at evaluations every ``generalization_every`` passes, at the end and at the target | ``generalization``; ``target`` when ``target_train_loss`` is set (then the run stops there) |
+| (this module) | ``checkpoint`` | last at every evaluation | a checkpoint, timing.json |
 
 Records go to the run's store as they are produced (results/README.md). A checkpoint holds everything the rest of
 the run depends on (weights and BatchNorm statistics, optimizer and scheduler state, the minibatch sampler, torch's
-RNGs, the last sharpness vector a warm start begins from) and the records it covers (its records mark), so
+RNGs, what measurements keep between calls (``RunContext.checkpointed``: the last sharpness vectors a warm start
+begins from)) and the records it covers (its records mark), so
 ``resume=True`` continues from it to the same records as an uninterrupted run, replaying nothing.
 """
 from __future__ import annotations
@@ -23,11 +29,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import generalization, optim, spectrum, tracking
+from . import optim
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .losses import get_loss
 from .loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
+from .measurements import MEASUREMENTS, RunContext
 from .models import build_model
 from .store import RunStore, StoreError
 
@@ -132,30 +139,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     optimizer, scheduler = make_optimizer(cfg, model, total)
     sampler = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 10_000)).to(device)
-    sharp_idx = order[:cfg.sharpness_samples] if cfg.sharpness_samples else order
-    sharp_batch = tracking.sharpness_batch(model, x_train[sharp_idx], y_train[sharp_idx])
-    ls_idx = order[:cfg.local_smoothness_samples] if cfg.local_smoothness_samples else None
-    spec_idx = order[:spectrum.SAMPLES]
-    gen_idx = order[:cfg.generalization_samples]
     timer = Timer(device)
-    warm = tracking.WarmStart(cfg.sharpness_start == "warm")
-    start = 0
-    # A checkpoint holds everything the rest of the run depends on and the records it covers: resuming replays
-    # nothing (store.restore cuts records.jsonl back to the checkpoint's records mark).
-    checkpoint = store.restore() if resume else None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        if checkpoint.get("optimizer") is not None:  # (checkpoints of plain-SGD runs once held none: no state)
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
-        sampler.set_state(checkpoint["sampler"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(checkpoint["cuda_rng"], device)
-        start = checkpoint["step"]
-        timer.seconds = dict(checkpoint.get("timing", {}))
-        warm.set_state(checkpoint.get("sharpness_start"))
     writer = _tensorboard(store, cfg.tensorboard)
     named = dict(model.named_parameters())
     epoch_of = lambda step: step // per_epoch  # noqa: E731
@@ -176,83 +160,49 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
             lookahead_at[state.step] = optim.lookahead(optimizer, named)
         return lookahead_at[state.step]
 
-    def probe(state: StepState) -> dict:
-        lr = optim.current_lr(optimizer)
-        direction = None
-        if cfg.probe_direction == "update":  # d = Δw/η: the step sizes stay multiples of η, and s = η is the step
-            step = ahead(state)
-            direction = {name: u / step.lr for name, u in step.update.items()}
-        rec = tracking.probe_record(model, state.batch, cfg.step_sizes_at(lr), cfg.probe_bn_mode,
-                                    direction=direction, loss_fn=loss_fn)
-        return {"step": state.step, "epoch": epoch_of(state.step), **rec}
+    ctx = RunContext(cfg=cfg, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer, device=device,
+                     timer=timer, sampler=sampler, order=order, init_state=init_state, per_epoch=per_epoch,
+                     total=total, epoch_of=epoch_of, lookahead=ahead, emit=emit)
+    hooks = [hook for m in MEASUREMENTS.values() if m.hooks is not None for hook in m.hooks(ctx)]
 
-    def sharpness(state: StepState) -> dict:
-        lr = optim.current_lr(optimizer)
-        threshold = optim.stability_threshold(cfg.optimizer, lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                              beta1=cfg.adam_beta1)
-        pre = ahead(state).preconditioner if cfg.optimizer in ("adam", "adamw") else None
-        rec = tracking.sharpness_record(model, sharp_batch, cfg.sharpness_tol, threshold=threshold, lr=lr,
-                                        preconditioner=pre, loss_fn=loss_fn, warm=warm)
-        return {"step": state.step, "epoch": epoch_of(state.step), **rec}
-
-    def measure(state: StepState) -> None:
-        step, epoch = state.step, epoch_of(state.step)
-        with timer("eval"):
-            rec = tracking.eval_record(model, data, loss_fn)
-        emit({"step": step, "epoch": epoch, **rec})
-        if not torch.isfinite(torch.tensor(rec["train_loss"])):
-            raise Diverged(step, "non-finite training loss in evaluation")
-        smooth = {"kind": "smoothness", "step": step, "epoch": epoch, "bn_mode": "batch"}
-        with timer("local_smoothness"):
-            if cfg.batch_size:
-                mb = torch.randint(n, (cfg.batch_size,), generator=sampler).to(device)
-                minibatch = (x_train[mb], y_train[mb])
-            else:  # full-batch GD: u = −η·(the full gradient), the step GD takes
-                minibatch = (x_train, y_train)
-            full = (x_train, y_train) if ls_idx is None else (x_train[ls_idx], y_train[ls_idx])
-            smooth["local_smoothness"] = tracking.local_smoothness(model, minibatch, full, cfg.lr, loss_fn)
-        if not cfg.sharpness_every:  # else the sharpness hook measures it, every few steps
-            with timer("sharpness"):
-                eig = tracking.sharpness(model, sharp_batch, cfg.sharpness_tol, loss_fn, warm=warm)
-            smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
-        if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
-            with timer("spectrum"):
-                for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm, loss_fn):
-                    emit({"step": step, "epoch": epoch, **rec})
-        emit(smooth)
-        reached = bool(cfg.target_train_loss) and rec["train_loss"] <= cfg.target_train_loss
-        if generalization.due(cfg.generalization_every, epoch, cfg.epochs) or (cfg.generalization_every and reached):
-            with timer("generalization"):
-                emit({"step": step, "epoch": epoch, **generalization.measure(
-                    model, (x_train[gen_idx], y_train[gen_idx]), loss_fn, init_state, data.input_shape)})
-        if cfg.target_train_loss and (reached or step == total):
-            emit({"kind": "target", "step": step, "epoch": epoch, "reached": reached,
-                  "target": cfg.target_train_loss, "train_loss": rec["train_loss"]})
-            if reached:  # before the checkpoint: a resume replays from the last one and stops here again
-                raise StopTraining(step)
+    def checkpoint(state: StepState) -> None:
+        """Last at every evaluation point: the state from which the next step starts."""
         with timer("checkpoint"):
-            store.save_checkpoint(epoch, {
+            store.save_checkpoint(epoch_of(state.step), {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(), "sampler": sampler.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "epoch": epoch, "step": step, "timing": timer.seconds, "sharpness_start": warm.get_state()})
+                "epoch": epoch_of(state.step), "step": state.step, "timing": timer.seconds,
+                **{name: get() for name, (get, _) in ctx.checkpointed.items()}})
         store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
 
-    hooks = [
-        Hook("probe", cfg.probe_every, "before" if cfg.probe_direction == "gradient" else "gradient", probe,
-             what="a line probe"),
-        Hook("sharpness", cfg.sharpness_every, "gradient", sharpness, what="a sharpness measurement"),
-        Hook("measure", per_epoch * cfg.eval_every, "point", measure, timed=False,  # times its parts itself
-             what="a smoothness measurement"),
-    ]
+    hooks.append(Hook("checkpoint", ctx.per_eval, "point", checkpoint, timed=False))
+    start = 0
+    # A checkpoint holds everything the rest of the run depends on and the records it covers: resuming replays
+    # nothing (store.restore cuts records.jsonl back to the checkpoint's records mark).
+    saved = store.restore() if resume else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        if saved.get("optimizer") is not None:  # (checkpoints of plain-SGD runs once held none: no state)
+            optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        sampler.set_state(saved["sampler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        start = saved["step"]
+        timer.seconds = dict(saved.get("timing", {}))
+        for name, (_, set_state) in ctx.checkpointed.items():
+            set_state(saved.get(name))
     scheduled = scheduler is not None
     try:
-        if checkpoint is None:
+        if saved is None:
             store.save_weights("init", model.state_dict())
         run_steps(model, optimizer, scheduler, _Batches(cfg, x_train, y_train, sampler, per_epoch), start=start,
                   total=total, hooks=hooks, emit=emit, epoch_of=epoch_of, timer=timer, loss_fn=loss_fn,
-                  skip_first_point=checkpoint is not None,
+                  skip_first_point=saved is not None,
                   on_flush=None if progress is None else (lambda done: progress(cfg.run_id, done, total)),
                   extra_records=(lambda t: {"lr": optim.current_lr(optimizer)}) if scheduled else None)
     except StopTraining as s:

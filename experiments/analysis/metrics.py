@@ -8,47 +8,31 @@ unfinished ones only when asked. Diverged runs never: their divergence is report
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import pandas as pd
 
+from ..measurements import Metric, loss_name, metrics
 from .load import bn_mode_of, select
 
-
-@dataclass(frozen=True)
-class Metric:
-    name: str
-    label: str  # may hold "{loss}": the runs' training loss, from their configs (``label_for``)
-    kind: str
-    field: str
-    reduce: str  # "last", "median" or "p90"
-
-    def label_for(self, df: pd.DataFrame) -> str:
-        return self.label.format(loss=loss_name(df))
+__all__ = ["Metric", "METRICS", "loss_name", "averaged", "metric_rows", "metric_bn_mode", "run_metrics"]
 
 
-def loss_name(df: pd.DataFrame) -> str:
-    """The training loss of the runs in ``df`` as their configs name it ("cross-entropy", "mse"); "/"-joined if
-    the runs differ."""
-    names = sorted(df["loss"].dropna().unique()) if "loss" in df else []
-    return "/".join(names) or "cross-entropy"
+class _Registered(Sequence):
+    """The report's metrics: those the registered measurements declare (experiments/measurements/), in registry
+    order, read on every use, so a measurement registered later is in the next report."""
+
+    def __getitem__(self, i):
+        return metrics()[i]
+
+    def __len__(self):
+        return len(metrics())
+
+    def __repr__(self):
+        return f"METRICS{metrics()!r}"
 
 
-METRICS = (
-    Metric("final_train_loss", "final train loss ({loss}, whole training subset)", "eval", "train_loss",
-           "last"),
-    Metric("final_test_accuracy", "final test accuracy", "eval", "test_accuracy", "last"),
-    Metric("final_test_loss", "final test loss ({loss}, test set)", "eval", "test_loss", "last"),
-    Metric("effective_beta_median", "effective β, median over probes", "probe", "effective_beta", "median"),
-    Metric("effective_beta_p90", "effective β, 90th percentile over probes", "probe", "effective_beta", "p90"),
-    Metric("loss_range_width", "loss range width, median over probes of loss_max − loss_min", "probe",
-           "loss_max-loss_min", "median"),
-    Metric("grad_predictiveness", "gradient predictiveness, median over probes of grad_pred_max", "probe",
-           "grad_pred_max", "median"),
-    Metric("final_sharpness", "final sharpness λ_max(∇²L)", "smoothness", "sharpness", "last"),
-    Metric("final_local_smoothness", "final local smoothness ‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "smoothness",
-           "local_smoothness", "last"),
-)
+METRICS = _Registered()
 RUN_ID_COLUMNS = ["run", "model", "seed", "lr", "variant", "options", "status"]
 AVERAGED, WITH_UNFINISHED = ("done",), ("done", "unfinished")
 
@@ -87,7 +71,7 @@ def _reduce(rows: pd.DataFrame, how: str) -> pd.Series:
 def run_metrics(df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
     """One row per run (``RUN_ID_COLUMNS`` + one column per metric name); NaN where a run lacks the records."""
     runs = df[RUN_ID_COLUMNS].drop_duplicates("run").set_index("run")
-    for m in metrics:
+    for m in tuple(metrics):
         rows = metric_rows(df, m)
         if rows.empty:
             runs[m.name] = float("nan")

@@ -87,7 +87,8 @@ def test_steps_equal_torchs_optimizer_in_a_hand_written_loop(name, tmp_path):
 def test_resume_after_kill_matches_uninterrupted_with_optimizer_state(name, tmp_path):
     extra = OPTIMIZERS.get(name, dict(batch_size=0, epochs=12, eval_every=4, lr=0.1, momentum=0.5))
     # warm-started sharpness: the next measurement's start vector travels in the checkpoint too
-    cfg = RunConfig(**{**TINY, **extra, "probe_every": 2, "sharpness_every": 3, "sharpness_start": "warm"})
+    cfg = RunConfig(**{**TINY, **extra, "probe_every": 2, "sharpness_every": 3, "sharpness_start": "warm",
+                       "pass_sharpness": False})
     whole = records(train_run(cfg, tmp_path / "whole").path)
 
     class Interrupt(Exception):
@@ -148,7 +149,8 @@ def test_update_probe_of_plain_sgd_is_the_gradient_probe(tmp_path):
 
 @pytest.mark.parametrize("optimizer, threshold", [("sgd", 2 / 0.05), ("adam", 38 / 0.05)])
 def test_sharpness_every_n_steps_with_the_optimizers_threshold(optimizer, threshold, tmp_path):
-    cfg = RunConfig(**{**TINY, "lr": 0.05, "optimizer": optimizer, "sharpness_every": 3, "sharpness_samples": 0})
+    cfg = RunConfig(**{**TINY, "lr": 0.05, "optimizer": optimizer, "sharpness_every": 3, "sharpness_samples": 0,
+                       "pass_sharpness": False})
     recs = records(train_run(cfg, tmp_path).path)
     sharp = [r for r in recs if r["kind"] == "sharpness"]
     assert [r["step"] for r in sharp] == [0, 3, 6, 9]
@@ -156,7 +158,7 @@ def test_sharpness_every_n_steps_with_the_optimizers_threshold(optimizer, thresh
         assert r["samples"] == 160 and r["sharpness"] > 0 and r["sharpness_n_hvp"] > 0  # the whole subset
         assert r["stability_threshold"] == pytest.approx(threshold) and r["lr"] == 0.05
         assert ("preconditioned_sharpness" in r) == (optimizer == "adam")
-    assert all("sharpness" not in r for r in recs if r["kind"] == "smoothness")  # measured here instead
+    assert all("sharpness" not in r for r in recs if r["kind"] == "smoothness")  # --no-pass-sharpness
     if optimizer == "adam":  # P⁻¹ scales curvature up by orders of magnitude early in Adam's run (√v̂ is small)
         assert all(r["preconditioned_sharpness"] > 10 * r["sharpness"] for r in sharp)
 
