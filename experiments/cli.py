@@ -275,6 +275,10 @@ def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds
         raise ConfigError(f"the grid has {n:,} runs (models x lrs x seeds); a study holds at most {MAX_RUNS:,}: "
                           f"split it into several studies")
     given = {k: v for k, v in overrides.items() if v is not None}
+    from .plugins import is_user_model
+    user = [m for m in models or base_study.models if is_user_model(m)]
+    if given.get("model_args") and user:  # the base validates with a model that takes them (runs() sets each model)
+        given["model"], given["norm"] = user[0], None
     base = dataclasses.replace(base_study.base, **given)
     axes = tuple((k, v) for k, v in base_study.axes if k not in given)  # an option given on the command line wins
     return StudyConfig(name=name or base_study.name, models=tuple(models or base_study.models),
@@ -522,10 +526,10 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
         lrs_l = listed("lrs", float, lrs_l)
         seeds_l = listed("seeds", int, seeds_l)
         name = spec.pop("name", name)
-        unknown = sorted(set(spec) - set(_TRACKING_FIELDS))
+        unknown = sorted(set(spec) - set(_TRACKING_FIELDS) - {"model_args", "dataset_args"})
         if unknown:
             _fail(f"{sweep_file}: unknown keys {unknown}; allowed: models, lrs, seeds, name, "
-                  f"{', '.join(_TRACKING_FIELDS)}")
+                  f"{', '.join(_TRACKING_FIELDS)}, model_args, dataset_args")
         overrides.update(spec)
     try:
         check_folder_name(name, "--name")
@@ -571,6 +575,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
     _warn_left_behind([cfg], study_dir)
+    _warn_code_changed([cfg], study_dir)
     from .launchers import DirectQueue, ProgressDisplay, default_threads
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:
@@ -601,12 +606,17 @@ def plot(ctx, results_dir):
 
 @main.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--compare", default=None, metavar="A,B",
+              help="the two models to pair by seed, B - A (e.g. small_resnet:resnet_plain,small_resnet:resnet_bn) "
+                   "[default: every X with its bn-X]")
 @click.pass_context
-def report(ctx, results_dir):
+def report(ctx, results_dir, compare):
     """Write report.md and report.csv: metrics over seeds, divergence rates, BN vs no BN paired by seed."""
     from . import analysis
     try:
-        path = analysis.write_report(results_dir)
+        if compare is not None and len(compare.split(",")) != 2:
+            raise analysis.AnalysisError(f"--compare takes two models A,B, got {compare!r}")
+        path = analysis.write_report(results_dir, compare=None if compare is None else tuple(compare.split(",")))
     except analysis.AnalysisError as exc:
         _fail(str(exc))
     if not ctx.obj["quiet"]:

@@ -366,14 +366,16 @@ class StudyConfig:
         """One RunConfig per (model, lr, seed). A model may carry a norm as ``model:norm`` (``convnet:noisy``)."""
         out = []
         names = [name for name, _ in self.axes]
-        from .plugins import split_model_spec
+        from .plugins import is_user_model, split_model_spec
         for spec in self.models:
             model, norm = split_model_spec(spec)
+            # --model-arg goes to the MODULE:FACTORY models of a list, not to the built-in ones beside them
+            args = {"model_args": {}} if self.base.model_args and not is_user_model(model) else {}
             for lr in self.lrs:
                 for values in itertools.product(*(v for _, v in self.axes)):
                     for seed in self.seeds:
                         out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=lr, seed=seed,
-                                                       study=self.name, **dict(zip(names, values))))
+                                                       study=self.name, **args, **dict(zip(names, values))))
         return tuple(out)
 
     def to_dict(self) -> dict:

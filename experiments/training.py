@@ -115,8 +115,9 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
 
     data = plugins.load_run_dataset(cfg, data_dir)  # a registry name, imagefolder:PATH or MODULE:FACTORY
     atomic_write_json(store.dir / "dataset.json", data.info)  # which files were read (checksums), preprocessing
-    if plugins.code_info(cfg):  # the sha256 of the user's factories' source (status: "code changed since this run")
-        atomic_write_json(store.dir / plugins.CODE_FILE, plugins.code_info(cfg))
+    code = plugins.code_info(cfg)  # the sha256 of a user's factories' source (status: "code changed since this run")
+    if code:
+        atomic_write_json(store.dir / plugins.CODE_FILE, code)
     data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
     x_train, y_train = data.x_train, data.y_train
