@@ -365,7 +365,7 @@ def _warn_code_changed(runs: Sequence[RunConfig], study_dir: Path) -> None:
     """Say which finished runs of a user's factory are kept although its source file changed since (plugins.py)."""
     from .plugins import code_changes
     for cfg in runs:
-        changed = code_changes(study_dir / cfg.run_id)
+        changed, _ = code_changes(study_dir / cfg.run_id)
         if changed and (study_dir / cfg.run_id / "done").exists():
             click.echo(f"warning: code changed since this run: {', '.join(changed)} differs from the file "
                        f"{cfg.run_id} was trained with; it is kept as it is (move it away to train it again)",

@@ -343,23 +343,25 @@ def code_info(cfg) -> dict:
     return out
 
 
-def code_changes(run_dir: Path) -> list[str]:
-    """The factory source files recorded in ``run_dir/code.json`` that no longer have the recorded sha256."""
+def code_changes(run_dir: Path) -> tuple[list[str], list[str]]:
+    """(changed, missing): the factory source files recorded in ``run_dir/code.json`` that no longer have the
+    recorded sha256, and those found neither at the recorded path nor on today's sys.path (nothing to compare)."""
     path = Path(run_dir) / CODE_FILE
     try:
         recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return []
-    changed = []
+        return [], []
+    changed, missing = [], []
     for entry in recorded.values() if isinstance(recorded, dict) else ():
         if not (isinstance(entry, dict) and entry.get("file")):
             continue
         source = entry["file"] if Path(entry["file"]).exists() else _find_source(entry.get("import", ""))
         if source is None:
-            changed.append(f"{Path(entry['file']).name} not found")
+            missing.append(Path(entry["file"]).name)
         elif _sha256(source) != entry.get("sha256"):
             changed.append(Path(source).name)
-    return list(dict.fromkeys(changed))  # a model and a dataset from one file: named once
+    # a model and a dataset from one file: named once
+    return list(dict.fromkeys(changed)), list(dict.fromkeys(missing))
 
 
 def _find_source(spec: str) -> Optional[str]:

@@ -200,8 +200,9 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
 def _code_note(run_dir: Path) -> str:
     """"; code changed since this run (f.py)" when a user's factory file no longer has the sha256 it was run with."""
     from .plugins import code_changes
-    changed = code_changes(run_dir)
-    return f"; code changed since this run ({', '.join(changed)})" if changed else ""
+    changed, missing = code_changes(run_dir)
+    return ((f"; code changed since this run ({', '.join(changed)})" if changed else "")
+            + (f"; its code {', '.join(missing)} is not on PYTHONPATH: unchecked" if missing else ""))
 
 
 def run_state(run_dir: Path) -> str:

@@ -224,6 +224,8 @@ def test_train_records_sha256_and_status_says_code_changed(user_module, tmp_path
     assert "code changed since this run" in status.output
     again = _train(tmp_path, "--model", M, "--model-arg", "width=4", "--dataset", D)  # not silently reused
     assert again.exit_code == 0 and "warning: code changed since this run: userfactories.py differs" in again.output
+    user_module.rename(user_module.with_suffix(".moved"))   # results read on a machine without the user's code
+    assert run_info(run)[1].endswith(f"; its code {MODULE}.py is not on PYTHONPATH: unchecked")
 
 
 def test_dict_return_and_factory_without_shape_arguments(user_module, tmp_path):
