@@ -11,13 +11,14 @@ from typing import Optional, Sequence
 
 import click
 
-from .config import ConfigError, RunConfig, StudyConfig
+from .config import ConfigError, RunConfig, StudyConfig, option_name
 from .executors.choice import ExecutorChoice
 from .study_files import read_json
 
 # Help of RunConfig's own fields; the measurements' options bring theirs (experiments/measurements/)
 _HELP = {
-    "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10)",
+    "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10), imagefolder:PATH (a "
+               "folder with train/ and test/ class folders) or MODULE:FACTORY returning (train, test) torch Datasets",
     "subset": "fraction of the training set used, drawn with the run's seed",
     "batch_size": "minibatch size (at most the training subset's size: a larger one is refused), or 'full': every "
                   "step on the whole training subset (gradient descent)",
@@ -126,6 +127,29 @@ class TrackingCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+def factory_options(fn):
+    """--model-arg and --dataset-arg (experiments.plugins): arguments of a MODULE:FACTORY model or dataset."""
+    fn = click.option("--dataset-arg", "dataset_arg", multiple=True, metavar="KEY=VALUE",
+                      help="an argument of a MODULE:FACTORY or imagefolder dataset (imagefolder: size=32, "
+                           "standardise=false); VALUE is JSON where it parses, else a string; repeat for several")(fn)
+    return click.option("--model-arg", "model_arg", multiple=True, metavar="KEY=VALUE",
+                        help="an argument of a MODULE:FACTORY model, e.g. width=16; VALUE is JSON where it parses, "
+                             "else a string; repeat for several")(fn)
+
+
+def _factory_args(options: dict) -> dict:
+    """Pop --model-arg / --dataset-arg from a command's options as RunConfig overrides (None: not given)."""
+    from .plugins import PluginError, parse_args
+    out = {}
+    for option, field in (("model_arg", "model_args"), ("dataset_arg", "dataset_args")):
+        values = options.pop(option, ())
+        try:
+            out[field] = parse_args(values, option_name(option)) if values else None
+        except PluginError as exc:
+            raise ConfigError(str(exc)) from None
+    return out
+
+
 def launch_options(fn):
     opts = [
         click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("results"),
@@ -198,11 +222,18 @@ def _parse_list(value: Optional[str], kind, option: str):
     if option.startswith("--models"):
         from .models import MODELS
         from .norms import NORMS
+        from .plugins import PluginError, check_syntax, is_user_model
         for spec in items:
+            if is_user_model(spec):  # MODULE:FACTORY (experiments.plugins): imported by the checks before launch
+                try:
+                    check_syntax(spec, option)
+                except PluginError as exc:
+                    raise click.BadParameter(str(exc), param_hint=option) from None
+                continue
             model, _, norm = spec.partition(":")
             if model not in MODELS:
-                raise click.BadParameter(f"unknown model {model!r}; choose from: {', '.join(MODELS)}",
-                                         param_hint=option)
+                raise click.BadParameter(f"unknown model {model!r}; choose from: {', '.join(MODELS)}, or "
+                                         f"MODULE:FACTORY", param_hint=option)
             if ":" in spec and norm not in NORMS:
                 raise click.BadParameter(f"unknown norm {norm!r} in {spec!r}; choose from: {', '.join(NORMS)}",
                                          param_hint=option)
@@ -252,6 +283,10 @@ def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds
         raise ConfigError(f"the grid has {n:,} runs (models x lrs x seeds); a study holds at most {MAX_RUNS:,}: "
                           f"split it into several studies")
     given = {k: v for k, v in overrides.items() if v is not None}
+    from .plugins import is_user_model
+    user = [m for m in models or base_study.models if is_user_model(m)]
+    if given.get("model_args") and user:  # the base validates with a model that takes them (runs() sets each model)
+        given["model"], given["norm"] = user[0], None
     base = dataclasses.replace(base_study.base, **given)
     axes = tuple((k, v) for k, v in base_study.axes if k not in given)  # an option given on the command line wins
     return StudyConfig(name=name or base_study.name, models=tuple(models or base_study.models),
@@ -260,18 +295,19 @@ def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds
 
 
 def _check_data(study: StudyConfig, data_dir) -> None:
-    from .data import load_dataset
-    load_dataset(study.base.dataset, subset=study.base.subset, seed=study.seeds[0],
-                 data_dir=None if data_dir is None else str(data_dir))
+    from .plugins import check_run, load_run_dataset
+    runs = study.runs()
+    load_run_dataset(runs[0], None if data_dir is None else str(data_dir))
+    for model in dict.fromkeys(cfg.model for cfg in runs):  # a user's model or data: build it, one forward pass
+        check_run(next(cfg for cfg in runs if cfg.model == model), None if data_dir is None else str(data_dir))
 
 
 def _steps_per_run(study: StudyConfig, data_dir) -> dict:
     """Every run's number of SGD steps; raises ConfigError for options that do not fit its training subset."""
-    from .data import load_dataset
+    from .plugins import load_run_dataset
     out = {}
     for cfg in study.runs():
-        n = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed,
-                         data_dir=None if data_dir is None else str(data_dir)).x_train.shape[0]
+        n = load_run_dataset(cfg, None if data_dir is None else str(data_dir)).x_train.shape[0]
         cfg.check_training_set(n)
         out[cfg.run_id] = cfg.total_steps(n)
     return out
@@ -334,6 +370,18 @@ def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
                    f"(to continue it instead, rerun with its options and --resume)", err=True)
 
 
+def _warn_code_changed(runs: Sequence[RunConfig], study_dir: Path) -> None:
+    """Say which finished runs of a user's factory are kept although its source file changed since (plugins.py)."""
+    from .plugins import code_changes
+    from .store import read_code
+    for cfg in runs:
+        changed, _ = code_changes(read_code(study_dir / cfg.run_id))
+        if changed and (study_dir / cfg.run_id / "done").exists():
+            click.echo(f"warning: code changed since this run: {', '.join(changed)} differs from the file "
+                       f"{cfg.run_id} was trained with; it is kept as it is (move it away to train it again)",
+                       err=True)
+
+
 def _slurm_options(executor: str, slurm: dict):
     """The --slurm-* options as SlurmOptions; None when none is given and the executor is not slurm."""
     if executor != "slurm" and all(v in (None, ()) for v in slurm.values()):
@@ -361,6 +409,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
     _warn_left_behind(runs, study_dir)
+    _warn_code_changed(runs, study_dir)
     if not quiet:
         click.echo(f"{len(runs)} runs ({', '.join(study.models)} x lr {list(study.lrs)} x seeds "
                    f"{list(study.seeds)}) -> {study_dir} [{executor}]")
@@ -426,6 +475,7 @@ def main(ctx, quiet):
 @click.option("--seeds", default=None, help="override the study's seeds, e.g. 0-2 or 0,3,7")
 @launch_options
 @tracking_options(defaults_from_study=True)
+@factory_options
 @click.pass_context
 def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, workers, threads, ray_address,
         resume, figures, **options):
@@ -433,6 +483,7 @@ def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, wo
     from .presets import get_preset
     slurm = {k: options.pop(k) for k in list(options) if k.startswith("slurm_")}
     try:
+        options.update(_factory_args(options))
         study = _study_from(get_preset(study_name), None, _parse_list(models, str, "--models"),
                             _parse_list(lrs, float, "--lrs"), _parse_list(seeds, int, "--seeds"), options)
         slurm = _slurm_options(executor, slurm)
@@ -444,7 +495,8 @@ def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, wo
 
 
 @main.command(cls=TrackingCommand)
-@click.option("--models", default="convnet,bn-convnet", show_default=True, help="comma-separated models[:norm]")
+@click.option("--models", default="convnet,bn-convnet", show_default=True,
+              help="comma-separated models[:norm] or MODULE:FACTORY import strings (MODULE not a built-in model)")
 @click.option("--lrs", default="0.04", show_default=True, help="comma-separated learning rates")
 @click.option("--seeds", default="0-2", show_default=True, help="seeds: a range 0-4 or a list 0,1,2")
 @click.option("--sweep-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -452,11 +504,16 @@ def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, wo
 @click.option("--name", default="sweep", show_default=True, help="study name: results go to RESULTS_DIR/NAME")
 @launch_options
 @tracking_options(defaults_from_study=True)
+@factory_options
 @click.pass_context
 def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, executor, workers, threads,
           ray_address, resume, figures, **overrides):
     """A learning-rate x model x seed grid; relaunching skips finished runs and resumes interrupted ones."""
     slurm = {k: overrides.pop(k) for k in list(overrides) if k.startswith("slurm_")}
+    try:
+        overrides.update(_factory_args(overrides))
+    except ConfigError as exc:
+        _fail(str(exc))
     models_l = _parse_list(models, str, "--models")
     lrs_l = _parse_list(lrs, float, "--lrs")
     seeds_l = _parse_list(seeds, int, "--seeds")
@@ -479,10 +536,10 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
         lrs_l = listed("lrs", float, lrs_l)
         seeds_l = listed("seeds", int, seeds_l)
         name = spec.pop("name", name)
-        unknown = sorted(set(spec) - set(tracking_fields()))
+        unknown = sorted(set(spec) - set(tracking_fields()) - {"model_args", "dataset_args"})
         if unknown:
             _fail(f"{sweep_file}: unknown keys {unknown}; allowed: models, lrs, seeds, name, "
-                  f"{', '.join(tracking_fields())}")
+                  f"{', '.join(tracking_fields())}, model_args, dataset_args")
         overrides.update(spec)
     try:
         check_folder_name(name, "--name")
@@ -499,7 +556,8 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
 
 
 @main.command(cls=TrackingCommand)
-@click.option("--model", default="convnet", show_default=True, help="a model from the registry")
+@click.option("--model", default="convnet", show_default=True,
+              help="a model from the registry, or MODULE:FACTORY (a factory on PYTHONPATH returning an nn.Module)")
 @click.option("--norm", default=None, help="none, torch, scratch, scratch-fn, noisy, l1, l2, linf [default: the model's]")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--lr", default=0.04, show_default=True, type=float)
@@ -509,6 +567,7 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="folder holding the dataset files")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 @tracking_options(defaults_from_study=False)
+@factory_options
 @click.pass_context
 def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume, **options):
     """Train one model with one seed (no figures); prints where the records are."""
@@ -517,6 +576,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
     from .store import StoreError, check_writable
     try:  # every check that can fail comes before the first write
         check_folder_name(study_name, "--study")
+        options.update({k: v for k, v in _factory_args(options).items() if v is not None})
         cfg = RunConfig(model=model, norm=norm, seed=seed, lr=lr, study=study_name, **options)
         check_launch([cfg], results_dir / study_name, executor="serial", resume=resume)
         _check_data(StudyConfig(models=(model,), seeds=(seed,), base=cfg), data_dir)
@@ -525,6 +585,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
     except (ConfigError, StoreError, DataError) as exc:
         _fail(str(exc))
     _warn_left_behind([cfg], study_dir)
+    _warn_code_changed([cfg], study_dir)
     from .launchers import DirectQueue, ProgressDisplay, default_threads
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:
@@ -555,12 +616,17 @@ def plot(ctx, results_dir):
 
 @main.command()
 @click.argument("results_dir", type=click.Path(path_type=Path))
+@click.option("--compare", default=None, metavar="A,B",
+              help="the two models to pair by seed, B - A (e.g. small_resnet:resnet_plain,small_resnet:resnet_bn) "
+                   "[default: every X with its bn-X]")
 @click.pass_context
-def report(ctx, results_dir):
+def report(ctx, results_dir, compare):
     """Write report.md and report.csv: metrics over seeds, divergence rates, BN vs no BN paired by seed."""
     from . import analysis
     try:
-        path = analysis.write_report(results_dir)
+        if compare is not None and len(compare.split(",")) != 2:
+            raise analysis.AnalysisError(f"--compare takes two models A,B, got {compare!r}")
+        path = analysis.write_report(results_dir, compare=None if compare is None else tuple(compare.split(",")))
     except analysis.AnalysisError as exc:
         _fail(str(exc))
     if not ctx.obj["quiet"]:

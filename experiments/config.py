@@ -24,7 +24,8 @@ EXECUTION_FIELDS = ("study", "device", "tensorboard")
 # found and skipped).
 _CORE_HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0, "nesterov": False,
                          "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_eps": 1e-8,
-                         "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1}
+                         "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1,
+                         "model_args": {}, "dataset_args": {}}
 #: every option that enters the run id only when set, with the value that leaves it out (options whose legacy value
 #: depends on other options, as --pass-sharpness, are not here: ``RunConfig.hashed_dict`` asks them)
 HASHED_WHEN_SET = {**_CORE_HASHED_WHEN_SET,
@@ -64,6 +65,13 @@ def coerce(name: str, value, kind, option: Optional[str] = None):
         if isinstance(value, numbers.Real) and not isinstance(value, bool):
             return float(value)
         raise ConfigError(f"{option} must be a number, got {_shown(value)}")
+    if kind is dict:  # a factory's arguments (experiments.plugins): JSON values under Python names, sorted
+        if isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() for k in value):
+            try:
+                return json.loads(json.dumps(dict(sorted(value.items())), allow_nan=False))
+            except (TypeError, ValueError):
+                pass
+        raise ConfigError(f"{option} must be KEY=VALUE pairs with JSON values, got {_shown(value)}")
     if kind is str or kind == Optional[str]:
         if isinstance(value, str) or (value is None and kind != str):
             return value
@@ -85,7 +93,9 @@ class RunConfigFields:
 
     model: str = "convnet"
     norm: Optional[str] = None              # None: the model's default (bn-convnet: torch BatchNorm)
-    dataset: str = "fashion-mnist"
+    dataset: str = "fashion-mnist"         # a registry name, imagefolder:PATH or MODULE:FACTORY (plugins.py)
+    model_args: dict = field(default_factory=dict, hash=False)    # a MODULE:FACTORY model's --model-arg values
+    dataset_args: dict = field(default_factory=dict, hash=False)  # --dataset-arg values
     subset: float = 0.1
     seed: int = 0
     lr: float = 0.04
@@ -118,13 +128,15 @@ class RunConfigFields:
         self._check_later_options()
         from .models import MODELS, resolve_norm
         from .norms import NORMS
-        if self.model not in MODELS:
-            raise ConfigError(f"unknown model {self.model!r} (--model); choose one of: {', '.join(MODELS)}")
-        object.__setattr__(self, "norm", resolve_norm(self.model, self.norm))
-        if self.norm not in NORMS:
+        if not self._check_import_strings():  # a built-in model
+            if self.model not in MODELS:
+                raise ConfigError(f"unknown model {self.model!r} (--model); choose one of: {', '.join(MODELS)}, or "
+                                  f"MODULE:FACTORY")
+            object.__setattr__(self, "norm", resolve_norm(self.model, self.norm))
+        if self.norm is not None and self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r} (--norm); choose one of: {', '.join(NORMS)}")
         from .data import DATASETS
-        if self.dataset not in DATASETS:
+        if self.dataset not in DATASETS and ":" not in self.dataset:
             raise ConfigError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
         # types are already coerced above: what is left to check is the range
         for name in ("lr", "adam_eps", "lr_decay_factor"):
@@ -171,6 +183,33 @@ class RunConfigFields:
         if option is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return dict(self.__dict__.get(LATER_OPTIONS, ())).get(name, option.default)
+
+    def _check_import_strings(self) -> bool:
+        """Syntax of MODULE:FACTORY and imagefolder:PATH and of their arguments (imports nothing: the factories are
+        called by the CLI's checks before a launch, experiments.plugins.check_run). True for a user model."""
+        from . import plugins
+        try:
+            object.__setattr__(self, "dataset", plugins.normal_dataset(self.dataset))
+            user_model = plugins.is_user_model(self.model)
+            if user_model:
+                plugins.check_syntax(self.model, "--model")
+            if plugins.is_user_dataset(self.dataset):
+                plugins.check_syntax(self.dataset, "--dataset")
+        except plugins.PluginError as exc:
+            raise ConfigError(str(exc)) from None
+        if user_model and self.norm not in (None, "default"):
+            raise ConfigError(f"--norm applies to the built-in models; {self.model}'s normalisation is up to its "
+                              f"factory (e.g. --model-arg norm=bn)")
+        if user_model and self.naive_init:
+            raise ConfigError(f"--naive-init applies to the built-in MLPs, not to {self.model}")
+        if user_model:
+            object.__setattr__(self, "norm", None)
+        if self.model_args and not user_model:
+            raise ConfigError(f"--model-arg applies to a model given as MODULE:FACTORY, not to {self.model}")
+        if self.dataset_args and ":" not in self.dataset:
+            raise ConfigError(f"--dataset-arg applies to a dataset given as MODULE:FACTORY or imagefolder:PATH, not "
+                              f"to {self.dataset}")
+        return user_model
 
     def _check_optimizer(self) -> None:
         from .losses import LOSSES
@@ -230,6 +269,8 @@ class RunConfigFields:
     @property
     def run_id(self) -> str:
         from .models import MODELS
+        if self.model not in MODELS:  # MODULE:FACTORY (experiments.plugins)
+            return f"{self.model.replace(':', '.')}-lr{self.lr:g}-s{self.seed}-{self.config_hash}"
         norm = "" if self.norm == MODELS[self.model].default_norm else f"-{self.norm}"
         return f"{self.model}{norm}-lr{self.lr:g}-s{self.seed}-{self.config_hash}"
 
@@ -359,13 +400,16 @@ class StudyConfig:
         """One RunConfig per (model, lr, seed). A model may carry a norm as ``model:norm`` (``convnet:noisy``)."""
         out = []
         names = [name for name, _ in self.axes]
+        from .plugins import is_user_model, split_model_spec
         for spec in self.models:
-            model, _, norm = spec.partition(":")
+            model, norm = split_model_spec(spec)
+            # --model-arg goes to the MODULE:FACTORY models of a list, not to the built-in ones beside them
+            args = {"model_args": {}} if self.base.model_args and not is_user_model(model) else {}
             for lr in self.lrs:
                 for values in itertools.product(*(v for _, v in self.axes)):
                     for seed in self.seeds:
                         out.append(dataclasses.replace(self.base, model=model, norm=norm or None, lr=lr, seed=seed,
-                                                       study=self.name, **dict(zip(names, values))))
+                                                       study=self.name, **args, **dict(zip(names, values))))
         return tuple(out)
 
     def to_dict(self) -> dict:

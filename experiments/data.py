@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-__all__ = ["DATASETS", "DataError", "Dataset", "DatasetSpec", "load_dataset", "resolve_data_dir"]
+__all__ = ["DATASETS", "DataError", "Dataset", "DatasetSpec", "from_tensors", "load_dataset", "resolve_data_dir"]
 
 ENV_VAR = "SMOOTHNESS_DATA"
 #: Directories searched after the user's ones; a module attribute so tests can replace it.
@@ -485,13 +485,29 @@ def load_dataset(name: str, *, subset: float = 0.1, seed: int = 0, data_dir: str
     _check_subset(subset)
     spec = DATASETS[name]
     full = spec.load(data_dir, download)
-    indices = _subset_indices(len(full.x_train), subset, seed)
-    x_train, x_test = _standardise(spec.transform(full.x_train[indices]), spec.transform(full.x_test))
-    if tuple(x_train.shape[1:]) != spec.input_shape or tuple(x_test.shape[1:]) != spec.input_shape:
-        raise DataError(f"{name}: loaded images of shape {tuple(x_train.shape[1:])} / {tuple(x_test.shape[1:])}, "
+    data = from_tensors(name, full.x_train, full.y_train, full.x_test, full.y_test, num_classes=spec.num_classes,
+                        subset=subset, seed=seed, info=full.info, transform=spec.transform)
+    if data.input_shape != spec.input_shape or tuple(data.x_test.shape[1:]) != spec.input_shape:
+        raise DataError(f"{name}: loaded images of shape {data.input_shape} / {tuple(data.x_test.shape[1:])}, "
                         f"expected {spec.input_shape}; the files are not the expected dataset.")
-    info = {**full.info, "n_train_full": len(full.x_train), "n_train": len(indices), "n_test": len(x_test),
+    return data
+
+
+def from_tensors(name: str, x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                 y_test: torch.Tensor, *, num_classes: int, subset: float, seed: int, info: dict,
+                 standardise: bool = True, transform: Callable[[torch.Tensor], torch.Tensor] = _identity) -> Dataset:
+    """Steps 2 and 3 of the module docstring on full splits already loaded as tensors: the seeded training subset,
+    then `transform` and (if `standardise`) the per-channel standardisation. The one home of both steps: the
+    registry's datasets and the user's (experiments.plugins, experiments.imagefolder) go through it."""
+    _check_subset(subset)
+    indices = _subset_indices(len(x_train), subset, seed)
+    x_train, x_test = transform(x_train[indices]), transform(x_test)
+    if standardise:
+        x_train, x_test = _standardise(x_train, x_test)
+    else:
+        x_train, x_test = x_train.float(), x_test.float()
+    info = {**info, "n_train_full": len(y_train), "n_train": len(indices), "n_test": len(x_test),
             "subset": subset, "seed": seed,
-            "standardisation": "per-channel, training subset mean and unbiased std"}
-    return Dataset(name=name, x_train=x_train, y_train=full.y_train[indices], x_test=x_test, y_test=full.y_test,
-                   input_shape=spec.input_shape, num_classes=spec.num_classes, info=info)
+            "standardisation": "per-channel, training subset mean and unbiased std" if standardise else "none"}
+    return Dataset(name=name, x_train=x_train, y_train=y_train[indices], x_test=x_test, y_test=y_test,
+                   input_shape=tuple(x_train.shape[1:]), num_classes=num_classes, info=info)

@@ -32,7 +32,7 @@ import click
 
 from . import store
 from .config import ConfigError, RunConfig, StudyConfig
-from .store import StoreError, is_locked
+from .store import StoreError, is_locked, read_code
 from .study_files import STUDY_JSON, read_json
 
 STATES = ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
@@ -123,13 +123,14 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
         return "corrupt", problem
     diverged = next((r for r in reversed(records) if r.get("kind") == "diverged"), None)
     if diverged is not None:
-        return "diverged", f"at step {diverged.get('step')}: {diverged.get('reason', '')}".rstrip(": ")
+        return "diverged", f"at step {diverged.get('step')}: {diverged.get('reason', '')}".rstrip(": ") + \
+            _code_note(run_dir)
     if done:
         ev = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
         acc = ev.get("test_accuracy") if ev else None
         if isinstance(acc, (int, float)) and not isinstance(acc, bool):
-            return "done", f"test accuracy {acc:.3f} after {ev.get('epoch')} epochs"
-        return "done", ""
+            return "done", f"test accuracy {acc:.3f} after {ev.get('epoch')} epochs" + _code_note(run_dir)
+        return "done", _code_note(run_dir).lstrip("; ")
     note = _checkpoint_note(run_dir, config)
     if event == "failed":
         return "failed", f"{rest}; {note}" if rest else note
@@ -142,6 +143,14 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
                                    f"its lock is not visible from this machine it may still be running there)")
         return "interrupted", f"{note} (killed: its process is gone)"
     return "interrupted", note
+
+
+def _code_note(run_dir: Path) -> str:
+    """"; code changed since this run (f.py)" when a user's factory file no longer has the sha256 it was run with."""
+    from .plugins import code_changes
+    changed, missing = code_changes(read_code(run_dir))
+    return ((f"; code changed since this run ({', '.join(changed)})" if changed else "")
+            + (f"; its code {', '.join(missing)} is not on PYTHONPATH: unchecked" if missing else ""))
 
 
 def run_state(run_dir: Path) -> str:

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 # -- the files of a run directory (results/README.md) ----------------------------------------------------------
 CONFIG, RECORDS, TIMING, DATASET, RUN_LOG, DONE = (
     "config.json", "records.jsonl", "timing.json", "dataset.json", "run.log", "done")
+CODE = "code.json"   # a user factory's source file and sha256 (experiments.plugins)
 CHECKPOINTS = "checkpoints"
 SURFACES = "surfaces"         # surfaces/<stem>.npz, written by `smoothness-lab surface`
 CHECKPOINT_GLOB = "epoch-*.pt"
@@ -420,6 +421,10 @@ class RunStore:
         """``dataset.json``: which dataset files the run read (checksums) and how they were preprocessed."""
         atomic_write_json(self.dir / DATASET, info)
 
+    def write_code(self, info: dict) -> None:
+        """``code.json``: a user factory's import string, source file and its sha256 (``experiments.plugins``)."""
+        atomic_write_json(self.dir / CODE, info)
+
     # -- records ----------------------------------------------------------------------------------------------
     def read_records(self) -> List[dict]:
         """This run's records; a torn last line (a kill mid-write) is skipped, any other bad line is a StoreError."""
@@ -668,3 +673,12 @@ def is_locked(run_dir: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+def read_code(run_dir) -> Optional[dict]:
+    """The run's ``code.json`` (``RunStore.write_code``), or None when it has none or it does not parse."""
+    try:
+        value = json.loads((Path(run_dir) / CODE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None

@@ -29,13 +29,11 @@ from typing import Callable, Optional
 
 import torch
 
-from . import optim
+from . import optim, plugins
 from .config import ConfigError, RunConfig
-from .data import load_dataset
 from .losses import get_loss
 from .loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from .measurements import MEASUREMENTS, RunContext
-from .models import build_model
 from .store import RunStore, StoreError
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
@@ -122,8 +120,11 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
         raise StoreError(f"{store.dir} holds an interrupted run of this config; pass --resume to continue it "
                          f"from its last checkpoint (or move the directory away to start over)")
 
-    data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
+    data = plugins.load_run_dataset(cfg, data_dir)  # a registry name, imagefolder:PATH or MODULE:FACTORY
     store.write_dataset(data.info)  # which files were read (checksums), preprocessing
+    code = plugins.code_info(cfg)  # the sha256 of a user's factories' source (status: "code changed since this run")
+    if code:
+        store.write_code(code)
     data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
     x_train, y_train = data.x_train, data.y_train
@@ -133,8 +134,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     loss_fn = get_loss(cfg.loss)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, norm=cfg.norm, input_shape=data.input_shape, num_classes=data.num_classes,
-                        naive_init=cfg.naive_init).to(device)
+    model = plugins.build_run_model(cfg, data).to(device)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on resume: same seed
     optimizer, scheduler = make_optimizer(cfg, model, total)
     sampler = torch.Generator().manual_seed(cfg.seed)

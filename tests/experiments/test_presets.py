@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from experiments import data, training
+from experiments import data, plugins, training
 from experiments.cli import main
 from experiments.config import ConfigError, RunConfig, StudyConfig
 from experiments.norms import NORMS
@@ -65,13 +65,13 @@ def offline_data(monkeypatch, fashion_installed):
     for name in fake:
         spec = data.DATASETS[name]
         monkeypatch.setitem(data.DATASETS, name, dataclasses.replace(spec, load=_fake_loader(RAW_SHAPES[name])))
-    real_load = training.load_dataset
+    real_load = plugins.load_run_dataset
 
     def small_test_split(*args, **kwargs):
         d = real_load(*args, **kwargs)
         return dataclasses.replace(d, x_test=d.x_test[:32], y_test=d.y_test[:32])
 
-    monkeypatch.setattr(training, "load_dataset", small_test_split)
+    monkeypatch.setattr(plugins, "load_run_dataset", small_test_split)
     return fake
 
 
