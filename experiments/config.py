@@ -68,7 +68,8 @@ def coerce(name: str, value, kind, option: Optional[str] = None):
     if kind is dict:  # a factory's arguments (experiments.plugins): JSON values under Python names, sorted
         if isinstance(value, dict) and all(isinstance(k, str) and k.isidentifier() for k in value):
             try:
-                return json.loads(json.dumps(dict(sorted(value.items())), allow_nan=False))
+                json.dumps(value, allow_nan=False)  # JSON values only (no NaN, no objects)
+                return _as_json_value(dict(sorted(value.items())))
             except (TypeError, ValueError):
                 pass
         raise ConfigError(f"{option} must be KEY=VALUE pairs with JSON values, got {_shown(value)}")
@@ -77,6 +78,15 @@ def coerce(name: str, value, kind, option: Optional[str] = None):
             return value
         raise ConfigError(f"{option} must be a string, got {_shown(value)}")
     raise TypeError(f"no coercion for {name}: {kind}")  # pragma: no cover - a new field type needs a rule here
+
+
+def _as_json_value(value):
+    """``value`` as it reads back from JSON: tuples become lists, nested dicts keep their (sorted) keys."""
+    if isinstance(value, dict):
+        return {k: _as_json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json_value(v) for v in value]
+    return value
 
 
 @functools.lru_cache(maxsize=None)

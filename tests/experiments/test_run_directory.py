@@ -17,7 +17,7 @@ ALLOWED = {
     "store.py": {"json.load", "read_bytes", "records.jsonl", "config.json"},   # the run directory
     "study_files.py": {"json.load"},   # the study folder's study.json / launch.json and the user's sweep files
     "data.py": {"read_bytes"},         # the dataset's .gz archives
-    "plugins.py": {"json.load"},       # --model-arg / --dataset-arg KEY=VALUE values given on the command line
+    "plugins.py": {"json.load", "read_bytes"},  # --model-arg KEY=VALUE values; the sha256 of a user's factory file
 }
 RUN_FILE_NAMES = ("records.jsonl", "config.json")
 
