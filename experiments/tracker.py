@@ -126,7 +126,7 @@ def _tensors(data, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
     elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
         items = [data[i] for i in range(len(data))]
         x = torch.stack([torch.as_tensor(i[0]) for i in items])
-        y = torch.as_tensor([int(i[1]) if not isinstance(i[1], torch.Tensor) else i[1] for i in items])
+        y = torch.stack([torch.as_tensor(i[1]) for i in items])
     else:
         raise TypeError(f"{what} must be a pair (inputs, targets) of tensors or a map-style torch Dataset of "
                         f"(input, target) pairs; got {type(data).__name__}")
@@ -168,7 +168,7 @@ class Tracker:
                  train_data, test_data, config: RunConfig, model_label: Optional[str] = None,
                  dataset_label: Optional[str] = None, generator: Optional[torch.Generator] = None):
         if not isinstance(config, RunConfig):
-            raise TypeError(f"config must be an experiments.RunConfig (see experiments.tracker.run_config), got "
+            raise TypeError(f"config must be an experiments.config.RunConfig (see experiments.tracker.run_config), got "
                             f"{type(config).__name__}")
         self.config = cfg = config
         self.model, self.optimizer, self.loss_fn = model, optimizer, _functional(loss_fn)

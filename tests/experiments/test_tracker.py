@@ -161,3 +161,24 @@ def test_every_command_reads_a_tracked_run(tmp_path):
         assert result.exit_code == 0, (args, result.output)
     assert (tmp_path / "report.md").exists() and list((tmp_path / "figures").glob("*.png"))
     assert list((run / "surfaces").glob("*.npz"))
+
+
+def test_map_style_datasets_and_loss_modules_are_accepted(tmp_path):
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 784), torch.randint(10, (30,))
+    model = torch.nn.Linear(784, 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = run_config(opt, model="mlp", dataset="synthetic", batch_size=10, epochs=1, probe_every=1,
+                     local_smoothness_samples=20, sharpness_samples=20, study="own")
+    tracker = Tracker(tmp_path, model, torch.nn.CrossEntropyLoss(), opt,
+                      train_data=torch.utils.data.TensorDataset(x, y), test_data=(x[:5], y[:5]), config=cfg)
+    assert torch.equal(tracker.data.x_train, x) and torch.equal(tracker.data.y_train, y)
+    with tracker:
+        with tracker.step((x[:10], y[:10])) as s:
+            loss = torch.nn.functional.cross_entropy(model(x[:10]), y[:10])
+            loss.backward()
+            opt.step()
+            s.record(loss)
+    records = read_records(tmp_path / cfg.run_id / "records.jsonl")
+    assert [r["kind"] for r in records] == ["eval", "smoothness", "probe", "step", "eval", "smoothness"]
+    assert records[3]["accuracy"] is None   # no outputs given: no accuracy
