@@ -1,9 +1,11 @@
 """Suite-wide settings. The tests use tiny models, for which extra intra-op threads only add overhead (and, on a
 loaded 2-core machine, spinning OpenMP threads slow everything down by orders of magnitude).
 
-Tests that need an optional extra of setup.cfg carry its marker (``needs_ray``, ``needs_slurm``) and are skipped,
+Tests that need an optional extra of setup.cfg carry its marker (``needs_ray``, ``needs_slurm``,
+``needs_lightning``) and are skipped,
 naming the extra, where it is not installed: ``make test`` installs only ``[dev]`` and must pass on a fresh clone.
-CI then installs the extras and runs just these tests (``pytest -m "needs_ray or needs_slurm"``, .ci/run)."""
+CI then installs the extras and runs just these tests (``pytest -m "needs_ray or needs_slurm or needs_lightning"``,
+.ci/run)."""
 import importlib
 
 import matplotlib
@@ -21,7 +23,8 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
-EXTRAS = {"needs_ray": ("ray", "ray"), "needs_slurm": ("slurm", "submitit")}   # marker: (extra, module it installs)
+EXTRAS = {"needs_ray": ("ray", "ray"), "needs_slurm": ("slurm", "submitit"),   # marker: (extra, module it installs)
+          "needs_lightning": ("lightning", "lightning")}
 
 
 def _missing(module: str) -> bool:

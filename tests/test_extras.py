@@ -20,6 +20,7 @@ def _pytest_without(module: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("module, extra, args", [
     ("submitit", "slurm", ["tests/experiments/test_sweep_cli.py", "-k", "bad_options_fail_before_anything"]),
     ("ray", "ray", ["tests/experiments/test_sweep_cli.py", "tests/experiments/test_launchers.py", "-m", "needs_ray"]),
+    ("lightning", "lightning", ["tests/experiments/test_lightning_callback.py"]),
 ])
 def test_tests_that_need_an_extra_skip_naming_it_without_it(module, extra, args):
     result = _pytest_without(module, *args, "-q", "-rs", "-p", "no:cacheprovider")
@@ -31,7 +32,7 @@ def test_tests_that_need_an_extra_skip_naming_it_without_it(module, extra, args)
 def test_ci_runs_the_readme_test_command_then_only_the_extras_tests():
     conftest = (ROOT / "tests" / "conftest.py").read_text()
     markers = re.findall(r'"(needs_\w+)": \("(\w+)"', conftest)
-    assert {m for m, _ in markers} == {"needs_ray", "needs_slurm"}
+    assert {m for m, _ in markers} == {"needs_ray", "needs_slurm", "needs_lightning"}
     setup = (ROOT / "setup.cfg").read_text()
     for marker, extra in markers:
         assert f"    {marker}: needs the {extra} extra" in setup      # registered, so pytest knows it
@@ -40,5 +41,5 @@ def test_ci_runs_the_readme_test_command_then_only_the_extras_tests():
     makes = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("make ")]
     assert makes[0] == "make test"                                     # exactly the README's command, first
     extras_pass = makes[-1]
-    assert extras_pass.startswith("make test EXTRAS=dev,ray,slurm ")
-    assert '-m "needs_ray or needs_slurm"' in extras_pass
+    assert extras_pass.startswith("make test EXTRAS=dev,ray,slurm,lightning ")
+    assert '-m "needs_ray or needs_slurm or needs_lightning"' in extras_pass

@@ -1,0 +1,522 @@
+"""The built-in loop's measurements, in a training loop the user writes: ``experiments.Tracker``.
+
+A plain PyTorch loop calls the tracker around its optimizer step; the tracker writes the records the built-in loop
+(`experiments.training.train_run`) writes, on the same schedule, into a run directory of the same layout
+(results/README.md), so ``smoothness-lab status | plot | report | surface | spectrum`` read it as they read any run::
+
+    tracker = Tracker("results/my-study", model, F.cross_entropy, optimizer, train_data=(x, y),
+                      test_data=(x_test, y_test), config=cfg)
+    state = tracker.resume()                    # None on a fresh start; else the `extra` of the last checkpoint
+    for epoch in range(tracker.epoch, cfg.epochs):
+        for xb, yb in batches(epoch):
+            with tracker.step((xb, yb)) as s:   # evaluation at initialisation; line probe along -g
+                optimizer.zero_grad()
+                out = model(xb)
+                loss = F.cross_entropy(out, yb)
+                loss.backward()
+                optimizer.step()                # just before the update: line probe along it, sharpness
+                s.record(loss, out)             # the step record: loss (and accuracy from the outputs)
+        tracker.end_epoch()                     # evaluation, local smoothness, sharpness, spectrum: per schedule
+        tracker.checkpoint({"sampler": sampler.get_state()})
+    tracker.close()                             # final weights; `done`
+
+One step t, as in experiments/loop.py:
+
+| call | where | what the tracker does |
+|---|---|---|
+| ``tracker.resume()`` (or the first step) | at w_0 | the point measurements at initialisation (eval, smoothness, ...) |
+| entering ``tracker.step(batch)`` | at w_t, before the forward pass | every ``probe_every`` steps the line probe along −g (``probe_direction="gradient"``) |
+| ``optimizer.step()`` inside the block | ``.grad`` = ∇L(w_t; B_t), before the update | every ``probe_every`` steps the line probe along the update the optimizer is about to take (``probe_direction="update"``, through `optim.lookahead`); every ``sharpness_every`` steps the sharpness record |
+| ``s.record(loss, out)``, leaving the block | after the update | the step record (loss, accuracy on B_t at w_t; ``lr`` under a schedule) |
+| ``tracker.end_epoch()`` | at a pass boundary | the point measurements, every ``eval_every`` passes and after pass ``epochs`` |
+| ``tracker.close()`` | at the end | the point measurements at the final weights (unless ``end_epoch`` just took them), final weights, ``done`` |
+
+The gradient-time measurements run in a step pre-hook the block puts on the optimizer (``register_step_pre_hook``),
+so they see the gradients after any unscaling (``GradScaler``), clipping or accumulation the loop does before
+``optimizer.step()``. Without a block, call `begin_step`, `gradient_ready` (after backward, before
+``optimizer.step()``) and `end_step` yourself (the Lightning callback does). Optimizers that take a closure (LBFGS)
+compute the gradient inside ``step()``, after the pre-hook: the tracker refuses them.
+
+What the run is, in config.json
+-------------------------------
+``config`` is a `RunConfig` (`run_config` builds one from the optimizer): the study name (``study``), the model
+and dataset names, lr, seed, batch size, epochs, and the tracking options (``probe_every``, ``probe_direction``,
+``eval_every``, ``sharpness_every``, ``spectrum_every``, ...), with the meanings they have for ``smoothness-lab
+run``. Until RunConfig takes ``MODULE:FACTORY`` import strings, ``model`` and ``dataset`` must be names of the
+registries (``experiments.models.MODELS``, ``experiments.data.DATASETS``): the run id is ``<model>-lr<lr>-s<seed>-
+<hash>`` and every command reads the run. For a network or dataset of one's own, name the closest registered
+one (``norm`` saying whether it normalises), give an explicit ``study`` name, and pass ``model_label`` /
+``dataset_label``: they go, with the model's class and parameter count and the data's sizes, into ``tracker.json``
+beside config.json. ``smoothness-lab surface`` rebuilds the registered model from config.json, so it works only
+when the network *is* that model (same parameter names and shapes); it refuses other weights, saying so.
+
+The tracker never touches the user's RNG streams: the local-smoothness minibatch is drawn from its own generator
+(seeded with ``config.seed``; pass ``generator=`` to draw from yours instead), the fixed measurement samples come
+from a permutation seeded as `train_run` seeds it, and the estimators use their own generators, so a loop trains to
+the same weights tracked or not (tests/experiments/test_tracker.py).
+
+Resuming after a crash
+----------------------
+``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.save_checkpoint`, records first
+(its records mark): the model's and the optimizer's state_dicts, torch's CPU (and CUDA) RNG state, the tracker's
+`state_dict` (step, epoch, its generator, the warm-start vectors, timing) and ``extra``: everything else the rest
+of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and your data order (a sampler
+generator's ``get_state()``, or the epoch and position of a DataLoader whose order is seeded per epoch). After a
+crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the checkpoint's mark, restores
+model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no checkpoint: a fresh start, with
+any partial records dropped). The loop then continues from ``tracker.epoch`` / ``tracker.step_index`` and writes
+exactly the records of an uninterrupted run. Checkpoint at the points where your loop can restart (after
+``end_epoch``, as the built-in loop does).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import smoothness
+
+from . import generalization, optim, spectrum, tracking
+from .atomic import atomic_write_json
+from .config import ConfigError, RunConfig
+from .data import Dataset
+from .loop import FLUSH_EVERY, Diverged, Timer
+from .store import RunStore, StoreError, run_lock
+
+__all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]
+
+#: torch optimizer classes RunConfig can describe, by its ``optimizer`` name
+OPTIMIZER_NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+# train_run's fixed sample order (sharpness, local smoothness, spectrum, generalisation samples): the same images
+ORDER_SEED_OFFSET = 10_000
+
+
+def optimizer_fields(optimizer: torch.optim.Optimizer) -> dict:
+    """The RunConfig fields that describe a torch SGD, Adam or AdamW optimizer (its first parameter group)."""
+    name = OPTIMIZER_NAMES.get(type(optimizer))
+    if name is None:
+        raise ConfigError(f"RunConfig describes torch.optim.SGD, Adam and AdamW; got {type(optimizer).__name__}. "
+                          f"Track a loop with one of those (other optimizers need a RunConfig field to name them)")
+    g = optimizer.param_groups[0]
+    lr = float(g.get("initial_lr", g["lr"]))  # a scheduler moves "lr"; the run is named by its base rate
+    out = {"optimizer": name, "lr": lr, "weight_decay": float(g.get("weight_decay", 0.0))}
+    if name == "sgd":
+        out.update(momentum=float(g.get("momentum", 0.0)), nesterov=bool(g.get("nesterov", False)))
+    else:
+        out.update(adam_beta1=float(g["betas"][0]), adam_beta2=float(g["betas"][1]), adam_eps=float(g["eps"]))
+    return out
+
+
+def run_config(optimizer: torch.optim.Optimizer, **fields) -> RunConfig:
+    """A RunConfig for a tracked loop: the optimizer's fields (`optimizer_fields`) and ``fields`` (study, model,
+    dataset, seed, batch_size, epochs, the tracking options, ...)."""
+    return RunConfig(**{**optimizer_fields(optimizer), **fields})
+
+
+def _tensors(data, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) from a pair of tensors or a map-style Dataset of (input, target) pairs, stacked once."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+    elif isinstance(data, torch.utils.data.Dataset) and hasattr(data, "__len__"):
+        items = [data[i] for i in range(len(data))]
+        x = torch.stack([torch.as_tensor(i[0]) for i in items])
+        y = torch.stack([torch.as_tensor(i[1]) for i in items])
+    else:
+        raise TypeError(f"{what} must be a pair (inputs, targets) of tensors or a map-style torch Dataset of "
+                        f"(input, target) pairs; got {type(data).__name__}")
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"{what}: {x.shape[0]} inputs but {y.shape[0]} targets; expected the same positive number")
+    return x, y
+
+
+def _functional(loss_fn: Callable) -> Callable:
+    """``loss_fn`` as a function taking ``reduction=`` (evaluation sums over chunks): torch loss modules such as
+    ``nn.CrossEntropyLoss()`` become a copy with that reduction."""
+    if not isinstance(loss_fn, nn.modules.loss._Loss):
+        return loss_fn
+
+    def fn(output, target, reduction: str = "mean"):
+        module = copy.copy(loss_fn)
+        module.reduction = reduction
+        return module(output, target)
+    return fn
+
+
+class StepRecorder:
+    """What ``with tracker.step(batch) as s`` yields: ``s.record(loss, output)`` gives the step's record."""
+
+    def __init__(self):
+        self.loss: Optional[torch.Tensor] = None
+        self.output: Optional[torch.Tensor] = None
+
+    def record(self, loss: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
+        """The step's training loss (as backpropagated) and, for accuracy, the model's outputs on the batch."""
+        self.loss, self.output = loss, output
+
+
+class Tracker:
+    """Measurements of the built-in loop for a loop of one's own (module docstring); one run directory,
+    ``root/<config.run_id>``. Nothing is written until the first step or `resume`."""
+
+    def __init__(self, root, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
+                 train_data, test_data, config: RunConfig, model_label: Optional[str] = None,
+                 dataset_label: Optional[str] = None, generator: Optional[torch.Generator] = None):
+        if not isinstance(config, RunConfig):
+            raise TypeError(f"config must be an experiments.config.RunConfig (see experiments.tracker.run_config), got "
+                            f"{type(config).__name__}")
+        self.config = cfg = config
+        self.model, self.optimizer, self.loss_fn = model, optimizer, _functional(loss_fn)
+        self._check(cfg, model, optimizer)
+        self.device = next(model.parameters()).device
+        (x, y), (xt, yt) = _tensors(train_data, "train_data"), _tensors(test_data, "test_data")
+        self.labels = {"model": model_label or cfg.model, "dataset": dataset_label or cfg.dataset}
+        self.data = Dataset(name=cfg.dataset, x_train=x.to(self.device), y_train=y.to(self.device),
+                            x_test=xt.to(self.device), y_test=yt.to(self.device), input_shape=tuple(x.shape[1:]),
+                            num_classes=int(max(int(y.max()), int(yt.max())) + 1) if not y.is_floating_point() else 0,
+                            info={"source": "experiments.Tracker", "label": self.labels["dataset"],
+                                  "n_train": int(x.shape[0]), "n_test": int(xt.shape[0]),
+                                  "input_shape": list(x.shape[1:])})
+        n = x.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + ORDER_SEED_OFFSET))
+        order = order.to(self.device)
+        x, y = self.data.x_train, self.data.y_train
+        take = lambda k: order[:k] if k else order  # noqa: E731  (0 = the whole training set)
+        self._sharp_batch = tracking.sharpness_batch(model, x[take(cfg.sharpness_samples)],
+                                                     y[take(cfg.sharpness_samples)])
+        self._ls_full = (x, y) if not cfg.local_smoothness_samples else \
+            (x[take(cfg.local_smoothness_samples)], y[take(cfg.local_smoothness_samples)])
+        self._spec_batch = (x[order[:spectrum.SAMPLES]], y[order[:spectrum.SAMPLES]])
+        self._gen_batch = (x[order[:cfg.generalization_samples]], y[order[:cfg.generalization_samples]])
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+        self.store = RunStore(Path(root), cfg)
+        self.timer = Timer(self.device)
+        self.warm = tracking.WarmStart(cfg.sharpness_start == "warm")
+        self.step_index = 0          # the step about to be taken (= updates taken so far)
+        self.epoch = 0               # passes completed (end_epoch calls)
+        self._measured_at: Optional[int] = None   # the step whose point measurements were taken last
+        self._init_state: Optional[Dict[str, torch.Tensor]] = None
+        self._pending: List[tuple] = []
+        self._batch = None
+        self._lr = None
+        self._gradient_done = False
+        self._lookahead: Optional[optim.Lookahead] = None
+        self._named = dict(model.named_parameters())
+        self._exit: Optional[ExitStack] = None
+        self.finished = False
+
+    # -- checks --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check(cfg: RunConfig, model: nn.Module, optimizer) -> None:
+        fields = optimizer_fields(optimizer)
+        differ = [f"{k}: config {getattr(cfg, k)!r}, optimizer {v!r}" for k, v in fields.items()
+                  if not (getattr(cfg, k) == v or (isinstance(v, float) and math.isclose(getattr(cfg, k), v)))]
+        if differ:
+            raise ConfigError(f"the config does not describe the optimizer the loop steps ({'; '.join(differ)}); "
+                              f"build it with experiments.tracker.run_config(optimizer, ...)")
+        if cfg.target_train_loss or cfg.tensorboard:
+            raise ConfigError("--target-train-loss and --tensorboard are options of the built-in loop; the Tracker "
+                              "does not support them (leave them at 0 / False)")
+        if tracking.batch_coupled(model) and cfg.norm == "none":
+            raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
+                              f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
+                              f"config.json and the BN-mode measurements say what was trained")
+
+    # -- lifecycle -----------------------------------------------------------------------------------------------
+    def _begin(self, resuming: bool) -> Optional[dict]:
+        """Open the run directory (under its lock); on resume restore the newest checkpoint."""
+        if self._exit is not None:
+            raise RuntimeError("the tracker has already started; resume() must come before the first step")
+        store = self.store
+        if store.done:
+            raise StoreError(f"{store.dir} holds a finished run of this config; its results stand (move the directory "
+                             f"away, or change the study or a config field, to train it again)")
+        self._exit = ExitStack()
+        if not self._exit.enter_context(run_lock(store.dir)):
+            self._exit.close()
+            self._exit = None
+            raise StoreError(f"{store.dir} is being written by another live process; wait for it to finish")
+        self._exit.callback(store.close)
+        store.open()
+        if not resuming and store.has_progress():
+            self.close_files()
+            raise StoreError(f"{store.dir} holds an interrupted run of this config; call tracker.resume() before "
+                             f"the loop to continue it from its last checkpoint (or move the directory away)")
+        checkpoint = store.restore() if resuming else None
+        atomic_write_json(store.dir / "dataset.json", self.data.info)
+        atomic_write_json(store.dir / "tracker.json", {
+            "loop": "experiments.Tracker", "model_label": self.labels["model"],
+            "dataset_label": self.labels["dataset"], "model_class": f"{type(self.model).__module__}."
+                                                                  f"{type(self.model).__qualname__}",
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "optimizer_class": type(self.optimizer).__name__})
+        if checkpoint is None:
+            self._init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            store.save_weights("init", self._init_state)
+            with self._diverging():  # the point measurements at initialisation, before any batch is drawn
+                self._measure()
+            return None
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        if self.device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
+        self.load_state_dict(checkpoint["tracker"])
+        self._init_state = torch.load(store.dir / "weights-init.pt", map_location=self.device, weights_only=True)
+        return checkpoint.get("extra") or {}
+
+    def resume(self) -> Optional[dict]:
+        """Continue an interrupted run from its last `checkpoint` (module docstring): returns that checkpoint's
+        ``extra``, or None when there is none (a fresh start). Call it before the first step."""
+        return self._begin(resuming=True)
+
+    def close_files(self) -> None:
+        """Release the run directory without finishing the run (after an error in the loop)."""
+        if self._exit is not None:
+            self._exit.close()
+            self._exit = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.close_files()
+
+    def close(self) -> None:
+        """The point measurements at the final weights (unless already taken there), final weights, ``done``."""
+        if self.finished:
+            return
+        if self._exit is None:
+            self._begin(resuming=False)
+        with self._diverging():
+            self._flush()
+            if self._measured_at != self.step_index:
+                self._measure()
+        if self.finished:  # diverged while measuring
+            return
+        self.store.write_timing(self._timing())
+        self.store.save_weights("final", self.model.state_dict())
+        self.store.mark_done()
+        self.finished = True
+        self.close_files()
+
+    # -- state -----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The tracker's own state (a `checkpoint` holds it): step, epoch, its generator, warm-start vectors,
+        timing."""
+        return {"step": self.step_index, "epoch": self.epoch, "measured_at": self._measured_at,
+                "generator": self.generator.get_state(), "sharpness_start": self.warm.get_state(),
+                "timing": dict(self.timer.seconds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_index, self.epoch, self._measured_at = state["step"], state["epoch"], state["measured_at"]
+        self.generator.set_state(state["generator"])
+        self.warm.set_state(state["sharpness_start"])
+        self.timer.seconds = dict(state["timing"])
+
+    def checkpoint(self, extra: Optional[dict] = None) -> Path:
+        """Write ``checkpoints/epoch-<epoch>.pt`` (records first, with their mark): model, optimizer, torch RNG,
+        the tracker's state and ``extra`` (your scheduler's and data order's state; module docstring)."""
+        self._ensure_started()
+        with self._diverging():
+            self._flush()
+        with self.timer("checkpoint"):
+            self.store.save_checkpoint(self.epoch, {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                "step": self.step_index, "epoch": self.epoch, "tracker": self.state_dict(), "extra": extra})
+        self.store.write_timing(self._timing())
+        return self.store.checkpoints / f"epoch-{self.epoch:03d}.pt"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.store.dir
+
+    # -- the step ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step(self, batch):
+        """One training step on ``batch`` = (inputs, targets) (module docstring); yields a `StepRecorder`."""
+        recorder = StepRecorder()
+        self.begin_step(batch)
+        handle = self.optimizer.register_step_pre_hook(self._pre_hook)
+        try:
+            yield recorder
+        finally:
+            handle.remove()
+        if recorder.loss is None:
+            raise RuntimeError("a tracked step ended without its loss: call s.record(loss, outputs) in the "
+                               "`with tracker.step(batch) as s:` block")
+        self.end_step(recorder.loss, recorder.output)
+
+    def _pre_hook(self, optimizer, args, kwargs) -> None:
+        if len(args) > 1 or kwargs.get("closure") is not None:  # args[0] is the optimizer itself
+            raise RuntimeError("optimizer.step(closure) computes the gradient after the tracker's measurements would "
+                               "run; the Tracker supports optimizers stepped without a closure")
+        self.gradient_ready()
+
+    def _ensure_started(self) -> None:
+        if self._exit is None:
+            self._begin(resuming=False)
+        if self.finished:
+            raise RuntimeError(f"the run in {self.store.dir} is finished (closed or diverged); start a new Tracker")
+
+    def begin_step(self, batch) -> None:
+        """At w_t, before the forward pass: point measurements at t = 0, the line probe along −g when due."""
+        self._ensure_started()
+        self._batch, self._gradient_done, self._lookahead = tuple(batch), False, None
+        self._lr = optim.current_lr(self.optimizer)
+        if self._due(self.config.probe_every) and self.config.probe_direction == "gradient":
+            with self._diverging():
+                self._probe(direction=None)
+
+    def gradient_ready(self) -> None:
+        """After backward, before ``optimizer.step()``: line probe along the update, sharpness, when due."""
+        if self._batch is None or self._gradient_done:
+            return
+        self._gradient_done = True
+        cfg = self.config
+        with self._diverging():
+            if self._due(cfg.probe_every) and cfg.probe_direction == "update":
+                ahead = self._ahead()
+                self._probe(direction={name: u / ahead.lr for name, u in ahead.update.items()})
+            if self._due(cfg.sharpness_every):
+                self._sharpness()
+
+    def end_step(self, loss: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
+        """After the update: the step record (loss; accuracy when ``output`` holds class scores)."""
+        if self._batch is None:
+            raise RuntimeError("end_step without begin_step: call begin_step(batch) before the forward pass")
+        y = self._batch[1]
+        if output is not None and output.ndim == 2 and not y.is_floating_point() and y.ndim == 1:
+            accuracy = (output.detach().argmax(1) == y).float().mean()
+        else:
+            accuracy = torch.tensor(float("nan"), device=loss.device)
+        extra = {"lr": self._lr} if self._scheduled else {}
+        self._pending.append((self.step_index, self.epoch, loss.detach().reshape(()), accuracy.to(loss.device),
+                              extra))
+        self.step_index += 1
+        self._batch = self._lookahead = None
+        if len(self._pending) >= FLUSH_EVERY:
+            with self._diverging():
+                self._flush()
+
+    def end_epoch(self) -> None:
+        """A pass boundary: the point measurements every ``eval_every`` passes and after pass ``epochs``."""
+        self._ensure_started()
+        self.epoch += 1
+        with self._diverging():
+            self._flush()
+            if self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs:
+                self._measure()
+
+    # -- measurements ------------------------------------------------------------------------------------------
+    @property
+    def _scheduled(self) -> bool:
+        return self.config.lr_schedule != "constant" or self.config.warmup_steps >= 2
+
+    def _due(self, every: int) -> bool:
+        return every > 0 and self.step_index % every == 0
+
+    def _ahead(self) -> optim.Lookahead:
+        if self._lookahead is None:
+            self._lookahead = optim.lookahead(self.optimizer, self._named)
+        return self._lookahead
+
+    def _emit(self, record: dict) -> None:
+        self._flush()
+        self.store.append(record)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        # one host transfer per flush, not one per step (a .tolist() per step would synchronise a GPU every step)
+        values = torch.stack([torch.stack([loss, acc.to(loss.dtype)]) for _, _, loss, acc, _ in self._pending])
+        pending, self._pending = self._pending, []
+        for (step, epoch, _, _, extra), (loss, acc) in zip(pending, values.tolist()):
+            if not math.isfinite(loss):
+                raise Diverged(step, "non-finite training loss")
+            self.store.append({"kind": "step", "step": step, "epoch": epoch, "bn_mode": "batch", "loss": loss,
+                               "accuracy": acc, **extra})
+
+    @contextlib.contextmanager
+    def _diverging(self):
+        """A non-finite loss ends the run as in the built-in loop: a ``diverged`` record, ``done``, `Diverged`."""
+        try:
+            try:
+                yield
+            except smoothness.NonFiniteLossError:
+                raise Diverged(self.step_index, "non-finite loss in a measurement") from None
+        except Diverged as d:
+            self._pending = []
+            self.store.append({"kind": "diverged", "step": d.step, "epoch": self.epoch, "bn_mode": "batch",
+                               "loss": None, "reason": d.reason})
+            self.store.write_timing(self._timing())
+            self.store.mark_done()
+            self.finished = True
+            self.close_files()
+            raise
+
+    def _timing(self) -> dict:
+        return {**self.timer.seconds, "total": sum(self.timer.seconds.values())}
+
+    def _probe(self, direction) -> None:
+        cfg = self.config
+        with self.timer("probe"):
+            rec = tracking.probe_record(self.model, self._batch, cfg.step_sizes_at(self._lr), cfg.probe_bn_mode,
+                                        direction=direction, loss_fn=self.loss_fn)
+        self._emit({"step": self.step_index, "epoch": self.epoch, **rec})
+
+    def _sharpness(self) -> None:
+        cfg = self.config
+        lr = self._lr
+        threshold = optim.stability_threshold(cfg.optimizer, lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                              beta1=cfg.adam_beta1)
+        pre = self._ahead().preconditioner if cfg.optimizer in ("adam", "adamw") else None
+        with self.timer("sharpness"):
+            rec = tracking.sharpness_record(self.model, self._sharp_batch, cfg.sharpness_tol, threshold=threshold,
+                                            lr=lr, preconditioner=pre, loss_fn=self.loss_fn, warm=self.warm)
+        self._emit({"step": self.step_index, "epoch": self.epoch, **rec})
+
+    def _measure(self) -> None:
+        """The built-in loop's point measurements (training.train_run's ``measure``), at the current weights."""
+        cfg, model, step, epoch = self.config, self.model, self.step_index, self.epoch
+        x, y = self.data.x_train, self.data.y_train
+        with self.timer("eval"):
+            rec = tracking.eval_record(model, self.data, self.loss_fn)
+        self._emit({"step": step, "epoch": epoch, **rec})
+        if not math.isfinite(rec["train_loss"]):
+            raise Diverged(step, "non-finite training loss in evaluation")
+        smooth = {"kind": "smoothness", "step": step, "epoch": epoch, "bn_mode": "batch"}
+        with self.timer("local_smoothness"):
+            if cfg.batch_size:
+                mb = torch.randint(x.shape[0], (cfg.batch_size,), generator=self.generator).to(self.device)
+                minibatch = (x[mb], y[mb])
+            else:
+                minibatch = (x, y)
+            smooth["local_smoothness"] = tracking.local_smoothness(model, minibatch, self._ls_full, cfg.lr,
+                                                                   self.loss_fn)
+        if not cfg.sharpness_every:
+            with self.timer("sharpness"):
+                eig = tracking.sharpness(model, self._sharp_batch, cfg.sharpness_tol, self.loss_fn, warm=self.warm)
+            smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
+        if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
+            with self.timer("spectrum"):
+                for r in spectrum.measure(model, self._spec_batch, cfg.norm, self.loss_fn):
+                    self._emit({"step": step, "epoch": epoch, **r})
+        self._emit(smooth)
+        if generalization.due(cfg.generalization_every, epoch, cfg.epochs):
+            with self.timer("generalization"):
+                self._emit({"step": step, "epoch": epoch, **generalization.measure(
+                    model, self._gen_batch, self.loss_fn, self._init_state, self.data.input_shape)})
+        self._measured_at = step
+        self.store.write_timing(self._timing())
+
