@@ -55,6 +55,9 @@ _HELP = {
     "generalization_every": "sharpness/flatness/norm measures of sharpness vs generalisation (experiments."
                             "generalization) at init, every E epochs and at the end (0 = off)",
     "generalization_samples": "fixed training images the generalisation measures use",
+    "per_layer": "at each per-pass sharpness measurement, on its sample: lambda_max and trace of each conv/linear/BN "
+                 "module's block of the Hessian and the GGN, and the Hessian's most negative eigenvalue "
+                 "(experiments.per_layer; about 2x the run's time for the seed ConvNets)",
     "device": "auto (cuda if available), cpu or cuda",
     "tensorboard": "also write TensorBoard scalars to <run>/tb",
 }

@@ -26,7 +26,7 @@ HASHED_WHEN_SET = {"loss": "cross-entropy", "optimizer": "sgd", "momentum": 0.0,
                    "lr_schedule": "constant", "warmup_steps": 0, "lr_decay_every": 0, "lr_decay_factor": 0.1,
                    "probe_direction": "gradient", "eval_every": 1, "sharpness_every": 0, "sharpness_start": "cold",
                    "spectrum_every": 0, "target_train_loss": 0.0, "generalization_every": 0,
-                   "generalization_samples": 1000}
+                   "generalization_samples": 1000, "per_layer": False}
 
 
 # Lanczos stops when the residual is at most tol x the eigenvalue (smoothness.lanczos), which bounds the sharpness's
@@ -127,6 +127,7 @@ class RunConfig:
     target_train_loss: float = 0.0          # stop at the first evaluation whose training loss is at most this (0 = off)
     generalization_every: int = 0           # passes between generalisation measures, and at the end (0 = off)
     generalization_samples: int = 1000      # fixed training images the generalisation measures use
+    per_layer: bool = False                 # per-module λ_max and trace of H and GGN, λ_min(H) (experiments.per_layer)
     study: str = "fashion-mnist-bn"
     device: str = "auto"
     tensorboard: bool = False

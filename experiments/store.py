@@ -57,6 +57,7 @@ RECORD_NUMBERS = {
                        "pacbayes_mag_flatness", "pacbayes_mag_sigma", "relative_flatness", "lambda_max",
                        "hessian_trace", "distance_to_init", "spectral_product_log", "path_norm"),
     "target": ("target", "train_loss"),
+    "per_layer": ("lambda_max", "trace", "trace_stderr", "lambda_min", "n_params", "samples", "n_hvp", "trace_probes"),
 }
 #: list-of-numbers fields of each record kind
 RECORD_NUMBER_LISTS = {"probe": ("step_sizes", "losses", "grad_diff_norms")}

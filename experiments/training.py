@@ -6,7 +6,7 @@ every measurement a hook on a schedule:
 | (the loop) | every step, before the update, on the step's batch | ``step``: loss, accuracy (and ``lr`` under a schedule) |
 | ``probe`` | every ``probe_every`` steps, on the step's batch | ``probe``: Santurkar's line probe along −g, or along the optimizer's update (``probe_direction``) |
 | ``sharpness`` | every ``sharpness_every`` steps, gradient known | ``sharpness``: λ_max on the fixed sharpness sample, the optimizer's stability threshold, Adam's λ_max(P⁻¹H) |
-| ``measure`` | at initialisation, every ``eval_every`` passes and at the end | ``eval``, ``spectrum`` (every ``spectrum_every`` passes), ``smoothness``, then a checkpoint |
+| ``measure`` | at initialisation, every ``eval_every`` passes and at the end | ``eval``, ``spectrum`` (every ``spectrum_every`` passes), ``smoothness``, ``per_layer`` (``--per-layer``), then a checkpoint |
 
 Records go to the run's store as they are produced (results/README.md). A checkpoint holds everything the rest of
 the run depends on (weights and BatchNorm statistics, optimizer and scheduler state, the minibatch sampler, torch's
@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import generalization, optim, spectrum, tracking
+from . import generalization, optim, per_layer, spectrum, tracking
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .losses import get_loss
@@ -220,6 +220,10 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 for rec in spectrum.measure(model, (x_train[spec_idx], y_train[spec_idx]), cfg.norm, loss_fn):
                     emit({"step": step, "epoch": epoch, **rec})
         emit(smooth)
+        if cfg.per_layer:  # on the sharpness's own sample (experiments.per_layer)
+            with timer("per_layer"):
+                for record in per_layer.measure(model, sharp_batch, loss_fn):
+                    emit({"step": step, "epoch": epoch, **record})
         reached = bool(cfg.target_train_loss) and rec["train_loss"] <= cfg.target_train_loss
         if generalization.due(cfg.generalization_every, epoch, cfg.epochs) or (cfg.generalization_every and reached):
             with timer("generalization"):
