@@ -14,16 +14,18 @@ a block's λ_max(H) and λ_max(G) agree, the layer's curvature is the Gauss-Newt
 
 Records (results/README.md), flat so that the analysis can melt them: one of kind ``per_layer`` per (module,
 matrix) with the string fields ``module`` (the name in ``named_modules()``), ``layer`` (conv1, conv2, fc, bn1, ...:
-the position among modules of its type, the key that pairs ConvNet with BN-ConvNet) and ``matrix`` (hessian or
-ggn), and the numbers ``lambda_max``, ``trace``, ``trace_stderr``, ``n_params``, ``samples``, ``n_hvp``; and one with
-``module`` = ``layer`` = ``"all"``, ``matrix`` = ``"hessian"`` and ``lambda_min``. Every estimator starts from
-generators seeded with fixed numbers and leaves the model untouched, so the records are a function of the weights
-alone: a resumed run writes the same bytes, and the training trajectory is the same with or without them.
+the type and position among modules of that type, the key that pairs ConvNet with BN-ConvNet) and ``matrix``
+(hessian or ggn), the numbers ``lambda_max``, ``trace``, ``trace_stderr``, ``trace_probes``, ``n_params``,
+``samples``, ``n_hvp`` (the block's Lanczos products; the trace probes are shared by all blocks) and the flag
+``converged``; then one with ``module`` = ``layer`` = ``"all"``, ``matrix`` = ``"hessian"`` and ``lambda_min``.
+Every estimator starts from generators seeded with fixed numbers and leaves the model untouched, so the records are
+a function of the weights alone: a resumed run writes the same bytes, and the training trajectory is the same with or without them.
 
 Cost: a block product costs a full product (``smoothness.operator``), so a measurement is 2 × (Σ_modules Lanczos
 products + ``PROBES``) + the λ_min products: on the BN-ConvNet after a few hundred steps 5-9 products per block, 20
-for λ_min, about 130 in all (each Lanczos run also pays a forward and a backward pass to build its operator). ``TOL`` is 1e-2, ten times looser than the
-sharpness's 1e-3: the blocks' eigenvalues are compared across networks whose differences are tens of percent.
+for λ_min, about 120 in all (each Lanczos run also pays a forward and a backward pass to build its operator), about
+10x a sharpness measurement. ``TOL`` is 1e-2, ten times looser than the sharpness's 1e-3: the blocks' eigenvalues
+are compared across networks whose differences are tens of percent.
 """
 from __future__ import annotations
 

@@ -116,31 +116,33 @@ def _legend(fig: Figure, table: pd.DataFrame, palette: dict, matrices: bool) -> 
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(handles)), frameon=False)
 
 
-def _block_panels(table: pd.DataFrame, value: str, ylabel: str, extra_rows: int = 0):
-    layers = layer_order(table["layer"])
-    palette = _palette(table["model"])
-    fig, axes = figure_grid(len(layers) + 1, nrows=1 + extra_rows, width=4.2, height=3.6)
-    axes = np.asarray(axes).reshape(1 + extra_rows, -1)
-    for ax, layer in zip(axes[0], layers):
+def _block_panels(axes, table: pd.DataFrame, layers: list[str], palette: dict, value: str, ylabel: str) -> None:
+    for ax, layer in zip(axes, layers):
         for model, color in palette.items():
             for matrix, ls in MATRIX_STYLE.items():
                 rows = table[(table["model"] == model) & (table["layer"] == layer) & (table["matrix"] == matrix)]
                 if not rows.empty:
                     _curves(ax, rows, value, color, ls)
         ax.set(title=layer, xlabel=EPOCH, ylabel=ylabel)
-    return fig, axes, layers, palette
 
 
 @styled
 def lambda_figure(table: pd.DataFrame) -> Figure:
-    """λ_max of every block of H and G per layer position, and λ_min of the whole H."""
-    fig, axes, layers, palette = _block_panels(table, "lambda_max", "λ_max of the block")
-    ax = axes[0][len(layers)]
+    """λ_max of every block of H and G per layer position, and λ_min of the whole H (panels in rows of 3)."""
+    layers, palette = layer_order(table["layer"]), _palette(table["model"])
+    ncols = 3
+    nrows = -(-(len(layers) + 1) // ncols)
+    fig, axes = figure_grid(ncols, nrows=nrows, width=4.6, height=3.6)
+    axes = list(np.asarray(axes).reshape(-1))
+    _block_panels(axes, table, layers, palette, "lambda_max", "λ_max of the block")
+    ax = axes[len(layers)]
     whole = table[table["layer"] == WHOLE]
     for model, color in palette.items():
         _curves(ax, whole[whole["model"] == model], "lambda_min", color, "-")
     ax.axhline(0, color="0.6", lw=0.8)
     ax.set(title="whole network: most negative eigenvalue", xlabel=EPOCH, ylabel="λ_min(H)")
+    for extra in axes[len(layers) + 1:]:
+        extra.set_visible(False)
     fig.suptitle("Per-layer curvature along training (train-mode BN, the sharpness sample)")
     _legend(fig, table, palette, matrices=True)
     return fig
@@ -150,7 +152,10 @@ def lambda_figure(table: pd.DataFrame) -> Figure:
 def trace_figure(table: pd.DataFrame) -> Figure:
     """Traces of every block of H and G per layer position; below, tr(H_BB) − tr(G_BB)."""
     blocks = table[table["layer"] != WHOLE]
-    fig, axes, layers, palette = _block_panels(blocks, "trace", "trace of the block (Hutchinson)", extra_rows=1)
+    layers, palette = layer_order(blocks["layer"]), _palette(blocks["model"])
+    fig, axes = figure_grid(len(layers), nrows=2, width=4.2, height=3.6)
+    axes = np.asarray(axes).reshape(2, -1)
+    _block_panels(axes[0], blocks, layers, palette, "trace", "trace of the block (Hutchinson)")
     wide = blocks.pivot_table(index=["model", "run", "epoch", "layer"], columns="matrix", values="trace").reset_index()
     for ax, layer in zip(axes[1], layers):
         for model, color in palette.items():
@@ -159,8 +164,6 @@ def trace_figure(table: pd.DataFrame) -> Figure:
                 _curves(ax, rows.assign(rest=rows["hessian"] - rows["ggn"]), "rest", color, "-")
         ax.axhline(0, color="0.6", lw=0.8)
         ax.set(title=f"{layer}: tr(H − G) of the block", xlabel=EPOCH, ylabel="tr(H_BB) − tr(G_BB)")
-    for row in axes:
-        row[len(layers)].set_visible(False)
     fig.suptitle("Per-layer traces along training (Hutchinson, the same probes for H and G)")
     _legend(fig, blocks, palette, matrices=True)
     return fig
