@@ -19,7 +19,8 @@ the type and position among modules of that type, the key that pairs ConvNet wit
 ``samples``, ``n_hvp`` (the block's Lanczos products; the trace probes are shared by all blocks) and the flag
 ``converged``; then one with ``module`` = ``layer`` = ``"all"``, ``matrix`` = ``"hessian"`` and ``lambda_min``.
 Every estimator starts from generators seeded with fixed numbers and leaves the model untouched, so the records are
-a function of the weights alone: a resumed run writes the same bytes, and the training trajectory is the same with or without them.
+a function of the weights alone: a resumed run writes the same bytes, and the training trajectory is the same with
+or without them.
 
 Cost: a block product costs a full product (``smoothness.operator``), so a measurement is 2 × (Σ_modules Lanczos
 products + ``PROBES``) + the λ_min products: on the BN-ConvNet after a few hundred steps 5-9 products per block, 20

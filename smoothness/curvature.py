@@ -29,8 +29,8 @@ class EigenResult:
     ``error_bounds[i]`` is the residual norm ‖H y_i − θ_i y_i‖ of the Ritz pair (θ_i = ``values[i]``, y_i). It is a
     rigorous bound on the distance from ``values[i]`` to the nearest eigenvalue of H; that eigenvalue is the i-th
     largest unless the Krylov space missed an eigenvalue altogether (see ``smoothness.lanczos``), and
-    ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing). The true error is usually far
-    smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
+    ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing; for ``which="smallest"``, read
+    smallest, and never falls below it). The true error is usually far smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
 
     ``vectors`` holds the k Ritz vectors as the rows of a (k, n) tensor, each flattened over the trainable
     parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n·4 bytes in float32, e.g.

@@ -185,7 +185,8 @@ def summary_markdown(table: pd.DataFrame) -> str:
              f"sample, at the last epoch ({epoch}): mean ± sd over seeds (n = runs). tr(H − G) = tr(H_BB) − "
              f"tr(G_BB), from the same Hutchinson probes: the block's curvature from the network's own second "
              f"derivatives. λ_min: the whole Hessian's most negative eigenvalue.", "",
-             "| model | layer | n | λ_max(H) | λ_max(G) | tr(H) | tr(G) | tr(H − G) |", "|---|---|---|---|---|---|---|---|"]
+             "| model | layer | n | λ_max(H) | λ_max(G) | tr(H) | tr(G) | tr(H − G) |",
+             "|---|---|---|---|---|---|---|---|"]
     for model in model_order(at["model"]):
         for layer in layer_order(at["layer"]):
             rows = at[(at["model"] == model) & (at["layer"] == layer)]
