@@ -652,6 +652,7 @@ def _register_commands() -> None:
     from .surface_cli import surface_command; main.add_command(surface_command)  # noqa: E702 (one line to merge)
     main.add_command(spectrum_command)
     from .generalization_cli import generalization_command; main.add_command(generalization_command)  # noqa: E702
+    from .per_layer_cli import per_layer_command; main.add_command(per_layer_command)  # noqa: E702
 
 
 _register_commands()

@@ -58,6 +58,12 @@ _register(_study("generalization", ["mlp", "bn-mlp"], lrs=(0.05, 0.2), seeds=(0,
           "Jiang et al. 2020 / Andriushchenko et al. 2023: MLP with and without BN on 1,000 FashionMNIST images, "
           "lr x batch size x weight decay x BN, 2 seeds, each trained to training cross-entropy 0.01, then every "
           "sharpness/flatness/norm measure (`smoothness-lab generalization`; about 10 min on 2 cores)")
+# Measured every other pass and without line probes: a per-layer measurement costs about 10x a sharpness
+# measurement, and the reference study had to fit a shared 2-core machine (docs/per-layer.md)
+_register(_study("per-layer", ["convnet", "bn-convnet"], seeds=(0, 1, 2), per_layer=True, eval_every=2,
+                 probe_every=0),
+          "fashion-mnist-bn (3 seeds, no line probes) plus per-layer curvature every 2 passes: lambda_max and trace "
+          "of each module's block of the Hessian and the GGN, lambda_min of the Hessian (`smoothness-lab per-layer`)")
 
 
 def get_preset(name: str) -> StudyConfig:

@@ -19,15 +19,18 @@ from .lanczos import lanczos_top
 from .operator import block_dimension, check_kind, curvature_matrix, resolve_params
 
 
+WHICH = ("largest", "smallest")
+
+
 @dataclass(frozen=True)
 class EigenResult:
-    """The k largest Hessian eigenvalues and what they cost.
+    """The k largest (or, with ``which="smallest"``, the k smallest) Hessian eigenvalues and what they cost.
 
     ``error_bounds[i]`` is the residual norm ‖H y_i − θ_i y_i‖ of the Ritz pair (θ_i = ``values[i]``, y_i). It is a
     rigorous bound on the distance from ``values[i]`` to the nearest eigenvalue of H; that eigenvalue is the i-th
     largest unless the Krylov space missed an eigenvalue altogether (see ``smoothness.lanczos``), and
-    ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing). The true error is usually far
-    smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
+    ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing; for ``which="smallest"``, read
+    smallest, and never falls below it). The true error is usually far smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
 
     ``vectors`` holds the k Ritz vectors as the rows of a (k, n) tensor, each flattened over the trainable
     parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n·4 bytes in float32, e.g.
@@ -36,7 +39,7 @@ class EigenResult:
     are left out of ``repr`` and of ``==``, which compare the numbers only.
     """
 
-    values: Tuple[float, ...]        # descending, length k
+    values: Tuple[float, ...]        # length k: descending (largest), or ascending from the most negative (smallest)
     n_hvp: int
     converged: bool
     error_bounds: Tuple[float, ...]  # residual norms: distance to the nearest eigenvalue of H is at most this
@@ -45,6 +48,7 @@ class EigenResult:
     vectors: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
     kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
     params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
+    which: str = "largest"                     # "largest" or "smallest": which end of the spectrum
 
     def vector_dicts(self, model: nn.Module) -> List[Dict[str, torch.Tensor]]:
         """The Ritz vectors as dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only, or the
@@ -82,8 +86,14 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
                     max_iter: Optional[int] = None, bn_mode: str = "batch",
                     generator: Optional[torch.Generator] = None, start: Optional[Start] = None,
                     block_size: Optional[int] = None, kind: str = "hessian", params: Optional[Sequence[str]] = None,
-                    group=None) -> EigenResult:
+                    group=None, which: str = "largest") -> EigenResult:
     """The k largest eigenvalues of ∇²_w L(w; B) by block Lanczos with full reorthogonalisation.
+
+    ``which="smallest"``: the k smallest (algebraically: the most negative first, ascending), as the k largest of
+    −H by the same Lanczos; the residual bounds are those of −H's Ritz pairs, i.e. of H's (same vectors, negated
+    values), and ``tol`` is relative to |value| as for the largest. Network Hessians' negative eigenvalues are
+    small next to λ_max, and Lanczos's convergence at either end scales with the gap relative to the whole
+    spectrum's width, so the smallest ones take more products at the same ``tol`` than the top one.
 
     ``kind`` ("hessian", "ggn", "empirical-fisher"), ``params`` (a parameter block) and ``group`` (data split across
     torch.distributed ranks) choose the matrix: see ``smoothness.operator``. The default is the whole Hessian.
@@ -118,6 +128,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
                          f"{' in the block' if names else ''}); got {k}")
     if not tol > 0:
         raise ValueError(f"tol must be positive, got {tol}")
+    if which not in WHICH:
+        raise ValueError(f"which must be 'largest' (the top eigenvalues) or 'smallest' (the most negative "
+                         f"ones), got {which!r}")
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
         raise ValueError(f"max_iter must be an int >= k ({k}) or None; got {max_iter!r}")
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
@@ -128,11 +141,13 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
     op = curvature_matrix(objective, kind, names, group)
     rows = None if start is None else _start_rows(start, objective, op)
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
-    out = lanczos_top(lambda v: torch.stack([op.matvec(r) for r in v]), op.n, k, tol=tol, block_size=block,
-                      max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen, start=rows)
-    return EigenResult(values=tuple(float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
+    sign = 1.0 if which == "largest" else -1.0   # the smallest eigenvalues of H are the largest of −H
+    out = lanczos_top(lambda v: sign * torch.stack([op.matvec(r) for r in v]), op.n, k, tol=tol,
+                      block_size=block, max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen,
+                      start=rows)
+    return EigenResult(values=tuple(sign * float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
                        error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
-                       batch_size=op.n_samples, vectors=out.vectors, kind=kind, params=names)
+                       batch_size=op.n_samples, vectors=out.vectors, kind=kind, params=names, which=which)
 
 
 def _start_rows(start, objective, op) -> torch.Tensor:

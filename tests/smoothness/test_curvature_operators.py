@@ -242,3 +242,25 @@ def test_model_untouched(ref, bn_mode):
         op = sm.curvature_operator(model, loss_fn, batch, kind=kind, bn_mode=bn_mode)
         op.to_scipy() @ np.ones(op.shape[0])
         ref.assert_same_snapshot(before, model)
+
+
+@pytest.mark.parametrize("bn_mode", sm.BN_MODES)
+def test_smallest_eigenvalues_match_dense(ref, bn_mode):
+    """which="smallest": the most negative Hessian eigenvalues (ascending), whole and on a block, as the dense
+    matrix's; an indefinite case (a network Hessian at random weights)."""
+    model = ref.make_model("conv")
+    batch = ref.make_batch(model, n=12)
+    loss_fn = nn.CrossEntropyLoss()
+    H = ref.dense_hessian(model, loss_fn, batch, bn_mode).numpy()
+    low = np.sort(np.linalg.eigvalsh(H))[:2]
+    assert low[0] < 0
+    out = sm.top_eigenvalues(model, loss_fn, batch, k=2, tol=1e-10, bn_mode=bn_mode, which="smallest")
+    assert out.converged and out.which == "smallest"
+    np.testing.assert_allclose(out.values, low, rtol=1e-8)
+    names = BLOCK["conv"]
+    idx = block_index(ref, model, names).numpy()
+    block = sm.top_eigenvalues(model, loss_fn, batch, k=1, tol=1e-10, bn_mode=bn_mode, params=names,
+                               which="smallest")
+    np.testing.assert_allclose(block.values, np.linalg.eigvalsh(H[np.ix_(idx, idx)])[:1], rtol=1e-8)
+    with pytest.raises(ValueError, match="which must be 'largest'"):
+        sm.top_eigenvalues(model, loss_fn, batch, which="lowest")
