@@ -107,8 +107,10 @@ class Timer:
 
 
 @dataclass
-class _StepRecords:
-    """Step losses kept on the device until written (a .tolist() per step would synchronise every step)."""
+class StepRecords:
+    """Step losses kept on the device until written (a .tolist() per step would synchronise every step): ``add``
+    after each step, ``flush`` writes them (one host transfer), raising `Diverged` at the first non-finite loss.
+    `run_steps` and `experiments.tracker.Tracker` both buffer their step records here."""
 
     emit: Callable[[dict], None]
     epoch_of: Callable[[int], int]
@@ -117,6 +119,11 @@ class _StepRecords:
 
     def add(self, step: int, loss: torch.Tensor, accuracy: torch.Tensor, extra: dict) -> None:
         self.pending.append((step, loss.detach(), accuracy, extra))
+
+    @property
+    def full(self) -> bool:
+        """``FLUSH_EVERY`` steps are waiting: time to write them."""
+        return len(self.pending) >= FLUSH_EVERY
 
     def flush(self) -> None:
         if not self.pending:
@@ -132,10 +139,33 @@ class _StepRecords:
             self.on_flush(pending[-1][0] + 1)
 
 
-def _records(out) -> Iterable[dict]:
+def records_of(out) -> Iterable[dict]:
+    """The records a hook returned: a dict, a list of dicts or None."""
     if out is None:
         return ()
     return (out,) if isinstance(out, dict) else out
+
+
+def run_hooks(hooks: Sequence[Hook], when: str, state: StepState, due: Callable[[Hook], bool], *, timer: Timer,
+              steps: StepRecords, emit: Callable[[dict], None]) -> List[str]:
+    """Run the hooks of kind ``when`` for which ``due(hook)`` holds, in order, at ``state``: the buffered step
+    records are written first (divergence at an earlier step is found before a hook runs on its weights), then each
+    hook's records; a hook's ``smoothness.NonFiniteLossError`` becomes `Diverged`. Returns the names of the hooks
+    that ran."""
+    ran = []
+    for hook in hooks:
+        if hook.when == when and due(hook):
+            steps.flush()
+            try:
+                with timer(hook.name) if hook.timed else contextlib.nullcontext():
+                    out = hook.fn(state)
+            except smoothness.NonFiniteLossError:
+                raise Diverged(state.step, f"non-finite loss at {hook.what or hook.name}") from None
+            for r in records_of(out):
+                steps.flush()
+                emit(r)
+            ran.append(hook.name)
+    return ran
 
 
 def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, batches: Callable[[int], tuple],
@@ -148,23 +178,11 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, bat
     ``batches(t)`` gives step t's (inputs, targets); ``epoch_of(t)`` the epoch a step record belongs to;
     ``extra_records(t)`` extra fields of step t's record (e.g. the scheduled learning rate), if any.
     """
-    steps = _StepRecords(emit, epoch_of, on_flush)
-
-    def record(out, step: int) -> None:
-        for r in _records(out):
-            steps.flush()
-            emit(r)
+    steps = StepRecords(emit, epoch_of, on_flush)
 
     def run(when: str, state: StepState) -> None:
-        for hook in hooks:
-            if hook.when == when and (hook.due(state.step) or (when == "point" and state.step == total)):
-                steps.flush()  # divergence at an earlier step is found before this hook runs on its weights
-                try:
-                    with timer(hook.name) if hook.timed else contextlib.nullcontext():
-                        out = hook.fn(state)
-                except smoothness.NonFiniteLossError:
-                    raise Diverged(state.step, f"non-finite loss at {hook.what or hook.name}") from None
-                record(out, state.step)
+        run_hooks(hooks, when, state, lambda hook: hook.due(state.step) or (when == "point" and state.step == total),
+                  timer=timer, steps=steps, emit=emit)
 
     extra = extra_records or (lambda t: {})
     for t in range(start, total):
@@ -185,7 +203,7 @@ def run_steps(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, bat
             if scheduler is not None:
                 scheduler.step()
             steps.add(t, loss, (out.argmax(1) == yb).float().mean(), fields)
-        if len(steps.pending) >= FLUSH_EVERY:
+        if steps.full:
             steps.flush()
     steps.flush()
     if not (skip_first_point and start == total):

@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 CONFIG, RECORDS, TIMING, DATASET, RUN_LOG, DONE = (
     "config.json", "records.jsonl", "timing.json", "dataset.json", "run.log", "done")
 CODE = "code.json"   # a user factory's source file and sha256 (experiments.plugins)
+TRACKER = "tracker.json"   # a loop of one's own tracked by experiments.Tracker: its model and optimizer classes
 CHECKPOINTS = "checkpoints"
 SURFACES = "surfaces"         # surfaces/<stem>.npz, written by `smoothness-lab surface`
 CHECKPOINT_GLOB = "epoch-*.pt"
@@ -424,6 +425,15 @@ class RunStore:
     def write_code(self, info: dict) -> None:
         """``code.json``: a user factory's import string, source file and its sha256 (``experiments.plugins``)."""
         atomic_write_json(self.dir / CODE, info)
+
+    def write_tracker_info(self, info: dict) -> None:
+        """``tracker.json``: for a run recorded by ``experiments.Tracker``, the loop's model and dataset labels and
+        its model and optimizer classes."""
+        atomic_write_json(self.dir / TRACKER, info)
+
+    def load_init_weights(self, device=None) -> dict:
+        """``weights-init.pt``: the model's state_dict at initialisation (`save_weights`), on ``device``."""
+        return torch.load(self.dir / _weights_name("init"), map_location=device, weights_only=True)
 
     # -- records ----------------------------------------------------------------------------------------------
     def read_records(self) -> List[dict]:

@@ -37,6 +37,16 @@ so they see the gradients after any unscaling (``GradScaler``), clipping or accu
 ``optimizer.step()``) and `end_step` yourself (the Lightning callback does). Optimizers that take a closure (LBFGS)
 compute the gradient inside ``step()``, after the pre-hook: the tracker refuses them.
 
+The measurements are the registry's (experiments/measurements/): the tracker builds their hooks from the run's
+`RunContext` as `train_run` does (`experiments.training.build_measurements`) and runs them at its moments with
+`experiments.loop.run_hooks`: "point" hooks at initialisation, at each ``end_epoch`` where they are due (judged at
+``epoch * steps_per_epoch``, the step the built-in loop is at after that many passes) and, each that has not run
+there yet, at the final point (``end_epoch`` of pass ``epochs``, or ``close``); "before" hooks as a step begins;
+"gradient" hooks when the gradient is ready. Step records are buffered in `experiments.loop.StepRecords`. A
+measurement registered later (`experiments.measurements.register`) is measured in a tracked loop as in the built-in
+one. ``target_train_loss`` is refused: stopping at the target needs the loop's cooperation (stop yours on the
+``eval`` records' ``train_loss``).
+
 What the run is, in config.json
 -------------------------------
 ``config`` is a `RunConfig` (`run_config` builds one from the optimizer): the study name (``study``), the model
@@ -59,12 +69,12 @@ Resuming after a crash
 ----------------------
 ``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.save_checkpoint`, records first
 (its records mark): the model's and the optimizer's state_dicts, torch's CPU (and CUDA) RNG state, the tracker's
-`state_dict` (step, epoch, its generator, the warm-start vectors, timing) and ``extra``: everything else the rest
-of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and your data order (a sampler
-generator's ``get_state()``, or the epoch and position of a DataLoader whose order is seeded per epoch). After a
-crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the checkpoint's mark, restores
-model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no checkpoint: a fresh start, with
-any partial records dropped). The loop then continues from ``tracker.epoch`` / ``tracker.step_index`` and writes
+`state_dict` (step, epoch, its generator, timing and ``RunContext.checkpointed``: the warm-start vectors, ...) and
+``extra``: everything else the rest of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and
+your data order (a sampler generator's ``get_state()``, or the epoch and position of a DataLoader whose order is
+seeded per epoch). After a crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the
+checkpoint's mark, restores model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no
+checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` / ``tracker.step_index`` and writes
 exactly the records of an uninterrupted run. Checkpoint at the points where your loop can restart (after
 ``end_epoch``, as the built-in loop does).
 """
@@ -75,26 +85,24 @@ import copy
 import math
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import nn
 
 import smoothness
 
-from . import generalization, optim, spectrum, tracking
-from .atomic import atomic_write_json
+from . import optim, tracking
 from .config import ConfigError, RunConfig
 from .data import Dataset
-from .loop import FLUSH_EVERY, Diverged, Timer
+from .loop import Diverged, StepRecords, StepState, Timer, run_hooks
 from .store import RunStore, StoreError, run_lock
+from .training import build_measurements, sample_order
 
 __all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]
 
 #: torch optimizer classes RunConfig can describe, by its ``optimizer`` name
 OPTIMIZER_NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
-# train_run's fixed sample order (sharpness, local smoothness, spectrum, generalisation samples): the same images
-ORDER_SEED_OFFSET = 10_000
 
 
 def optimizer_fields(optimizer: torch.optim.Optimizer) -> dict:
@@ -183,32 +191,29 @@ class Tracker:
                                   "n_train": int(x.shape[0]), "n_test": int(xt.shape[0]),
                                   "input_shape": list(x.shape[1:])})
         n = x.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + ORDER_SEED_OFFSET))
-        order = order.to(self.device)
-        x, y = self.data.x_train, self.data.y_train
-        take = lambda k: order[:k] if k else order  # noqa: E731  (0 = the whole training set)
-        self._sharp_batch = tracking.sharpness_batch(model, x[take(cfg.sharpness_samples)],
-                                                     y[take(cfg.sharpness_samples)])
-        self._ls_full = (x, y) if not cfg.local_smoothness_samples else \
-            (x[take(cfg.local_smoothness_samples)], y[take(cfg.local_smoothness_samples)])
-        self._spec_batch = (x[order[:spectrum.SAMPLES]], y[order[:spectrum.SAMPLES]])
-        self._gen_batch = (x[order[:cfg.generalization_samples]], y[order[:cfg.generalization_samples]])
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.store = RunStore(Path(root), cfg)
         self.timer = Timer(self.device)
-        self.warm = tracking.WarmStart(cfg.sharpness_start == "warm")
         self.step_index = 0          # the step about to be taken (= updates taken so far)
         self.epoch = 0               # passes completed (end_epoch calls)
-        self._measured_at: Optional[int] = None   # the step whose point measurements were taken last
-        self._init_state: Optional[Dict[str, torch.Tensor]] = None
-        self._pending: List[tuple] = []
+        # the point hooks that ran at step ``_points_at`` (a point's hooks run once, whichever call reaches it)
+        self._points_at: Optional[int] = None
+        self._points_done: set = set()
         self._batch = None
         self._lr = None
         self._gradient_done = False
-        self._lookahead: Optional[optim.Lookahead] = None
-        self._named = dict(model.named_parameters())
         self._exit: Optional[ExitStack] = None
         self.finished = False
+        # step records: buffered, written before any other record (experiments/loop.py); a step belongs to the pass
+        # under way (end_epoch writes the buffer before it counts the pass)
+        self._steps = StepRecords(self.store.append, lambda step: self.epoch)
+        # the built-in loop's measurements, built as train_run builds them (experiments.training.build_measurements)
+        self.measuring = build_measurements(
+            cfg, model=model, data=self.data, loss_fn=self.loss_fn, optimizer=optimizer, device=self.device,
+            timer=self.timer, sampler=self.generator, order=sample_order(cfg, n, self.device), init_state={},
+            per_epoch=cfg.steps_per_epoch(n), total=cfg.total_steps(n), epoch_of=lambda step: self.epoch,
+            emit=self._emit)
+        self.hooks = self.measuring.hooks
 
     # -- checks --------------------------------------------------------------------------------------------------
     @staticmethod
@@ -220,8 +225,9 @@ class Tracker:
             raise ConfigError(f"the config does not describe the optimizer the loop steps ({'; '.join(differ)}); "
                               f"build it with experiments.tracker.run_config(optimizer, ...)")
         if cfg.target_train_loss or cfg.tensorboard:
-            raise ConfigError("--target-train-loss and --tensorboard are options of the built-in loop; the Tracker "
-                              "does not support them (leave them at 0 / False)")
+            raise ConfigError("target_train_loss and tensorboard are options of the built-in loop: the Tracker cannot "
+                              "stop your loop at a target loss, nor write TensorBoard logs; leave them at 0 / False "
+                              "(stop your loop yourself on the 'eval' records' train_loss)")
         if tracking.batch_coupled(model) and cfg.norm == "none":
             raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
                               f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
@@ -248,18 +254,18 @@ class Tracker:
             raise StoreError(f"{store.dir} holds an interrupted run of this config; call tracker.resume() before "
                              f"the loop to continue it from its last checkpoint (or move the directory away)")
         checkpoint = store.restore() if resuming else None
-        atomic_write_json(store.dir / "dataset.json", self.data.info)
-        atomic_write_json(store.dir / "tracker.json", {
+        store.write_dataset(self.data.info)
+        store.write_tracker_info({
             "loop": "experiments.Tracker", "model_label": self.labels["model"],
             "dataset_label": self.labels["dataset"], "model_class": f"{type(self.model).__module__}."
                                                                   f"{type(self.model).__qualname__}",
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "optimizer_class": type(self.optimizer).__name__})
         if checkpoint is None:
-            self._init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            store.save_weights("init", self._init_state)
+            self.measuring.ctx.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            store.save_weights("init", self.measuring.ctx.init_state)
             with self._diverging():  # the point measurements at initialisation, before any batch is drawn
-                self._measure()
+                self._point(final=False)
             return None
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -267,7 +273,7 @@ class Tracker:
         if self.device.type == "cuda" and checkpoint.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(checkpoint["cuda_rng"], self.device)
         self.load_state_dict(checkpoint["tracker"])
-        self._init_state = torch.load(store.dir / "weights-init.pt", map_location=self.device, weights_only=True)
+        self.measuring.ctx.init_state = store.load_init_weights(self.device)
         return checkpoint.get("extra") or {}
 
     def resume(self) -> Optional[dict]:
@@ -297,9 +303,8 @@ class Tracker:
         if self._exit is None:
             self._begin(resuming=False)
         with self._diverging():
-            self._flush()
-            if self._measured_at != self.step_index:
-                self._measure()
+            self._steps.flush()
+            self._point(final=True)
         if self.finished:  # diverged while measuring
             return
         self.store.write_timing(self._timing())
@@ -310,24 +315,29 @@ class Tracker:
 
     # -- state -----------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The tracker's own state (a `checkpoint` holds it): step, epoch, its generator, warm-start vectors,
-        timing."""
-        return {"step": self.step_index, "epoch": self.epoch, "measured_at": self._measured_at,
-                "generator": self.generator.get_state(), "sharpness_start": self.warm.get_state(),
-                "timing": dict(self.timer.seconds)}
+        """The tracker's own state (a `checkpoint` holds it): step, epoch, the point hooks that ran at the last
+        point, its generator, timing, and what the measurements keep between calls (``RunContext.checkpointed``:
+        the sharpness warm start's vectors, ...)."""
+        return {"step": self.step_index, "epoch": self.epoch, "measured_at": self._points_at,
+                "points_done": sorted(self._points_done), "generator": self.generator.get_state(),
+                "timing": dict(self.timer.seconds), **self.measuring.checkpoint_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.step_index, self.epoch, self._measured_at = state["step"], state["epoch"], state["measured_at"]
+        self.step_index, self.epoch, self._points_at = state["step"], state["epoch"], state["measured_at"]
+        done = state.get("points_done")
+        if done is None:   # written before the tracker kept them: every point hook ran there
+            done = [h.name for h in self.hooks if h.when == "point"] if self._points_at is not None else []
+        self._points_done = set(done)
         self.generator.set_state(state["generator"])
-        self.warm.set_state(state["sharpness_start"])
         self.timer.seconds = dict(state["timing"])
+        self.measuring.restore(state)
 
     def checkpoint(self, extra: Optional[dict] = None) -> Path:
         """Write ``checkpoints/epoch-<epoch>.pt`` (records first, with their mark): model, optimizer, torch RNG,
         the tracker's state and ``extra`` (your scheduler's and data order's state; module docstring)."""
         self._ensure_started()
         with self._diverging():
-            self._flush()
+            self._steps.flush()
         with self.timer("checkpoint"):
             self.store.save_checkpoint(self.epoch, {
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -370,26 +380,20 @@ class Tracker:
             raise RuntimeError(f"the run in {self.store.dir} is finished (closed or diverged); start a new Tracker")
 
     def begin_step(self, batch) -> None:
-        """At w_t, before the forward pass: point measurements at t = 0, the line probe along −g when due."""
+        """At w_t, before the forward pass: the point measurements at t = 0 (on starting), then the "before" hooks
+        due at t on the batch (the line probe along −g)."""
         self._ensure_started()
-        self._batch, self._gradient_done, self._lookahead = tuple(batch), False, None
+        self._batch, self._gradient_done = tuple(batch), False
         self._lr = optim.current_lr(self.optimizer)
-        if self._due(self.config.probe_every) and self.config.probe_direction == "gradient":
-            with self._diverging():
-                self._probe(direction=None)
+        self._run("before", StepState(self.step_index, self.model, self.optimizer, self._batch))
 
     def gradient_ready(self) -> None:
-        """After backward, before ``optimizer.step()``: line probe along the update, sharpness, when due."""
+        """After backward, before ``optimizer.step()``: the "gradient" hooks due at t (line probe along the
+        update, sharpness)."""
         if self._batch is None or self._gradient_done:
             return
         self._gradient_done = True
-        cfg = self.config
-        with self._diverging():
-            if self._due(cfg.probe_every) and cfg.probe_direction == "update":
-                ahead = self._ahead()
-                self._probe(direction={name: u / ahead.lr for name, u in ahead.update.items()})
-            if self._due(cfg.sharpness_every):
-                self._sharpness()
+        self._run("gradient", StepState(self.step_index, self.model, self.optimizer, self._batch))
 
     def end_step(self, loss: torch.Tensor, output: Optional[torch.Tensor] = None) -> None:
         """After the update: the step record (loss; accuracy when ``output`` holds class scores)."""
@@ -401,51 +405,54 @@ class Tracker:
         else:
             accuracy = torch.tensor(float("nan"), device=loss.device)
         extra = {"lr": self._lr} if self._scheduled else {}
-        self._pending.append((self.step_index, self.epoch, loss.detach().reshape(()), accuracy.to(loss.device),
-                              extra))
+        self._steps.add(self.step_index, loss.detach().reshape(()), accuracy.to(loss.device), extra)
         self.step_index += 1
-        self._batch = self._lookahead = None
-        if len(self._pending) >= FLUSH_EVERY:
+        self._batch = None
+        if self._steps.full:
             with self._diverging():
-                self._flush()
+                self._steps.flush()
 
     def end_epoch(self) -> None:
-        """A pass boundary: the point measurements every ``eval_every`` passes and after pass ``epochs``."""
+        """A pass boundary: the point measurements due there (every ``eval_every`` passes), all of them after pass
+        ``epochs``."""
         self._ensure_started()
-        self.epoch += 1
         with self._diverging():
-            self._flush()
-            if self.epoch % self.config.eval_every == 0 or self.epoch == self.config.epochs:
-                self._measure()
+            self._steps.flush()   # the steps of the pass that ends here
+            self.epoch += 1
+            self._point(final=self.epoch == self.config.epochs)
 
-    # -- measurements ------------------------------------------------------------------------------------------
+    # -- measurements: the registry's hooks (experiments/measurements/), at the tracker's moments ----------------
     @property
     def _scheduled(self) -> bool:
         return self.config.lr_schedule != "constant" or self.config.warmup_steps >= 2
 
-    def _due(self, every: int) -> bool:
-        return every > 0 and self.step_index % every == 0
-
-    def _ahead(self) -> optim.Lookahead:
-        if self._lookahead is None:
-            self._lookahead = optim.lookahead(self.optimizer, self._named)
-        return self._lookahead
-
     def _emit(self, record: dict) -> None:
-        self._flush()
+        self._steps.flush()
         self.store.append(record)
 
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        # one host transfer per flush, not one per step (a .tolist() per step would synchronise a GPU every step)
-        values = torch.stack([torch.stack([loss, acc.to(loss.dtype)]) for _, _, loss, acc, _ in self._pending])
-        pending, self._pending = self._pending, []
-        for (step, epoch, _, _, extra), (loss, acc) in zip(pending, values.tolist()):
-            if not math.isfinite(loss):
-                raise Diverged(step, "non-finite training loss")
-            self.store.append({"kind": "step", "step": step, "epoch": epoch, "bn_mode": "batch", "loss": loss,
-                               "accuracy": acc, **extra})
+    def _run(self, when: str, state: StepState) -> None:
+        """The ``before`` or ``gradient`` hooks due at this step, as the built-in loop runs them."""
+        with self._diverging():
+            run_hooks(self.hooks, when, state, lambda hook: hook.due(state.step), timer=self.timer,
+                      steps=self._steps, emit=self._emit)
+
+    def _point(self, final: bool) -> None:
+        """The point hooks at the current weights, each at most once per step: those due after ``epoch`` passes
+        (in steps of the built-in loop, ``epoch * steps_per_epoch``: every ``eval_every`` passes), or, at the final
+        point, every one that has not run here (as the built-in loop runs them all at its last step)."""
+        step, ctx = self.step_index, self.measuring.ctx
+        if self._points_at != step:
+            self._points_at, self._points_done = step, set()
+        if final:
+            ctx.total = step   # the run ends here: hooks that act at the end (state.step == ctx.total) see it
+        nominal = self.epoch * ctx.per_epoch
+        done = self._points_done
+        ran = run_hooks(self.hooks, "point", StepState(step, self.model, self.optimizer),
+                        lambda hook: hook.name not in done and (final or hook.due(nominal)), timer=self.timer,
+                        steps=self._steps, emit=self._emit)
+        done.update(ran)
+        if ran:
+            self.store.write_timing(self._timing())
 
     @contextlib.contextmanager
     def _diverging(self):
@@ -456,7 +463,7 @@ class Tracker:
             except smoothness.NonFiniteLossError:
                 raise Diverged(self.step_index, "non-finite loss in a measurement") from None
         except Diverged as d:
-            self._pending = []
+            self._steps.pending = []
             self.store.append({"kind": "diverged", "step": d.step, "epoch": self.epoch, "bn_mode": "batch",
                                "loss": None, "reason": d.reason})
             self.store.write_timing(self._timing())
@@ -467,56 +474,3 @@ class Tracker:
 
     def _timing(self) -> dict:
         return {**self.timer.seconds, "total": sum(self.timer.seconds.values())}
-
-    def _probe(self, direction) -> None:
-        cfg = self.config
-        with self.timer("probe"):
-            rec = tracking.probe_record(self.model, self._batch, cfg.step_sizes_at(self._lr), cfg.probe_bn_mode,
-                                        direction=direction, loss_fn=self.loss_fn)
-        self._emit({"step": self.step_index, "epoch": self.epoch, **rec})
-
-    def _sharpness(self) -> None:
-        cfg = self.config
-        lr = self._lr
-        threshold = optim.stability_threshold(cfg.optimizer, lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                              beta1=cfg.adam_beta1)
-        pre = self._ahead().preconditioner if cfg.optimizer in ("adam", "adamw") else None
-        with self.timer("sharpness"):
-            rec = tracking.sharpness_record(self.model, self._sharp_batch, cfg.sharpness_tol, threshold=threshold,
-                                            lr=lr, preconditioner=pre, loss_fn=self.loss_fn, warm=self.warm)
-        self._emit({"step": self.step_index, "epoch": self.epoch, **rec})
-
-    def _measure(self) -> None:
-        """The built-in loop's point measurements (training.train_run's ``measure``), at the current weights."""
-        cfg, model, step, epoch = self.config, self.model, self.step_index, self.epoch
-        x, y = self.data.x_train, self.data.y_train
-        with self.timer("eval"):
-            rec = tracking.eval_record(model, self.data, self.loss_fn)
-        self._emit({"step": step, "epoch": epoch, **rec})
-        if not math.isfinite(rec["train_loss"]):
-            raise Diverged(step, "non-finite training loss in evaluation")
-        smooth = {"kind": "smoothness", "step": step, "epoch": epoch, "bn_mode": "batch"}
-        with self.timer("local_smoothness"):
-            if cfg.batch_size:
-                mb = torch.randint(x.shape[0], (cfg.batch_size,), generator=self.generator).to(self.device)
-                minibatch = (x[mb], y[mb])
-            else:
-                minibatch = (x, y)
-            smooth["local_smoothness"] = tracking.local_smoothness(model, minibatch, self._ls_full, cfg.lr,
-                                                                   self.loss_fn)
-        if not cfg.sharpness_every:
-            with self.timer("sharpness"):
-                eig = tracking.sharpness(model, self._sharp_batch, cfg.sharpness_tol, self.loss_fn, warm=self.warm)
-            smooth.update(sharpness=eig.values[0], sharpness_n_hvp=eig.n_hvp)
-        if spectrum.due(cfg.spectrum_every, epoch, cfg.epochs):
-            with self.timer("spectrum"):
-                for r in spectrum.measure(model, self._spec_batch, cfg.norm, self.loss_fn):
-                    self._emit({"step": step, "epoch": epoch, **r})
-        self._emit(smooth)
-        if generalization.due(cfg.generalization_every, epoch, cfg.epochs):
-            with self.timer("generalization"):
-                self._emit({"step": step, "epoch": epoch, **generalization.measure(
-                    model, self._gen_batch, self.loss_fn, self._init_state, self.data.input_shape)})
-        self._measured_at = step
-        self.store.write_timing(self._timing())
-

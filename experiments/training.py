@@ -25,7 +25,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -107,6 +107,56 @@ class _Batches:
         return self.x[idx], self.y[idx]
 
 
+#: the seed offset of a run's fixed sample order (the sharpness, local smoothness, spectrum and generalisation samples)
+ORDER_SEED_OFFSET = 10_000
+
+
+def sample_order(cfg: RunConfig, n: int, device) -> torch.Tensor:
+    """The run's fixed permutation of its ``n`` training images (``RunContext.order``), drawn from its own generator
+    so that the run's RNG streams are untouched."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + ORDER_SEED_OFFSET)).to(device)
+
+
+@dataclass
+class Measuring:
+    """The measurements of one run: their `RunContext`, their hooks in registry order, and the state they keep
+    between calls that a checkpoint must hold (``ctx.checkpointed``)."""
+
+    ctx: RunContext
+    hooks: List[Hook]
+
+    def checkpoint_state(self) -> Dict[str, object]:
+        """name -> state, for a checkpoint (saved beside the checkpoint's other entries)."""
+        return {name: get() for name, (get, _) in self.ctx.checkpointed.items()}
+
+    def restore(self, saved: dict) -> None:
+        """Give each measurement back its state from a checkpoint (None for what the checkpoint lacks)."""
+        for name, (_, set_state) in self.ctx.checkpointed.items():
+            set_state(saved.get(name))
+
+
+def build_measurements(cfg: RunConfig, *, model, data, loss_fn, optimizer, device, timer: Timer,
+                       sampler: torch.Generator, order: torch.Tensor, init_state, per_epoch: int, total: int,
+                       epoch_of: Callable[[int], int], emit: Callable[[dict], None]) -> Measuring:
+    """The registry's hooks for a run (every measurement in `MEASUREMENTS`, in order), built from its
+    `RunContext`; `train_run` and `experiments.tracker.Tracker` both measure through it."""
+    named = dict(model.named_parameters())
+    lookahead_at = {}
+
+    def ahead(state: StepState) -> optim.Lookahead:
+        """The optimizer's next step, computed once per step for every hook that needs it."""
+        if state.step not in lookahead_at:
+            lookahead_at.clear()
+            lookahead_at[state.step] = optim.lookahead(optimizer, named)
+        return lookahead_at[state.step]
+
+    ctx = RunContext(cfg=cfg, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer, device=device,
+                     timer=timer, sampler=sampler, order=order, init_state=init_state, per_epoch=per_epoch,
+                     total=total, epoch_of=epoch_of, lookahead=ahead, emit=emit)
+    hooks = [hook for m in MEASUREMENTS.values() if m.hooks is not None for hook in m.hooks(ctx)]
+    return Measuring(ctx, hooks)
+
+
 def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_dir: Optional[str] = None,
               progress: Optional[Progress] = None) -> RunOutcome:
     """Train one (model, lr, seed) and record everything in ``results_root/<run id>/``."""
@@ -138,10 +188,9 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on resume: same seed
     optimizer, scheduler = make_optimizer(cfg, model, total)
     sampler = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + 10_000)).to(device)
+    order = sample_order(cfg, n, device)
     timer = Timer(device)
     writer = _tensorboard(store, cfg.tensorboard)
-    named = dict(model.named_parameters())
     epoch_of = lambda step: step // per_epoch  # noqa: E731
 
     def emit(record: dict) -> None:
@@ -151,19 +200,10 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 if isinstance(value, (int, float)) and key not in ("step", "epoch"):
                     writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
-    lookahead_at = {}
-
-    def ahead(state: StepState) -> optim.Lookahead:
-        """The optimizer's next step, computed once per step for every hook that needs it."""
-        if state.step not in lookahead_at:
-            lookahead_at.clear()
-            lookahead_at[state.step] = optim.lookahead(optimizer, named)
-        return lookahead_at[state.step]
-
-    ctx = RunContext(cfg=cfg, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer, device=device,
-                     timer=timer, sampler=sampler, order=order, init_state=init_state, per_epoch=per_epoch,
-                     total=total, epoch_of=epoch_of, lookahead=ahead, emit=emit)
-    hooks = [hook for m in MEASUREMENTS.values() if m.hooks is not None for hook in m.hooks(ctx)]
+    measuring = build_measurements(cfg, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer, device=device,
+                                   timer=timer, sampler=sampler, order=order, init_state=init_state,
+                                   per_epoch=per_epoch, total=total, epoch_of=epoch_of, emit=emit)
+    ctx, hooks = measuring.ctx, measuring.hooks
 
     def checkpoint(state: StepState) -> None:
         """Last at every evaluation point: the state from which the next step starts."""
@@ -174,7 +214,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                 "epoch": epoch_of(state.step), "step": state.step, "timing": timer.seconds,
-                **{name: get() for name, (get, _) in ctx.checkpointed.items()}})
+                **measuring.checkpoint_state()})
         store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
 
     hooks.append(Hook("checkpoint", ctx.per_eval, "point", checkpoint, timed=False))
@@ -194,8 +234,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
             torch.cuda.set_rng_state(saved["cuda_rng"], device)
         start = saved["step"]
         timer.seconds = dict(saved.get("timing", {}))
-        for name, (_, set_state) in ctx.checkpointed.items():
-            set_state(saved.get(name))
+        measuring.restore(saved)
     scheduled = scheduler is not None
     try:
         if saved is None:

@@ -15,8 +15,11 @@ from click.testing import CliRunner
 
 import experiments
 from experiments.cli import main
+from experiments import measurements
 from experiments.config import ConfigError, RunConfig
-from experiments.loop import Diverged
+from experiments.loop import Diverged, Hook
+from experiments.measurements import Measurement, Option, Record
+from experiments.measurements.base import every
 from experiments.store import StoreError, read_records
 from experiments.tracker import Tracker, run_config
 from experiments.training import train_run
@@ -82,6 +85,59 @@ def test_a_killed_tracked_loop_resumes_to_the_records_of_an_uninterrupted_one(tm
     again = subprocess.run(script, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert _records(tmp_path / "killed", cfg) == _records(tmp_path / "whole", cfg)
+
+
+# -- a measurement registered from outside the package, after import: a gradient hook, a point hook and state that a
+# checkpoint must carry (the number of gradient calls so far, in every record)
+def _outside_hooks(ctx):
+    every_n = ctx.cfg.outside_every
+    if not every_n:
+        return ()
+    count = {"n": 0}
+    ctx.checkpointed["outside_count"] = (lambda: count["n"], lambda n: count.update(n=n or 0))
+
+    def gradient(state):
+        count["n"] += 1
+        norm = torch.sqrt(sum((p.grad ** 2).sum() for p in ctx.model.parameters() if p.grad is not None))
+        return ctx.at(state.step, {"kind": "outside_grad", "bn_mode": "batch", "grad_norm": float(norm),
+                                   "calls": count["n"]})
+
+    def point(state):
+        return ctx.at(state.step, {"kind": "outside_point", "bn_mode": "batch", "calls": count["n"]})
+
+    return (Hook("outside_grad", every_n, "gradient", gradient), Hook("outside_point", ctx.per_eval, "point", point))
+
+
+OUTSIDE = Measurement(
+    name="outside", schedule="every --outside-every steps (0 = off) and at every evaluation",
+    options=(Option("outside_every", int, 0, "gradient norm every N steps (0 = off)", check=every),),
+    records=(Record("outside_grad", numbers=("grad_norm", "calls")), Record("outside_point", numbers=("calls",))),
+    hooks=_outside_hooks)
+
+
+@pytest.fixture
+def outside():
+    measurements.register(OUTSIDE)
+    try:
+        yield OUTSIDE
+    finally:
+        measurements.unregister("outside")
+
+
+def test_a_measurement_registered_after_import_runs_in_a_tracked_loop_and_resumes(outside, tmp_path):
+    cfg = dataclasses.replace(CFG, epochs=3, probe_every=0, sharpness_every=0, pass_sharpness=False, outside_every=3)
+    train_run(cfg, tmp_path / "built-in")
+    tracked_run(cfg, tmp_path / "tracked")
+    assert _records(tmp_path / "tracked", cfg) == _records(tmp_path / "built-in", cfg)
+    records = read_records(tmp_path / "tracked" / cfg.run_id / "records.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "outside_grad"] == list(range(0, 30, 3))
+    assert [(r["step"], r["calls"]) for r in records if r["kind"] == "outside_point"] == \
+        [(0, 0), (10, 4), (20, 7), (30, 10)]
+    # interrupted in pass 2, after the checkpoint of pass 1: the resumed tracker gets the measurement's state back
+    tracked_run(cfg, tmp_path / "interrupted", interrupt_at=15)
+    assert not (tmp_path / "interrupted" / cfg.run_id / "done").exists()
+    tracked_run(cfg, tmp_path / "interrupted")
+    assert _records(tmp_path / "interrupted", cfg) == _records(tmp_path / "tracked", cfg)
 
 
 def _loop(tmp_path, cfg=CFG, **kw):

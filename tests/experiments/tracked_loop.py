@@ -21,7 +21,9 @@ from experiments.training import make_optimizer
 
 
 def tracked_run(cfg: RunConfig, root: Path, *, crash_at: int = -1, share_sampler: bool = True,
-                track: bool = True) -> torch.nn.Module:
+                track: bool = True, interrupt_at: int = -1) -> torch.nn.Module:
+    """``crash_at``: die before that step (a killed process); ``interrupt_at``: release the run directory before that
+    step and return, unfinished (an interruption in this process, for tests that register measurements)."""
     data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed)
     n = data.x_train.shape[0]
     per_epoch = cfg.steps_per_epoch(n)
@@ -44,6 +46,9 @@ def tracked_run(cfg: RunConfig, root: Path, *, crash_at: int = -1, share_sampler
             step = epoch * per_epoch + i
             if step == crash_at:
                 os._exit(3)
+            if step == interrupt_at:
+                tracker.close_files()
+                return model
             idx = torch.randint(n, (cfg.batch_size,), generator=sampler)
             xb, yb = data.x_train[idx], data.y_train[idx]
             with tracker.step((xb, yb)) if track else _Untracked() as s:
