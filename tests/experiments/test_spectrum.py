@@ -501,7 +501,7 @@ def _edit(change):
     (_edit(lambda r: r["nodes"][0].__setitem__(2, None)),
      "bad spectrum record: probe 0: nodes and weights must be numbers, got None"),
     (_edit(lambda r: r.update(nodes=[], weights=[])), 'bad spectrum record: "nodes" must be a non-empty list'),
-    (_edit(lambda r: r.update(lambda_max="big")), 'bad spectrum record: "lambda_max" must be a number or null'),
+    (_edit(lambda r: r.update(lambda_max="big")), "corrupt record: 'lambda_max' must be a number or null"),
     (_edit(lambda r: r.update(bn_mode="eval")), "corrupt record: 'bn_mode' must be 'batch' or 'running'"),
 ])
 def test_bad_spectrum_record_is_refused_at_file_and_line(tmp_path, damage, message):
