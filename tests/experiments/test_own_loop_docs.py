@@ -1,4 +1,4 @@
-"""docs/own-loop.md's script: it equals examples/own_loop.py, runs as written from another folder (one pass, via
+"""the README's script: it equals examples/own_loop.py, runs as written from another folder (one pass, via
 SMOOTHNESS_QUICK=1), and `smoothness-lab plot` and `report` accept the run it wrote."""
 import os
 import re
@@ -22,9 +22,9 @@ except DataError:
 
 
 def _script() -> str:
-    doc = (ROOT / "docs" / "own-loop.md").read_text()
+    doc = (ROOT / "README.md").read_text()
     blocks = re.findall(r"<!-- own-loop script:.*?-->\n```python\n(.*?)```\n", doc, flags=re.DOTALL)
-    assert len(blocks) == 1, "docs/own-loop.md must hold the script once, after its <!-- own-loop script --> marker"
+    assert len(blocks) == 1, "the README must hold the script once, after its <!-- own-loop script --> marker"
     return blocks[0]
 
 
