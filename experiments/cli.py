@@ -119,11 +119,15 @@ class TrackingCommand(click.Command):
     measurements registered after it was built, so that registering a measurement is all it takes."""
 
     def parse_args(self, ctx, args):
+        registered = set(tracking_fields())
+        # options added for a measurement that has been unregistered since are dropped again
+        self.params = [p for p in self.params if not getattr(p, "added_later", False) or p.name in registered]
         have = {p.name for p in self.params}
         from_study = self.callback.tracking_defaults_from_study
         for name in tracking_fields():
             if name not in have:
                 _click_option(name, from_study)(self)  # appends a click.Option to self.params
+                self.params[-1].added_later = True
         return super().parse_args(ctx, args)
 
 

@@ -80,6 +80,23 @@ def test_a_measurement_registered_outside_reaches_cli_records_status_and_report(
     assert "final minibatch gradient norm" in (tmp_path / "gn" / "report.md").read_text()
 
 
+def test_an_unregistered_measurements_option_leaves_the_cli(tmp_path):
+    """Found in a full run: after a test unregistered its measurement, `train` still passed --gradnorm-every's
+    default to RunConfig ("unknown option --gradnorm-every") and failed every later command."""
+    runner = CliRunner()
+    measurements.register(GRADNORM)
+    try:
+        assert "--gradnorm-every" in runner.invoke(main, ["train", "--help"]).output
+    finally:
+        measurements.unregister("gradnorm")
+    shown = runner.invoke(main, ["train", "--help"])
+    assert shown.exit_code == 0 and "--gradnorm-every" not in shown.output
+    out = runner.invoke(main, ["-q", "train", "--model", "fc-tanh", "--dataset", "synthetic", "--subset", "0.08",
+                               "--epochs", "1", "--probe-every", "0", "--no-pass-sharpness", "--device", "cpu",
+                               "--local-smoothness-samples", "64", "--results-dir", str(tmp_path)])
+    assert out.exit_code == 0, out.output
+
+
 def test_registering_a_measurement_changes_no_run_id(gradnorm):
     configs = sorted(RESULTS.glob("*/*/config.json"))
     assert configs
