@@ -28,6 +28,7 @@ from ..plotstyle import styled
 from ..store import records_path
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
 from .load import AnalysisError, model_order, read_study, run_fields
+from .tables import mean_sd
 from .metrics import averaged
 from .per_layer_stats import comparison_markdown, last_epoch
 
@@ -170,12 +171,6 @@ def trace_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def _mean_sd(values: pd.Series) -> str:
-    v = values.dropna().astype(float)
-    if v.empty:
-        return "–"
-    return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.iloc[0]:.4g}"
-
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """The last epoch's numbers per network and layer (mean ± sd over seeds, n), then the paired tests."""
@@ -195,11 +190,11 @@ def summary_markdown(table: pd.DataFrame) -> str:
                 continue
             h = rows[rows["matrix"] == "hessian"].set_index("run")
             g = rows[rows["matrix"] == "ggn"].set_index("run")
-            lines.append(f"| {model} | {layer} | {h.index.nunique()} | {_mean_sd(h['lambda_max'])} | "
-                         f"{_mean_sd(g['lambda_max'])} | {_mean_sd(h['trace'])} | {_mean_sd(g['trace'])} | "
-                         f"{_mean_sd(h['trace'] - g['trace'])} |")
+            lines.append(f"| {model} | {layer} | {h.index.nunique()} | {mean_sd(h['lambda_max'])} | "
+                         f"{mean_sd(g['lambda_max'])} | {mean_sd(h['trace'])} | {mean_sd(g['trace'])} | "
+                         f"{mean_sd(h['trace'] - g['trace'])} |")
         whole = at[(at["model"] == model) & (at["layer"] == WHOLE)]
-        lines.append(f"| {model} | λ_min(H), whole | {len(whole)} | {_mean_sd(whole['lambda_min'])} | | | | |")
+        lines.append(f"| {model} | λ_min(H), whole | {len(whole)} | {mean_sd(whole['lambda_min'])} | | | | |")
     unconverged = table[table["converged"] == False]  # noqa: E712 (a column of booleans)
     if not unconverged.empty:
         lines += ["", f"{len(unconverged)} Lanczos run(s) stopped at the product cap before the tolerance."]

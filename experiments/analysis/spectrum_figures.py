@@ -32,6 +32,7 @@ from ..spectrum import density_of, record_problem
 from ..store import records_path
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
 from .load import AnalysisError, model_order, read_study, run_fields
+from .tables import mean_sd
 from .metrics import averaged
 from .spectrum_stats import comparison_markdown
 from .stats import t_halfwidth
@@ -210,12 +211,6 @@ def concentration_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
-def _mean_sd(values: pd.Series) -> str:
-    v = values.dropna().astype(float)
-    if v.empty:
-        return "n/a"
-    return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.iloc[0]:.4g}"
-
 
 def summary_markdown(table: pd.DataFrame) -> str:
     """Per network, BN mode and epoch: mean ± sd over seeds (n = seeds) of the spectrum's numbers."""
@@ -230,10 +225,10 @@ def summary_markdown(table: pd.DataFrame) -> str:
         for bn_mode in MODE_STYLE:
             sub = table[(table["model"] == model) & (table["bn_mode"] == bn_mode)]
             for epoch, g in sub.groupby("epoch"):
-                lines.append(f"| {model} | {bn_mode} | {epoch} | {len(g)} | {_mean_sd(g['lambda_max'])} | "
-                             f"{_mean_sd(g['lambda_k'])} | {_mean_sd(g['lambda_max'] / g['lambda_k'])} | "
-                             f"{_mean_sd(g['lambda_max'] / g['rms_eigenvalue'])} | {_mean_sd(g['mean_eigenvalue'])} | "
-                             f"{_mean_sd(g['gradient_concentration'])} |")
+                cells = [g["lambda_max"], g["lambda_k"], g["lambda_max"] / g["lambda_k"],
+                         g["lambda_max"] / g["rms_eigenvalue"], g["mean_eigenvalue"], g["gradient_concentration"]]
+                lines.append(f"| {model} | {bn_mode} | {epoch} | {len(g)} | "
+                             + " | ".join(mean_sd(c, "n/a") for c in cells) + " |")
     paired = comparison_markdown(table)
     return "\n".join(lines) + "\n" + ("\n" + paired if paired else "")
 

@@ -17,3 +17,11 @@ def fmt_p(x) -> str:
 def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """The lines of a markdown table."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def mean_sd(values, missing: str = "–") -> str:
+    """Mean ± sd (ddof 1) of the non-missing values, the mean alone for one value, ``missing`` for none."""
+    v = values.dropna().astype(float)
+    if v.empty:
+        return missing
+    return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.iloc[0]:.4g}"
