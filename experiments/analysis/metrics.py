@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from ..measurements import Metric, loss_name, metrics
+from .errors import AnalysisError
 from .load import bn_mode_of, select
 
 __all__ = ["Metric", "METRICS", "loss_name", "averaged", "metric_rows", "metric_bn_mode", "run_metrics"]
@@ -78,3 +79,20 @@ def run_metrics(df: pd.DataFrame, metrics=METRICS) -> pd.DataFrame:
             continue
         runs[m.name] = _reduce(rows, m.reduce).reindex(runs.index).astype(float)
     return runs.reset_index().sort_values(["model", "lr", "seed", "run"], ignore_index=True)
+
+
+def finished_curves(table: pd.DataFrame, results_dir, what: str, notify=None, note: str = "") -> pd.DataFrame:
+    """The rows of ``table`` (one per record, columns run/status/model/lr) that curves average: finished runs only,
+    the left-out ones named through ``notify(message)``; the model labelled with its lr when the study has several.
+    ``what`` names the records in the error when nothing finished; ``note`` is added to the message."""
+    dropped = table[~averaged(table["status"])].drop_duplicates("run")
+    if notify is not None and not dropped.empty:
+        notify(f"left out {len(dropped)} run(s) that did not finish{note}: "
+               + ", ".join(f"{r} ({s})" for r, s in zip(dropped["run"], dropped["status"])))
+    table = table[averaged(table["status"])].reset_index(drop=True)
+    if table.empty:
+        raise AnalysisError(f"{results_dir}: {what} records only in unfinished runs; finish them "
+                            f"(smoothness-lab run --resume) first")
+    if table["lr"].nunique() > 1:
+        table["model"] = [f"{m}, η={lr:g}" for m, lr in zip(table["model"], table["lr"])]
+    return table

@@ -29,7 +29,7 @@ from ..store import records_path
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
 from .load import AnalysisError, model_order, read_study, run_fields
 from .tables import mean_sd
-from .metrics import averaged
+from .metrics import finished_curves
 from .per_layer_stats import comparison_markdown, last_epoch
 
 MATRIX_STYLE = {"hessian": "-", "ggn": "--"}
@@ -81,16 +81,7 @@ def per_layer_table(results_dir, notify=None) -> pd.DataFrame:
         raise AnalysisError(f"{results_dir}: no per_layer records; run the study with --per-layer (e.g. "
                             f"smoothness-lab run --study per-layer)")
     table = pd.DataFrame(rows)
-    dropped = table[~averaged(table["status"])].drop_duplicates("run")
-    if notify is not None and not dropped.empty:
-        notify(f"left out {len(dropped)} run(s) that did not finish: "
-               + ", ".join(f"{r} ({s})" for r, s in zip(dropped["run"], dropped["status"])))
-    table = table[averaged(table["status"])].reset_index(drop=True)
-    if table.empty:
-        raise AnalysisError(f"{results_dir}: per_layer records only in unfinished runs; finish them "
-                            f"(smoothness-lab run --resume) first")
-    if table["lr"].nunique() > 1:
-        table["model"] = [f"{m}, η={lr:g}" for m, lr in zip(table["model"], table["lr"])]
+    table = finished_curves(table, results_dir, "per_layer", notify)
     for column in ("lambda_max", "lambda_min", "trace", "trace_stderr"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
     return table.sort_values(["model", "seed", "epoch", "layer", "matrix"], ignore_index=True)

@@ -33,7 +33,7 @@ from ..store import records_path
 from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
 from .load import AnalysisError, model_order, read_study, run_fields
 from .tables import mean_sd
-from .metrics import averaged
+from .metrics import finished_curves
 from .spectrum_stats import comparison_markdown
 from .stats import t_halfwidth
 
@@ -62,13 +62,6 @@ def _spectrum_records(run) -> list[dict]:
     return out
 
 
-def _left_out(table: pd.DataFrame, notify) -> None:
-    dropped = table[~averaged(table["status"])].drop_duplicates("run")
-    if notify is not None and not dropped.empty:
-        notify(f"left out {len(dropped)} run(s) that did not finish (their spectra are not averaged): "
-               + ", ".join(f"{r} ({s})" for r, s in zip(dropped["run"], dropped["status"])))
-
-
 def spectrum_table(results_dir, notify=None) -> pd.DataFrame:
     """One row per spectrum record: run identity, epoch, bn_mode, scalars, and the record itself.
     ``notify(message)`` is told which runs are left out (unfinished or diverged)."""
@@ -83,16 +76,10 @@ def spectrum_table(results_dir, notify=None) -> pd.DataFrame:
     if not rows:
         raise AnalysisError(f"{results_dir}: no spectrum records; run the study with --spectrum-every E (e.g. 5) "
                             f"to record the Hessian spectrum at initialisation and every E epochs")
-    table = pd.DataFrame(rows)
-    _left_out(table, notify)
     # curves are networks (and learning rates when the study has several): only runs that differ in the seed alone
     # are averaged, and only finished ones (as in the report)
-    table = table[averaged(table["status"])].reset_index(drop=True)
-    if table.empty:
-        raise AnalysisError(f"{results_dir}: spectrum records only in unfinished runs; finish them "
-                            f"(smoothness-lab run --resume) first")
-    if table["lr"].nunique() > 1:
-        table["model"] = [f"{m}, η={lr:g}" for m, lr in zip(table["model"], table["lr"])]
+    table = finished_curves(pd.DataFrame(rows), results_dir, "spectrum", notify,
+                            note=" (their spectra are not averaged)")
     table["rms_eigenvalue"] = [float(np.sqrt(density_of(r).moment(2))) for r in table["record"]]
     return table.sort_values(["model", "seed", "epoch", "bn_mode"], ignore_index=True)
 

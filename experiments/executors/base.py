@@ -13,6 +13,7 @@ Add an executor: a subclass of ``Executor`` in a module of its own, and ``regist
 """
 from __future__ import annotations
 
+import abc
 import os
 import signal
 import threading
@@ -76,7 +77,7 @@ class ExecutorOptions:
 FLAGS = {"ray_address": "--ray-address applies", "slurm": "the --slurm-* options apply"}   # for the messages
 
 
-class Executor:
+class Executor(abc.ABC):
     """Runs tasks; one instance per name in ``EXECUTORS``. Subclasses set ``name`` and implement ``run``, and, as
     needed, ``check`` (before anything is written), ``takes``, ``elsewhere`` and ``default_workers``."""
 
@@ -95,12 +96,12 @@ class Executor:
         """Tasks at once when ``--workers`` is not given: one per core."""
         return max(1, min(os.cpu_count() or 1, n_tasks))
 
+    @abc.abstractmethod
     def run(self, tasks: Sequence[Task], *, workers: int, threads: int, options: ExecutorOptions,
             on_done: Callable[[Outcome], None], on_progress: Callable[[Any], None],
             shared: Mapping[str, Any], gpus: float) -> None:
         """Run every task; report each through ``on_done`` once. ``gpus``: the share of a GPU a task needs (for
         executors that place tasks by resources). Called through ``run_tasks``, which checks the books."""
-        raise NotImplementedError
 
 
 EXECUTORS: Dict[str, Executor] = {}
