@@ -29,17 +29,22 @@ workers or device), so the same command on two runs gives the same stem. Arrays 
 ``spec``        0-d str: JSON of the spec, the run id, model, loss, and sha256 of the weight files used
 ==============  ==========================================================================================
 
-The file is rewritten atomically (temporary file + rename) after every completed task (a grid row, or a few points
-of a 1-D curve), so a killed computation loses at most the tasks in flight; running the same command again loads
+The file is rewritten atomically (temporary file + rename) after every completed unit (a grid row, or a few points
+of a 1-D curve), so a killed computation loses at most the units in flight; running the same command again loads
 the file and computes only the cells with ``done == False``. A file whose spec does not match (other weights) is
 never overwritten: the error says to move it away.
 
 Fan-out
 -------
-Tasks are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at once, run by an
-executor of the registry (``experiments.executors``: serial, process, ray, slurm, or one registered from outside).
-A run's job (model, weights, data) is the tasks' shared object, shipped once (the process executor: one file that
-each task's process reads; Ray: one object), and built once per job in a worker. Every worker uses ``threads`` torch threads (default 1, as the training launchers do), so a cell's
+The units of work are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at
+once. They go to an executor of the registry (``experiments.executors``: serial, process, ray, slurm, or one
+registered from outside) in tasks of several units of one run, about one task per worker
+(``units_per_task``), so that a worker builds the run's model and directions once for many rows, not once per row
+(the process executor starts a process per task). Each unit's values are sent back as progress the moment they are
+computed and stored at once, so a task cut off midway keeps its finished rows; the task's return value repeats them
+for executors that cannot carry progress. A run's job (model, weights, data) is the tasks' shared object, shipped
+once (the process executor: one file that each task's process reads; Ray: one object), and built once per job in a
+worker. Every worker uses ``threads`` torch threads (default 1, as the training launchers do), so a cell's
 value does not depend on the executor. A worker that dies stops the command with a one-line error (the finished rows
 are stored: the same command resumes); workers watch their parent and exit, removing the shared job files, when it
 is killed.
@@ -73,9 +78,9 @@ IGNORE = ("biasbn", "none")
 SAMPLE_SEED = 0
 MAX_COEFFICIENT = 1e3       # |LOW|, |HIGH| of --range, in units of the weights' norm (Li et al. plot within ±1)
 BYTES_PER_POINT = 17        # losses and accuracies (float64) and done (bool)
-MAX_ARRAY_BYTES = 2 ** 30   # the arrays of one surface are held in memory and rewritten after every task
+MAX_ARRAY_BYTES = 2 ** 30   # the arrays of one surface are held in memory and rewritten after every unit
 CHUNK = 1000          # images per forward pass
-CELLS_1D = 4          # points per task of a 1-D curve
+CELLS_1D = 4          # points per unit of a 1-D curve
 
 
 class SurfaceError(RuntimeError):
@@ -305,9 +310,9 @@ class _Built:
             self.directions = [smoothness.random_direction(self.model, generator=generator, **opts)
                                for _ in range(spec.dim)]
 
-    def evaluate(self, task: "Task") -> Tuple[np.ndarray, np.ndarray]:
+    def evaluate(self, unit: "Unit") -> Tuple[np.ndarray, np.ndarray]:
         import smoothness
-        row, cols = task
+        row, cols = unit
         s = self.spec
         cols = np.asarray(cols)
         if s.kind == "interpolation":
@@ -323,11 +328,11 @@ class _Built:
         return out.losses.reshape(-1), out.accuracies.reshape(-1)
 
 
-Task = Tuple[Optional[int], Tuple[int, ...]]   # (row of a 2-D grid or None, column indices)
+Unit = Tuple[Optional[int], Tuple[int, ...]]   # (row of a 2-D grid or None, column indices)
 
 
-def missing_tasks(done: np.ndarray) -> List[Task]:
-    """The cells still to compute, grouped as tasks: each 2-D row's missing columns; 1-D runs of CELLS_1D."""
+def missing_units(done: np.ndarray) -> List[Unit]:
+    """The cells still to compute, grouped as units: each 2-D row's missing columns; 1-D runs of CELLS_1D."""
     if done.ndim == 2:
         return [(i, tuple(int(j) for j in np.flatnonzero(~done[i]))) for i in range(done.shape[0])
                 if not done[i].all()]
@@ -335,8 +340,8 @@ def missing_tasks(done: np.ndarray) -> List[Task]:
     return [(None, tuple(todo[k:k + CELLS_1D])) for k in range(0, len(todo), CELLS_1D)]
 
 
-def _cells(task: Task):
-    row, cols = task
+def _cells(unit: Unit):
+    row, cols = unit
     return (np.full(len(cols), row), np.asarray(cols)) if row is not None else (np.asarray(cols),)
 
 
@@ -363,14 +368,28 @@ def _difference(a: dict, b: dict) -> str:
 
 # -- fan-out -------------------------------------------------------------------------------------------------------
 _BUILT: dict = {}   # this process's last built job: a worker evaluates many tasks of one job
+TASKS_PER_WORKER = 1   # tasks per worker and run set: each task pays one build of the model and directions
 
 
-def evaluate_task(job: dict, device: str, task: Task, progress=None) -> Tuple[Task, np.ndarray, np.ndarray]:
-    """One task, in a worker of any executor (``job``: the run's shared job; built once per job and device)."""
+def evaluate_units(job: dict, device: str, key: str, units: Sequence[Unit], progress=None) -> List[tuple]:
+    """A task's units, in a worker of any executor (``job``: the run's shared job; built once per job and device).
+    Each unit's ``(key, unit, losses, accuracies)`` goes to ``progress`` as soon as it is computed; the list of all of
+    them is the return value (for executors without progress, and for what progress lost)."""
     if _BUILT.get("job") is not job or _BUILT.get("device") != device:
         _BUILT.clear()
         _BUILT.update(job=job, device=device, built=_Built(job, torch.device(device)))
-    return task, *_BUILT["built"].evaluate(task)
+    out = []
+    for unit in units:
+        item = (key, tuple(unit), *_BUILT["built"].evaluate(unit))
+        if progress is not None:
+            progress.put(item)
+        out.append(item)
+    return out
+
+
+def units_per_task(n_units: int, workers: int) -> int:
+    """How many units one task takes: the units spread over ``TASKS_PER_WORKER`` tasks per worker."""
+    return max(1, math.ceil(n_units / max(1, workers * TASKS_PER_WORKER)))
 
 
 @dataclass
@@ -379,18 +398,18 @@ class SurfaceRun:
     run_dir: Path
     stored: StoredSurface
     job: dict
-    tasks: List[Task]
+    units: List[Unit]
 
 
 def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: str = "process",
                      workers: Optional[int] = None, threads: int = 1, device: str = "auto",
                      data_dir: Optional[str] = None, ray_address: Optional[str] = None, quiet: bool = False,
-                     on_task: Optional[Callable[[Path, Task], None]] = None) -> List[StoredSurface]:
+                     on_task: Optional[Callable[[Path, Unit], None]] = None) -> List[StoredSurface]:
     """Compute (or finish) ``spec`` for every run on the executor of that name; returns the stored surfaces in the
     order of ``run_dirs``.
 
-    Every check and every job is prepared before the first task runs. ``on_task(run_dir, task)`` is called in this
-    process after each task is stored (the progress bar uses the same hook). Workers default to the executor's
+    Every check and every job is prepared before the first task runs. ``on_task(run_dir, unit)`` is called in this
+    process after each unit (a row) is stored (the progress bar uses the same hook). Workers default to the executor's
     rule (``executors.default_workers``: one per core, one on this machine's GPU).
     """
     from tqdm.auto import tqdm
@@ -404,19 +423,39 @@ def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: s
     for run_dir in run_dirs:
         job, identity = prepare_job(run_dir, spec, data_dir)
         stored = open_surface(run_dir, spec, identity)
-        runs.append(SurfaceRun(Path(run_dir), stored, job, missing_tasks(stored.done)))
+        runs.append(SurfaceRun(Path(run_dir), stored, job, missing_units(stored.done)))
+    n_units = sum(len(run.units) for run in runs)
+    if not n_units:
+        return [r.stored for r in runs]
+    n_workers = workers or executors.default_workers(executor, n_units, options, one_gpu=dev.type == "cuda")
+    per = units_per_task(n_units, n_workers)
     tasks, owner, shared = [], {}, {}
     for k, run in enumerate(runs):
-        for task in run.tasks:
-            key = f"{k}:{task[0]}:{task[1][0]}"
-            shared[f"job-{k}"] = run.job
-            tasks.append(executors.Task(key, evaluate_task, (str(dev), task), shared=f"job-{k}"))
+        shared[f"job-{k}"] = run.job
+        for start in range(0, len(run.units), per):
+            units = tuple(run.units[start:start + per])
+            key = f"{k}:{units[0][0]}:{units[0][1][0]}"
+            tasks.append(executors.Task(key, evaluate_units, (str(dev), key, units), shared=f"job-{k}"))
             owner[key] = run
-    if not tasks:
-        return [r.stored for r in runs]
-    n_workers = workers or executors.default_workers(executor, len(tasks), options, one_gpu=dev.type == "cuda")
-    bar = tqdm(total=sum(len(t.args[1][1]) for t in tasks), unit="pt", disable=quiet, desc="surface",
-               dynamic_ncols=True)
+    stored_units: set = set()
+    bar = tqdm(total=sum(len(cols) for run in runs for _, cols in run.units), unit="pt", disable=quiet,
+               desc="surface", dynamic_ncols=True)
+
+    def store_unit(item) -> None:
+        key, unit, losses, accuracies = item
+        if (key, unit) in stored_units:
+            return
+        stored_units.add((key, unit))
+        run = owner[key]
+        cells = _cells(unit)
+        run.stored.losses[cells] = losses
+        run.stored.accuracies[cells] = accuracies
+        run.stored.done[cells] = True
+        run.stored.save()
+        bar.update(len(unit[1]))
+        bar.set_postfix_str(run.run_dir.name, refresh=False)
+        if on_task is not None:
+            on_task(run.run_dir, unit)
 
     def store(outcome: executors.Outcome) -> None:
         run = owner[outcome.key]
@@ -425,20 +464,13 @@ def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: s
                     else f"a surface task of {run.run_dir} failed ({outcome.error})")
             raise SurfaceError(f"{what}; every finished row is stored: run the same command again to compute only "
                                f"the missing points")
-        task, losses, accuracies = outcome.result
-        cells = _cells(task)
-        run.stored.losses[cells] = losses
-        run.stored.accuracies[cells] = accuracies
-        run.stored.done[cells] = True
-        run.stored.save()
-        bar.update(len(task[1]))
-        bar.set_postfix_str(run.run_dir.name, refresh=False)
-        if on_task is not None:
-            on_task(run.run_dir, task)
+        for item in outcome.result:
+            store_unit(item)
 
     try:
-        executors.run_tasks(executor, tasks, workers=n_workers, threads=threads, on_done=store, options=options,
-                            shared=shared, gpus=1.0 if dev.type == "cuda" else 0.0)
+        executors.run_tasks(executor, tasks, workers=n_workers, threads=threads, on_done=store,
+                            on_progress=store_unit, options=options, shared=shared,
+                            gpus=1.0 if dev.type == "cuda" else 0.0)
     finally:
         bar.close()
         _BUILT.clear()   # the serial executor built the last job here

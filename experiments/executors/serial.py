@@ -7,6 +7,15 @@ import time
 from .base import Executor, Outcome, failure_of, register_executor, torch_threads
 
 
+class CallerError(BaseException):
+    """An error of the caller's progress callback, carried through the task (a BaseException, so the task's own
+    ``except Exception`` does not take it) and raised again to the caller: it is not the task's failure."""
+
+    def __init__(self, exc: Exception):
+        super().__init__(str(exc))
+        self.exc = exc
+
+
 class DirectSink:
     """Progress from a task in this process straight to the caller's callback."""
 
@@ -14,7 +23,10 @@ class DirectSink:
         self.on_progress = on_progress
 
     def put(self, item) -> None:
-        self.on_progress(item)
+        try:
+            self.on_progress(item)
+        except Exception as exc:
+            raise CallerError(exc) from exc
 
 
 class SerialExecutor(Executor):
@@ -31,6 +43,8 @@ class SerialExecutor(Executor):
                 head = (shared[task.shared],) if task.shared is not None else ()
                 try:
                     result = task.fn(*head, *task.args, progress=sink)
+                except CallerError as err:   # the caller's own error, as if raised where it was called
+                    raise err.exc from None
                 except Exception as exc:   # one broken task must not stop the others
                     on_done(Outcome(task.key, failure=failure_of(exc), seconds=time.perf_counter() - started))
                     continue

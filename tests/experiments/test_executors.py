@@ -82,9 +82,10 @@ def test_a_sweep_and_a_surface_through_an_executor_registered_from_outside(regis
     shutil.copytree(run_dir, copy)
     inline.ran.clear()
     args = ["--grid", "3", "--samples", "16", "--no-figures", "--device", "cpu"]
-    result = CliRunner().invoke(main, ["-q", "surface", str(run_dir), "--executor", "inline-test", *args])
+    result = CliRunner().invoke(main, ["-q", "surface", str(run_dir), "--executor", "inline-test", "--workers", "3",
+                                       *args])
     assert result.exit_code == 0, result.output
-    assert len(inline.ran) == 3                                  # the three rows of the grid
+    assert len(inline.ran) == 3                      # the three rows of the grid, one task per worker
     (stored,) = [sf.read_surface(p) for p in (run_dir / "surfaces").glob("*.npz")]
     assert stored.complete
     spec = sf.SurfaceSpec(grid=3, samples=16)

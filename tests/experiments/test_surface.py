@@ -133,14 +133,46 @@ def test_kill_and_resume_fills_only_the_missing_cells(copy_of, tmp_path, monkeyp
     assert evaluated == []   # a finished surface is not recomputed
 
 
-def test_missing_tasks_group_rows_and_1d_runs():
+def test_missing_units_group_rows_and_1d_runs():
     done = np.zeros((3, 4), dtype=bool)
     done[0] = True
     done[1, [0, 2]] = True
-    assert sf.missing_tasks(done) == [(1, (1, 3)), (2, (0, 1, 2, 3))]
+    assert sf.missing_units(done) == [(1, (1, 3)), (2, (0, 1, 2, 3))]
     line = np.zeros(10, dtype=bool)
     line[[1, 2]] = True
-    assert sf.missing_tasks(line) == [(None, (0, 3, 4, 5)), (None, (6, 7, 8, 9))]
+    assert sf.missing_units(line) == [(None, (0, 3, 4, 5)), (None, (6, 7, 8, 9))]
+
+
+def test_units_per_task_spreads_the_rows_over_one_task_per_worker():
+    assert [sf.units_per_task(n, w) for n, w in [(15, 1), (15, 2), (5, 2), (1, 4), (3, 8)]] == [15, 8, 3, 1, 1]
+
+
+def test_rows_travel_in_one_task_per_worker_and_are_stored_as_each_comes(copy_of, monkeypatch):
+    """A worker builds the model and directions once per task: tasks hold several rows of one run (each row stored the
+    moment it arrives). Failed before: one task, so one model build, per grid row (issue 21's surface regression)."""
+    _, runs = copy_of
+    spec = sf.SurfaceSpec(**SMALL)
+    seen, stored_rows = [], []
+    original = sf.executors.run_tasks
+
+    def spy(name, tasks, **kwargs):
+        seen.extend(tasks)
+        return original(name, tasks, **kwargs)
+    monkeypatch.setattr(sf.executors, "run_tasks", spy)
+
+    def on_task(run_dir, unit):   # each row is on disk before the next is computed
+        stored_rows.append(unit[0])
+        assert sf.read_surface(sf.surface_path(run_dir, spec)).done.sum() == 5 * (unit[0] + 1)
+    both = [runs["convnet"], runs["bn-convnet"]]
+    sf.compute_surfaces(both, spec, executor="serial", workers=2, device="cpu", quiet=True, on_task=on_task)
+    rows = [[unit[0] for unit in task.args[2]] for task in seen]
+    assert rows == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]            # 10 rows, 2 workers: one run's 5 rows per task
+    assert stored_rows == [0, 1, 2, 3, 4] * 2
+    seen.clear()
+    (one,) = sf.compute_surfaces([runs["convnet"]], sf.SurfaceSpec(**{**SMALL, "grid": 7}), executor="serial",
+                                 workers=3, device="cpu", quiet=True)
+    assert [[unit[0] for unit in task.args[2]] for task in seen] == [[0, 1, 2], [3, 4, 5], [6]]
+    assert one.complete
 
 
 def test_other_weights_are_refused_not_overwritten(copy_of):
