@@ -468,6 +468,8 @@ def _analyse(study_dir: Path, quiet: bool) -> None:
 @click.pass_context
 def main(ctx, quiet):
     """smoothness-lab: how smooth is the loss landscape along SGD, and what does BatchNorm do to it?"""
+    from smoothness.allocator import tune_cpu_allocator
+    tune_cpu_allocator()   # CPU products without a page fault per page (smoothness.allocator); workers do it too
     ctx.obj = {"quiet": quiet}
 
 

@@ -49,6 +49,7 @@ class EigenResult:
     kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
     params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
     which: str = "largest"                     # "largest" or "smallest": which end of the spectrum
+    product: str = ""                          # how the products were computed ("double-backward", "jvp + vjp", ...)
 
     def vector_dicts(self, model: nn.Module) -> List[Dict[str, torch.Tensor]]:
         """The Ritz vectors as dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only, or the
@@ -80,6 +81,7 @@ class TraceResult:
     batch_size: int
     kind: str = "hessian"
     params: Optional[Tuple[str, ...]] = None
+    product: str = ""     # how the products were computed ("double-backward", "jvp + vjp", ...)
 
 
 def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, tol: float = 1e-3,
@@ -147,7 +149,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
                       start=rows)
     return EigenResult(values=tuple(sign * float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
                        error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
-                       batch_size=op.n_samples, vectors=out.vectors, kind=kind, params=names, which=which)
+                       batch_size=op.n_samples, vectors=out.vectors, kind=kind, params=names, which=which,
+                       product=op.product)
 
 
 def _start_rows(start, objective, op) -> torch.Tensor:
@@ -212,7 +215,8 @@ def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int 
         samples.append(float(torch.dot(v, op.matvec(v))))
     t = torch.tensor(samples, dtype=torch.float64)
     return TraceResult(mean=float(t.mean()), stderr=float(t.std(unbiased=True) / math.sqrt(n_samples)),
-                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names)
+                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names,
+                       product=op.product)
 
 
 def directional_curvature(model: nn.Module, loss_fn: Callable, batch, direction: Mapping, *,

@@ -61,6 +61,7 @@ class DensityResult:
     batch_size: int                  # samples the loss averages over (all chunks together)
     kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
     params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
+    product: str = ""                          # how the products were computed ("double-backward", "linearize", ...)
 
     def __post_init__(self):
         if len(self.nodes) != len(self.weights) or not self.nodes:
@@ -169,4 +170,5 @@ def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: in
         nodes.append(tuple(float(x) for x in theta))
         weights.append(tuple(float(x) for x in tau))
     return DensityResult(nodes=tuple(nodes), weights=tuple(weights), n_params=op.n, n_steps=n_steps,
-                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names)
+                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names,
+                         product=op.product)

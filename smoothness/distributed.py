@@ -45,6 +45,7 @@ class DistributedOperator:
         self.objective, self.names, self.n = local.objective, local.names, local.n
         self.dtype, self.device = local.dtype, local.device
         self.flatten, self.unflatten = local.flatten, local.unflatten
+        self.product = f"{local.product}, all-reduced"
         count = torch.tensor([float(n_local)], dtype=torch.float64, device=self.device)
         dist.all_reduce(count, group=group)
         self.n_samples = int(count.item())

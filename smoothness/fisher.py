@@ -55,6 +55,8 @@ class EmpiricalFisherOperator(FlatOperator):
     pass; the chunked operator checks its first chunk once and skips it at every product).
     """
 
+    product = "per-sample gradients"
+
     def __init__(self, objective: Objective, check: bool = True):
         super().__init__(objective)
         check_per_sample(objective.model, objective.bn_mode)

@@ -33,6 +33,8 @@ from .hvp import ChunkedOperator, FlatOperator
 class GGNOperator(FlatOperator):
     """G = Jᵀ ∇²_z L J for one batch (see the module docstring); ``.loss`` and ``.gradient`` are L and ∇L at w."""
 
+    product = "jvp + vjp"
+
     def __init__(self, objective: Objective):
         super().__init__(objective)
         objective.ensure_checked()

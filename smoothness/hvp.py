@@ -27,7 +27,10 @@ from ._objective import ChunkedObjective, Objective, Params
 
 
 class FlatOperator:
-    """The parameter layout shared by the operators: dicts of tensors <-> one flat vector."""
+    """The parameter layout shared by the operators: dicts of tensors <-> one flat vector. ``product`` names how a
+    product is computed (recorded in every curvature result as ``product``)."""
+
+    product = ""
 
     def __init__(self, objective):
         self.objective = objective
@@ -52,6 +55,8 @@ class FlatOperator:
 
 class HessianOperator(FlatOperator):
     """H = ∇²L(w; B) as a linear map on flat vectors (and on parameter dicts)."""
+
+    product = "double-backward"
 
     def __init__(self, objective: Objective):
         super().__init__(objective)
@@ -93,6 +98,8 @@ class LinearizedHessianOperator(FlatOperator):
     to :class:`HessianOperator`.
     """
 
+    product = "linearize"
+
     def __init__(self, objective: Objective):
         super().__init__(objective)
         base = {n: objective.base[n] for n in self.names}
@@ -114,6 +121,11 @@ class ChunkedOperator(FlatOperator):
     the one-batch operator class ``chunk_operator`` (the Hessian here; the GGN and empirical Fisher subclass it)."""
 
     chunk_operator: Callable[[Objective], FlatOperator]
+
+    @property
+    def product(self) -> str:
+        one = self.chunk_operator
+        return f"{getattr(one, 'func', one).product} per chunk"   # func: a functools.partial of the class
 
     def __init__(self, objective: ChunkedObjective):
         super().__init__(objective)
@@ -137,9 +149,12 @@ class ChunkedHessianOperator(ChunkedOperator):
     chunk_operator = HessianOperator
 
 
-# Linearize when (convolution FLOPs of one forward pass) x (expected products) reaches this: about 25 s of
-# products on one CPU core, of which the linearized product saves well over the 2-5 s the trace costs.
-LINEARIZE_MIN_CONV_FLOPS = 1e11
+# Linearize when (convolution FLOPs of one forward pass) x (expected products) reaches this, per device type:
+# measured on CPU (benchmarks/bench_products.py and bench_density.py: about 25 s of products on one core, of which the
+# linearized product saves well over the 2-5 s the trace costs). A device type without a measurement (cuda: none was
+# lent to this project yet) keeps the double backward, PyHessian's product. ``EigenResult.product`` (and the trace's
+# and density's) records which ran.
+LINEARIZE_MIN_CONV_FLOPS = {"cpu": 1e11}
 
 
 def _conv_flops(objective: Objective) -> float:
@@ -156,12 +171,14 @@ def _conv_flops(objective: Objective) -> float:
 
 def hessian_operator(objective, *, products: int = 0) -> FlatOperator:
     """The operator for ``objective``: chunked for an iterable of batches; for one batch, linearized when about
-    ``products`` products will be taken and their convolution work makes the trace pay (and the model can be
-    traced), else a retained graph. The choice depends only on the model and the batch shape, never on timings,
-    so results are reproducible."""
+    ``products`` products will be taken and their convolution work makes the trace pay on this device type (by the
+    measured ``LINEARIZE_MIN_CONV_FLOPS``; and the model can be traced), else a retained graph. The choice depends
+    only on the device type, the model and the batch shape, never on timings of this call, so results are
+    reproducible; the operator's ``product`` names it."""
     if isinstance(objective, ChunkedObjective):
         return ChunkedHessianOperator(objective)
-    if products and _conv_flops(objective) * products >= LINEARIZE_MIN_CONV_FLOPS:
+    threshold = LINEARIZE_MIN_CONV_FLOPS.get(objective.inputs.device.type)
+    if products and threshold is not None and _conv_flops(objective) * products >= threshold:
         try:
             return LinearizedHessianOperator(objective)
         except Exception:  # noqa: BLE001 -- an untraceable model still has a Hessian: take the general route

@@ -85,6 +85,7 @@ class BlockOperator(FlatOperator):
         self.n = sum(self.numels)
         self.loss = inner.loss
         self.n_samples = getattr(inner, "n_samples", None)
+        self.product = inner.product
 
     @property
     def gradient(self) -> Params:
@@ -129,6 +130,7 @@ class CurvatureOperator:
     def __init__(self, op, objective, kind: str, params: Optional[Tuple[str, ...]], bn_mode: str):
         self._op, self._objective = op, objective
         self.kind, self.params, self.bn_mode = kind, params, bn_mode
+        self.product: str = op.product   # how a product is computed ("double-backward", "linearize", ...)
         self.names: Tuple[str, ...] = tuple(op.names)  # the keys of vectors, in flattening order
         self.shape = (op.n, op.n)
         self.batch_size: int = op.n_samples

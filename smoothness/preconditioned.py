@@ -58,4 +58,4 @@ def preconditioned_top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, p
                       generator=gen)
     return EigenResult(values=tuple(float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
                        error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
-                       batch_size=sample_count(objective))
+                       batch_size=sample_count(objective), product=f"{op.product}, preconditioned")

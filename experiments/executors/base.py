@@ -193,6 +193,16 @@ def run_tasks(name: str, tasks: Sequence[Task], *, workers: int, threads: int,
                                       f"please report it)"))
 
 
+def prepare_worker(threads: int) -> None:
+    """What a worker process does before its task: ``threads`` torch threads, and the CPU allocator tuned
+    (``smoothness.tune_cpu_allocator``: freed memory kept in the process, no page faults per Hessian product)."""
+    import torch
+
+    from smoothness.allocator import tune_cpu_allocator
+    torch.set_num_threads(threads)
+    tune_cpu_allocator()
+
+
 @contextmanager
 def torch_threads(n: int):
     """``n`` torch threads while a task runs in this process; the previous number afterwards."""

@@ -32,7 +32,7 @@ import traceback
 from multiprocessing.connection import wait as mp_wait
 from typing import List, Optional
 
-from .base import INTERRUPT_GRACE, Executor, Outcome, failure_of, register_executor
+from .base import INTERRUPT_GRACE, Executor, Outcome, failure_of, prepare_worker, register_executor
 
 PRELOAD = ("torch", "experiments.training")   # what nearly every task imports: once, in the fork server
 PARENT_POLL_S = 0.2      # how often a task's process checks that its parent is alive, in seconds
@@ -85,8 +85,7 @@ def process_main(conn, fn, args: tuple, shared_path: Optional[str], threads: int
     threading.Thread(target=die_with_parent, args=(conn.fileno(), folder), daemon=True,
                      name="die-with-parent").start()
     try:
-        import torch
-        torch.set_num_threads(threads)
+        prepare_worker(threads)
         head = ()
         if shared_path:
             with open(shared_path, "rb") as f:

@@ -9,7 +9,7 @@ import socket
 import time
 
 from ..config import ConfigError
-from .base import INTERRUPT_GRACE, Executor, Outcome, failure_of, register_executor
+from .base import INTERRUPT_GRACE, Executor, Outcome, failure_of, prepare_worker, register_executor
 
 
 def import_ray():
@@ -40,8 +40,7 @@ def check_ray_address(address: str, timeout: float = 5.0) -> None:
 
 def ray_call(fn, head, args, threads, progress):
     """The body of every Ray task (``head``: the shared object, resolved by Ray, or None)."""
-    import torch
-    torch.set_num_threads(threads)
+    prepare_worker(threads)
     return fn(*(() if head is None else (head,)), *args, progress=progress)
 
 

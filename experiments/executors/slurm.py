@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
 from ..config import ConfigError
-from .base import INTERRUPT_GRACE, Executor, Outcome, register_executor
+from .base import INTERRUPT_GRACE, Executor, Outcome, prepare_worker, register_executor
 
 CLUSTERS = ("slurm", "local")
 POLL_SECONDS = 1.0            # how often the launcher looks at its jobs and the runs' records
@@ -122,8 +122,7 @@ class TaskJob:
         self.fn, self.again, self.threads = fn, again, threads
 
     def __call__(self, *args):
-        import torch
-        torch.set_num_threads(self.threads)
+        prepare_worker(self.threads)
         return self.fn(*args, progress=None)
 
     def checkpoint(self, *args):

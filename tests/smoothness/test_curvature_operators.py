@@ -174,6 +174,13 @@ def test_results_record_kind_and_params(ref):
                sm.top_eigenvalues(model, loss_fn, batch, kind="ggn", params=names)]
     for r in results:
         assert (r.kind, r.params) == ("ggn", ordered), type(r).__name__
+    assert {r.product for r in results if hasattr(r, "product")} == {"jvp + vjp"}   # and how it was computed
+    assert sm.top_eigenvalues(model, loss_fn, batch).product == "double-backward"
+    assert sm.hessian_trace(model, loss_fn, [batch, batch], n_samples=2).product == "double-backward per chunk"
+    assert sm.hessian_trace(model, loss_fn, batch, n_samples=2, kind="empirical-fisher",
+                            bn_mode="running").product == "per-sample gradients"
+    with sm.curvature_operator(model, loss_fn, batch, kind="ggn", params=names) as op:
+        assert op.product == "jvp + vjp"
     assert results[1].n_params == 6 * 10 + 3
     conc = results[2]
     g = sm.loss_and_gradient(model, loss_fn, batch)[1]

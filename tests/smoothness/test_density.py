@@ -170,7 +170,7 @@ def test_linearized_products_give_the_same_density(ref, monkeypatch):
     loss_fn = nn.CrossEntropyLoss()
     for bn_mode in sm.BN_MODES:
         retained = sm.spectral_density(model, loss_fn, batch, n_probes=2, n_steps=30, bn_mode=bn_mode)
-        monkeypatch.setattr(hvp_module, "LINEARIZE_MIN_CONV_FLOPS", 0.0)
+        monkeypatch.setattr(hvp_module, "LINEARIZE_MIN_CONV_FLOPS", {"cpu": 0.0})
         calls = []
         real = hvp_module.LinearizedHessianOperator
 
@@ -185,8 +185,20 @@ def test_linearized_products_give_the_same_density(ref, monkeypatch):
         ref.assert_same_snapshot(before, model)
         monkeypatch.undo()
         assert calls == [bn_mode]
+        assert (retained.product, linearized.product) == ("double-backward", "linearize")
         for a, b in zip(retained.nodes + retained.weights, linearized.nodes + linearized.weights):
             np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_a_device_type_without_a_measurement_keeps_the_double_backward(ref, monkeypatch):
+    """The linearize threshold is per device type; where none was measured, PyHessian's product runs."""
+    model = ref.make_model("conv")
+    batch = ref.make_batch(model, n=12)
+    monkeypatch.setattr(hvp_module, "LINEARIZE_MIN_CONV_FLOPS", {"cuda": 0.0})
+    out = sm.spectral_density(model, nn.CrossEntropyLoss(), batch, n_probes=1, n_steps=5)
+    assert out.product == "double-backward"
+    monkeypatch.setattr(hvp_module, "LINEARIZE_MIN_CONV_FLOPS", {"cpu": 0.0})
+    assert sm.spectral_density(model, nn.CrossEntropyLoss(), batch, n_probes=1, n_steps=5).product == "linearize"
 
 
 class Untraceable(nn.Module):
@@ -206,9 +218,10 @@ def test_untraceable_model_falls_back_to_double_backward(monkeypatch):
     torch.manual_seed(0)
     model = Untraceable().to(DT)
     batch = (torch.randn(6, 1, 5, 5, dtype=DT), torch.tensor([0, 1, 0, 1, 1, 0]))
-    monkeypatch.setattr(hvp_module, "LINEARIZE_MIN_CONV_FLOPS", 0.0)
+    monkeypatch.setattr(hvp_module, "LINEARIZE_MIN_CONV_FLOPS", {"cpu": 0.0})
     out = sm.spectral_density(model, nn.CrossEntropyLoss(), batch, n_probes=1, n_steps=5)
     monkeypatch.undo()
+    assert out.product == "double-backward"
     expected = sm.spectral_density(model, nn.CrossEntropyLoss(), batch, n_probes=1, n_steps=5)
     np.testing.assert_allclose(out.nodes[0], expected.nodes[0], rtol=1e-10)
 

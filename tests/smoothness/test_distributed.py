@@ -28,16 +28,18 @@ SHARDS = [[0, 1], [2]]  # rank 0 holds 8 samples, rank 1 holds 6
 
 
 def estimates(model, loss_fn, data, group=None):
-    out = {}
+    out, products = {}, []
     for kind, bn_mode in (("hessian", "batch"), ("ggn", "batch"), ("empirical-fisher", "running")):
         eig = sm.top_eigenvalues(model, loss_fn, data, k=1, tol=1e-8, bn_mode=bn_mode, kind=kind, group=group)
         trace = sm.hessian_trace(model, loss_fn, data, n_samples=2, bn_mode=bn_mode, kind=kind, group=group)
         out[kind] = (eig.values, eig.batch_size, trace.mean, trace.stderr, trace.batch_size)
+        products += [eig.product, trace.product]
     conc = sm.gradient_concentration(model, loss_fn, data, k=1, tol=1e-6, params=["3.weight", "3.bias"],
                                      group=group)
     out["concentration"] = (conc.fraction, conc.loss, conc.grad_norm, conc.eigenvalues)
     density = sm.spectral_density(model, loss_fn, data, n_probes=1, n_steps=4, kind="ggn", group=group)
     out["density"] = (density.nodes, density.weights)
+    out["products"] = products + [density.product]
     return out
 
 
@@ -67,6 +69,12 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
     expected = estimates(model, loss_fn, chunks)
     assert expected["hessian"][1] == 14
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    products = expected.pop("products")   # recorded: chunked products, combined over the ranks
+    assert products == ["double-backward per chunk"] * 2 + ["jvp + vjp per chunk"] * 2 + \
+        ["per-sample gradients per chunk"] * 2 + ["jvp + vjp per chunk"]
+    for got in ranks:   # rank 1's shard is one chunk: its local products are one batch's
+        local = [p.replace(" per chunk", "") for p in products]
+        assert [p.replace(" per chunk", "") for p in got.pop("products")] == [f"{p}, all-reduced" for p in local]
     for key, value in expected.items():
         for rank, got in enumerate(ranks):
             assert close(got[key], value), (key, rank, got[key], value)
