@@ -52,6 +52,7 @@ for path in (ROOT, ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 import smoothness  # noqa: E402
+from smoothness.allocator import tune_cpu_allocator  # noqa: E402
 from smoothness._objective import Objective  # noqa: E402
 from smoothness.hvp import HessianOperator, LinearizedHessianOperator  # noqa: E402
 from experiments.models import build_model  # noqa: E402
@@ -241,7 +242,8 @@ def render(args, products, density, memory, started: float) -> str:
     out += [f"Command: `{cmd}`  ",
             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
             f"torch.set_num_threads({args.threads}); load average {os.getloadavg()[0]:.1f} at the end; "
-            f"total {(time.perf_counter() - started) / 60:.1f} min.  ",
+            f"total {(time.perf_counter() - started) / 60:.1f} min; CPU allocator: {args.allocator} "
+            f"(smoothness.allocator; both tools run in the same process).  ",
             f"Data: FashionMNIST, 10% training subset (seed 0); Hessian batch = its first {args.batch} images. "
             "Curvature in bn_mode=\"running\" (PyHessian's eval mode) except the memory section.  ",
             "**Timings on a shared, loaded machine are noisy; CPU time (one thread) is the steadier number.**", ""]
@@ -304,12 +306,16 @@ def main() -> None:
     ap.add_argument("--ref-steps", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                    help="tuned: smoothness.allocator.tune_cpu_allocator(), as smoothness-lab does; default: glibc's")
     ap.add_argument("--memory-full", action="store_true", help="also one batch of batch × chunks images")
     ap.add_argument("--quick", action="store_true", help="small settings: a smoke run of every section")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.allocator == "tuned" and not tune_cpu_allocator():
+        raise SystemExit("--allocator tuned: tune_cpu_allocator() did not apply (no glibc, or MALLOC_* set)")
     if args.memory_child:
         memory_child(args.memory_child, args.batch, args.chunks, args.threads)
         return

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_smoothness import build_states, load_batches, markdown_table, run_pyhessian  # noqa: E402
 
 import smoothness  # noqa: E402
+from smoothness.allocator import tune_cpu_allocator  # noqa: E402
 from smoothness._objective import Objective  # noqa: E402
 from smoothness.hvp import HessianOperator  # noqa: E402
 from smoothness.lanczos import lanczos_top  # noqa: E402
@@ -172,9 +173,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="ConvNet only, k = 1 only")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--allocator", choices=["tuned", "default"], default="tuned",
+                        help="tuned: smoothness.allocator.tune_cpu_allocator(), as smoothness-lab does")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eigensolvers.md"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.allocator == "tuned":
+        tune_cpu_allocator()
     ds, batch = load_batches(args.batch)
     models = ["convnet"] if args.quick else ["convnet", "bn-convnet"]
     states = build_states(models, ["1 epoch"], ds)
@@ -232,7 +237,8 @@ def main(argv=None) -> int:
     text = [f"# Eigen-solvers at equal achieved accuracy (≤ {TARGET:g} relative error on every top-k value)", "",
             f"`python benchmarks/bench_eigensolvers.py{' --quick' if args.quick else ''}` ({args.threads} thread(s), "
             f"Hessian batch {args.batch}, eval-mode BatchNorm). Each solver is charged for the loosest tolerance "
-            f"of its ladder that reaches the target; products are exact, seconds are wall time.", "",
+            f"of its ladder that reaches the target; products are exact, seconds are wall time. CPU allocator: "
+            f"{args.allocator} (smoothness.allocator; every solver runs in the same process).", "",
             markdown_table(["setting", "k", "solver", "tol needed", "products", "seconds", "error"],
                            [fmt(r) for r in rows]), "",
             "## Against PyHessian 0.1", "",

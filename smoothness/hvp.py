@@ -149,12 +149,13 @@ class ChunkedHessianOperator(ChunkedOperator):
     chunk_operator = HessianOperator
 
 
-# Linearize when (convolution FLOPs of one forward pass) x (expected products) reaches this, per device type:
-# measured on CPU (benchmarks/bench_products.py and bench_density.py: about 25 s of products on one core, of which the
-# linearized product saves well over the 2-5 s the trace costs). A device type without a measurement (cuda: none was
-# lent to this project yet) keeps the double backward, PyHessian's product. ``EigenResult.product`` (and the trace's
-# and density's) records which ran.
-LINEARIZE_MIN_CONV_FLOPS = {"cpu": 1e11}
+# Linearize when (convolution FLOPs of one forward pass, as torch's FlopCounterMode counts them) x (expected products)
+# reaches this, per device type. CPU, measured (1 thread): the trace costs 1.3-2.0 s and saves 0.09 s per product
+# on the seed ConvNet with 1,000 images (3.8e10 FLOPs; break-even about 16 products, 6.1e11;
+# benchmarks/results/density-products.md), and 0.87 s for 0.024 s per product with 256 images (9.8e9; about 36
+# products, 3.5e11; benchmarks/results/products.md). A device type without a measurement (cuda: no GPU was lent to
+# this project yet) keeps the double backward, PyHessian's product. Results record which ran (``product``).
+LINEARIZE_MIN_CONV_FLOPS = {"cpu": 5e11}
 
 
 def _conv_flops(objective: Objective) -> float:
