@@ -1,5 +1,6 @@
 """smoothness.tune_cpu_allocator: memory of freed tensors stays in the process (no page faults per product), the
 user's own malloc settings win, and numbers do not change."""
+import ctypes
 import os
 import subprocess
 import sys
@@ -33,6 +34,16 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def has_glibc() -> bool:
+    try:
+        return sys.platform.startswith("linux") and hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    except OSError:
+        return False
+
+
+GLIBC = pytest.mark.skipif(not has_glibc(), reason="glibc's malloc: Linux with glibc only")
+
+
 def run_child(mode, **env):
     out = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
                          env={**{k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_"))},
@@ -41,18 +52,19 @@ def run_child(mode, **env):
     return applied, int(faults), checksum
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+@GLIBC
 def test_tuned_allocator_keeps_freed_memory_and_changes_no_number():
     applied, faults, checksum = run_child("tune")
     plain_applied, plain_faults, plain_checksum = run_child("plain")
     assert applied == "True" and plain_applied == "None"
-    # 5 rounds of 64 MiB: untuned, every round faults its 16k pages in anew; tuned, the memory is reused
-    assert plain_faults > 5 * 10_000
-    assert faults < 2_000
+    # 5 rounds of 64 MiB: untuned, every round faults its pages in anew (16k of 4 KiB; at least 32 even with
+    # transparent huge pages); tuned, the memory is reused
+    assert plain_faults >= 5 * 32
+    assert faults * 20 <= plain_faults
     assert checksum == plain_checksum
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+@GLIBC
 def test_settings_of_the_user_win():
     applied, faults, _ = run_child("tune", MALLOC_TRIM_THRESHOLD_="0")
     assert applied == "False"
