@@ -49,7 +49,7 @@ class EigenResult:
     kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
     params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
     which: str = "largest"                     # "largest" or "smallest": which end of the spectrum
-    product: str = ""                          # how the products were computed ("double-backward", "jvp + vjp", ...)
+    product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
     def vector_dicts(self, model: nn.Module) -> List[Dict[str, torch.Tensor]]:
         """The Ritz vectors as dicts keyed like ``dict(model.named_parameters())`` (trainable parameters only, or the
@@ -81,7 +81,7 @@ class TraceResult:
     batch_size: int
     kind: str = "hessian"
     params: Optional[Tuple[str, ...]] = None
-    product: str = ""     # how the products were computed ("double-backward", "jvp + vjp", ...)
+    product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
 
 def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, tol: float = 1e-3,

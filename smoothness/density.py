@@ -33,7 +33,7 @@ Pitfalls, and what this module does about them:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
@@ -61,7 +61,7 @@ class DensityResult:
     batch_size: int                  # samples the loss averages over (all chunks together)
     kind: str = "hessian"                      # which curvature matrix: "hessian", "ggn" or "empirical-fisher"
     params: Optional[Tuple[str, ...]] = None   # the parameter block (None: all trainable parameters)
-    product: str = ""                          # how the products were computed ("double-backward", "linearize", ...)
+    product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
     def __post_init__(self):
         if len(self.nodes) != len(self.weights) or not self.nodes:
