@@ -35,6 +35,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -138,17 +139,19 @@ def section_products(models, batch, repeats: int) -> list:
                  lambda: torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True),
                  "smoothness HessianOperator (retained graph)": lambda: retained.matvec_dict(vd),
                  "smoothness LinearizedHessianOperator": lambda: linearized.matvec_dict(vd)}
-        times = {k: ([], []) for k in tools}
+        times = {k: ([], [], []) for k in tools}
         names = list(tools)
         for r in range(repeats):
             for k in names[r % 3:] + names[:r % 3]:
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 _, wall, cpu = timed(tools[k])
                 times[k][0].append(wall)
                 times[k][1].append(cpu)
+                times[k][2].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         base = statistics.median(times[names[0]][1])
         for k in names:
             rows.append((name, state, k, statistics.median(times[k][0]), statistics.median(times[k][1]),
-                         statistics.median(times[k][1]) / base,
+                         statistics.median(times[k][1]) / base, statistics.median(times[k][2]),
                          f"{setup:.1f} s ({setup_cpu:.1f} s CPU) once" if "Linearized" in k else "-"))
         log(f"products {name} {state}: " + ", ".join(f"{k.split()[0]} {statistics.median(times[k][1]):.3f}s"
                                                      for k in names))
@@ -249,9 +252,11 @@ def render(args, products, density, memory, started: float) -> str:
             "**Timings on a shared, loaded machine are noisy; CPU time (one thread) is the steadier number.**", ""]
     if products:
         out += ["## Seconds per Hessian-vector product", "",
-                "| model | state | product | wall s (median) | CPU s (median) | CPU / PyHessian | setup |",
-                "|---|---|---|---|---|---|---|"]
-        out += [f"| {m} | {s} | {k} | {w:.3f} | {c:.3f} | {r:.2f} | {setup} |" for m, s, k, w, c, r, setup in products]
+                "| model | state | product | wall s (median) | CPU s (median) | CPU / PyHessian | page faults "
+                "(median) | setup |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {m} | {s} | {k} | {w:.3f} | {c:.3f} | {r:.2f} | {f:,.0f} | {setup} |"
+                for m, s, k, w, c, r, f, setup in products]
         out.append("")
     if density:
         out += [f"## Density: {args.probes} probes × {args.steps} Lanczos steps, both tools", "",

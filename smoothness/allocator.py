@@ -3,9 +3,10 @@
 glibc's malloc serves an allocation above its mmap threshold (which its dynamic rule never raises beyond 32 MiB)
 with fresh pages from the kernel and returns them on free; every such page is zero-filled at its first touch (a
 minor page fault). A Hessian-vector product on 1,000 FashionMNIST images allocates and frees activations of about
-50 MB each, so every product faults in 75,000-190,000 pages anew: 25-45% of the product's CPU time, in PyHessian's
-product as much as in ours (benchmarks/results/products.md, "allocator"). GPU tensors are not concerned (PyTorch's
-CUDA caching allocator keeps its blocks), nor are small batches (below the threshold malloc already reuses memory).
+50 MB each, so every product faults in 24,000-74,000 pages anew, in PyHessian's product as much as in ours; tuned,
+none, and a product takes 8-24% less CPU time (benchmarks/results/density-products.md and
+density-products-default-allocator.md). GPU tensors are not concerned (PyTorch's CUDA caching allocator keeps its
+blocks), nor are small batches (below the threshold malloc already reuses memory).
 
 :func:`tune_cpu_allocator` raises the mmap threshold to ``MMAP_THRESHOLD`` and lets up to ``TRIM_THRESHOLD`` of
 freed memory stay in the process. It changes no number (PyTorch aligns its CPU tensors itself), only where they

@@ -16,7 +16,7 @@ a small gap between λ_k and λ_{k+1} does (the subspace itself is then ill-dete
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
@@ -40,6 +40,7 @@ class ConcentrationResult:
     batch_size: int
     kind: str = "hessian"                      # U_k are eigenvectors of this matrix ("hessian", "ggn", …)
     params: Optional[Tuple[str, ...]] = None   # block: g and U_k restricted to these parameters (None: all)
+    product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
 
 def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *, tol: float = 1e-4,
@@ -78,4 +79,4 @@ def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *
     return ConcentrationResult(fraction=min(fraction, 1.0) if grad_sq > 0 else fraction, k=k,
                                eigenvalues=tuple(float(v) for v in out.values), grad_norm=math.sqrt(grad_sq),
                                loss=op.loss, converged=bool(out.converged), n_hvp=op.n_hvp, bn_mode=bn_mode,
-                               batch_size=op.n_samples, kind=kind, params=names)
+                               batch_size=op.n_samples, kind=kind, params=names, product=op.product)

@@ -28,7 +28,7 @@ product) exact would take about 3 hours, 20 probes take 13 s for a 1% standard e
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -69,6 +69,7 @@ class RelativeFlatness:
     n_hvp: int
     bn_mode: str
     batch_size: int
+    product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
 
 def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, bn_mode, eps) -> PacBayesFlatness:
@@ -189,4 +190,4 @@ def relative_flatness(model: nn.Module, loss_fn: Callable, data, *, layer: Optio
             samples.append(float(((gram @ z) * block(z)).sum()))
         (value, stderr), method = mean_and_stderr(samples), "hutchinson"
     return RelativeFlatness(value=value, stderr=stderr, layer=name, method=method, n_samples=n_samples,
-                            n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective))
+                            n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective), product=op.product)

@@ -150,12 +150,12 @@ class ChunkedHessianOperator(ChunkedOperator):
 
 
 # Linearize when (convolution FLOPs of one forward pass, as torch's FlopCounterMode counts them) x (expected products)
-# reaches this, per device type. CPU, measured (1 thread): the trace costs 1.3-2.0 s and saves 0.09 s per product
-# on the seed ConvNet with 1,000 images (3.8e10 FLOPs; break-even about 16 products, 6.1e11;
-# benchmarks/results/density-products.md), and 0.87 s for 0.024 s per product with 256 images (9.8e9; about 36
-# products, 3.5e11; benchmarks/results/products.md). A device type without a measurement (cuda: no GPU was lent to
+# reaches this, per device type. CPU, measured (1 thread): the trace costs about 1.4 s and saves 0.09 s per product on
+# the seed ConvNets with 1,000 images (5.6e9 FLOPs; break-even 14-16 products, 7.9e10-9.0e10;
+# benchmarks/results/density-products.md), and 0.87 s for 0.024 s per product with 256 images (1.4e9; about 36
+# products, 5.2e10; benchmarks/results/products.md). A device type without a measurement (cuda: no GPU was lent to
 # this project yet) keeps the double backward, PyHessian's product. Results record which ran (``product``).
-LINEARIZE_MIN_CONV_FLOPS = {"cpu": 5e11}
+LINEARIZE_MIN_CONV_FLOPS = {"cpu": 7e10}
 
 
 def _conv_flops(objective: Objective) -> float:
@@ -163,6 +163,7 @@ def _conv_flops(objective: Objective) -> float:
     if not any(isinstance(m, nn.modules.conv._ConvNd) for m in objective.model.modules()):
         return 0.0
     from torch.utils.flop_counter import FlopCounterMode
+    objective.ensure_checked()   # the first use of a model runs the determinism check (passes not to be counted)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         objective.loss(objective.base)

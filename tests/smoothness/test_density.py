@@ -201,6 +201,24 @@ def test_a_device_type_without_a_measurement_keeps_the_double_backward(ref, monk
     assert sm.spectral_density(model, nn.CrossEntropyLoss(), batch, n_probes=1, n_steps=5).product == "linearize"
 
 
+def test_conv_flops_do_not_count_the_first_use_determinism_check(ref):
+    """The linearize choice depends on the model and batch shape only. Failed before: the first estimator on a model
+    counted the determinism check's forward and backward passes too (about 7x the FLOPs of one forward pass)."""
+    from smoothness._objective import Objective
+    model = ref.make_model("conv")
+    batch = ref.make_batch(model, n=12)
+    first = hvp_module._conv_flops(Objective(model, nn.CrossEntropyLoss(), batch))
+    again = hvp_module._conv_flops(Objective(model, nn.CrossEntropyLoss(), batch))
+    expected = []   # 2 x (multiply-adds per output element) x output elements, per convolution
+    hooks = [m.register_forward_hook(lambda m, i, o: expected.append(2 * m.weight[0].numel() * o.numel()))
+             for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(batch[0])
+    for h in hooks:
+        h.remove()
+    assert len(expected) == 2 and first == again == sum(expected)
+
+
 class Untraceable(nn.Module):
     """A conv model that writes to a tensor attribute in its forward: torch.func refuses to trace it."""
 

@@ -70,6 +70,7 @@ def test_relative_flatness_matches_the_dense_hessian(ref, bn_mode):
     batch, loss_fn = ref.make_batch(model, n=12), nn.CrossEntropyLoss()
     out = sm.relative_flatness(model, loss_fn, batch, bn_mode=bn_mode)
     assert out.layer == "net.6.weight" and out.method == "exact" and out.n_hvp == 24
+    assert out.product == "double-backward"   # an MLP: no convolution for the linearized product to save
     assert out.value == pytest.approx(kappa_reference(ref, model, loss_fn, batch, bn_mode, "net.6.weight"),
                                       rel=1e-10)
     est = sm.relative_flatness(model, loss_fn, batch, n_samples=300, bn_mode=bn_mode,
