@@ -368,7 +368,7 @@ def _difference(a: dict, b: dict) -> str:
 
 # -- fan-out -------------------------------------------------------------------------------------------------------
 _BUILT: dict = {}   # this process's last built job: a worker evaluates many tasks of one job
-TASKS_PER_WORKER = 1   # tasks per worker and run set: each task pays one build of the model and directions
+TASKS_PER_WORKER = 1   # tasks per worker (each task pays one build of the model and directions)
 
 
 def evaluate_units(job: dict, device: str, key: str, units: Sequence[Unit], progress=None) -> List[tuple]:

@@ -195,7 +195,7 @@ def run_tasks(name: str, tasks: Sequence[Task], *, workers: int, threads: int,
 
 def prepare_worker(threads: int) -> None:
     """What a worker process does before its task: ``threads`` torch threads, and the CPU allocator tuned
-    (``smoothness.tune_cpu_allocator``: freed memory kept in the process, no page faults per Hessian product)."""
+    (``smoothness.allocator.tune_cpu_allocator``: freed memory kept in the process, no page faults per product)."""
     import torch
 
     from smoothness.allocator import tune_cpu_allocator
