@@ -650,15 +650,12 @@ def studies():
 
 def _register_commands() -> None:
     from .diagnostics import ics_command, variance_command
-    from .spectrum_cli import spectrum_command
     from .status import status_command
-    main.add_command(status_command)
-    main.add_command(variance_command)
-    main.add_command(ics_command)
-    from .surface_cli import surface_command; main.add_command(surface_command)  # noqa: E702 (one line to merge)
-    main.add_command(spectrum_command)
-    from .generalization_cli import generalization_command; main.add_command(generalization_command)  # noqa: E702
-    from .per_layer_cli import per_layer_command; main.add_command(per_layer_command)  # noqa: E702
+    from .study_commands import generalization_command, per_layer_command, spectrum_command
+    from .surface_cli import surface_command
+    for command in (status_command, variance_command, ics_command, surface_command, spectrum_command,
+                    generalization_command, per_layer_command):
+        main.add_command(command)
 
 
 _register_commands()
