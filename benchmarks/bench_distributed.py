@@ -62,6 +62,7 @@ def _rank(rank: int, init_file: str, out_dir: str, n: int, chunk: int, repeats: 
         runs = [run(model, shard, dist.group.WORLD) for _ in range(repeats)]
         torch.save({"runs": [(r.values, r.n_hvp, r.batch_size, wall, cpu) for r, wall, cpu in runs],
                     "startup": startup}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()   # both ranks are done before either tears gloo down
     finally:
         dist.destroy_process_group()
 

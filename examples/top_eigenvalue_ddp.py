@@ -39,6 +39,7 @@ def main():
         result = smoothness.top_eigenvalues(model, F.cross_entropy, chunks, k=1, kind=kind, group=dist.group.WORLD)
         print(f"rank {rank}/{world}: top {kind} eigenvalue {result.values[0]:.6f} over {result.batch_size} samples",
               flush=True)
+    dist.barrier()   # every rank is done before any tears the process group down
     dist.destroy_process_group()
 
 

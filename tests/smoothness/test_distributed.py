@@ -50,6 +50,7 @@ def _worker(rank, init_file, out_dir):
         model, loss_fn, chunks = setup()
         shard = [chunks[i] for i in SHARDS[rank]]
         torch.save(estimates(model, loss_fn, shard, group=dist.group.WORLD), f"{out_dir}/rank{rank}.pt")
+        dist.barrier()   # both ranks are done before either tears gloo down (else: "terminate called", SIGABRT)
     finally:
         dist.destroy_process_group()
 
