@@ -6,6 +6,6 @@ __all__ = ["Tracker"]
 
 def __getattr__(name):
     if name == "Tracker":
-        from .tracker import Tracker
+        from experiments.tracker import Tracker
         return Tracker
     raise AttributeError(f"module 'experiments' has no attribute {name!r}")

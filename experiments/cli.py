@@ -11,9 +11,9 @@ from typing import Optional, Sequence
 
 import click
 
-from .config import ConfigError, RunConfig, StudyConfig, option_name
-from .executors.choice import ExecutorChoice
-from .study_files import read_json
+from experiments.config import ConfigError, RunConfig, StudyConfig, option_name
+from experiments.executors.choice import ExecutorChoice
+from experiments.study_files import read_json
 
 # Help of RunConfig's own fields; the measurements' options bring theirs (experiments/measurements/)
 _HELP = {
@@ -48,7 +48,7 @@ _BEFORE_MEASUREMENTS = tuple(_HELP)[:-2]   # the options --help lists before the
 def tracking_fields() -> tuple:
     """The RunConfig options `run`, `sweep` and `train` take, in --help order: RunConfig's own (``_HELP``), then
     every registered measurement's (also those registered after this module was imported), then where it runs."""
-    from .measurements import options
+    from experiments.measurements import options
     return _BEFORE_MEASUREMENTS + tuple(o.name for o in options()) + ("device", "tensorboard")
 # A study holds at most this many runs (models x lrs x seeds): 10,000 runs of the main job's size are about
 # 18 CPU-days; a larger grid is almost certainly a typo (--seeds 0-100000000) and would only hang while it is built.
@@ -77,7 +77,7 @@ class BatchSize(click.ParamType):
 
 def _option_spec(name: str):
     """(click type, default, help, is a flag) of a RunConfig option: from ``_HELP`` or its measurement's Option."""
-    from .measurements import find_option
+    from experiments.measurements import find_option
     option = find_option(name)
     if option is not None:
         kind = click.Choice(list(option.choices)) if option.choices else option.type
@@ -143,7 +143,7 @@ def factory_options(fn):
 
 def _factory_args(options: dict) -> dict:
     """Pop --model-arg / --dataset-arg from a command's options as RunConfig overrides (None: not given)."""
-    from .plugins import PluginError, parse_args
+    from experiments.plugins import PluginError, parse_args
     out = {}
     for option, field in (("model_arg", "model_args"), ("dataset_arg", "dataset_args")):
         values = options.pop(option, ())
@@ -224,9 +224,9 @@ def _parse_list(value: Optional[str], kind, option: str):
         raise click.BadParameter(f"{len(items):,} values; a study holds at most {MAX_RUNS:,} runs",
                                  param_hint=option)
     if option.startswith("--models"):
-        from .models import MODELS
-        from .norms import NORMS
-        from .plugins import PluginError, check_syntax, is_user_model
+        from experiments.models import MODELS
+        from experiments.norms import NORMS
+        from experiments.plugins import PluginError, check_syntax, is_user_model
         for spec in items:
             if is_user_model(spec):  # MODULE:FACTORY (experiments.plugins): imported by the checks before launch
                 try:
@@ -287,7 +287,7 @@ def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds
         raise ConfigError(f"the grid has {n:,} runs (models x lrs x seeds); a study holds at most {MAX_RUNS:,}: "
                           f"split it into several studies")
     given = {k: v for k, v in overrides.items() if v is not None}
-    from .plugins import is_user_model
+    from experiments.plugins import is_user_model
     user = [m for m in models or base_study.models if is_user_model(m)]
     if given.get("model_args") and user:  # the base validates with a model that takes them (runs() sets each model)
         given["model"], given["norm"] = user[0], None
@@ -299,7 +299,7 @@ def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds
 
 
 def _check_data(study: StudyConfig, data_dir) -> None:
-    from .plugins import check_run, load_run_dataset
+    from experiments.plugins import check_run, load_run_dataset
     runs = study.runs()
     load_run_dataset(runs[0], None if data_dir is None else str(data_dir))
     for model in dict.fromkeys(cfg.model for cfg in runs):  # a user's model or data: build it, one forward pass
@@ -308,7 +308,7 @@ def _check_data(study: StudyConfig, data_dir) -> None:
 
 def _steps_per_run(study: StudyConfig, data_dir) -> dict:
     """Every run's number of SGD steps; raises ConfigError for options that do not fit its training subset."""
-    from .plugins import load_run_dataset
+    from experiments.plugins import load_run_dataset
     out = {}
     for cfg in study.runs():
         n = load_run_dataset(cfg, None if data_dir is None else str(data_dir)).x_train.shape[0]
@@ -321,7 +321,7 @@ def _write_study_json(study_dir: Path, study: StudyConfig) -> None:
     """study.json lists every grid ever launched into this folder (so `status` knows which runs to expect);
     a new grid is appended, an old one is never dropped. Grids are compared as configs, so the same grid written
     before a RunConfig field existed is not appended again."""
-    from .store import atomic_write_json
+    from experiments.store import atomic_write_json
     path = study_dir / "study.json"
     grids = read_json(path).get("grids", []) if path.exists() else []
 
@@ -347,9 +347,9 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
 
     import torch
 
-    from .executors import default_workers
-    from .launchers import default_threads
-    from .store import atomic_write_json
+    from experiments.executors import default_workers
+    from experiments.launchers import default_threads
+    from experiments.store import atomic_write_json
     path = study_dir / "launch.json"
     try:
         launches = read_json(path).get("launches", []) if path.exists() else []
@@ -365,8 +365,8 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
 
 def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
     """Say which interrupted runs this launch leaves as they are because their options differ (issue 20 item 5)."""
-    from .config import option_name
-    from .launchers import left_behind
+    from experiments.config import option_name
+    from experiments.launchers import left_behind
     for run_dir, old, cfg, fields in left_behind(runs, study_dir):
         changes = ", ".join(f"{option_name(k)} {getattr(old, k)!r} -> {getattr(cfg, k)!r}" for k in fields)
         click.echo(f"warning: the options differ from those of the interrupted run {run_dir} ({changes}); "
@@ -376,8 +376,8 @@ def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
 
 def _warn_code_changed(runs: Sequence[RunConfig], study_dir: Path) -> None:
     """Say which finished runs of a user's factory are kept although its source file changed since (plugins.py)."""
-    from .plugins import code_changes
-    from .store import read_code
+    from experiments.plugins import code_changes
+    from experiments.store import read_code
     for cfg in runs:
         changed, _ = code_changes(read_code(study_dir / cfg.run_id))
         if changed and (study_dir / cfg.run_id / "done").exists():
@@ -390,7 +390,7 @@ def _slurm_options(executor: str, slurm: dict):
     """The --slurm-* options as SlurmOptions; None when none is given and the executor is not slurm."""
     if executor != "slurm" and all(v in (None, ()) for v in slurm.values()):
         return None
-    from .executors.slurm import SlurmOptions, parse_sbatch
+    from experiments.executors.slurm import SlurmOptions, parse_sbatch
     given = {k: v for k, v in dict(cluster=slurm["slurm_cluster"], partition=slurm["slurm_partition"],
                                    time_min=slurm["slurm_time"], gpus=slurm["slurm_gpus"], cpus=slurm["slurm_cpus"],
                                    mem_gb=slurm["slurm_mem_gb"]).items() if v is not None}
@@ -399,9 +399,9 @@ def _slurm_options(executor: str, slurm: dict):
 
 def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str, workers, threads, ray_address,
               resume: bool, figures: bool, quiet: bool, slurm=None) -> None:
-    from .data import DataError
-    from .launchers import check_launch, launch
-    from .store import StoreError, check_writable
+    from experiments.data import DataError
+    from experiments.launchers import check_launch, launch
+    from experiments.store import StoreError, check_writable
     study_dir = results_dir / study.name
     try:  # every check that can fail comes before the first write
         runs = study.runs()
@@ -453,7 +453,7 @@ def run_study(study: StudyConfig, *, results_dir: Path, data_dir, executor: str,
 
 
 def _analyse(study_dir: Path, quiet: bool) -> None:
-    from . import analysis
+    from experiments import analysis
     try:
         paths = analysis.plot_study(study_dir)
         report = analysis.write_report(study_dir)
@@ -486,7 +486,7 @@ def main(ctx, quiet):
 def run(ctx, study_name, models, lrs, seeds, results_dir, data_dir, executor, workers, threads, ray_address,
         resume, figures, **options):
     """The main job: train every model x lr x seed of a study, track smoothness, then draw figures and report."""
-    from .presets import get_preset
+    from experiments.presets import get_preset
     slurm = {k: options.pop(k) for k in list(options) if k.startswith("slurm_")}
     try:
         options.update(_factory_args(options))
@@ -577,9 +577,9 @@ def sweep(ctx, models, lrs, seeds, sweep_file, name, results_dir, data_dir, exec
 @click.pass_context
 def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume, **options):
     """Train one model with one seed (no figures); prints where the records are."""
-    from .data import DataError
-    from .launchers import check_launch, execute
-    from .store import StoreError, check_writable
+    from experiments.data import DataError
+    from experiments.launchers import check_launch, execute
+    from experiments.store import StoreError, check_writable
     try:  # every check that can fail comes before the first write
         check_folder_name(study_name, "--study")
         options.update({k: v for k, v in _factory_args(options).items() if v is not None})
@@ -592,7 +592,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
         _fail(str(exc))
     _warn_left_behind([cfg], study_dir)
     _warn_code_changed([cfg], study_dir)
-    from .launchers import DirectQueue, ProgressDisplay, default_threads
+    from experiments.launchers import DirectQueue, ProgressDisplay, default_threads
     display = ProgressDisplay([cfg], steps, ctx.obj["quiet"])
     try:
         result = execute(cfg.to_dict(), str(study_dir), resume, None if data_dir is None else str(data_dir),
@@ -610,7 +610,7 @@ def train(ctx, model, norm, seed, lr, study_name, results_dir, data_dir, resume,
 @click.pass_context
 def plot(ctx, results_dir):
     """Draw the figures of a study directory into RESULTS_DIR/figures (PNG and PDF)."""
-    from . import analysis
+    from experiments import analysis
     try:
         paths = analysis.plot_study(results_dir)
     except analysis.AnalysisError as exc:
@@ -628,7 +628,7 @@ def plot(ctx, results_dir):
 @click.pass_context
 def report(ctx, results_dir, compare):
     """Write report.md and report.csv: metrics over seeds, divergence rates, BN vs no BN paired by seed."""
-    from . import analysis
+    from experiments import analysis
     try:
         if compare is not None and len(compare.split(",")) != 2:
             raise analysis.AnalysisError(f"--compare takes two models A,B, got {compare!r}")
@@ -642,17 +642,17 @@ def report(ctx, results_dir, compare):
 @main.command()
 def studies():
     """List the preset studies."""
-    from .presets import DESCRIPTIONS, PRESETS
+    from experiments.presets import DESCRIPTIONS, PRESETS
     width = max(map(len, PRESETS))
     for name, study in PRESETS.items():
         click.echo(f"{name:{width}s} {len(study.runs()):3d} runs  {DESCRIPTIONS[name]}")
 
 
 def _register_commands() -> None:
-    from .diagnostics import ics_command, variance_command
-    from .status import status_command
-    from .study_commands import generalization_command, per_layer_command, spectrum_command
-    from .surface_cli import surface_command
+    from experiments.diagnostics import ics_command, variance_command
+    from experiments.status import status_command
+    from experiments.study_commands import generalization_command, per_layer_command, spectrum_command
+    from experiments.surface_cli import surface_command
     for command in (status_command, variance_command, ics_command, surface_command, spectrum_command,
                     generalization_command, per_layer_command):
         main.add_command(command)

@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from . import measurements
-from .measurements import find_option, option_name
+from experiments import measurements
+from experiments.measurements import find_option, option_name
 
 SAMPLING = ("replacement", "shuffle")
 # fields that say where/how a run executes but not what it computes: recorded, never hashed
@@ -136,8 +136,8 @@ class RunConfigFields:
         for name, kind in _declared_types(type(self)):
             object.__setattr__(self, name, coerce(name, getattr(self, name), kind))
         self._check_later_options()
-        from .models import MODELS, resolve_norm
-        from .norms import NORMS
+        from experiments.models import MODELS, resolve_norm
+        from experiments.norms import NORMS
         if not self._check_import_strings():  # a built-in model
             if self.model not in MODELS:
                 raise ConfigError(f"unknown model {self.model!r} (--model); choose one of: {', '.join(MODELS)}, or "
@@ -145,7 +145,7 @@ class RunConfigFields:
             object.__setattr__(self, "norm", resolve_norm(self.model, self.norm))
         if self.norm is not None and self.norm not in NORMS:
             raise ConfigError(f"unknown norm {self.norm!r} (--norm); choose one of: {', '.join(NORMS)}")
-        from .data import DATASETS
+        from experiments.data import DATASETS
         if self.dataset not in DATASETS and ":" not in self.dataset:
             raise ConfigError(f"unknown dataset {self.dataset!r} (--dataset); choose one of: {', '.join(DATASETS)}")
         # types are already coerced above: what is left to check is the range
@@ -197,7 +197,7 @@ class RunConfigFields:
     def _check_import_strings(self) -> bool:
         """Syntax of MODULE:FACTORY and imagefolder:PATH and of their arguments (imports nothing: the factories are
         called by the CLI's checks before a launch, experiments.plugins.check_run). True for a user model."""
-        from . import plugins
+        from experiments import plugins
         try:
             object.__setattr__(self, "dataset", plugins.normal_dataset(self.dataset))
             user_model = plugins.is_user_model(self.model)
@@ -222,8 +222,8 @@ class RunConfigFields:
         return user_model
 
     def _check_optimizer(self) -> None:
-        from .losses import LOSSES
-        from .optim import OPTIMIZERS, SCHEDULES
+        from experiments.losses import LOSSES
+        from experiments.optim import OPTIMIZERS, SCHEDULES
         for name, choices in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("lr_schedule", SCHEDULES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"unknown {option_name(name)} {getattr(self, name)!r}; choose one of: "
@@ -278,7 +278,7 @@ class RunConfigFields:
 
     @property
     def run_id(self) -> str:
-        from .models import MODELS
+        from experiments.models import MODELS
         if self.model not in MODELS:  # MODULE:FACTORY (experiments.plugins)
             return f"{self.model.replace(':', '.')}-lr{self.lr:g}-s{self.seed}-{self.config_hash}"
         norm = "" if self.norm == MODELS[self.model].default_norm else f"-{self.norm}"
@@ -410,7 +410,7 @@ class StudyConfig:
         """One RunConfig per (model, lr, seed). A model may carry a norm as ``model:norm`` (``convnet:noisy``)."""
         out = []
         names = [name for name, _ in self.axes]
-        from .plugins import is_user_model, split_model_spec
+        from experiments.plugins import is_user_model, split_model_spec
         for spec in self.models:
             model, norm = split_model_spec(spec)
             # --model-arg goes to the MODULE:FACTORY models of a list, not to the built-in ones beside them

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import click
 
-from .plotstyle import styled
+from experiments.plotstyle import styled
 
 if TYPE_CHECKING:  # torch, pandas and the data stack are imported when used: `smoothness-lab --help` stays fast
     import pandas as pd
@@ -86,8 +86,8 @@ def variance_table(dataset: str = "mnist1d", seed: int = 0, batch_size: int = 20
     import pandas as pd
     import torch
 
-    from .data import load_dataset
-    from .models import build_model
+    from experiments.data import load_dataset
+    from experiments.models import build_model
 
     data = load_dataset(dataset, subset=1.0, seed=seed, data_dir=data_dir)
     n = data.x_train.shape[0]
@@ -134,7 +134,7 @@ def variance_figure(table: pd.DataFrame):
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    from .store import atomic_write_bytes
+    from experiments.store import atomic_write_bytes
     atomic_write_bytes(path, table.to_csv(index=False).encode())
 
 
@@ -155,8 +155,8 @@ def _quiet(ctx: click.Context) -> bool:
 @click.pass_context
 def variance_command(ctx, dataset, seed, batch_size, out, data_dir):
     """Seed 002: activation variance through the residual MLP at initialisation, without and with BatchNorm."""
-    from .analysis import save_figure
-    from .data import DataError
+    from experiments.analysis import save_figure
+    from experiments.data import DataError
     try:
         table = variance_table(dataset, seed, batch_size, None if data_dir is None else str(data_dir))
     except (ValueError, DataError) as exc:
@@ -179,8 +179,8 @@ def variance_command(ctx, dataset, seed, batch_size, out, data_dir):
 def parse_model_spec(spec: str) -> tuple[str, str]:
     """``"model"`` or ``"model:norm"`` -> (model, norm), norm resolved to the model's default; ValueError listing
     the choices for an unknown model or norm."""
-    from .models import MODELS, resolve_norm
-    from .norms import NORMS
+    from experiments.models import MODELS, resolve_norm
+    from experiments.norms import NORMS
 
     model, _, norm = spec.strip().partition(":")
     if model not in MODELS:
@@ -226,10 +226,10 @@ def ics_trace(model: str = "convnet", *, norm: Optional[str] = None, dataset: st
 
     import smoothness
 
-    from .data import load_dataset
-    from .loop import Diverged, Hook, Timer, run_steps
-    from .models import MODELS, build_model
-    from .training import resolve_device
+    from experiments.data import load_dataset
+    from experiments.loop import Diverged, Hook, Timer, run_steps
+    from experiments.models import MODELS, build_model
+    from experiments.training import resolve_device
 
     model_name, norm = parse_model_spec(model if norm is None else f"{model}:{norm}")
     label = label or (model_name if norm == MODELS[model_name].default_norm else f"{model_name}:{norm}")
@@ -327,11 +327,11 @@ def ics_command(ctx, models, dataset, subset, lr, batch_size, steps, every, seed
     """Santurkar's internal covariate shift along plain SGD, per layer, models compared."""
     import pandas as pd
 
-    from .analysis import save_figure
-    from .config import ConfigError
-    from .data import DATASETS, DataError, load_dataset
-    from .models import build_model
-    from .store import atomic_write_json
+    from experiments.analysis import save_figure
+    from experiments.config import ConfigError
+    from experiments.data import DATASETS, DataError, load_dataset
+    from experiments.models import build_model
+    from experiments.store import atomic_write_json
     quiet = _quiet(ctx)
     specs = [s.strip() for s in models.split(",")]
     try:

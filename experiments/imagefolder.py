@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
+from experiments.data import DataError
 
 __all__ = ["ARGS", "load_imagefolder"]
 

@@ -47,9 +47,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from tqdm.auto import tqdm
 
-from .config import EXECUTION_FIELDS, RunConfig
-from .executors import ExecutorOptions, Outcome, Task, check_executor, default_workers, run_tasks
-from .launch_result import LaunchResult
+from experiments.config import EXECUTION_FIELDS, RunConfig
+from experiments.executors import ExecutorOptions, Outcome, Task, check_executor, default_workers, run_tasks
+from experiments.launch_result import LaunchResult
 
 DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
 
@@ -64,7 +64,7 @@ def default_threads() -> int:
 def preflight(runs: Sequence[RunConfig], root: Path, resume: bool = True) -> None:
     """Refuse to launch into ``root`` if a run directory there holds another config (or an unreadable one), or,
     without ``resume``, an interrupted run: nothing is written, every problem is named. Reads only."""
-    from .store import StoreError, config_path, has_progress, is_done, is_locked, read_config
+    from experiments.store import StoreError, config_path, has_progress, is_done, is_locked, read_config
     problems, interrupted = [], []
     for cfg in runs:
         run_dir = Path(root) / cfg.run_id
@@ -96,7 +96,7 @@ def left_behind(runs: Sequence[RunConfig], root: Path) -> List[Tuple[Path, RunCo
     was. For every unfinished run directory with progress, not among ``runs`` and not running now, whose model,
     norm and seed are those of a run of the launch: (that directory, its config, the launched config with the
     fewest differences, the fields that differ). Reads only; an unreadable config.json is left to ``status``."""
-    from .store import StoreError, config_path, has_config, has_progress, is_done, is_locked, read_config
+    from experiments.store import StoreError, config_path, has_config, has_progress, is_done, is_locked, read_config
     root, launched = Path(root), {cfg.run_id for cfg in runs}
     out = []
     for run_dir in sorted(root.iterdir()) if root.is_dir() else ():
@@ -129,7 +129,7 @@ def check_device(runs: Sequence[RunConfig], elsewhere: bool = False) -> None:
     in every run. Skipped when the runs execute ``elsewhere`` (on a cluster joined by address or through SLURM)."""
     if elsewhere:
         return
-    from .training import resolve_device
+    from experiments.training import resolve_device
     for device in sorted({cfg.device for cfg in runs}):
         resolve_device(device)
 
@@ -149,7 +149,7 @@ def check_launch(runs: Sequence[RunConfig], root: Path, *, executor: str, ray_ad
 @contextmanager
 def _run_log(run_dir: Path):
     """Route the ``experiments`` logger to ``run_dir/run.log`` (only there) while the run executes."""
-    from .store import run_log_handler
+    from experiments.store import run_log_handler
     handler = run_log_handler(run_dir)
     logger = logging.getLogger("experiments")
     old_level, old_propagate = logger.level, logger.propagate
@@ -166,7 +166,7 @@ def _run_log(run_dir: Path):
 
 
 def _resume_point(run_dir: Path) -> str:
-    from .store import checkpoint_epochs, checkpoint_path
+    from experiments.store import checkpoint_epochs, checkpoint_path
     epochs = checkpoint_epochs(run_dir)
     return (f"resuming from {checkpoint_path(run_dir, epochs[-1]).relative_to(run_dir)}" if epochs
             else "no checkpoint: from the start")
@@ -177,7 +177,7 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
     """Run one config in this process (the body of every executor's task). Exceptions become a ``failed``
     result (traceback in run.log); KeyboardInterrupt is logged and re-raised."""
     import torch
-    from .store import RunStore, StoreError, event_fields, has_progress, last_event, run_lock
+    from experiments.store import RunStore, StoreError, event_fields, has_progress, last_event, run_lock
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
     start = time.perf_counter()
@@ -208,8 +208,8 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
 
 def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[str], threads: int, progress,
                     start: float) -> LaunchResult:
-    from .store import last_record
-    from .training import train_run
+    from experiments.store import last_record
+    from experiments.training import train_run
     run_dir = Path(root) / cfg.run_id
     with _run_log(run_dir) as log:
         job = os.environ.get("SLURM_JOB_ID")
@@ -310,7 +310,7 @@ def train_task(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str],
 def records_progress(run_dir: Path, total: int) -> Optional[Tuple[str, int, int]]:
     """A run's progress read from its records (for executors whose workers cannot send it: slurm), None before it
     starts: (run id, steps recorded so far, total)."""
-    from .store import last_record   # store imports torch; the launcher process need not until now
+    from experiments.store import last_record   # store imports torch; the launcher process need not until now
     record = last_record(run_dir)
     step = record.get("step") if isinstance(record, dict) else None
     if not isinstance(step, int):
@@ -321,7 +321,7 @@ def records_progress(run_dir: Path, total: int) -> Optional[Tuple[str, int, int]
 
 def finished_on_disk(run_dir: Path) -> Optional[str]:
     """``done`` or ``diverged`` when the run directory says the run finished, else None."""
-    from .store import is_done, last_record
+    from experiments.store import is_done, last_record
     if not is_done(run_dir):
         return None
     return "diverged" if last_record(run_dir).get("kind") == "diverged" else "done"
@@ -374,7 +374,7 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     threads = threads or default_threads()
     steps_per_run = steps_per_run or {}
     totals = {cfg.run_id: steps_per_run.get(cfg.run_id, 1) for cfg in runs}
-    from .store import RunStore
+    from experiments.store import RunStore
     skipped = {cfg.run_id for cfg in runs if RunStore(root, cfg).done}
     todo = [cfg for cfg in runs if cfg.run_id not in skipped]
     results: Dict[str, LaunchResult] = {r: LaunchResult(r, "skipped", 0.0) for r in skipped}

@@ -28,8 +28,8 @@ from typing import Callable, Optional
 import lightning.pytorch as pl
 import torch.nn.functional as F
 
-from .config import ConfigError, RunConfig
-from .tracker import Tracker
+from experiments.config import ConfigError, RunConfig
+from experiments.tracker import Tracker
 
 __all__ = ["SmoothnessCallback"]
 

@@ -15,7 +15,7 @@ from torch import nn
 
 
 def _norm(kind: str, num_features: int, dims: int) -> nn.Module:
-    from .norms import make_norm  # imported here so the registry can be listed without building anything
+    from experiments.norms import make_norm  # imported here so the registry can be listed without building anything
     return make_norm(kind, num_features, dims)
 
 

@@ -39,9 +39,9 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .data import DATASETS, DataError, Dataset, from_tensors, load_dataset
-from .imagefolder import load_imagefolder
-from .models import MODELS, build_model
+from experiments.data import DATASETS, DataError, Dataset, from_tensors, load_dataset
+from experiments.imagefolder import load_imagefolder
+from experiments.models import MODELS, build_model
 
 __all__ = ["IMAGEFOLDER", "PluginError", "build_run_model", "check_run", "code_changes", "code_info",
            "is_imagefolder", "is_user_dataset", "is_user_model", "load_run_dataset", "parse_args", "run_id_stem",

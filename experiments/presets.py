@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict
 
-from .config import ConfigError, RunConfig, StudyConfig
+from experiments.config import ConfigError, RunConfig, StudyConfig
 
 
 def _study(name: str, models, lrs=(0.04,), seeds=(0, 1, 2), axes=(), **base) -> StudyConfig:

@@ -30,10 +30,10 @@ from typing import List, Optional, Tuple
 
 import click
 
-from . import store
-from .config import ConfigError, RunConfig, StudyConfig
-from .store import StoreError, is_locked, read_code
-from .study_files import STUDY_JSON, read_json
+from experiments import store
+from experiments.config import ConfigError, RunConfig, StudyConfig
+from experiments.store import StoreError, is_locked, read_code
+from experiments.study_files import STUDY_JSON, read_json
 
 STATES = ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
 # what checking a corrupt study.json or config may raise: wrong types, a JSON array where an object belongs
@@ -147,7 +147,7 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
 
 def _code_note(run_dir: Path) -> str:
     """"; code changed since this run (f.py)" when a user's factory file no longer has the sha256 it was run with."""
-    from .plugins import code_changes
+    from experiments.plugins import code_changes
     changed, missing = code_changes(read_code(run_dir))
     return ((f"; code changed since this run ({', '.join(changed)})" if changed else "")
             + (f"; its code {', '.join(missing)} is not on PYTHONPATH: unchecked" if missing else ""))

@@ -15,7 +15,7 @@ out_option = click.option("--out", "out_dir", type=click.Path(file_okay=False, p
 def write_and_list(ctx, write: Callable[[], Sequence[Path]]) -> None:
     """Run ``write`` (it returns the paths it wrote): an analysis error becomes one line, and the paths are listed
     unless --quiet."""
-    from .analysis.errors import AnalysisError
+    from experiments.analysis.errors import AnalysisError
     try:
         paths = write()
     except AnalysisError as exc:
@@ -36,7 +36,7 @@ def _notify(message: str) -> None:
 def spectrum_command(ctx, results_dir, out_dir):
     """Draw the Hessian spectrum of a study run with --spectrum-every: log-density ConvNet vs BN-ConvNet at a few
     epochs, batch vs running BN statistics, gradient concentration along training (PNG + PDF), and spectrum.md."""
-    from .analysis.spectrum_figures import plot_spectrum
+    from experiments.analysis.spectrum_figures import plot_spectrum
     write_and_list(ctx, lambda: plot_spectrum(results_dir, out_dir, notify=_notify))
 
 
@@ -48,7 +48,7 @@ def per_layer_command(ctx, results_dir, out_dir):
     """Draw the per-layer curvature of a study run with --per-layer: λ_max and trace of each module's block of the
     Hessian and the GGN along training, the Hessian's λ_min (PNG + PDF), and per_layer.md with paired tests of
     BN − no BN per layer at the last epoch."""
-    from .analysis.per_layer_figures import plot_per_layer
+    from experiments.analysis.per_layer_figures import plot_per_layer
     write_and_list(ctx, lambda: plot_per_layer(results_dir, out_dir, notify=_notify))
 
 
@@ -62,5 +62,5 @@ def generalization_command(ctx, results_dir, out_dir, resamples):
     """Which sharpness, flatness and norm measures predict the generalisation gap across a study's runs (run with
     --generalization-every, e.g. `smoothness-lab run --study generalization`): generalization.md/.csv with
     Kendall's τ over all runs, Ψ over the hyper-parameter axes, τ within each learning rate, and two figures."""
-    from .analysis.generalization_study import write_generalization
+    from experiments.analysis.generalization_study import write_generalization
     write_and_list(ctx, lambda: write_generalization(results_dir, out_dir, n_resamples=resamples))

@@ -66,11 +66,11 @@ import torch
 
 from smoothness import BN_MODES
 
-from . import executors
-from .config import ConfigError, RunConfig
-from .store import (StoreError, config_path, has_config, load_weights, read_arrays, read_config, stored_form,
+from experiments import executors
+from experiments.config import ConfigError, RunConfig
+from experiments.store import (StoreError, config_path, has_config, load_weights, read_arrays, read_config, stored_form,
                     surface_file, write_arrays)
-from .store import weights_file as stored_weights_file
+from experiments.store import weights_file as stored_weights_file
 
 KINDS = ("surface", "interpolation")
 NORMALIZE = ("filter", "layer", "none")
@@ -244,7 +244,7 @@ def check_weights(cfg: RunConfig, path: Path, state: dict, input_shape, num_clas
 
 
 def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    from .data import load_dataset
+    from experiments.data import load_dataset
     data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
     n = data.x_train.shape[0]
     if samples > n:
@@ -255,7 +255,7 @@ def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> T
 
 
 def build_run_model(cfg: RunConfig, state: dict, input_shape, num_classes: int) -> torch.nn.Module:
-    from .models import build_model
+    from experiments.models import build_model
     model = build_model(cfg.model, norm=cfg.norm, input_shape=input_shape, num_classes=num_classes,
                         naive_init=cfg.naive_init)
     model.load_state_dict(state)
@@ -265,7 +265,7 @@ def build_run_model(cfg: RunConfig, state: dict, input_shape, num_classes: int) 
 # -- jobs: everything a worker needs for one run -------------------------------------------------------------------
 def prepare_job(run_dir: Path, spec: SurfaceSpec, data_dir: Optional[str] = None) -> Tuple[dict, dict]:
     """(job, identity): the job holds tensors only (it travels to workers); the identity goes into the file."""
-    from .data import DATASETS
+    from experiments.data import DATASETS
     cfg = read_run_config(run_dir)
     ds = DATASETS[cfg.dataset]
     epochs = ("init", "final") if spec.kind == "interpolation" else (spec.epoch,)
@@ -290,7 +290,7 @@ class _Built:
     def __init__(self, job: dict, device: torch.device):
         import smoothness
 
-        from .losses import get_loss
+        from experiments.losses import get_loss
         spec = SurfaceSpec(**job["spec"])
         cfg = RunConfig.from_dict(job["model"])
         self.spec = spec
@@ -414,7 +414,7 @@ def compute_surfaces(run_dirs: Sequence[Path], spec: SurfaceSpec, *, executor: s
     """
     from tqdm.auto import tqdm
 
-    from .training import resolve_device
+    from experiments.training import resolve_device
     options = executors.ExecutorOptions(ray_address=ray_address or None,
                                         workdir=Path(run_dirs[0]).parent if run_dirs else None)
     executors.check_executor(executor, options, [device], workers=workers, threads=threads)

@@ -9,8 +9,8 @@ from typing import Optional, Tuple
 import click
 from click.core import ParameterSource
 
-from .executors.choice import ExecutorChoice
-from .surface import IGNORE, NORMALIZE, SurfaceSpec
+from experiments.executors.choice import ExecutorChoice
+from experiments.surface import IGNORE, NORMALIZE, SurfaceSpec
 
 _DEFAULT_RANGE = {"surface": (-1.0, 1.0), "interpolation": (-0.5, 1.5)}
 
@@ -34,8 +34,8 @@ def _check_levels(figures: bool, vmin: float, vmax: float, vlevel: float) -> Non
     """Before any point is computed: the figure drawn at the end must be drawable."""
     if not figures:
         return
-    from .analysis import AnalysisError
-    from .analysis.surface_figures import check_levels
+    from experiments.analysis import AnalysisError
+    from experiments.analysis.surface_figures import check_levels
     try:
         check_levels(vmin, vmax, vlevel)
     except AnalysisError as exc:
@@ -87,9 +87,9 @@ def surface_command(ctx, run_dirs, epoch, dim, grid, range_, samples, bn_mode, b
     """Loss surfaces (Li et al. 2018) of the runs in RUN_DIRS (run directories, or study directories standing for
     all their runs), stored in <run>/surfaces/*.npz. Resumable: the same command continues an interrupted
     computation and fills only the missing points; on a finished one it only redraws the figure."""
-    from .config import ConfigError
-    from .data import DataError
-    from .surface import SurfaceError, compute_surfaces, expand_run_dirs
+    from experiments.config import ConfigError
+    from experiments.data import DataError
+    from experiments.surface import SurfaceError, compute_surfaces, expand_run_dirs
     quiet = (ctx.obj or {}).get("quiet", False)
     lo, hi = _parse_range(range_, interpolate)
     _check_levels(figures, vmin, vmax, vlevel)
@@ -120,8 +120,8 @@ def surface_command(ctx, run_dirs, epoch, dim, grid, range_, samples, bn_mode, b
                    "missing points", err=True)
         sys.exit(130)
     if figures:
-        from .analysis import AnalysisError
-        from .analysis.surface_figures import plot_surfaces
+        from experiments.analysis import AnalysisError
+        from experiments.analysis.surface_figures import plot_surfaces
         try:
             paths = plot_surfaces(stored, figures_dir or runs[0].parent / "figures", vmin=vmin, vmax=vmax,
                                   vlevel=vlevel)

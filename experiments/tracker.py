@@ -92,12 +92,12 @@ from torch import nn
 
 import smoothness
 
-from . import optim, tracking
-from .config import ConfigError, RunConfig
-from .data import Dataset
-from .loop import Diverged, StepRecords, StepState, Timer, run_hooks
-from .store import RunStore, StoreError, run_lock
-from .training import build_measurements, sample_order
+from experiments import optim, tracking
+from experiments.config import ConfigError, RunConfig
+from experiments.data import Dataset
+from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
+from experiments.store import RunStore, StoreError, run_lock
+from experiments.training import build_measurements, sample_order
 
 __all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]
 

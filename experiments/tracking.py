@@ -93,7 +93,7 @@ SHARPNESS_CHUNK = 1000
 
 def batch_coupled(model: nn.Module) -> bool:
     """Whether the model's train-mode output for one sample depends on the other samples of the batch."""
-    from .norms import BatchNorm, FunctionalBatchNorm
+    from experiments.norms import BatchNorm, FunctionalBatchNorm
     return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, BatchNorm, FunctionalBatchNorm))
                for m in model.modules())
 

@@ -29,12 +29,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import optim, plugins
-from .config import ConfigError, RunConfig
-from .losses import get_loss
-from .loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
-from .measurements import MEASUREMENTS, RunContext
-from .store import RunStore, StoreError
+from experiments import optim, plugins
+from experiments.config import ConfigError, RunConfig
+from experiments.losses import get_loss
+from experiments.loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
+from experiments.measurements import MEASUREMENTS, RunContext
+from experiments.store import RunStore, StoreError
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
 

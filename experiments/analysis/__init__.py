@@ -8,12 +8,12 @@
 Runs are averaged only when they differ in nothing but the seed, and runs of two models are compared paired by seed
 (``pairing``); the statistics are scipy's (``stats``).
 """
-from .figures import lr_sweep, santurkar_fig4, save_figure, seed_homework, sharpness
-from .load import AnalysisError, load, load_runs, select
-from .metrics import METRICS, averaged, run_metrics
-from .pairing import comparison_pairs, pair_up
-from .plots import FIGURES, FigureWriter, plot_study, register_figure
-from .report import divergence_table, summary_table, write_report
+from experiments.analysis.figures import lr_sweep, santurkar_fig4, save_figure, seed_homework, sharpness
+from experiments.analysis.load import AnalysisError, load, load_runs, select
+from experiments.analysis.metrics import METRICS, averaged, run_metrics
+from experiments.analysis.pairing import comparison_pairs, pair_up
+from experiments.analysis.plots import FIGURES, FigureWriter, plot_study, register_figure
+from experiments.analysis.report import divergence_table, summary_table, write_report
 
 __all__ = [
     "AnalysisError", "load", "load_runs", "select", "METRICS", "averaged", "run_metrics", "comparison_pairs",

@@ -25,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..plotstyle import styled
+from experiments.plotstyle import styled
 
 BAND = 0.10          # "at the threshold" means within ±10% of it
 EOS_KIND = "sharpness"
@@ -161,8 +161,8 @@ def eos_figure(df: pd.DataFrame, runs: pd.DataFrame) -> Figure | None:
 
 def plot_eos(results_dir, out_dir=None) -> list[Path]:
     """Draw ``eos.png``/``.pdf`` for a study (nothing if it has no step-wise sharpness). Returns the paths."""
-    from .figures import save_figure
-    from .load import read_study, records_frame, runs_frame
+    from experiments.analysis.figures import save_figure
+    from experiments.analysis.load import read_study, records_frame, runs_frame
 
     study = read_study(results_dir)
     fig = eos_figure(records_frame(study), runs_frame(study))

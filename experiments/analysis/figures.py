@@ -32,11 +32,11 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 from matplotlib.transforms import blended_transform_factory
 
-from ..atomic import atomic_write
-from ..plotstyle import styled
-from .load import model_order, select
-from .metrics import METRICS, averaged, loss_name, run_metrics
-from .stats import BAND_MIN_N, t_halfwidth
+from experiments.atomic import atomic_write
+from experiments.plotstyle import styled
+from experiments.analysis.load import model_order, select
+from experiments.analysis.metrics import METRICS, averaged, loss_name, run_metrics
+from experiments.analysis.stats import BAND_MIN_N, t_halfwidth
 
 SMOOTH = 5            # probes (or epochs) per centred rolling mean
 SMOOTH_STEPS = 25     # SGD steps per rolling mean of the per-step training loss

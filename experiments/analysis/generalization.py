@@ -36,8 +36,8 @@ import pandas as pd
 from pandas.api.types import is_bool_dtype, is_numeric_dtype
 from scipy import stats
 
-from .load import AnalysisError
-from .stats import CONFIDENCE
+from experiments.analysis.load import AnalysisError
+from experiments.analysis.stats import CONFIDENCE
 
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED = 2000, 0
 MIN_RUNS = 3

@@ -18,10 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..plotstyle import styled
-from .figures import save_figure
-from .generalization import CONFIDENCE
-from .generalization_report import MeasureResult
+from experiments.plotstyle import styled
+from experiments.analysis.figures import save_figure
+from experiments.analysis.generalization import CONFIDENCE
+from experiments.analysis.generalization_report import MeasureResult
 
 NOT_REACHED = "did not reach the target (excluded)"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import atomic_write_text
-from .generalization import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, MIN_RUNS, Bootstrap, Granulated, Tau,
+from experiments.atomic import atomic_write_text
+from experiments.analysis.generalization import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, MIN_RUNS, Bootstrap, Granulated, Tau,
                              bootstrap, granulated_tau, kendall_tau, usable_runs)
-from .tables import fmt as format_number, md_table as markdown_table
+from experiments.analysis.tables import fmt as format_number, md_table as markdown_table
 
 WITHIN_LR_COLUMNS = ["measure", "lr", "n", "n_not_reached", "tau", "tau_low", "tau_high", "psi", "note"]
 

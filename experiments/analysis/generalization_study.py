@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..generalization import FIELDS
-from .errors import AnalysisError
-from .generalization_figures import write_figures
-from .generalization_report import analyse, write_report
-from .load import read_study
+from experiments.generalization import FIELDS
+from experiments.analysis.errors import AnalysisError
+from experiments.analysis.generalization_figures import write_figures
+from experiments.analysis.generalization_report import analyse, write_report
+from experiments.analysis.load import read_study
 
 AXES = ("lr", "batch_size", "weight_decay", "bn")
 GAP_LABEL = "test error − training error"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import store
-from ..store import StoreError
-from .errors import AnalysisError
-from .pairing import group_label, options_key, variant_labels
+from experiments import store
+from experiments.store import StoreError
+from experiments.analysis.errors import AnalysisError
+from experiments.analysis.pairing import group_label, options_key, variant_labels
 
 LONG_COLUMNS = ["run", "model", "seed", "lr", "norm", "dataset", "loss", "variant", "options", "status", "kind", "step",
                 "epoch", "metric", "value", "bn_mode"]
@@ -161,7 +161,7 @@ def read_study(results_dir) -> list[RunData]:
 def model_label(model: str, norm) -> str:
     """The name a study used for the model: ``convnet``, ``bn-convnet``, or ``convnet:noisy`` when the norm is not
     the model's default, so that norm variants of one network get curves and table columns of their own."""
-    from ..models import MODELS
+    from experiments.models import MODELS
     spec = MODELS.get(model)
     return model if spec is None or norm in (None, spec.default_norm) else f"{model}:{norm}"
 

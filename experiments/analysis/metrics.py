@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from ..measurements import Metric, loss_name, metrics
-from .errors import AnalysisError
-from .load import bn_mode_of, select
+from experiments.measurements import Metric, loss_name, metrics
+from experiments.analysis.errors import AnalysisError
+from experiments.analysis.load import bn_mode_of, select
 
 __all__ = ["Metric", "METRICS", "loss_name", "averaged", "metric_rows", "metric_bn_mode", "run_metrics"]
 

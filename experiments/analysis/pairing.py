@@ -21,8 +21,8 @@ import json
 
 import pandas as pd
 
-from ..config import EXECUTION_FIELDS
-from .errors import AnalysisError
+from experiments.config import EXECUTION_FIELDS
+from experiments.analysis.errors import AnalysisError
 
 NOT_OPTIONS = frozenset({"model", "norm", "seed", "lr", "run_id", "config_hash", *EXECUTION_FIELDS})
 PAIR_ON = ["lr", "seed", "options"]  # with the model (or norm) the only difference, runs on these keys pair

@@ -22,15 +22,15 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..atomic import atomic_write_text
-from ..per_layer import WHOLE
-from ..plotstyle import styled
-from ..store import records_path
-from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
-from .load import AnalysisError, model_order, read_study, run_fields
-from .tables import mean_sd
-from .metrics import finished_curves
-from .per_layer_stats import comparison_markdown, last_epoch
+from experiments.atomic import atomic_write_text
+from experiments.per_layer import WHOLE
+from experiments.plotstyle import styled
+from experiments.store import records_path
+from experiments.analysis.figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
+from experiments.analysis.load import AnalysisError, model_order, read_study, run_fields
+from experiments.analysis.tables import mean_sd
+from experiments.analysis.metrics import finished_curves
+from experiments.analysis.per_layer_stats import comparison_markdown, last_epoch
 
 MATRIX_STYLE = {"hessian": "-", "ggn": "--"}
 MATRIX_LABEL = {"hessian": "Hessian H (block)", "ggn": "GGN G (block)"}

@@ -18,11 +18,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..per_layer import WHOLE
-from . import stats as st
-from .load import model_order
-from .report import compare_groups
-from .tables import fmt, fmt_p, md_table
+from experiments.per_layer import WHOLE
+from experiments.analysis import stats as st
+from experiments.analysis.load import model_order
+from experiments.analysis.report import compare_groups
+from experiments.analysis.tables import fmt, fmt_p, md_table
 
 METRICS = (("lambda_H", "λ_max(H)"), ("lambda_G", "λ_max(G)"), ("trace_H", "tr(H)"), ("trace_G", "tr(G)"),
            ("trace_rest", "tr(H − G)"))

@@ -14,11 +14,11 @@ from typing import Callable, Dict, Optional
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..atomic import atomic_write_text
-from .eos_figures import eos_figure, eos_markdown, eos_table, has_stepwise_sharpness
-from .figures import (SMOOTH, has_pass_sharpness, lr_sweep, santurkar_fig4, save_figure, seed_homework, several_lrs,
+from experiments.atomic import atomic_write_text
+from experiments.analysis.eos_figures import eos_figure, eos_markdown, eos_table, has_stepwise_sharpness
+from experiments.analysis.figures import (SMOOTH, has_pass_sharpness, lr_sweep, santurkar_fig4, save_figure, seed_homework, several_lrs,
                       sharpness)
-from .load import AnalysisError, read_study, records_frame, runs_frame
+from experiments.analysis.load import AnalysisError, read_study, records_frame, runs_frame
 
 
 @dataclass(frozen=True)

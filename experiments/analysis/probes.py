@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .load import RunData, model_order, run_fields
-from .metrics import AVERAGED, WITH_UNFINISHED
+from experiments.analysis.load import RunData, model_order, run_fields
+from experiments.analysis.metrics import AVERAGED, WITH_UNFINISHED
 
 
 def beta_by_step_size(study: list[RunData], include_unfinished: bool = False) -> pd.DataFrame:

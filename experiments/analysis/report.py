@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..atomic import atomic_write_text
-from . import stats as st
-from .load import AnalysisError, model_order, read_study, records_frame, runs_frame
-from .metrics import METRICS, averaged, metric_bn_mode, run_metrics
-from .pairing import comparison_pairs, pair_up
-from .probes import beta_by_step_size, render_by_step_size
-from .tables import fmt, fmt_p, md_table
+from experiments.atomic import atomic_write_text
+from experiments.analysis import stats as st
+from experiments.analysis.load import AnalysisError, model_order, read_study, records_frame, runs_frame
+from experiments.analysis.metrics import METRICS, averaged, metric_bn_mode, run_metrics
+from experiments.analysis.pairing import comparison_pairs, pair_up
+from experiments.analysis.probes import beta_by_step_size, render_by_step_size
+from experiments.analysis.tables import fmt, fmt_p, md_table
 
 SUMMARY_COLUMNS = ["lr", "metric", "label", "bn_mode", "model", "variant", "n", "mean", "sd", "diverged",
                    "unfinished", "survivors_only", "compared_to", "test", "n_compared", "left_out", "diff", "ci_low",

@@ -26,16 +26,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..atomic import atomic_write_text
-from ..plotstyle import styled
-from ..spectrum import density_of, record_problem
-from ..store import records_path
-from .figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
-from .load import AnalysisError, model_order, read_study, run_fields
-from .tables import mean_sd
-from .metrics import finished_curves
-from .spectrum_stats import comparison_markdown
-from .stats import t_halfwidth
+from experiments.atomic import atomic_write_text
+from experiments.plotstyle import styled
+from experiments.spectrum import density_of, record_problem
+from experiments.store import records_path
+from experiments.analysis.figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
+from experiments.analysis.load import AnalysisError, model_order, read_study, run_fields
+from experiments.analysis.tables import mean_sd
+from experiments.analysis.metrics import finished_curves
+from experiments.analysis.spectrum_stats import comparison_markdown
+from experiments.analysis.stats import t_halfwidth
 
 SIGMA_DIVISOR = 200   # σ = width / 200: narrower than the gap of a visible outlier, wider than the bulk's node spacing
 FLOOR = 1e-7          # below the weight/σ of one eigenvalue in 30,000 over a width of 30 (~1e-5)

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import stats as st
-from .load import model_order
-from .report import compare_groups
-from .tables import fmt, fmt_p, md_table
+from experiments.analysis import stats as st
+from experiments.analysis.load import model_order
+from experiments.analysis.report import compare_groups
+from experiments.analysis.tables import fmt, fmt_p, md_table
 
 METRICS = (("lambda_max", "λ_max"), ("outlier_ratio", "λ_max / λ_k"), ("bulk_ratio", "λ_max / rms"),
            ("gradient_concentration", "concentration"))

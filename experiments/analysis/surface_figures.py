@@ -19,11 +19,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from ..plotstyle import styled
-from ..store import has_config, surface_files
-from ..surface import StoredSurface, read_surface
-from .figures import save_figure
-from .load import AnalysisError, model_order
+from experiments.plotstyle import styled
+from experiments.store import has_config, surface_files
+from experiments.surface import StoredSurface, read_surface
+from experiments.analysis.figures import save_figure
+from experiments.analysis.load import AnalysisError, model_order
 
 VMIN, VMAX, VLEVEL = 0.1, 10.0, 0.5   # loss-landscape's plot_2D.py defaults
 MAX_LEVELS = 200                      # matplotlib takes minutes to draw and label thousands of contour lines
@@ -43,7 +43,7 @@ def check_levels(vmin: float, vmax: float, vlevel: float) -> None:
 
 
 def _label(spec: dict, by_lr: bool) -> str:
-    from ..models import MODELS
+    from experiments.models import MODELS
     model, norm = spec["model"], spec["norm"]
     name = model if model in MODELS and MODELS[model].default_norm == norm else f"{model}:{norm}"
     return f"{name}, η={spec['lr']:g}" if by_lr else name

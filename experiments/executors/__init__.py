@@ -4,11 +4,11 @@ Sweeps (``launchers.launch``; the Hessian spectra are measured inside training r
 and loss surfaces (``surface.compute_surfaces``) run their work through ``run_tasks``; the CLI's ``--executor``
 choices are the registry's names. Built in: ``serial``, ``process``, ``ray``, ``slurm`` (one module each).
 """
-from . import serial  # noqa: F401, I001  (each module registers its executor; this order is the CLI's order)
-from . import process  # noqa: F401
-from . import ray  # noqa: F401
-from . import slurm  # noqa: F401
-from .base import (EXECUTORS, INTERRUPT_GRACE, Executor, ExecutorOptions, Outcome, Task, check_executor,
+from experiments.executors import serial  # noqa: F401, I001  (each module registers its executor; this order is the CLI's order)
+from experiments.executors import process  # noqa: F401
+from experiments.executors import ray  # noqa: F401
+from experiments.executors import slurm  # noqa: F401
+from experiments.executors.base import (EXECUTORS, INTERRUPT_GRACE, Executor, ExecutorOptions, Outcome, Task, check_executor,
                    default_workers, get_executor, register_executor, run_tasks)
 
 __all__ = ["EXECUTORS", "INTERRUPT_GRACE", "Executor", "ExecutorOptions", "Outcome", "Task", "check_executor",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Sequence, Tuple
 
-from ..config import ConfigError
+from experiments.config import ConfigError
 
 INTERRUPT_GRACE = 10.0       # seconds interrupted workers get to close their work before they are killed
 

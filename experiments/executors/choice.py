@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .base import EXECUTORS
+from experiments.executors.base import EXECUTORS
 
 
 class ExecutorChoice(click.Choice):

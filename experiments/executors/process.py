@@ -32,7 +32,7 @@ import traceback
 from multiprocessing.connection import wait as mp_wait
 from typing import List, Optional
 
-from .base import INTERRUPT_GRACE, Executor, Outcome, failure_of, prepare_worker, register_executor
+from experiments.executors.base import INTERRUPT_GRACE, Executor, Outcome, failure_of, prepare_worker, register_executor
 
 PRELOAD = ("torch", "experiments.training")   # what nearly every task imports: once, in the fork server
 PARENT_POLL_S = 0.2      # how often a task's process checks that its parent is alive, in seconds

@@ -8,8 +8,8 @@ from __future__ import annotations
 import socket
 import time
 
-from ..config import ConfigError
-from .base import INTERRUPT_GRACE, Executor, Outcome, failure_of, prepare_worker, register_executor
+from experiments.config import ConfigError
+from experiments.executors.base import INTERRUPT_GRACE, Executor, Outcome, failure_of, prepare_worker, register_executor
 
 
 def import_ray():

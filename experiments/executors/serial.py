@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from .base import Executor, Outcome, failure_of, register_executor, torch_threads
+from experiments.executors.base import Executor, Outcome, failure_of, register_executor, torch_threads
 
 
 class CallerError(BaseException):

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
 
-from ..config import ConfigError
-from .base import INTERRUPT_GRACE, Executor, Outcome, prepare_worker, register_executor
+from experiments.config import ConfigError
+from experiments.executors.base import INTERRUPT_GRACE, Executor, Outcome, prepare_worker, register_executor
 
 CLUSTERS = ("slurm", "local")
 POLL_SECONDS = 1.0            # how often the launcher looks at its jobs and the runs' records

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 
-from .base import Measurement, Metric, Option, Record, RunContext, positive_int
+from experiments.measurements.base import Measurement, Metric, Option, Record, RunContext, positive_int
 
 
 def _hooks(ctx: RunContext):
-    from .. import tracking
-    from ..loop import Diverged, Hook
+    from experiments import tracking
+    from experiments.loop import Diverged, Hook
 
     def evaluate(state):
         with ctx.timer("eval"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Measurement, Option, Record, RunContext, every, positive_int
+from experiments.measurements.base import Measurement, Option, Record, RunContext, every, positive_int
 
 FIELDS = ("n_samples", "base_loss", "worst_case_sharpness", "average_case_sharpness", "average_case_sharpness_stderr",
           "epsilon_sharpness", "pacbayes_flatness", "pacbayes_sigma", "pacbayes_mag_flatness", "pacbayes_mag_sigma",
@@ -19,8 +19,8 @@ def _reached(ctx: RunContext) -> bool:
 
 
 def _hooks(ctx: RunContext):
-    from .. import generalization
-    from ..loop import Hook, StopTraining
+    from experiments import generalization
+    from experiments.loop import Hook, StopTraining
     cfg = ctx.cfg
     hooks = []
     if cfg.generalization_every:

@@ -3,13 +3,13 @@ top eigenvalue and the Hutchinson trace of each parameterised module's block of 
 whole Hessian's most negative eigenvalue (``--per-layer``; about 10x a sharpness measurement)."""
 from __future__ import annotations
 
-from .base import Measurement, Option, Record, RunContext
-from .sharpness import sample
+from experiments.measurements.base import Measurement, Option, Record, RunContext
+from experiments.measurements.sharpness import sample
 
 
 def _hooks(ctx: RunContext):
-    from .. import per_layer
-    from ..loop import Hook
+    from experiments import per_layer
+    from experiments.loop import Hook
     if not ctx.cfg.per_layer:
         return ()
     batch = sample(ctx)[0]

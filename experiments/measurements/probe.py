@@ -3,14 +3,14 @@ d = −g (before the backward pass) or along the optimizer's own update Δw/η (
 gradient is known), at K step sizes evenly spaced in [probe_min, probe_max] × the step's scheduled learning rate."""
 from __future__ import annotations
 
-from .base import Measurement, Metric, Option, Record, RunContext, every, positive, positive_int
+from experiments.measurements.base import Measurement, Metric, Option, Record, RunContext, every, positive, positive_int
 
 DIRECTIONS = ("gradient", "update")
 
 
 def _hooks(ctx: RunContext):
-    from .. import optim, tracking
-    from ..loop import Hook
+    from experiments import optim, tracking
+    from experiments.loop import Hook
     cfg = ctx.cfg
 
     def probe(state):

@@ -4,7 +4,7 @@ threshold at the step's learning rate and, for Adam/AdamW, λ_max(P⁻¹H) with 
 be taken. The sample, the tolerance and the warm start are shared with the per-pass sharpness (smoothness.py)."""
 from __future__ import annotations
 
-from .base import Measurement, Option, Record, RunContext, every, non_negative
+from experiments.measurements.base import Measurement, Option, Record, RunContext, every, non_negative
 
 STARTS = ("cold", "warm")
 # Lanczos stops when the residual is at most tol x the eigenvalue (smoothness.lanczos), which bounds the sharpness's
@@ -25,7 +25,7 @@ def sample(ctx: RunContext):
     """(the fixed sharpness batch, the run's WarmStart), made once per run and shared by both sharpness records; the
     warm start's vectors go into checkpoints under "sharpness_start"."""
     if "sharpness" not in ctx.shared:
-        from .. import tracking
+        from experiments import tracking
         cfg = ctx.cfg
         idx = ctx.order[:cfg.sharpness_samples] if cfg.sharpness_samples else ctx.order
         batch = tracking.sharpness_batch(ctx.model, ctx.x_train[idx], ctx.y_train[idx])
@@ -36,8 +36,8 @@ def sample(ctx: RunContext):
 
 
 def _hooks(ctx: RunContext):
-    from .. import optim, tracking
-    from ..loop import Hook
+    from experiments import optim, tracking
+    from experiments.loop import Hook
     cfg = ctx.cfg
     if not cfg.sharpness_every:
         return ()

@@ -8,13 +8,13 @@ was 0; a config without the option means that (``legacy_rule``), and the option 
 """
 from __future__ import annotations
 
-from .base import Measurement, Metric, Option, Record, RunContext, non_negative
-from .sharpness import sample
+from experiments.measurements.base import Measurement, Metric, Option, Record, RunContext, non_negative
+from experiments.measurements.sharpness import sample
 
 
 def _hooks(ctx: RunContext):
-    from .. import optim, tracking
-    from ..loop import Hook
+    from experiments import optim, tracking
+    from experiments.loop import Hook
     cfg = ctx.cfg
     if not (cfg.pass_local_smoothness or cfg.pass_sharpness):
         return ()

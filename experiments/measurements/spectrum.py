@@ -2,12 +2,12 @@
 at initialisation, every ``--spectrum-every`` passes and after the last, in both BN modes (0 = off)."""
 from __future__ import annotations
 
-from .base import Measurement, Option, Record, RunContext, every
+from experiments.measurements.base import Measurement, Option, Record, RunContext, every
 
 
 def _hooks(ctx: RunContext):
-    from .. import spectrum
-    from ..loop import Hook
+    from experiments import spectrum
+    from experiments.loop import Hook
     cfg = ctx.cfg
     if not cfg.spectrum_every:
         return ()

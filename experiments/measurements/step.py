@@ -2,7 +2,7 @@
 batch; with a learning-rate schedule or warmup it also holds the step's ``lr``. No options, no hook."""
 from __future__ import annotations
 
-from .base import Measurement, Record
+from experiments.measurements.base import Measurement, Record
 
 STEP = Measurement(
     name="step", schedule="every step, before the update, on the step's batch",
