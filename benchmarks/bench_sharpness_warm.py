@@ -35,7 +35,7 @@ from experiments.config import RunConfig  # noqa: E402
 from experiments.data import load_dataset  # noqa: E402
 from experiments.losses import get_loss  # noqa: E402
 from experiments.models import build_model  # noqa: E402
-from experiments.tracking import WarmStart, sharpness_batch  # noqa: E402
+from experiments.features.lambda_max.compute import WarmStart, sharpness_batch  # noqa: E402
 
 TOL = 1e-3
 WARM_K = WarmStart.K

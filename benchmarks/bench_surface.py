@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 import smoothness  # noqa: E402
-from experiments.surface import (SurfaceSpec, build_run_model, compute_surfaces, evaluation_batch,  # noqa: E402
+from experiments.features.surface.grid import (SurfaceSpec, build_run_model, compute_surfaces, evaluation_batch,  # noqa: E402
                                  load_state, read_run_config, weights_file)
 
 DEFAULT_RUN = Path("results/fashion-mnist-bn")

@@ -48,7 +48,7 @@ _BEFORE_MEASUREMENTS = tuple(_HELP)[:-2]   # the options --help lists before the
 def tracking_fields() -> tuple:
     """The RunConfig options `run`, `sweep` and `train` take, in --help order: RunConfig's own (``_HELP``), then
     every registered measurement's (also those registered after this module was imported), then where it runs."""
-    from experiments.measurements import options
+    from experiments.features import options
     return _BEFORE_MEASUREMENTS + tuple(o.name for o in options()) + ("device", "tensorboard")
 # A study holds at most this many runs (models x lrs x seeds): 10,000 runs of the main job's size are about
 # 18 CPU-days; a larger grid is almost certainly a typo (--seeds 0-100000000) and would only hang while it is built.
@@ -77,7 +77,7 @@ class BatchSize(click.ParamType):
 
 def _option_spec(name: str):
     """(click type, default, help, is a flag) of a RunConfig option: from ``_HELP`` or its measurement's Option."""
-    from experiments.measurements import find_option
+    from experiments.features import find_option
     option = find_option(name)
     if option is not None:
         kind = click.Choice(list(option.choices)) if option.choices else option.type
@@ -225,7 +225,7 @@ def _parse_list(value: Optional[str], kind, option: str):
                                  param_hint=option)
     if option.startswith("--models"):
         from experiments.models import MODELS
-        from experiments.norms import NORMS
+        from experiments.normalization import NORMS
         from experiments.plugins import PluginError, check_syntax, is_user_model
         for spec in items:
             if is_user_model(spec):  # MODULE:FACTORY (experiments.plugins): imported by the checks before launch
@@ -463,7 +463,28 @@ def _analyse(study_dir: Path, quiet: bool) -> None:
         click.echo(f"figures: {study_dir / 'figures'} ({len(paths)} files); report: {report}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class FeatureGroup(click.Group):
+    """The command group: its own commands, then every registered feature's (``experiments.features``), looked up
+    when the command line is parsed, so that a feature registered after this module was imported adds its commands
+    (as `TrackingCommand` adds its measurement's options)."""
+
+    def _feature_commands(self) -> dict:
+        from experiments.features import FEATURES, resolve
+        commands = {}
+        for feature in list(FEATURES.values()):
+            for ref in feature.commands:
+                command = resolve(ref)
+                commands.setdefault(command.name, command)
+        return commands
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._feature_commands()))
+
+    def get_command(self, ctx, name):
+        return super().get_command(ctx, name) or self._feature_commands().get(name)
+
+
+@click.group(cls=FeatureGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--quiet", "-q", is_flag=True, help="no progress bars or summaries")
 @click.pass_context
 def main(ctx, quiet):
@@ -612,7 +633,7 @@ def plot(ctx, results_dir):
     """Draw the figures of a study directory into RESULTS_DIR/figures (PNG and PDF)."""
     from experiments import analysis
     try:
-        paths = analysis.plot_study(results_dir)
+        paths = analysis.plot_study(results_dir, notify=lambda message: click.echo(message, err=True))
     except analysis.AnalysisError as exc:
         _fail(str(exc))
     if not ctx.obj["quiet"]:
@@ -649,13 +670,8 @@ def studies():
 
 
 def _register_commands() -> None:
-    from experiments.diagnostics import ics_command, variance_command
     from experiments.status import status_command
-    from experiments.study_commands import generalization_command, per_layer_command, spectrum_command
-    from experiments.surface_cli import surface_command
-    for command in (status_command, variance_command, ics_command, surface_command, spectrum_command,
-                    generalization_command, per_layer_command):
-        main.add_command(command)
+    main.add_command(status_command)
 
 
 _register_commands()

@@ -12,8 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
-from experiments import measurements
-from experiments.measurements import find_option, option_name
+from experiments import features as measurements
+from experiments.features import find_option, option_name
 
 SAMPLING = ("replacement", "shuffle")
 # fields that say where/how a run executes but not what it computes: recorded, never hashed
@@ -137,7 +137,7 @@ class RunConfigFields:
             object.__setattr__(self, name, coerce(name, getattr(self, name), kind))
         self._check_later_options()
         from experiments.models import MODELS, resolve_norm
-        from experiments.norms import NORMS
+        from experiments.normalization import NORMS
         if not self._check_import_strings():  # a built-in model
             if self.model not in MODELS:
                 raise ConfigError(f"unknown model {self.model!r} (--model); choose one of: {', '.join(MODELS)}, or "

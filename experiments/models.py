@@ -1,7 +1,7 @@
 """The model registry: the seed networks, with the normalisation layer as an option.
 
 ``MODELS`` maps a name to a :class:`ModelSpec`; ``build_model(name, norm=None, ...)`` builds it. ``norm`` is one of
-``experiments.norms.NORMS`` (none, torch, scratch, noisy, l1, l2, linf); each model has a default (``bn-convnet``
+``experiments.normalization.NORMS`` (none, torch, scratch, noisy, l1, l2, linf); each model has a default (``bn-convnet``
 is ``convnet`` with torch BatchNorm).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import nn
 
 
 def _norm(kind: str, num_features: int, dims: int) -> nn.Module:
-    from experiments.norms import make_norm  # imported here so the registry can be listed without building anything
+    from experiments.normalization import make_norm  # imported here so the registry can be listed without building anything
     return make_norm(kind, num_features, dims)
 
 

@@ -46,7 +46,7 @@ from smoothness import BN_MODES
 
 from experiments.atomic import atomic_write, atomic_write_bytes, atomic_write_json, fsync_dir, remove_temporaries
 from experiments.config import ConfigError, RunConfig
-from experiments.measurements.base import CORE_RECORD_NUMBERS, RecordSchema
+from experiments.features.base import CORE_RECORD_NUMBERS, RecordSchema
 
 __all__ = ["StoreError", "RunStore", "check_writable", "read_config", "read_config_file",
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",

@@ -43,7 +43,7 @@ The measurements are the registry's (experiments/measurements/): the tracker bui
 ``epoch * steps_per_epoch``, the step the built-in loop is at after that many passes) and, each that has not run
 there yet, at the final point (``end_epoch`` of pass ``epochs``, or ``close``); "before" hooks as a step begins;
 "gradient" hooks when the gradient is ready. Step records are buffered in `experiments.loop.StepRecords`. A
-measurement registered later (`experiments.measurements.register`) is measured in a tracked loop as in the built-in
+measurement registered later (`experiments.features.register`) is measured in a tracked loop as in the built-in
 one. ``target_train_loss`` is refused: stopping at the target needs the loop's cooperation (stop yours on the
 ``eval`` records' ``train_loss``).
 
@@ -92,7 +92,8 @@ from torch import nn
 
 import smoothness
 
-from experiments import optim, tracking
+from experiments import optim
+from experiments.normalization import batch_coupled
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
 from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
@@ -228,7 +229,7 @@ class Tracker:
             raise ConfigError("target_train_loss and tensorboard are options of the built-in loop: the Tracker cannot "
                               "stop your loop at a target loss, nor write TensorBoard logs; leave them at 0 / False "
                               "(stop your loop yourself on the 'eval' records' train_loss)")
-        if tracking.batch_coupled(model) and cfg.norm == "none":
+        if batch_coupled(model) and cfg.norm == "none":
             raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
                               f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
                               f"config.json and the BN-mode measurements say what was trained")

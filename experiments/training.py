@@ -33,7 +33,7 @@ from experiments import optim, plugins
 from experiments.config import ConfigError, RunConfig
 from experiments.losses import get_loss
 from experiments.loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
-from experiments.measurements import MEASUREMENTS, RunContext
+from experiments.features import MEASUREMENTS, RunContext
 from experiments.store import RunStore, StoreError
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)

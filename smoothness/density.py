@@ -22,7 +22,7 @@ Pitfalls, and what this module does about them:
 - **Choice of σ.** The quadrature is a sum of point masses; the smoothed density is only as good as σ is wide
   compared with the spacing of the nodes (about (λ_max − λ_min)/m per probe in the bulk). Too small a σ draws a comb
   of spikes; too large a σ melts the outliers into the bulk. :meth:`DensityResult.density` takes σ explicitly;
-  the figures of ``experiments.analysis.spectrum_figures`` use σ = (λ_max − λ_min)/200.
+  the figures of ``experiments.features.spectrum.figures`` use σ = (λ_max − λ_min)/200.
 - **Log scale and its floor.** Outliers carry weight about 1/n each (3e-5 for the seed ConvNet), so they are
   visible only on a log scale, where the Gaussian tails fall to 0 and log 0 = −∞: plots clip the density at a floor
   (1e-7 by default there) well below the smallest interesting peak, w/(σ√(2π)) for weight w.

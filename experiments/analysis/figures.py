@@ -15,7 +15,7 @@ What is drawn, and why:
   seeds the interval is ±4.3 standard errors and a band, bootstrap or t, mostly shows how few seeds there are.
 
 Legends give the number of runs per curve and how many diverged or are unfinished. Figures are byte-reproducible:
-nothing random is drawn and no date is written (``save_figure``). Which figures a study gets: ``plots.FIGURES``.
+nothing random is drawn and no date is written (``save_figure``). Which figures a study gets: the features' figure writers (``plots.plot_study``).
 """
 from __future__ import annotations
 
@@ -73,14 +73,14 @@ def curve_labels(runs: pd.DataFrame, by_lr: bool | None = None, include_unfinish
     return runs
 
 
-def _palette(runs: pd.DataFrame) -> dict:
+def run_palette(runs: pd.DataFrame) -> dict:
     rank = {m: i for i, m in enumerate(model_order(runs["model"]))}
     order = list(dict.fromkeys(runs.sort_values(["model", "lr"], key=lambda c: c.map(rank) if c.name == "model"
                                                 else c)["label"]))
     return dict(zip(order, sns.color_palette("colorblind", len(order))))
 
 
-def _legend(fig: Figure, palette: dict, runs: pd.DataFrame, band: bool, extra=(), per_run: str = "line"):
+def legend(fig: Figure, palette: dict, runs: pd.DataFrame, band: bool, extra=(), per_run: str = "line"):
     """Curve colours, then what thin/bold/shading/markers mean; ``per_run`` is "line" or "dot" (lr sweep)."""
     mean = "mean of finished runs" + (" and unfinished ones" if runs.loc[runs["status"] == "unfinished",
                                                                          "averaged"].any() else "")
@@ -122,7 +122,7 @@ def _rows(df, runs, kind, metric, x, smooth):
     return d[d[x].isin(keep)]
 
 
-def _empty(ax, what: str):
+def empty_panel(ax, what: str):
     ax.text(0.5, 0.5, f"no {what} records", ha="center", va="center", transform=ax.transAxes)
 
 
@@ -162,12 +162,12 @@ def _mean_lines(ax, d, palette, x) -> bool:
     return banded
 
 
-def _seeds_and_mean(ax, df, runs, palette, kind, metric, x, smooth, ylabel, title):
+def seeds_and_mean(ax, df, runs, palette, kind, metric, x, smooth, ylabel, title):
     """One panel: thin per-run lines, bold mean of the averaged runs, × at divergences. None if no records."""
     ax.set_title(title)
     d = _rows(df, runs, kind, metric, x, smooth)
     if d.empty:
-        _empty(ax, f"{kind} {metric}")
+        empty_panel(ax, f"{kind} {metric}")
         return None
     _seed_lines(ax, d, runs, palette, x)
     banded = _mean_lines(ax, d, palette, x)
@@ -176,12 +176,12 @@ def _seeds_and_mean(ax, df, runs, palette, kind, metric, x, smooth, ylabel, titl
     return banded
 
 
-def _band(ax, df, runs, palette, lo, hi, smooth, ylabel, title):
+def band(ax, df, runs, palette, lo, hi, smooth, ylabel, title):
     """Per curve: thin per-run lines of ``lo`` and ``hi``, shaded between their means over the averaged runs."""
     ax.set_title(title)
     parts = [_rows(df, runs, "probe", m, "step", smooth) for m in (lo, hi)]
     if parts[0].empty or parts[1].empty:
-        return _empty(ax, f"probe {lo}/{hi}")
+        return empty_panel(ax, f"probe {lo}/{hi}")
     for p in parts:
         _seed_lines(ax, p, runs, palette, "step")
     mean = [_mean(p, "step").set_index(["label", "step"])["mean"] for p in parts]
@@ -196,79 +196,26 @@ def _band(ax, df, runs, palette, lo, hi, smooth, ylabel, title):
 
 
 @styled
-def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
-                   include_unfinished: bool = False) -> Figure:
-    """(a) loss landscape band, (b) gradient predictiveness band, (c) effective β over steps, per seed and mean."""
-    runs = curve_labels(runs, include_unfinished=include_unfinished)
-    palette = _palette(runs)
-    fig, (a, b, c) = figure_grid(3)
-    _band(a, df, runs, palette, "loss_min", "loss_max", smooth, f"loss L(w+s·d) ({loss_name(df)})",
-          "(a) loss landscape")
-    _band(b, df, runs, palette, "grad_pred_min", "grad_pred_max", smooth, GRAD_DIFF, "(b) gradient predictiveness")
-    banded = _seeds_and_mean(c, df, runs, palette, "probe", "effective_beta", "step", smooth,
-                             "effective β: max over s of ratio", "(c) “effective” β-smoothness")
-    fig.suptitle(f"Along d = −∇L(w); (a), (b): shading spans min..max over probe step sizes s (means over finished "
-                 f"runs); (c) ratio = {GRAD_DIFF} / ‖s·d‖₂; rolling mean over {smooth} probes")
-    _legend(fig, palette, runs, bool(banded))
-    return fig
-
-
-def has_pass_sharpness(df: pd.DataFrame, runs: pd.DataFrame) -> bool:
-    """Whether some run recorded its sharpness per pass (``smoothness`` records): ``sharpness`` applies."""
-    return not select(df, "smoothness", "sharpness")["value"].dropna().empty
-
-
-@styled
-def sharpness(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = 1, include_unfinished: bool = False) -> Figure:
-    """Top Hessian eigenvalue per epoch with the 2/η line of Cohen et al. (2021), and the caveat that goes with it.
-
-    2/η is the stability threshold of *full-batch* gradient descent without momentum. The per-pass sharpness of an
-    SGD study is measured on a fixed sample (``--sharpness-samples``, 256 images by default) while training takes
-    minibatch steps, a different quantity from GD's threshold: the figure says so in its title. The step-wise
-    sharpness of a full-batch study is drawn by ``eos_figures`` instead. None when no run recorded it per pass."""
-    if not has_pass_sharpness(df, runs):
-        return None
-    values = select(df, "smoothness", "sharpness")["value"].dropna()
-    runs = curve_labels(runs, include_unfinished=include_unfinished)
-    palette = _palette(runs)
-    fig, (ax,) = figure_grid(1, width=6.5, height=4.5)
-    banded = _seeds_and_mean(ax, df, runs, palette, "smoothness", "sharpness", "epoch", smooth,
-                             "sharpness λ_max(∇²L)", "Sharpness vs the edge of stability")
-    fig.suptitle("Caveat: 2/η is the threshold of full-batch GD; these runs take minibatch steps and the "
-                 "sharpness is measured on a fixed sample,\nso a crossing here is not Cohen et al.'s edge of "
-                 "stability (for that: smoothness-lab run --study edge-of-stability)", fontsize="small")
-    if runs["lr"].nunique() > 1 and len(values) and (values > 0).all():
-        ax.set_yscale("log")  # several lrs: sharpness and 2/η span decades
-    for lr in sorted(runs["lr"].dropna().unique()):
-        ax.axhline(2 / lr, ls="--", color="0.3", lw=1.2)
-        ax.annotate(f"2/η = {2 / lr:g}", (1.0, 2 / lr), xycoords=("axes fraction", "data"), ha="right",
-                    va="bottom", color="0.3")
-    _legend(fig, palette, runs, bool(banded),
-            [Line2D([], [], ls="--", color="0.3", label="2/η: edge of stability (Cohen et al. 2021)")])
-    return fig
-
-
-@styled
 def seed_homework(df: pd.DataFrame, runs: pd.DataFrame, smooth_steps: int = SMOOTH_STEPS,
                   include_unfinished: bool = False) -> Figure:
     """Training loss per step (rolling mean); test loss, test accuracy and local smoothness per epoch."""
     runs = curve_labels(runs, include_unfinished=include_unfinished)
-    palette = _palette(runs)
+    palette = run_palette(runs)
     fig, (a, b, c, d) = figure_grid(2, nrows=2)
     banded = [
-        _seeds_and_mean(a, df, runs, palette, "step", "loss", "step", smooth_steps,
+        seeds_and_mean(a, df, runs, palette, "step", "loss", "step", smooth_steps,
                         f"training loss ({loss_name(df)}, log scale)",
                         f"(a) train loss, rolling mean ≤{smooth_steps} steps"),
-        _seeds_and_mean(b, df, runs, palette, "eval", "test_loss", "epoch", 1,
+        seeds_and_mean(b, df, runs, palette, "eval", "test_loss", "epoch", 1,
                         f"test loss ({loss_name(df)}, log scale)", "(b) test loss"),
-        _seeds_and_mean(c, df, runs, palette, "eval", "test_accuracy", "epoch", 1, "test accuracy",
+        seeds_and_mean(c, df, runs, palette, "eval", "test_accuracy", "epoch", 1, "test accuracy",
                         "(c) test accuracy"),
-        _seeds_and_mean(d, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1,
+        seeds_and_mean(d, df, runs, palette, "smoothness", "local_smoothness", "epoch", 1,
                         "‖∇f(w+u) − ∇f(w)‖₂ / ‖u‖₂", "(d) local smoothness, u = −η·g")]
     for ax, drawn in ((a, banded[0]), (b, banded[1])):
         if drawn is not None:
             ax.set_yscale("log")
-    _legend(fig, palette, runs, any(banded))
+    legend(fig, palette, runs, any(banded))
     return fig
 
 
@@ -290,7 +237,7 @@ def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame, include_unfinished: bool = Fa
     if not several_lrs(df, runs):
         return None
     runs = curve_labels(runs, by_lr=False, include_unfinished=include_unfinished)
-    palette = _palette(runs)
+    palette = run_palette(runs)
     dodge = _dodge(list(palette))
     per_run = run_metrics(df).merge(runs[["run", "label", "averaged"]], on="run")
     fig, axes = figure_grid(2, nrows=2)
@@ -303,7 +250,7 @@ def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame, include_unfinished: bool = Fa
     for ax, letter, (name, ylabel, log) in zip(axes, "abc", panels):
         ok = per_run[per_run["averaged"]].dropna(subset=[name])
         if ok.empty:
-            _empty(ax, name)
+            empty_panel(ax, name)
         for lab, g in ok.groupby("label", sort=False):
             c, x = palette[lab], g["lr"] * dodge[lab]
             ax.plot(x, g[name], ls="", marker="o", ms=4, alpha=0.6, color=c)
@@ -334,7 +281,7 @@ def lr_sweep(df: pd.DataFrame, runs: pd.DataFrame, include_unfinished: bool = Fa
         ax.set_xlabel("learning rate η (log scale)")
     hollow = [Line2D([], [], ls="", marker="o", ms=7, mfc="white", mew=2, color="0.35",
                      label="hollow: mean over survivors (other runs diverged)")] if diverged_at else []
-    _legend(fig, palette, runs, banded, hollow, per_run="dot")
+    legend(fig, palette, runs, banded, hollow, per_run="dot")
     return fig
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 
-from experiments.measurements import Metric, loss_name, metrics
+from experiments.features import Metric, loss_name, metrics
 from experiments.analysis.errors import AnalysisError
 from experiments.analysis.load import bn_mode_of, select
 

@@ -1,38 +1,66 @@
-"""The figures of a study: one registry of figure writers, and ``plot_study``, which draws every one that applies.
+"""`plot_study`: every figure of every registered feature (``experiments.features``) that applies to a study.
 
-A figure writer is a name, a test of the loaded records (does this study call for the figure?) and the function that
-draws it; ``plot_study`` saves what it draws as ``figures/<name>.png`` and ``.pdf`` and, for a writer with a
-``table``, writes ``<name>.md`` next to the study. To add a figure: write its drawing function (``figures.py`` or a
-module of its own) and register it here, or, from outside the package, with ``register_figure``.
+A feature lists its figure writers; each has ``applies(df, runs)`` (do the study's records call for it?) and
+``write(context) -> paths``. `FigureWriter` draws one Figure from the long-form records and saves it as
+``figures/<name>.png`` and ``.pdf`` (and, with a ``table``, ``<name>.md`` in the study's folder); `StudyWriter`
+wraps a feature's own writer of several figures and tables (the spectrum, per-layer and generalisation studies).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, List, Optional
 
 import pandas as pd
 from matplotlib.figure import Figure
 
+from experiments.analysis.errors import AnalysisError
+from experiments.analysis.figures import SMOOTH, save_figure
+from experiments.analysis.load import read_study, records_frame, runs_frame
 from experiments.atomic import atomic_write_text
-from experiments.analysis.eos_figures import eos_figure, eos_markdown, eos_table, has_stepwise_sharpness
-from experiments.analysis.figures import (SMOOTH, has_pass_sharpness, lr_sweep, santurkar_fig4, save_figure, seed_homework, several_lrs,
-                      sharpness)
-from experiments.analysis.load import AnalysisError, read_study, records_frame, runs_frame
+from experiments.features import FEATURES, Feature, register, resolve
+
+
+@dataclass(frozen=True)
+class PlotContext:
+    """What a writer gets: the study's records (``df``) and runs, where the study is and where figures go."""
+    results_dir: Path
+    out_dir: Path
+    df: pd.DataFrame
+    runs: pd.DataFrame
+    smooth: int = SMOOTH
+    include_unfinished: bool = False
+    notify: Optional[Callable[[str], None]] = None
 
 
 @dataclass(frozen=True)
 class FigureWriter:
-    """One figure of ``plot_study``.
-
-    ``applies(df, runs)``: whether the study's records call for the figure (``df``, ``runs``: ``load.records_frame``
-    and ``load.runs_frame``). ``draw(df, runs, smooth=, include_unfinished=)``: the Figure, saved as
-    ``figures/<name>.png`` and ``.pdf``. ``table(df, runs)``, if given: markdown written as ``<name>.md`` in the
-    study's directory."""
+    """One figure. ``draw(df, runs, smooth=, include_unfinished=)`` returns the Figure (or None: nothing to draw);
+    ``table(df, runs)``, if given, returns markdown written as ``<name>.md`` in the study's folder."""
     name: str
     applies: Callable[[pd.DataFrame, pd.DataFrame], bool]
-    draw: Callable[..., Figure]
+    draw: Callable[..., Optional[Figure]]
     table: Optional[Callable[[pd.DataFrame, pd.DataFrame], str]] = None
+
+    def write(self, c: PlotContext) -> List[Path]:
+        fig = self.draw(c.df, c.runs, smooth=c.smooth, include_unfinished=c.include_unfinished)
+        paths = [] if fig is None else save_figure(fig, c.out_dir, self.name)
+        if self.table is not None:
+            table = Path(c.results_dir) / f"{self.name}.md"
+            atomic_write_text(table, self.table(c.df, c.runs))
+            paths.append(table)
+        return paths
+
+
+@dataclass(frozen=True)
+class StudyWriter:
+    """A feature's writer of several figures and tables: ``write(results_dir, out_dir, notify) -> paths``."""
+    name: str
+    applies: Callable[[pd.DataFrame, pd.DataFrame], bool]
+    writer: Callable[..., List[Path]]
+
+    def write(self, c: PlotContext) -> List[Path]:
+        return list(self.writer(c.results_dir, c.out_dir, notify=c.notify))
 
 
 def always(df: pd.DataFrame, runs: pd.DataFrame) -> bool:
@@ -40,33 +68,30 @@ def always(df: pd.DataFrame, runs: pd.DataFrame) -> bool:
     return True
 
 
-#: every figure ``plot_study`` considers, in the order it draws them
-FIGURES: Dict[str, FigureWriter] = {w.name: w for w in (
-    FigureWriter("santurkar_fig4", always, lambda df, runs, smooth, include_unfinished:
-                 santurkar_fig4(df, runs, smooth=smooth, include_unfinished=include_unfinished)),
-    FigureWriter("sharpness", has_pass_sharpness, lambda df, runs, smooth, include_unfinished:
-                 sharpness(df, runs, include_unfinished=include_unfinished)),
-    FigureWriter("seed_homework", always, lambda df, runs, smooth, include_unfinished:
-                 seed_homework(df, runs, include_unfinished=include_unfinished)),
-    FigureWriter("lr_sweep", several_lrs, lambda df, runs, smooth, include_unfinished:
-                 lr_sweep(df, runs, include_unfinished=include_unfinished)),
-    FigureWriter("eos", has_stepwise_sharpness, lambda df, runs, smooth, include_unfinished: eos_figure(df, runs),
-                 table=lambda df, runs: eos_markdown(eos_table(df, runs))),
-)}
+def has_kind(kind: str) -> Callable[[pd.DataFrame, pd.DataFrame], bool]:
+    """``applies``: some run wrote a record of ``kind``."""
+    return lambda df, runs: bool(len(df)) and (df["kind"] == kind).any()
 
 
-def register_figure(writer: FigureWriter) -> FigureWriter:
-    """Add a figure to every later ``plot_study`` (drawn after the built-in ones). Returns ``writer``."""
-    if writer.name in FIGURES:
+def figure_writers() -> list:
+    """Every registered feature's figure writers, in registration order."""
+    return [resolve(ref) for f in list(FEATURES.values()) for ref in f.figures]
+
+
+def register_figure(writer) -> Feature:
+    """Add one figure writer to every later `plot_study`, as a feature of its own (the one way to plug in a figure:
+    ``experiments.features.register``). Returns the feature."""
+    taken = [w.name for w in figure_writers()]
+    if writer.name in taken:
         raise ValueError(f"a figure named {writer.name!r} is already registered; choose another name (registered: "
-                         f"{', '.join(FIGURES)})")
-    FIGURES[writer.name] = writer
-    return writer
+                         f"{', '.join(taken)})")
+    return register(Feature(f"figure:{writer.name}", figures=(writer,)))
 
 
-def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinished: bool = False) -> list[Path]:
+def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinished: bool = False,
+               notify: Optional[Callable[[str], None]] = None) -> list[Path]:
     """Draw every registered figure that applies to a study; default ``out_dir`` is ``results_dir/figures``.
-    Returns the paths written, figure by figure (png, pdf, then its table if any).
+    Returns the paths written, writer by writer.
 
     ``include_unfinished`` admits unfinished runs to the bold means, as the report's option of the same name does.
     """
@@ -75,14 +100,18 @@ def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinish
     if df.empty:
         raise AnalysisError(f"{results_dir}: no run has any records yet; nothing to plot")
     out_dir = Path(results_dir) / "figures" if out_dir is None else Path(out_dir)
+    context = PlotContext(Path(results_dir), out_dir, df, runs, smooth, include_unfinished, notify)
     paths = []
-    for writer in list(FIGURES.values()):
+    for writer in figure_writers():
         if not writer.applies(df, runs):
             continue
-        paths += save_figure(writer.draw(df, runs, smooth=smooth, include_unfinished=include_unfinished), out_dir,
-                             writer.name)
-        if writer.table is not None:
-            table = Path(results_dir) / f"{writer.name}.md"
-            atomic_write_text(table, writer.table(df, runs))
-            paths.append(table)
+        try:
+            paths += writer.write(context)
+        except AnalysisError as exc:
+            if isinstance(writer, FigureWriter):
+                raise
+            # a feature's own study (spectrum, per-layer, generalisation) that cannot be drawn from these runs does
+            # not stop the other figures; its own command says the same as an error
+            if notify is not None:
+                notify(f"{writer.name}: not drawn: {exc}")
     return paths

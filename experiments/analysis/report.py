@@ -25,7 +25,7 @@ from experiments.analysis import stats as st
 from experiments.analysis.load import AnalysisError, model_order, read_study, records_frame, runs_frame
 from experiments.analysis.metrics import METRICS, averaged, metric_bn_mode, run_metrics
 from experiments.analysis.pairing import comparison_pairs, pair_up
-from experiments.analysis.probes import beta_by_step_size, render_by_step_size
+from experiments.features import FEATURES, resolve
 from experiments.analysis.tables import fmt, fmt_p, md_table
 
 SUMMARY_COLUMNS = ["lr", "metric", "label", "bn_mode", "model", "variant", "n", "mean", "sd", "diverged",
@@ -260,7 +260,9 @@ def write_report(results_dir, out_dir=None, compare=None, include_unfinished: bo
     atomic_write_text(out_dir / "report.csv", table.to_csv(index=False))
     md = out_dir / "report.md"
     text = render_markdown(results_dir, table, runs, div, include_unfinished)
-    text += "\n".join(render_by_step_size(beta_by_step_size(study, include_unfinished)))
+    for feature in list(FEATURES.values()):  # each feature's own section, in registration order
+        if feature.report is not None:
+            text += "\n".join(resolve(feature.report)(study, include_unfinished))
     atomic_write_text(md, text)
     return md
 

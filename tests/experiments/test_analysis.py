@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from fake_results import make_results  # noqa: E402
 
 from experiments.analysis import AnalysisError, load, load_runs, plot_study, summary_table, write_report  # noqa
-from experiments.analysis.figures import save_figure, seed_homework, sharpness  # noqa: E402
+from experiments.analysis.figures import save_figure, seed_homework  # noqa: E402
+from experiments.features.local_smoothness.figures import sharpness  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*truncated last record:UserWarning")
 FIGURES = ("santurkar_fig4", "sharpness", "seed_homework")
@@ -245,7 +246,7 @@ def test_norm_variants_of_one_model_stay_apart(tmp_path):
 
 def test_beta_by_step_size_equals_hand_computation(tmp_path):
     from experiments.analysis.load import read_study
-    from experiments.analysis.probes import beta_by_step_size
+    from experiments.features.probe.tables import beta_by_step_size
     study = make_results(tmp_path, seeds=(0, 1))
     table = beta_by_step_size(read_study(study.path))
     for run_model in ("convnet", "bn-convnet"):
@@ -472,7 +473,7 @@ def test_figures_draw_every_seed_thin_and_the_mean_bold(tmp_path):
 def test_band_appears_from_five_runs(tmp_path):
     from scipy.stats import t
 
-    from experiments.analysis.figures import sharpness
+    from experiments.features.local_smoothness.figures import sharpness
     study = make_results(tmp_path, seeds=(0, 1, 2, 3, 4), epochs=2, models=("convnet",))
     fig = sharpness(load(study.path), load_runs(study.path))
     (band,) = fig.axes[0].collections
@@ -521,13 +522,14 @@ def test_report_and_figures_respect_the_umask(tmp_path):
 
 
 def test_a_figure_registered_from_outside_the_package_is_drawn(tmp_path, monkeypatch):
-    """``plot_study`` draws what ``plots.FIGURES`` holds: a writer added by a user (a name, when it applies, how to
+    """``plot_study`` draws every registered feature's figures: a writer added by a user (a name, when it applies, how to
     draw it, an optional table) gets its png/pdf and its .md like the built-in ones; one that does not apply, nothing."""
     from matplotlib.figure import Figure
 
-    from experiments.analysis import FigureWriter, plots, register_figure
+    from experiments import features
+    from experiments.analysis import FigureWriter, register_figure
 
-    monkeypatch.setattr(plots, "FIGURES", dict(plots.FIGURES))   # the built-in registry is restored afterwards
+    request_cleanup = ["figure:records_per_run", "figure:never"]
 
     def steps_per_run(df, runs, smooth, include_unfinished):
         fig = Figure()
@@ -540,7 +542,11 @@ def test_a_figure_registered_from_outside_the_package_is_drawn(tmp_path, monkeyp
     with pytest.raises(ValueError, match="already registered"):
         register_figure(FigureWriter("eos", lambda df, runs: True, steps_per_run))
     study = make_results(tmp_path, seeds=(0, 1), epochs=1)
-    names = [p.name for p in plot_study(study.path, out_dir=tmp_path / "figs")]
+    try:
+        names = [p.name for p in plot_study(study.path, out_dir=tmp_path / "figs")]
+    finally:
+        for name in request_cleanup:
+            features.unregister(name)
     assert names[-3:] == ["records_per_run.png", "records_per_run.pdf", "records_per_run.md"]
     assert not any(n.startswith("never") for n in names)
     assert (tmp_path / "figs" / "records_per_run.png").stat().st_size > 0

@@ -1,4 +1,4 @@
-"""Tests for experiments/diagnostics.py (`smoothness-lab variance` and `smoothness-lab ics`) and TensorBoard logging.
+"""Tests for experiments/features/diagnostics.py (`smoothness-lab variance` and `smoothness-lab ics`) and TensorBoard logging.
 
 MNIST-1D is generated locally by the mnist1d package; the ICS tests train on the deterministic synthetic set (tiny).
 """
@@ -15,7 +15,7 @@ from torch import nn
 from experiments.cli import main
 from experiments.config import RunConfig
 from experiments.data import DATASETS
-from experiments.diagnostics import ics_trace, residual_locations, residual_variance, variance_table
+from experiments.features.diagnostics.commands import ics_trace, residual_locations, residual_variance, variance_table
 from experiments.models import build_model
 from experiments.training import train_run
 

@@ -1,4 +1,4 @@
-"""experiments.analysis.eos_figures on hand-made records whose answers are known: crossing step, the fraction of
+"""experiments.features.lambda_max.eos on hand-made records whose answers are known: crossing step, the fraction of
 measurements within ±10% of the threshold, Adam's preconditioned sharpness against 38/η, and the figure."""
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import matplotlib.colors as mcolors
 import pandas as pd
 import pytest
 
-from experiments.analysis.eos_figures import eos_figure, eos_markdown, eos_table, plot_eos
+from experiments.analysis.plots import plot_study
+from experiments.features.lambda_max.eos import eos_figure, eos_markdown, eos_table
 from experiments.analysis.load import read_study, records_frame, runs_frame
 
 EVERY = 10
@@ -108,15 +109,15 @@ def test_figure_draws_loss_and_sharpness_with_each_threshold_in_its_colour(study
 
 
 def test_plot_eos_writes_png_and_pdf_and_skips_studies_without_stepwise_sharpness(study, tmp_path):
-    paths = plot_eos(study)
-    assert sorted(p.name for p in paths) == ["eos.pdf", "eos.png"] and all(p.stat().st_size > 0 for p in paths)
+    paths = [p for p in plot_study(study) if p.stem == "eos"]
+    assert sorted(p.name for p in paths) == ["eos.md", "eos.pdf", "eos.png"] and all(p.stat().st_size > 0 for p in paths)
     other = tmp_path / "sgd"
     d = other / "run"
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"run_id": "run", "model": "convnet", "seed": 0, "lr": 0.04}))
     (d / "records.jsonl").write_text(json.dumps({"kind": "smoothness", "step": 0, "epoch": 0, "bn_mode": "batch",
                                                  "sharpness": 12.0}) + "\n")
-    assert plot_eos(other) == [] and eos_table(*_frames(other)).empty and eos_markdown(eos_table(*_frames(other))) == ""
+    assert not [p for p in plot_study(other) if p.stem == "eos"] and eos_table(*_frames(other)).empty and eos_markdown(eos_table(*_frames(other))) == ""
 
 
 def test_plot_draws_the_eos_figure_and_table_for_a_full_batch_study(study, tmp_path):
@@ -136,7 +137,7 @@ def test_sgd_sharpness_figure_carries_the_full_batch_caveat(tmp_path):
     GD's threshold (issue 13 §5)."""
     from fake_results import make_results
 
-    from experiments.analysis.figures import sharpness
+    from experiments.features.local_smoothness.figures import sharpness
     from experiments.analysis.load import load, load_runs
     fake = make_results(tmp_path, seeds=(0, 1))
     fig = sharpness(load(fake.path), load_runs(fake.path))

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from experiments import executors
-from experiments import surface as sf
+from experiments.features.surface import grid as sf
 from experiments.cli import main
 from experiments.config import ConfigError
 from experiments.executors import EXECUTORS, Executor, ExecutorOptions, Outcome, Task

@@ -1,4 +1,4 @@
-"""experiments.analysis.generalization (τ, Jiang's Ψ, bootstrap), its report and figures, on hand-built tables."""
+"""experiments.features.generalization.kendall (τ, Jiang's Ψ, bootstrap), its report and figures, on hand-built tables."""
 import itertools
 import math
 
@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from experiments.analysis.generalization import bootstrap, granulated_tau, kendall_tau, weighted_tau_b
-from experiments.analysis.generalization_figures import write_figures
-from experiments.analysis.generalization_report import (analyse, axis_table, render_markdown, summary_table,
+from experiments.features.generalization.kendall import bootstrap, granulated_tau, kendall_tau, weighted_tau_b
+from experiments.features.generalization.figures import write_figures
+from experiments.features.generalization.report import (analyse, axis_table, render_markdown, summary_table,
                                                         within_lr, write_report)
 from experiments.analysis.load import AnalysisError
 

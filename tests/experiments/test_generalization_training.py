@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from experiments import generalization
+from experiments.features.generalization import compute as generalization
 from experiments.config import ConfigError, RunConfig, StudyConfig
 from experiments.data import load_dataset
 from experiments.losses import get_loss

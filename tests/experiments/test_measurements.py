@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from experiments import measurements, optim, tracking
+from experiments import features as measurements, optim
+from experiments.features.local_smoothness import compute as local_smoothness_compute
 from experiments.cli import main
 from experiments.config import ConfigError, RunConfig
-from experiments.measurements import Measurement, Metric, Option, Record, RegistryError
-from experiments.measurements.base import every
+from experiments.features import Measurement, Metric, Option, Record, RegistryError
+from experiments.features.base import every
 from experiments.store import RECORD_NUMBERS, read_config, read_records
 from experiments.training import train_run
 
@@ -160,13 +161,13 @@ def test_per_pass_measurements_can_be_switched_off(tmp_path):
                                       dict(lr_schedule="cosine", warmup_steps=2)])
 def test_local_smoothness_steps_with_the_scheduled_learning_rate(schedule, tmp_path, monkeypatch):
     seen = []
-    real = tracking.local_smoothness
+    real = local_smoothness_compute.local_smoothness
 
     def spy(model, minibatch, full_batch, lr, loss_fn):
         seen.append(lr)
         return real(model, minibatch, full_batch, lr, loss_fn)
 
-    monkeypatch.setattr(tracking, "local_smoothness", spy)
+    monkeypatch.setattr(local_smoothness_compute, "local_smoothness", spy)
     cfg = RunConfig(**{**TINY, "lr": 0.05, **schedule})
     records = read_records(train_run(cfg, tmp_path).path / "records.jsonl")
     steps = [r["step"] for r in records if r["kind"] == "smoothness"]

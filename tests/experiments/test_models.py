@@ -1,4 +1,4 @@
-"""Tests for experiments/models.py (the model registry) and the "scratch-fn" norm kind of experiments/norms.py.
+"""Tests for experiments/models.py (the model registry) and the "scratch-fn" norm kind of experiments/normalization.py.
 
 Tiny batches on CPU only: every (model, norm) pair is built for its input shape and run forward and backward once.
 """
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from experiments.models import MODELS, ConvNet, build_model
-from experiments.norms import NORMS, BatchNorm, FunctionalBatchNorm, make_norm
+from experiments.normalization import NORMS, BatchNorm, FunctionalBatchNorm, make_norm
 
 INPUT_SHAPES = {"convnet": (1, 28, 28), "mlp": (1, 28, 28), "lenet5": (3, 32, 32), "resmlp": (1, 40),
                 "vgg11": (3, 32, 32), "fc-tanh": (1, 28, 28)}

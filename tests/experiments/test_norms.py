@@ -1,4 +1,4 @@
-"""Tests for experiments/norms.py: from-scratch BatchNorm vs torch, noisy BN, l_p norms, registry."""
+"""Tests for experiments/normalization.py: from-scratch BatchNorm vs torch, noisy BN, l_p norms, registry."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.norms import (
+from experiments.normalization import (
     NORMS,
     BatchNorm,
     LpNorm,

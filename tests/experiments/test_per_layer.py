@@ -1,4 +1,4 @@
-"""Per-layer curvature (experiments.per_layer): blocks, records against direct estimator calls and a dense Hessian,
+"""Per-layer curvature (experiments.features.per_layer.compute): blocks, records against direct estimator calls and a dense Hessian,
 determinism across a kill and resume, and the figures/markdown of `smoothness-lab per-layer`."""
 import json
 
@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call
 
 import smoothness
-from experiments import per_layer
-from experiments.analysis.per_layer_figures import plot_per_layer
+from experiments.features.per_layer import compute as per_layer
+from experiments.features.per_layer.figures import plot_per_layer
 from experiments.cli import main
 from experiments.config import RunConfig
 from experiments.models import build_model

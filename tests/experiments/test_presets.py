@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from experiments import data, plugins, training
 from experiments.cli import main
 from experiments.config import ConfigError, RunConfig, StudyConfig
-from experiments.norms import NORMS
+from experiments.normalization import NORMS
 from experiments.presets import DESCRIPTIONS, PRESETS, get_preset
 
 OFFLINE = ("mnist", "mnist-32x3", "svhn", "cifar10")  # cannot be had offline: faked below

@@ -1,6 +1,6 @@
 """The Hessian spectrum along training (``--spectrum-every``), its records and ``smoothness-lab spectrum``.
 
-Measurements are made small by monkeypatching ``experiments.spectrum``'s constants (sample size, Lanczos steps, top
+Measurements are made small by monkeypatching ``experiments.features.spectrum.compute``'s constants (sample size, Lanczos steps, top
 k): the code reads them at call time, and the serial executor runs in this process, so the patch reaches a whole
 ``smoothness-lab run`` as well. The figures are checked on a hand-made study whose spectra are known exactly, and on
 a tiny real FashionMNIST study.
@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import smoothness
-from experiments import spectrum
-from experiments.analysis import spectrum_figures, spectrum_stats
-from experiments.analysis.spectrum_figures import spectrum_table
+from experiments.features.spectrum import compute as spectrum
+from experiments.features.spectrum import figures as spectrum_figures, stats as spectrum_stats
+from experiments.features.spectrum.figures import spectrum_table
 from experiments.cli import main
 from experiments.config import RunConfig
 from experiments.data import DataError, load_dataset

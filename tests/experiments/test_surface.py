@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import smoothness
-from experiments import surface as sf
+from experiments.features.surface import grid as sf
 from experiments.cli import main
 from experiments.config import RunConfig
 from experiments.data import load_dataset
@@ -253,7 +253,7 @@ def test_cli_surfaces_figures_and_byte_reproducible_redraw(copy_of):
         assert sorted(p.stem for p in (run / "surfaces").glob("*.npz")) == stems
     before = {p: p.read_bytes() for p in (root / "figures").iterdir()}
     assert _cli(root, *common).exit_code == 0          # finished: only redraws
-    from experiments.analysis.surface_figures import plot_study_surfaces
+    from experiments.features.surface.figures import plot_study_surfaces
     plot_study_surfaces(root)
     assert {p: p.read_bytes() for p in (root / "figures").iterdir()} == before
 
@@ -281,7 +281,7 @@ def test_cli_bad_input(copy_of, tmp_path):
 # -- issue 20: the run's own loss ----------------------------------------------------------------------------------
 def test_mse_run_is_evaluated_with_its_own_loss_and_labelled_with_it(tmp_path):
     """Failed before: a run trained with --loss mse was evaluated with cross-entropy, labelled "training loss"."""
-    from experiments.analysis.surface_figures import curves_figure
+    from experiments.features.surface.figures import curves_figure
     from experiments.losses import squared_error
     run = train_run(RunConfig(model="convnet", loss="mse", **TINY), tmp_path).path
     spec = sf.SurfaceSpec(dim=1, grid=3, lo=-1.0, hi=1.0, samples=48)

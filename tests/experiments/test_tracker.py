@@ -15,11 +15,11 @@ from click.testing import CliRunner
 
 import experiments
 from experiments.cli import main
-from experiments import measurements
+from experiments import features as measurements
 from experiments.config import ConfigError, RunConfig
 from experiments.loop import Diverged, Hook
-from experiments.measurements import Measurement, Option, Record
-from experiments.measurements.base import every
+from experiments.features import Measurement, Option, Record
+from experiments.features.base import every
 from experiments.store import StoreError, read_records
 from experiments.tracker import Tracker, run_config
 from experiments.training import train_run

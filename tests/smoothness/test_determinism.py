@@ -1,6 +1,6 @@
 """Estimates are deterministic functions of the weights even when a module draws random numbers (issue 9, section 2).
 
-The model is a tiny float64 ConvNet with Santurkar's noisy BatchNorm (`experiments.norms.NoisyBatchNorm`, the
+The model is a tiny float64 ConvNet with Santurkar's noisy BatchNorm (`experiments.normalization.NoisyBatchNorm`, the
 toolkit's `noisy` norm), which draws fresh noise on every train-mode forward from torch's global generator. Before
 the fix, every forward inside an estimator drew new noise: two identical calls differed, a line probe's gradient
 difference did not vanish as the step went to 0, and estimators advanced the caller's generator.
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import smoothness
-from experiments.norms import NoisyBatchNorm
+from experiments.normalization import NoisyBatchNorm
 from smoothness import _rng
 
 DT = torch.float64
