@@ -670,8 +670,13 @@ def studies():
 
 
 def _register_commands() -> None:
+    from experiments.features.base import RegistryError, load_plugins
     from experiments.status import status_command
     main.add_command(status_command)
+    try:
+        load_plugins()   # features from outside the package: $SMOOTHNESS_LAB_FEATURES, entry points
+    except RegistryError as exc:
+        raise SystemExit(f"Error: {exc}") from None
 
 
 _register_commands()
