@@ -364,7 +364,7 @@ def _write_launch_json(study_dir: Path, seconds: float, executor: str, workers, 
 
 
 def _warn_left_behind(runs: Sequence[RunConfig], study_dir: Path) -> None:
-    """Say which interrupted runs this launch leaves as they are because their options differ (issue 20 item 5)."""
+    """Say which interrupted runs this launch leaves as they are because their options differ."""
     from experiments.config import option_name
     from experiments.launchers import left_behind
     for run_dir, old, cfg, fields in left_behind(runs, study_dir):

@@ -308,14 +308,6 @@ def load_plugins() -> Tuple[str, ...]:
     return tuple(loaded)
 
 
-def features_with_records(kinds) -> Iterator[Feature]:
-    """The registered features that wrote at least one of the record ``kinds`` (or write none at all)."""
-    kinds = set(kinds)
-    for f in list(FEATURES.values()):
-        if not f.kinds or kinds & set(f.kinds):
-            yield f
-
-
 def freeze_built_in() -> Tuple[str, ...]:
     """Mark the measurements registered so far as built in (``experiments.features`` does, once): their options
     are RunConfig's generated fields, and they cannot be removed."""

@@ -1,4 +1,4 @@
-"""Sharpness-versus-generalisation measures of one network (issue 24; Jiang et al. 2020, Andriushchenko et al. 2023):
+"""Sharpness-versus-generalisation measures of one network (Jiang et al. 2020, Andriushchenko et al. 2023):
 the ``generalization`` record a run writes every ``generalization_every`` passes and at its end.
 
 Every measure is taken on the same fixed sample of ``generalization_samples`` training images, in ``running`` BN mode
