@@ -49,7 +49,7 @@ from experiments.config import ConfigError, RunConfig
 from experiments.measurements.base import CORE_RECORD_NUMBERS, RecordSchema
 
 __all__ = ["StoreError", "RunFinished", "RunState", "RunStore", "RecordsCheck", "check_finished", "finish_mark",
-           "finished_state", "provenance_change", "tensor_fingerprint", "timing_of", "check_writable", "read_config", "read_config_file",
+           "finished_state", "provenance_change", "timing_of", "check_writable", "read_config", "read_config_file",
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
            "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
            "run_files", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
@@ -605,17 +605,6 @@ class RunStore:
 #: the fields of each provenance file that a resume compares (code.json: each factory's sha256)
 PROVENANCE_FIELDS = {DATASET: ("fingerprint",),
                      TRACKER: ("model_label", "dataset_label", "model_class", "parameters", "optimizer_class")}
-
-
-def tensor_fingerprint(*tensors) -> str:
-    """sha256 of tensors' dtypes, shapes and bytes (on CPU): dataset.json's ``fingerprint`` of the data a run
-    trained and tested on, so that a resume on changed data is refused."""
-    sha = hashlib.sha256()
-    for t in tensors:
-        t = t.detach().cpu().contiguous()
-        sha.update(f"{t.dtype}{tuple(t.shape)};".encode())
-        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return sha.hexdigest()
 
 
 def _read_json_object(path: Path) -> Optional[dict]:

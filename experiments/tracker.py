@@ -96,7 +96,8 @@ from experiments import optim, tracking
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
 from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
-from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, tensor_fingerprint, timing_of
+from experiments.plugins import tensor_fingerprint
+from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, timing_of
 from experiments.training import build_measurements, sample_order
 
 __all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]

@@ -50,7 +50,7 @@ def cut(run_dir, epoch):
 
 def test_the_states_are_the_documented_ones():
     import experiments.status as status
-    assert STATES == ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
+    assert STATES == ("done", "diverged", "running", "interrupted", "failed", "corrupt", "truncated", "not started")
     for state in STATES:
         assert f"\n{state} " in status.__doc__
 
