@@ -197,12 +197,13 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
         if not mine:
             pid, host, _ = event_fields(last_event(run_dir, ("start",))[1])
             by = f" (pid {pid} on {host})" if pid and host else ""
-            return RunOutcome(cfg.run_id, RunState.BUSY, error=f"another launch is training it right now{by}; it was "
-                                f"left alone")
+            return RunOutcome(cfg.run_id, RunState.BUSY,
+                              error=f"another launch is training it right now{by}; it was left alone")
         if not resume and has_progress(run_dir):   # before run.log is written: it keeps saying what happened
-            return RunOutcome(cfg.run_id, RunState.FAILED, error=f"StoreError: {run_dir} holds an interrupted run of this "
-                                f"config; pass --resume to continue it from its last checkpoint (or move the "
-                                f"directory away to start over)")
+            return RunOutcome(cfg.run_id, RunState.FAILED,
+                              error=f"StoreError: {run_dir} holds an interrupted run of this config; pass --resume "
+                                    f"to continue it from its last checkpoint (or move the directory away to start "
+                                    f"over)")
         return _execute_locked(cfg, root, resume, data_dir, threads, progress, start)
 
 

@@ -20,7 +20,9 @@ brings its own transforms (torchvision's ``Normalize``), and a second standardis
 **Identity.** The import string and its arguments are part of the run id (``RunConfig.model_args`` /
 ``dataset_args``, hashed only when set). The sha256 of each factory's source file is recorded in the run's
 ``code.json`` (not hashed: editing a comment must not orphan a run); ``smoothness-lab status`` says "code changed
-since this run" when the file no longer has that hash.
+since this run" when the file no longer has that hash, and ``--resume`` refuses to continue such a run
+(``store.RunStore.begin``). Image folders and user datasets also put a fingerprint of the tensors read
+(`tensor_fingerprint`) in ``dataset.json``, so a resume on changed data is refused too.
 
 Every mistake is a one-line `PluginError` that names what to fix, raised by the checks the CLI makes before it writes
 anything (`check_run`).

@@ -159,14 +159,6 @@ def _code_note(run_dir: Path) -> str:
             + (f"; its code {', '.join(missing)} is not on PYTHONPATH: unchecked" if missing else ""))
 
 
-def study_status(study_dir: Path) -> List[tuple]:
-    """[(run_id, state, detail)] for every run directory and every run the study's grids expect."""
-    rows, _ = _study_rows(Path(study_dir))
-    if not rows:
-        raise click.ClickException(f"{study_dir} holds no runs (no run directories and no study.json)")
-    return rows
-
-
 def _study_rows(study_dir: Path) -> Tuple[List[tuple], List[str]]:
     found = sorted(p.name for p in study_dir.iterdir() if store.is_run_dir(p))
     expected, warnings = _expected_runs(study_dir)

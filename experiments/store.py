@@ -9,10 +9,18 @@ records of an uninterrupted run:
 1. records are appended to records.jsonl and flushed (a kill loses at most the line being written);
 2. a checkpoint first fsyncs records.jsonl (and its directory), then is written and renamed in; it stores the length
    and sha256 of the records it covers (its "records mark");
-3. ``done`` is renamed in only after records.jsonl is fsynced.
+3. ``done`` is renamed in only after records.jsonl is fsynced; it holds the records mark of the finished run, so that
+   a records file cut or changed since is named (`check_finished`: `RunState.TRUNCATED` / ``CORRUPT``; an empty
+   ``done``, as older runs have, cannot be checked unless a checkpoint is left).
 
 `RunStore.restore` takes the newest checkpoint, checks that the records file begins with the records it covers, and
 cuts the file back to that mark (dropping records made after the checkpoint, and a torn last line).
+
+The run lifecycle, one for `experiments.training.train_run` and `experiments.tracker.Tracker`: `RunStore.start`
+(refuse a finished run, and an interrupted one without resume), `RunStore.begin` (a fresh start writes code.json,
+dataset.json, tracker.json and weights-init.pt; a resume compares them with what the run started with, refusing any
+change in one line and never rewriting them, then restores the checkpoint), `RunStore.checkpoint`, and
+`RunStore.diverged` or `RunStore.finish`. `RunState` is the one vocabulary of run states.
 
 This module is the only code that opens, parses or writes a run directory's files (status, analysis, launchers,
 slurm, surface and spectrum read through it): the file names, what makes a folder a run (`RUN_FILES`), the record
@@ -425,7 +433,8 @@ class RunStore:
         ``provenance`` maps code.json / dataset.json / tracker.json to what this launch uses (None: no such file).
         When a resume finds a checkpoint, each must match the file written when the run started (`provenance_change`):
         a change is refused in one line naming it, and the files are never rewritten; then records.jsonl is cut back
-        to the checkpoint (`restore`). A fresh start writes them, and ``init_weights`` (the model's state_dict) as weights-init.pt."""
+        to the checkpoint (`restore`). A fresh start writes them, and ``init_weights`` (the model's state_dict) as
+        weights-init.pt."""
         try:
             if self._resuming and self.latest_checkpoint() is not None:
                 for name, info in provenance.items():

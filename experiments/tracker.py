@@ -67,16 +67,22 @@ the same weights tracked or not (tests/experiments/test_tracker.py).
 
 Resuming after a crash
 ----------------------
-``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.save_checkpoint`, records first
+``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.checkpoint`, records first
 (its records mark): the model's and the optimizer's state_dicts, torch's CPU (and CUDA) RNG state, the tracker's
 `state_dict` (step, epoch, its generator, timing and ``RunContext.checkpointed``: the warm-start vectors, ...) and
 ``extra``: everything else the rest of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and
 your data order (a sampler generator's ``get_state()``, or the epoch and position of a DataLoader whose order is
 seeded per epoch). After a crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the
 checkpoint's mark, restores model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no
-checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` / ``tracker.step_index`` and writes
-exactly the records of an uninterrupted run. Checkpoint at the points where your loop can restart (after
-``end_epoch``, as the built-in loop does).
+checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` /
+``tracker.step_index`` and writes exactly the records of an uninterrupted run. Checkpoint at the points where your
+loop can restart (after ``end_epoch``, as the built-in loop does). ``resume()`` refuses other training or test data
+(dataset.json's fingerprint), another model label, model class or parameter count, or another optimizer class
+(tracker.json) than the run started with: the run store's lifecycle (`RunStore.start`, `begin`) that ``train_run``
+goes through too.
+
+The run has ``config.epochs`` passes: ``end_epoch`` after the last is refused, and ``close()`` before it does not
+finish the run (no ``done``; RuntimeError "closed after 1 of 2 epochs: the run ... is not finished").
 """
 from __future__ import annotations
 

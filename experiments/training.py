@@ -35,7 +35,7 @@ from experiments.losses import get_loss
 from experiments.loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from experiments.measurements import MEASUREMENTS, RunContext
 from experiments.launch_result import RunOutcome
-from experiments.store import CODE, DATASET, RunFinished, RunState, RunStore
+from experiments.store import CODE, DATASET, RunState, RunStore
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
 
@@ -155,11 +155,10 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     lifecycle (`RunStore.start`, `begin`, `checkpoint`, `diverged` / `finish`)."""
     store = RunStore(results_root, cfg)
     start_time = time.perf_counter()
-    try:
-        store.start(resume=resume)
-    except RunFinished:
+    if store.done:
         return RunOutcome(cfg.run_id, RunState.SKIPPED, path=store.dir)
     device = resolve_device(cfg.device)
+    store.start(resume=resume)
 
     data = plugins.load_run_dataset(cfg, data_dir)  # a registry name, imagefolder:PATH or MODULE:FACTORY
     # what the run starts with: which files were read (checksums, fingerprint), preprocessing; the sha256 of a
