@@ -15,7 +15,7 @@ from experiments.config import ConfigError, RunConfig, StudyConfig, option_name
 from experiments.executors.choice import ExecutorChoice
 from experiments.study_files import read_json
 
-# Help of RunConfig's own fields; the measurements' options bring theirs (experiments/measurements/)
+# Help of RunConfig's own fields; the measurements' options bring theirs (experiments/features/)
 _HELP = {
     "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10), imagefolder:PATH (a "
                "folder with train/ and test/ class folders) or MODULE:FACTORY returning (train, test) torch Datasets",

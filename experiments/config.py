@@ -97,7 +97,7 @@ def _declared_types(cls) -> Tuple[Tuple[str, object], ...]:
 
 @dataclass(frozen=True)
 class RunConfigFields:
-    """RunConfig's own fields: what is not an option of a measurement (experiments/measurements/). `RunConfig` is
+    """RunConfig's own fields: what is not an option of a measurement (experiments/features/). `RunConfig` is
     this class with one field per option of the built-in measurements, generated from the registry, and
     ``later_options`` for the options of measurements registered after it was built."""
 

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 import smoothness
-from experiments.config import ConfigError
 from experiments.normalization import batch_coupled
 
 KIND = {"batch": "gradient_noise", "example": "gradient_noise_example"}
@@ -20,7 +19,7 @@ def fixed_minibatches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n_b
     (fewer when the training subset is smaller; at least two)."""
     n_batches = min(n_batches, len(order) // batch_size)
     if n_batches < 2:
-        raise ConfigError(f"the gradient-noise sample needs two minibatches of {batch_size} images, and the training "
+        raise ValueError(f"the gradient-noise sample needs two minibatches of {batch_size} images, and the training "
                           f"subset has {len(order)}: lower --batch-size or raise --subset")
     idx = order[:n_batches * batch_size]
     return [(x[idx[i * batch_size:(i + 1) * batch_size]], y[idx[i * batch_size:(i + 1) * batch_size]])
@@ -31,7 +30,7 @@ def units_for(model: nn.Module, choice: str) -> Tuple[str, ...]:
     """The units ``--gradient-noise-unit`` asks for on this network (module docstring of ``measurement``)."""
     coupled = batch_coupled(model)
     if choice == "example" and coupled:
-        raise ConfigError("--gradient-noise-unit example: per-example gradients are not defined for a network with "
+        raise ValueError("--gradient-noise-unit example: per-example gradients are not defined for a network with "
                           "BatchNorm in batch mode (its examples are coupled); use --gradient-noise-unit batch, or "
                           "auto")
     if choice == "auto":
