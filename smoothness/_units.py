@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
 from ._objective import Objective, check_batch, check_chunk, chunk_kind, estimator_mode, is_single_batch
@@ -178,15 +179,15 @@ class Units:
         for objective in self.objectives:
             model, loss_fn, fixed = objective.model, objective.loss_fn, self.fixed_tensors(objective)
             x, y = objective.inputs, objective.targets
-
-            def unit_losses(params):
-                out = functional_call(model, {**fixed, **params}, (x,))
+            with fixed_rng(objective._devices), estimator_mode(model, objective.bn_mode), fwAD.dual_level():
+                # forward-mode AD on dual tensors: train-mode BatchNorm may update the (cloned) buffers in place
+                duals = {n: fwAD.make_dual(p, direction[n]) for n, p in point.items()}
+                out = functional_call(model, {**fixed, **duals}, (x,))
                 if self.unit == "batch":
-                    return loss_fn(out, y).reshape(1)
-                return torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(()))(out, y)
-
-            with fixed_rng(objective._devices), estimator_mode(model, objective.bn_mode):
-                value, slope = torch.func.jvp(unit_losses, (point,), ({n: direction[n] for n in self.names},))
+                    total = loss_fn(out, y).reshape(1)
+                else:
+                    total = torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(()))(out, y)
+                value, slope = fwAD.unpack_dual(total)
             losses.append(value.detach())
             slopes.append(slope.detach())
         return torch.cat(losses), torch.cat(slopes)
