@@ -27,7 +27,7 @@ from .norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, 
 from .operator import KINDS, CurvatureOperator, curvature_operator, hvp
 from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
-from .step_quality import StepQuality, step_quality
+from .step_quality import LineObservation, StepQuality, observe_line, step_quality, step_quality_from
 from .tic import TakeuchiResult, tic
 from .sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,
                         epsilon_sharpness, worst_case_sharpness)
@@ -45,6 +45,6 @@ __all__ = [
     "DistanceToInit", "SpectralProduct", "PathNorm", "distance_to_init", "spectral_product", "path_norm",
     "KINDS", "CurvatureOperator", "curvature_operator",
     "GradientNoise", "GradientHistogram", "gradient_noise", "gradient_histogram", "StepQuality", "step_quality",
-    "TakeuchiResult", "tic",
+    "LineObservation", "observe_line", "step_quality_from", "TakeuchiResult", "tic",
 ]
 __version__ = "0.1.0"

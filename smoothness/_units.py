@@ -138,30 +138,31 @@ class Units:
         return {**{n: b.clone() for n, b in objective.model.named_buffers()}, **rest}
 
     # -- gradients ------------------------------------------------------------------------------------------------
-    def gradients(self) -> Iterator[torch.Tensor]:
-        """Per-unit gradients, flattened, one chunk (k × n) at a time: a chunk of data for examples, all the
-        minibatch gradients stacked (m × n) for minibatch units."""
+    def gradients(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """(per-unit losses, per-unit gradients flattened), one chunk (k, k × n) at a time: a chunk of data for
+        examples, all the minibatch gradients stacked (m × n) for minibatch units."""
         if self.unit == "batch":
-            rows = []
+            losses, rows = [], []
             for objective in self.objectives:
-                _, grad = objective.loss_and_grad_at_w()
+                loss, grad = objective.loss_and_grad_at_w()
+                losses.append(loss.reshape(1))
                 rows.append(self.flatten(grad))
-            yield torch.stack(rows)
+            yield torch.cat(losses), torch.stack(rows)
             return
         for objective in self.objectives:
             yield self.example_gradients(objective)
 
-    def example_gradients(self, objective: Objective) -> torch.Tensor:
+    def example_gradients(self, objective: Objective) -> Tuple[torch.Tensor, torch.Tensor]:
         model, loss_fn, fixed = objective.model, objective.loss_fn, self.fixed_tensors(objective)
 
         def example_loss(params, x, y):
             out = functional_call(model, {**fixed, **params}, (x.unsqueeze(0),))
             return loss_fn(out, y.unsqueeze(0)).reshape(())
 
-        per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None, 0, 0))
+        per_example = torch.func.vmap(torch.func.grad_and_value(example_loss), in_dims=(None, 0, 0))
         with fixed_rng(objective._devices), estimator_mode(model, objective.bn_mode):
-            grads = per_example(self.base, objective.inputs, objective.targets)
-        return self.flatten(grads, rows=True)
+            grads, losses = per_example(self.base, objective.inputs, objective.targets)
+        return losses.detach(), self.flatten(grads, rows=True)
 
     def mean_gradient(self) -> torch.Tensor:
         """ū from ordinary batched gradients, Σ_c (n_c/N)·∇L(w; B_c) (for examples: one backward per chunk)."""

@@ -23,15 +23,16 @@ minibatch, the m gradients held (m × n numbers) since recomputing them would do
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._objective import check_bn_mode
+from ._objective import check_bn_mode, norm
 from ._units import Units
+from .step_quality import LineObservation
 
 #: Cockpit's GradHist1d default: 100 bins over [−2, 2]
 DEFAULT_EDGES = tuple(float(e) for e in np.linspace(-2.0, 2.0, 101))
@@ -79,22 +80,30 @@ class GradientNoise:
     bn_mode: str
     eps: float
     n_passes: int               # passes over the data (1, or 2 when ū needs a batched pass first)
+    loss: float                 # the mean of the per-unit losses
     histogram: Optional[GradientHistogram] = None
+    lines: Dict[str, LineObservation] = field(default_factory=dict)   # one per entry of ``directions``
 
 
 class Moments:
     """Running sums over units: per-parameter mean and centred sum of squares (merged pairwise), the projections
-    u_iᵀr on a reference r (ū, or ū from a first pass), and optional histogram counts."""
+    u_iᵀr on a reference r (ū, or ū from a first pass), per-unit losses and slopes along given unit directions,
+    and optional histogram counts."""
 
-    def __init__(self, reference: Optional[torch.Tensor], edges: Optional[torch.Tensor]):
+    def __init__(self, reference: Optional[torch.Tensor], edges: Optional[torch.Tensor],
+                 directions: Optional[Mapping[str, torch.Tensor]] = None):
         self.reference, self.edges = reference, edges
+        self.directions = dict(directions or {})
         self.count, self.mean, self.m2 = 0, None, None
-        self.projections = []
+        self.projections, self.losses = [], []
+        self.slopes = {name: [] for name in self.directions}
         if edges is not None:
             self.counts = torch.zeros(len(edges) - 1, dtype=torch.int64)
             self.below = self.above = 0
+            widths = edges[1:] - edges[:-1]
+            self.uniform = bool(torch.allclose(widths, widths[0], rtol=1e-9, atol=0))
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, losses: torch.Tensor, rows: torch.Tensor) -> None:
         k = rows.shape[0]
         mean = rows.mean(dim=0)
         m2 = ((rows - mean) ** 2).sum(dim=0).double()
@@ -108,19 +117,29 @@ class Moments:
         self.count += k
         reference = self.mean.to(rows.dtype) if self.reference is None else self.reference
         self.projections.append((rows @ reference).double())
+        self.losses.append(losses.double())
+        for name, direction in self.directions.items():
+            self.slopes[name].append((rows @ direction.to(rows.dtype)).double())
         if self.edges is not None:
             self._count(rows)
 
     def _count(self, rows: torch.Tensor) -> None:
+        """Bins [e_k, e_k+1), the last closed (np.histogram's); uniform edges by torch.histc's arithmetic (a value
+        within rounding of an inner edge may land in the neighbouring bin), others by binary search."""
         values = rows.reshape(-1)
         edges = self.edges.to(values.dtype)
+        n_bins = len(edges) - 1
         low, high = edges[0], edges[-1]
-        self.below += int((values < low).sum())
-        self.above += int((values > high).sum())
-        inside = values[(values >= low) & (values <= high)]
-        index = torch.bucketize(inside, edges, right=True) - 1
-        index = index.clamp_(max=len(edges) - 2)   # the last bin is closed at e_K
-        self.counts += torch.bincount(index, minlength=len(edges) - 1).cpu()
+        n_below, n_above = int((values < low).sum()), int((values > high).sum())
+        self.below += n_below
+        self.above += n_above
+        if self.uniform:
+            counts = torch.histc(values, bins=n_bins, min=float(low), max=float(high)).long()
+        else:
+            index = torch.bucketize(values, edges, right=True) - 1   # -1 below, n_bins above (and at e_K)
+            index[values == high] = n_bins - 1
+            counts = torch.bincount(index + 1, minlength=n_bins + 2)[1:n_bins + 1]
+        self.counts += counts.cpu()
 
 
 def check_edges(edges) -> torch.Tensor:
@@ -134,14 +153,16 @@ def check_edges(edges) -> torch.Tensor:
     return values
 
 
-def collect(units: Units, edges=None) -> tuple[Moments, int]:
-    """All the sums over the units of ``units``, and the number of passes over the data it took."""
+def collect(units: Units, edges=None, directions=None) -> tuple[Moments, int]:
+    """All the sums over the units of ``units``, and the number of passes over the data it took. ``directions``:
+    name -> flat unit vector."""
     reference, passes = None, 1
     if units.unit == "example" and len(units.objectives) > 1:
         reference, passes = units.mean_gradient(), 2
-    moments = Moments(reference, None if edges is None else check_edges(edges).to(units.base[units.names[0]].device))
-    for rows in units.gradients():
-        moments.add(rows)
+    device = units.base[units.names[0]].device
+    moments = Moments(reference, None if edges is None else check_edges(edges).to(device), directions)
+    for losses, rows in units.gradients():
+        moments.add(losses, rows)
     if reference is not None:
         gap = float(torch.linalg.vector_norm(moments.mean - reference.double()))
         size = float(torch.linalg.vector_norm(reference.double()))
@@ -154,18 +175,25 @@ def collect(units: Units, edges=None) -> tuple[Moments, int]:
 
 def gradient_noise(model: nn.Module, loss_fn: Callable, data, *, unit: str = "example",
                    params: Optional[Sequence[str]] = None, bn_mode: str = "batch", eps: float = 1e-5,
-                   edges: Optional[Sequence[float]] = None) -> GradientNoise:
+                   edges: Optional[Sequence[float]] = None,
+                   directions: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None) -> GradientNoise:
     """Norm, inner-product and orthogonality tests, mean GSNR and simple noise scale of the per-unit gradients.
 
     ``data``: one batch (inputs, targets) or an iterable of chunks (``unit="example"``), or an iterable of at least
     two minibatches of equal size (``unit="batch"``). ``params``: names of a block of parameters (default all
-    trainable ones). ``edges``: also count the gradient entries over these bin edges (``histogram``), in the same pass.
+    trainable ones). In the same pass: ``edges``, count the gradient entries over these bin edges (``histogram``);
+    ``directions`` (name -> dict keyed like the parameters), the mean loss and slope along each direction with their
+    per-unit variances (``lines``, for :func:`~smoothness.step_quality.step_quality_from`).
     """
     check_bn_mode(bn_mode)
     if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     units = Units(model, loss_fn, data, unit, params, bn_mode)
-    moments, passes = collect(units, edges)
+    flat = {}
+    for name, direction in (directions or {}).items():
+        d = units.objectives[0].check_direction(direction, what=f"directions[{name!r}]", names=units.names)
+        flat[name] = units.flatten(d) / norm(d)
+    moments, passes = collect(units, edges, flat)
     m = moments.count
     ubar, m2 = moments.mean, moments.m2
     g2 = float(ubar @ ubar)
@@ -189,7 +217,10 @@ def gradient_noise(model: nn.Module, loss_fn: Callable, data, *, unit: str = "ex
                          noise_scale=b * variance / signal if signal > 0 else math.inf,
                          noise_drowns_signal=not signal > 0, gradient_norm=math.sqrt(g2), variance=variance,
                          n_units=m, batch_size=b, n_params=units.n_params, unit=unit,
-                         bn_mode=bn_mode, eps=float(eps), n_passes=passes, histogram=histogram)
+                         bn_mode=bn_mode, eps=float(eps), n_passes=passes, histogram=histogram,
+                         loss=float(torch.cat(moments.losses).mean()),
+                         lines={name: LineObservation.of(torch.cat(moments.losses), torch.cat(slopes), unit, bn_mode)
+                                for name, slopes in moments.slopes.items()})
 
 
 def gradient_histogram(model: nn.Module, loss_fn: Callable, data, *, edges: Sequence[float] = DEFAULT_EDGES,
@@ -202,7 +233,7 @@ def gradient_histogram(model: nn.Module, loss_fn: Callable, data, *, edges: Sequ
     moments = Moments(torch.zeros(units.n_params, dtype=units.base[units.names[0]].dtype,
                                   device=units.base[units.names[0]].device),
                       check_edges(edges).to(units.base[units.names[0]].device))
-    for rows in units.gradients():
-        moments.add(rows)
+    for losses, rows in units.gradients():
+        moments.add(losses, rows)
     return GradientHistogram(edges=moments.edges.cpu().numpy().copy(), counts=moments.counts.numpy(),
                              below=moments.below, above=moments.above, unit=unit, n_units=moments.count)

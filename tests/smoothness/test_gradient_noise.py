@@ -212,16 +212,17 @@ def test_model_left_as_found():
 
 
 # -- histogram --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("uniform", [True, False])
 @pytest.mark.parametrize("unit", ["example", "batch"])
-def test_histogram_matches_numpy(unit):
+def test_histogram_matches_numpy(unit, uniform):
     model, (x, y) = mlp(), data(n=12)
-    edges = np.linspace(-0.3, 0.3, 13)
+    edges = np.linspace(-0.3, 0.3, 13) if uniform else np.array([-0.3, -0.1, -0.01, 0.0, 0.02, 0.25])
     units = examples(x, y) if unit == "example" else minibatches(x, y, 3)
     u, _ = unit_gradients(model, LOSS, units, "batch")
     hist = gradient_histogram(model, LOSS, (x, y) if unit == "example" else units, edges=edges, unit=unit)
     counts, _ = np.histogram(u.numpy().ravel(), bins=edges)
     np.testing.assert_array_equal(hist.counts, counts)
-    assert hist.below == int((u < -0.3).sum()) and hist.above == int((u > 0.3).sum())
+    assert hist.below == int((u < edges[0]).sum()) and hist.above == int((u > edges[-1]).sum())
     assert hist.clipped_counts.sum() == u.numel()
     same = gradient_noise(model, LOSS, (x, y) if unit == "example" else units, unit=unit, edges=edges).histogram
     np.testing.assert_array_equal(same.counts, counts)
@@ -330,3 +331,25 @@ def test_tic_matches_dense(moment):
     assert result.tic_diag == pytest.approx(float((c / (g + 1e-7)).sum()), rel=1e-9)
     assert result.tic_trace == pytest.approx(float(c.sum() / (g.sum() + 1e-7)), rel=1e-9)
     assert result.n_units == 10 and result.moment == moment
+
+
+@pytest.mark.parametrize("unit", ["example", "batch"])
+def test_lines_from_the_gradient_pass_equal_step_quality(unit):
+    """Cockpit's protocol from parts: the start from gradient_noise's pass at w, the end from observe_line at w + s."""
+    from smoothness import observe_line, step_quality_from
+    model, (x, y) = mlp(), data(n=12)
+    data_ = (x, y) if unit == "example" else minibatches(x, y, 3)
+    torch.manual_seed(4)
+    step = {n: 0.3 * torch.randn_like(p) for n, p in model.named_parameters()}
+    direct = step_quality(model, LOSS, data_, step, unit=unit)
+    start = gradient_noise(model, LOSS, data_, unit=unit, directions={"s": step}).lines["s"]
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in moved.named_parameters():
+            p.add_(step[n])
+    end = observe_line(moved, LOSS, data_, step, unit=unit)
+    parts = step_quality_from(start, end, direct.step_length)
+    for a, b in ((start, direct.start), (end, direct.end)):
+        for key in ("loss", "loss_variance", "slope", "slope_variance"):
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-10), key
+    assert parts.alpha == pytest.approx(direct.alpha, rel=1e-8)
