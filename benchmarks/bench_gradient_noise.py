@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from smoothness import gradient_noise, step_quality, tic  # noqa: E402
+from smoothness import gradient_noise, observe_line, step_quality, step_quality_from, tic  # noqa: E402
 from smoothness.gradient_noise import DEFAULT_EDGES  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -83,20 +83,37 @@ def economy(interval: int = 1):
 
 
 # -- ours ---------------------------------------------------------------------------------------------------------
-def our_run(model, data, every: int, lr=0.05):
-    """SGD over ``data``, measuring the economy-equivalent set every ``every`` steps (0: never)."""
+def our_run(model, data, every: int, lr=0.05, same_batch: bool = False):
+    """SGD over ``data``, measuring the economy-equivalent set every ``every`` steps (0: never): gradient_noise
+    (tests, norm, GSNR, histogram, loss) and α of each tracked step, by Cockpit's protocol (start from the tracked
+    step's own pass, end on the next batch at w + s: ``directions`` of the next pass, or observe_line) or, with
+    ``same_batch``, by step_quality (both ends on the tracked step's batch)."""
     loss_fn = nn.CrossEntropyLoss()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    out = []
+    w0 = [p.detach().clone() for p in model.parameters()]
+    out, pending = [], None   # pending: (start observation, t, s) of the last tracked step
     for step, (x, y) in enumerate(data):
         opt.zero_grad()
         loss = loss_fn(model(x), y)
         loss.backward()
+        s = {n: -lr * p.grad for n, p in model.named_parameters()}
+        t = math.sqrt(sum(float((v ** 2).sum()) for v in s.values()))
         if every and step % every == 0:
-            noise = gradient_noise(model, loss_fn, (x, y), edges=DEFAULT_EDGES)
-            s = {n: -lr * p.grad for n, p in model.named_parameters()}
-            quality = step_quality(model, loss_fn, (x, y), s)
-            out.append((float(loss), noise, quality))
+            directions = {"step": s} if pending is None else {"step": s, "previous": pending[2]}
+            noise = gradient_noise(model, loss_fn, (x, y), edges=DEFAULT_EDGES,
+                                   directions=None if same_batch else directions)
+            distance = math.sqrt(sum(float(((p - p0) ** 2).sum()) for p, p0 in zip(model.parameters(), w0)))
+            if same_batch:
+                alpha = step_quality(model, loss_fn, (x, y), s).alpha
+            else:
+                alpha = (step_quality_from(pending[0], noise.lines["previous"], pending[1]).alpha
+                         if pending is not None else None)
+                pending = (noise.lines["step"], t, s)
+            out.append((float(loss), noise, alpha, distance, t))
+        elif pending is not None:
+            out.append(step_quality_from(pending[0], observe_line(model, loss_fn, (x, y), pending[2]),
+                                         pending[1]).alpha)
+            pending = None
         opt.step()
     return out
 
@@ -154,6 +171,8 @@ def time_steps(size: int, n_steps: int, repeats: int):
         "bare step": lambda: bare_run(copy.deepcopy(base), data),
         "Cockpit economy, every step": lambda: cockpit_run(copy.deepcopy(base), data, economy(1)),
         "ours, every step": lambda: our_run(copy.deepcopy(base), data, every=1),
+        "ours, every step, α on the same batch": lambda: our_run(copy.deepcopy(base), data, every=1,
+                                                                   same_batch=True),
         "Cockpit economy, every 10 steps": lambda: cockpit_run(copy.deepcopy(base), data, economy(10)),
         "ours, every 10 steps": lambda: our_run(copy.deepcopy(base), data, every=10),
     }
@@ -189,6 +208,7 @@ def main(argv=None):
         bare = med["bare step"]
         for name, value in med.items():
             partner = {"ours, every step": "Cockpit economy, every step",
+                       "ours, every step, α on the same batch": "Cockpit economy, every step",
                        "ours, every 10 steps": "Cockpit economy, every 10 steps"}.get(name)
             vs = f"{value / med[partner]:.2f}" if partner else ""
             lines.append(f"| {size} | {name} | {1000 * value:.1f} | {value / bare:.2f} | {vs} |")

@@ -42,8 +42,8 @@ _MEAN_RTOL = 1e-4
 
 @dataclass(frozen=True)
 class GradientHistogram:
-    """Counts of the entries u_ij of all per-unit gradients over fixed bin edges (bins [e_k, e_k+1), the last
-    closed); entries outside [e_0, e_K] are counted in ``below`` / ``above``."""
+    """Counts of the entries u_ij of all per-unit gradients over fixed bin edges, bins [e_k, e_k+1); entries below
+    e_0 are counted in ``below``, entries at or above e_K in ``above``."""
 
     edges: np.ndarray
     counts: np.ndarray
@@ -116,30 +116,33 @@ class Moments:
             self.m2 = self.m2 + m2 + delta ** 2 * (self.count * k / total)
         self.count += k
         reference = self.mean.to(rows.dtype) if self.reference is None else self.reference
-        self.projections.append((rows @ reference).double())
+        vectors = [reference] + [d.to(rows.dtype) for d in self.directions.values()]
+        products = (rows @ torch.stack(vectors, dim=1)).double()   # one pass over the rows for all projections
+        self.projections.append(products[:, 0])
         self.losses.append(losses.double())
-        for name, direction in self.directions.items():
-            self.slopes[name].append((rows @ direction.to(rows.dtype)).double())
+        for i, name in enumerate(self.directions, start=1):
+            self.slopes[name].append(products[:, i])
         if self.edges is not None:
             self._count(rows)
 
     def _count(self, rows: torch.Tensor) -> None:
-        """Bins [e_k, e_k+1), the last closed (np.histogram's); uniform edges by torch.histc's arithmetic (a value
-        within rounding of an inner edge may land in the neighbouring bin), others by binary search."""
+        """Bins [e_k, e_k+1); a value below e_0 counts in ``below``, one at or above e_K in ``above``. Uniform edges:
+        clamp into one extra bin at each end and ``torch.histc`` (arithmetic binning, as Cockpit's: a value within
+        rounding of an inner edge may land in the neighbouring bin); other edges by binary search."""
         values = rows.reshape(-1)
         edges = self.edges.to(values.dtype)
         n_bins = len(edges) - 1
-        low, high = edges[0], edges[-1]
-        n_below, n_above = int((values < low).sum()), int((values > high).sum())
-        self.below += n_below
-        self.above += n_above
         if self.uniform:
-            counts = torch.histc(values, bins=n_bins, min=float(low), max=float(high)).long()
+            low, high = float(edges[0]), float(edges[-1])
+            width = (high - low) / n_bins
+            clamped = values.clamp(low - width / 2, high + width / 2)
+            counts = torch.histc(clamped, bins=n_bins + 2, min=low - width, max=high + width).long()
         else:
-            index = torch.bucketize(values, edges, right=True) - 1   # -1 below, n_bins above (and at e_K)
-            index[values == high] = n_bins - 1
-            counts = torch.bincount(index + 1, minlength=n_bins + 2)[1:n_bins + 1]
-        self.counts += counts.cpu()
+            counts = torch.bincount(torch.bucketize(values, edges, right=True), minlength=n_bins + 2)
+        counts = counts.cpu()
+        self.below += int(counts[0])
+        self.above += int(counts[n_bins + 1])
+        self.counts += counts[1:n_bins + 1]
 
 
 def check_edges(edges) -> torch.Tensor:
