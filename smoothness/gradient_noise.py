@@ -105,9 +105,8 @@ class Moments:
 
     def add(self, losses: torch.Tensor, rows: torch.Tensor) -> None:
         k = rows.shape[0]
-        mean = rows.mean(dim=0)
-        m2 = ((rows - mean) ** 2).sum(dim=0).double()
-        mean = mean.double()
+        var, mean = torch.var_mean(rows, dim=0, correction=0)
+        m2, mean = var.double() * k, mean.double()
         if self.count == 0:
             self.mean, self.m2 = mean, m2
         else:
