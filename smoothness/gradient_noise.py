@@ -16,9 +16,10 @@ mean and centred sum of squares), so memory is one chunk's k × n gradients plus
 
 Cost: data as one batch: one per-example pass (vmap of grad), ū taken from it. Data as several chunks: the
 projections u_iᵀū need ū first, so a first pass takes ū from ordinary batched gradients (one forward and backward per
-chunk, about a third of a per-example pass) and the per-example pass follows; the per-example mean must equal it
+chunk, 0.6-0.7x a per-example pass on the study's ConvNet) and the per-example pass follows; the per-example mean must equal it
 (else a module couples examples or the loss is not a mean). ``unit="batch"``: one forward and backward per
-minibatch, the m gradients held (m × n numbers) since recomputing them would double the cost.
+minibatch, the m gradients held (m × n numbers) since recomputing them would double the cost. Per-example gradients
+from layer hooks (BackPACK's way: unfold + einsum for convolutions) measured 1.6x slower than vmap on CPU.
 """
 from __future__ import annotations
 
