@@ -19,7 +19,8 @@ from torch import nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
-from ._objective import Objective, check_batch, check_chunk, chunk_kind, estimator_mode, is_single_batch
+from ._objective import (Objective, check_batch, check_chunk, chunk_kind, estimator_mode, is_single_batch,
+                         trainable_parameters)
 from ._rng import fixed_rng
 from .operator import resolve_params
 
@@ -112,8 +113,7 @@ class Units:
                              f"gradient per minibatch of data)")
         self.unit = unit
         chunks = split_units(data, unit)
-        device = next(p.device for p in model.parameters() if p.requires_grad) if any(
-            p.requires_grad for p in model.parameters()) else torch.device("cpu")
+        device = next(iter(trainable_parameters(model).values())).device
         self.objectives = [Objective(model, loss_fn, (x.to(device), y.to(device)), bn_mode) for x, y in chunks]
         check_unit(unit, model, bn_mode)
         first = self.objectives[0]
