@@ -353,3 +353,13 @@ def test_lines_from_the_gradient_pass_equal_step_quality(unit):
         for key in ("loss", "loss_variance", "slope", "slope_variance"):
             assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-10), key
     assert parts.alpha == pytest.approx(direct.alpha, rel=1e-8)
+
+
+def test_chunks_with_a_summed_loss_refused():
+    """Over several chunks ū comes from batched gradients first; a loss that is not a mean breaks that, loudly."""
+    model, (x, y) = mlp(), data(n=12)
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    with pytest.raises(ValueError, match="not the mean of per-example losses"):
+        gradient_noise(model, summed, [(x[:6], y[:6]), (x[6:], y[6:])])
+    one = gradient_noise(model, summed, (x, y))   # one batch: per-example gradients need no mean
+    check(one, reference(unit_gradients(model, summed, examples(x, y), "batch")[0], 1))
