@@ -186,7 +186,7 @@ def gradient_noise(model: nn.Module, loss_fn: Callable, data, *, unit: str = "ex
     """Norm, inner-product and orthogonality tests, mean GSNR and simple noise scale of the per-unit gradients.
 
     ``data``: one batch (inputs, targets) or an iterable of chunks (``unit="example"``), or an iterable of at least
-    two minibatches of equal size (``unit="batch"``). ``params``: names of a block of parameters (default all
+    two minibatches of equal size (``unit="batch"``); an iterable is walked once and its chunks held. ``params``: names of a block of parameters (default all
     trainable ones). In the same pass: ``edges``, count the gradient entries over these bin edges (``histogram``);
     ``directions`` (name -> dict keyed like the parameters), the mean loss and slope along each direction with their
     per-unit variances (``lines``, for :func:`~smoothness.step_quality.step_quality_from`).
