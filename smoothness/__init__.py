@@ -18,6 +18,7 @@ from .curvature import EigenResult, TraceResult, directional_curvature, hessian_
 from .density import DensityResult, spectral_density
 from .flatness import PacBayesFlatness, RelativeFlatness, pacbayes_flatness, pacbayes_mag_flatness, relative_flatness
 from .gradient import loss_and_gradient
+from .gradient_noise import GradientHistogram, GradientNoise, gradient_histogram, gradient_noise
 
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
@@ -26,6 +27,8 @@ from .norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, 
 from .operator import KINDS, CurvatureOperator, curvature_operator, hvp
 from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
+from .step_quality import LineObservation, StepQuality, observe_line, step_quality, step_quality_from
+from .tic import TakeuchiResult, tic
 from .sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,
                         epsilon_sharpness, worst_case_sharpness)
 
@@ -41,5 +44,7 @@ __all__ = [
     "PacBayesFlatness", "RelativeFlatness", "pacbayes_flatness", "pacbayes_mag_flatness", "relative_flatness",
     "DistanceToInit", "SpectralProduct", "PathNorm", "distance_to_init", "spectral_product", "path_norm",
     "KINDS", "CurvatureOperator", "curvature_operator",
+    "GradientNoise", "GradientHistogram", "gradient_noise", "gradient_histogram", "StepQuality", "step_quality",
+    "LineObservation", "observe_line", "step_quality_from", "TakeuchiResult", "tic",
 ]
 __version__ = "0.1.0"

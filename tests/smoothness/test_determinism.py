@@ -55,6 +55,11 @@ def batch(n: int = 10, seed: int = 1):
     return torch.randn(n, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
+def halves(b):
+    """Two minibatch units (per-example units are undefined with train-mode BatchNorm)."""
+    return [(b[0][:5], b[1][:5]), (b[0][5:], b[1][5:])]
+
+
 def ce(outputs, targets):
     return nn.functional.cross_entropy(outputs, targets)
 
@@ -100,6 +105,14 @@ CALLS = {
     "spectral_product": lambda m, b: smoothness.spectral_product(m),
     "path_norm": lambda m, b: smoothness.path_norm(m, (2, 6, 6)),
     "curvature_operator": lambda m, b: smoothness.curvature_operator(m, ce, b, kind="ggn").matvec(direction(m)),
+    "gradient_noise": lambda m, b: smoothness.gradient_noise(m, ce, halves(b), unit="batch", edges=[-1.0, 0.0, 1.0],
+                                                             directions={"d": direction(m)}),
+    "gradient_histogram": lambda m, b: smoothness.gradient_histogram(m, ce, halves(b), unit="batch"),
+    "step_quality": lambda m, b: smoothness.step_quality(m, ce, halves(b), direction(m), unit="batch"),
+    "observe_line": lambda m, b: smoothness.observe_line(m, ce, halves(b), direction(m), unit="batch"),
+    "step_quality_from": lambda m, b: smoothness.step_quality_from(
+        *(smoothness.observe_line(m, ce, halves(b), direction(m, seed), unit="batch") for seed in (3, 4)), 0.5),
+    "tic": lambda m, b: smoothness.tic(m, ce, b, bn_mode="running"),
 }
 
 
