@@ -257,3 +257,27 @@ def test_bad_input_raises_an_error_naming_what_is_wrong():
         kendall_tau(df.assign(reached=1), "sharpness")
     with pytest.raises(AnalysisError, match="'seed' is the seed column"):
         granulated_tau(df, "sharpness", ["lr", "seed"])
+
+
+def overlapping_tick_labels(fig) -> list[str]:
+    """Pairs of x tick labels, in any visible panel of ``fig``, whose drawn boxes overlap."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    found = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        labels = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        found += [f"{ax.get_title()!r}: {a.get_text()} / {b.get_text()}"
+                  for (a, p), (b, q) in itertools.combinations(zip(labels, boxes), 2) if p.overlaps(q)]
+    return found
+
+
+def test_measure_vs_gap_tick_labels_do_not_overlap():
+    """Measures of order 1e-3 over a narrow range (worst-case sharpness) wrote labels like 0.00075 that overlapped."""
+    from experiments.features.generalization.figures import measure_vs_gap
+    rank = noisy(3)["gap"].rank()
+    df = noisy(3).assign(tiny=7e-4 + 1.6e-3 * rank / len(rank), small=2e-3 * rank, large=4000 + 40 * rank)
+    results = analyse(df, ["tiny", "small", "large", "sharpness"], ["lr", "bn"], n_resamples=50)  # 4 panels a row
+    assert overlapping_tick_labels(measure_vs_gap(df, results, "bn")) == []

@@ -17,6 +17,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from experiments.plotstyle import styled
 from experiments.analysis.figures import save_figure
@@ -67,6 +68,9 @@ def measure_vs_gap(df: pd.DataFrame, results: dict[str, MeasureResult], hue: str
         x = d[m].dropna()
         if len(x) and (x > 0).all() and x.max() / x.min() > 100:
             ax.set_xscale("log")
+        else:  # at most 5 ticks, small or large values as a ×10ⁿ offset: labels such as 0.00075 would overlap
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
         r = results[m]
         ax.set(xlabel=m, ylabel=gap_label if axes.index(ax) % MAX_COLUMNS == 0 else "",
                title=f"{m}\nτ = {r.tau.value:.2f}, Ψ = {r.granulated.value:.2f} (n={r.tau.n})")
