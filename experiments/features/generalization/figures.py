@@ -3,7 +3,7 @@
 - ``measure_vs_gap``: one panel per measure, the measure against the gap, one dot per run; colour = ``hue`` (BN on
   or off, or the first axis), marker = learning rate. Runs that did not reach the target are drawn as grey × and
   enter no coefficient; each panel's title gives τ and Ψ.
-- ``coefficients``: τ and Ψ per measure as bars, with their bootstrap intervals as error bars.
+- ``coefficients``: τ and Ψ per measure as bars, with their cluster-bootstrap intervals as error bars.
 
 Nothing random is drawn and ``save_figure`` writes no date, so the same table gives byte-identical files.
 """
@@ -86,7 +86,7 @@ def measure_vs_gap(df: pd.DataFrame, results: dict[str, MeasureResult], hue: str
 
 @styled
 def coefficients(results: dict[str, MeasureResult]) -> Figure:
-    """Bars of τ and Ψ per measure; error bars: the percentile bootstrap intervals."""
+    """Bars of τ and Ψ per measure; error bars: the percentile cluster-bootstrap intervals (``kendall``)."""
     measures = list(results)
     fig, (ax,) = _new_figure(1, max(5.0, 1.1 * len(measures) + 2), 4.2)
     colours = sns.color_palette("colorblind", 2)
@@ -103,8 +103,8 @@ def coefficients(results: dict[str, MeasureResult]) -> Figure:
     ax.set_xticks(x, measures, rotation=30, ha="right")
     some = next(iter(results.values())).boot.tau
     ax.set(ylim=(-1.05, 1.05), ylabel="rank correlation with the gap",
-           title=f"Kendall's τ and Jiang et al.'s Ψ\nerror bars: {CONFIDENCE:.0%} percentile bootstrap "
-                 f"({some.n_resamples} resamples)")
+           title=f"Kendall's τ and Jiang et al.'s Ψ\nerror bars: {CONFIDENCE:.0%} percentile cluster bootstrap over "
+                 f"configurations ({some.n_resamples} resamples)")
     ax.legend(frameon=False)
     return fig
 
