@@ -70,7 +70,8 @@ def interval(text: str) -> tuple[float, float]:
 
 
 def launch_seconds(study: str) -> float:
-    return sum(launch["wall_seconds"] for launch in json.loads((RESULTS / study / "launch.json").read_text())["launches"])
+    launches = json.loads((RESULTS / study / "launch.json").read_text())["launches"]
+    return sum(launch["wall_seconds"] for launch in launches)
 
 
 def final_evals(study: str) -> list[dict]:
@@ -140,7 +141,8 @@ def test_generalization_table_row(name):
     row = {r["measure"]: r for r in table(GENERALIZATION, "| measure | n | τ |")}[GEN_MEASURES[name]]
     expected = [number(row["τ"]), *interval(row["τ 95% CI"]), number(row["Ψ"]), *interval(row["Ψ 95% CI"]),
                 number(row["τ at η=0.05"]), number(row["τ at η=0.2"]), number(row["τ over configuration means"])]
-    columns = ["τ", "τ low", "τ high", "Ψ", "Ψ low", "Ψ high", "τ at η=0.05", "τ at η=0.2", "τ over configuration means"]
+    columns = ["τ", "τ low", "τ high", "Ψ", "Ψ low", "Ψ high", "τ at η=0.05", "τ at η=0.2",
+               "τ over configuration means"]
     for k, (column, value) in enumerate(zip(columns, expected), start=1):
         check(m[k], value, f"{name}: {column}")
 

@@ -555,7 +555,7 @@ def test_a_figure_registered_from_outside_the_package_is_drawn(tmp_path, monkeyp
 
 @pytest.mark.parametrize("seeds, t_band", [((0, 1), False), ((0, 1, 2, 3, 4), True)])
 def test_santurkar_fig4_legend_says_what_the_shading_spans(tmp_path, seeds, t_band):
-    """Panels (a), (b) shade min..max over probe step sizes, not a t-interval; only (c) has a t-interval, from 5 runs."""
+    """Panels (a), (b) shade min..max over probe step sizes, not a t-interval; (c) has a t-interval, from 5 runs."""
     from experiments.features.probe.figures import santurkar_fig4
     study = make_results(tmp_path, seeds=seeds, epochs=2, models=("convnet",))
     fig = santurkar_fig4(load(study.path), load_runs(study.path))
