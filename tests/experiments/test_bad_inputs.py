@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from experiments import imagefolder, plugins
 from experiments.cli import main
-from experiments.config import RunConfig
+from experiments.config import RunConfig, StudyConfig
 from experiments.tracker import Tracker, run_config
 from experiments.training import train_run
 
@@ -249,13 +249,13 @@ MISTAKES = {
     "built-in BatchNorm model, batch of 1": (["--model", "bn-mlp", "--dataset", D, "--batch-size", "1"],
                                              ("--model bn-mlp normalises with batch statistics", "--batch-size 1")),
     "convnet on 3x32x32": (["--model", "convnet", "--dataset", f"{MODULE}:rgb32"],
-                           ("--model convnet cannot take the inputs of --dataset", "(3, 32, 32)", "(C, 28, 28)")),
+                           ("--model convnet cannot take the inputs of --dataset", "(3, 32, 32)", "expects inputs of shape (28, 28) (height, width")),
     "convnet on 1x16x16": (["--model", "convnet", "--dataset", f"{MODULE}:grey16"], ("(1, 16, 16)",)),
     "lenet5 on 1x16x16": (["--model", "lenet5", "--dataset", f"{MODULE}:grey16"], ("expects inputs of shape "
                                                                                  "(3, 32, 32)", "(1, 16, 16)")),
     "vgg11 on 1x16x16": (["--model", "vgg11", "--dataset", f"{MODULE}:grey16"], ("(1, 16, 16)",)),
     "one class, user model": (["--model", f"{MODULE}:net", "--dataset", f"{MODULE}:one_class"],
-                              ("holds a single class (label 0)", "at least two classes")),
+                              ("the training set holds a single class (label 0, all 200 items)", "at least two classes")),
     "one class, built-in model": (["--model", "mlp", "--dataset", f"{MODULE}:one_class"], ("a single class",)),
 }
 
@@ -274,15 +274,19 @@ def test_an_image_folder_of_one_class_is_refused(tmp_path):
                     "2"), tmp_path, "a single class")
 
 
-def test_a_sweep_checks_every_batch_size_of_its_grid(user_module, tmp_path):
-    """A study axis can put --batch-size 1 on one run only: that run is checked too, before anything is written."""
-    sweep_file = tmp_path / "sweep.json"
-    sweep_file.write_text(json.dumps({"models": [f"{MODULE}:batchnorm"], "lrs": [0.1], "seeds": [0],
-                                      "dataset": D, "subset": 1.0, "epochs": 1, "probe_every": 0,
-                                      "batch_size": [20, 1]}))
-    result = CliRunner().invoke(main, ["-q", "sweep", "--sweep-file", str(sweep_file), "--name", "bs",
-                                       "--results-dir", str(tmp_path / "results"), "--device", "cpu"])
-    _refused(result, tmp_path, "--batch-size 1")
+def test_a_study_checks_every_batch_size_of_its_grid(user_module, tmp_path):
+    """A study axis (as the generalization preset's) can give --batch-size 1 to some runs of a model only: those
+    are checked too, before anything is written."""
+    import click
+    from experiments.cli import run_study
+    base = RunConfig(dataset=D, subset=1.0, epochs=1, probe_every=0, device="cpu", study="bs")
+    study = StudyConfig(name="bs", models=(f"{MODULE}:batchnorm",), lrs=(0.1,), seeds=(0,), base=base,
+                        axes=(("batch_size", (20, 1)),))
+    with pytest.raises(click.ClickException) as info:
+        run_study(study, results_dir=tmp_path / "results", data_dir=None, executor="serial", workers=None,
+                  threads=None, ray_address=None, resume=False, figures=False, quiet=True)
+    assert "--batch-size 1 gives it batches of one input" in info.value.message
+    assert not (tmp_path / "results").exists()
 
 
 def test_the_checks_pass_a_model_that_trains(user_module, tmp_path):
@@ -323,7 +327,7 @@ def _tracker(tmp_path, model, x, y, xt, yt, **fields):
     ("inf test", "test_data's inputs hold 1 non-finite value (NaN or inf), the first in item 3"),
     ("no parameters", "the model has no parameters"),
     ("frozen", "every one of its 2 parameters is frozen"),
-    ("one class", "train_data holds a single class (label 0)"),
+    ("one class", "train_data holds a single class (label 0, all 20 items)"),
     ("generalization without nn.Linear", "has no nn.Linear layer"),
 ])
 def test_the_tracker_refuses_the_same_inputs_before_writing(tmp_path, case, needle):
