@@ -3,12 +3,12 @@
 message its caller begins with what it checked (``--dataset mod:data: the training set``), or None."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["frozen_or_empty", "missing_linear", "non_finite", "one_line", "single_class"]
+__all__ = ["frozen_or_empty", "missing_linear", "non_finite", "one_line", "single_class", "weights_mismatch"]
 
 
 def one_line(exc: BaseException) -> str:
@@ -56,3 +56,20 @@ def missing_linear(model: nn.Module, option: str) -> Optional[str]:
         return None
     return (f"has no nn.Linear layer, which {option} needs (relative flatness is measured on the last one's weight); "
             f"leave {option} at 0, or end the model with an nn.Linear")
+
+
+def weights_mismatch(model: nn.Module, saved) -> Optional[str]:
+    """How saved weights (a state_dict, from a checkpoint) differ from the model's: tensors of another shape (the
+    first two named), tensors only one side has; None when they fit."""
+    if not isinstance(saved, Mapping):
+        return f"it holds a {type(saved).__name__}, not a state_dict"
+    ours = model.state_dict()
+    shapes = [f"{k} is {tuple(saved[k].shape)} there, {tuple(v.shape)} in the model" for k, v in ours.items()
+              if isinstance(saved.get(k), torch.Tensor) and saved[k].shape != v.shape]
+    missing, extra = [k for k in ours if k not in saved], [k for k in saved if k not in ours]
+    parts = shapes[:2] + ([f"{len(shapes) - 2} more tensors differ in shape"] if len(shapes) > 2 else [])
+    for keys, where in ((missing, "the model has, not there"), (extra, "there, not in the model")):
+        if keys:
+            parts.append(f"{len(keys)} tensor{'s' if len(keys) > 1 else ''} {where} ({', '.join(keys[:3])}"
+                         f"{', ...' if len(keys) > 3 else ''})")
+    return "; ".join(parts) or None

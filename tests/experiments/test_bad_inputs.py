@@ -301,16 +301,16 @@ def test_resuming_with_a_model_of_another_shape_is_one_line(user_module, tmp_pat
     cfg = RunConfig(model=f"{MODULE}:net", dataset=D, subset=1.0, epochs=1, batch_size=20, probe_every=0,
                     device="cpu", study="train")
     outcome = train_run(cfg, tmp_path / "results" / "train")
-    (outcome.run_dir / "done").unlink()      # killed just before `done`: resumable
+    (outcome.path / "done").unlink()      # killed just before `done`: resumable
     user_module.write_text(user_module.read_text().replace("WIDTH = 8", "WIDTH = 12"))   # the factory changed
     sys.modules.pop(MODULE, None)
     result = _train(tmp_path, "--model", f"{MODULE}:net", "--dataset", D, "--resume")
     message = result.output.strip()
     assert result.exit_code != 0 and len(message.splitlines()) == 1, message
-    assert "the weights in" in message and "do not fit the model" in message and "0.weight" in message, message
+    assert "the weights in" in message and "do not fit the model" in message and "1.weight" in message, message
     assert "(12, 16)" in message and "(8, 16)" in message and "restore the model's code" in message, message
     assert "size mismatch" not in message      # not torch's load_state_dict text
-    assert sorted(p.name for p in (outcome.run_dir / "checkpoints").iterdir())   # the checkpoints are kept
+    assert sorted(p.name for p in (outcome.path / "checkpoints").iterdir())   # the checkpoints are kept
 
 
 # -- the Tracker: the same inputs through a user's own loop ----------------------------------------------------------
@@ -351,3 +351,23 @@ def test_the_tracker_refuses_the_same_inputs_before_writing(tmp_path, case, need
         _tracker(tmp_path, model, x, y, xt, yt, **fields)
     assert needle in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "results").exists()
+
+
+def test_resuming_a_tracked_loop_with_a_model_of_another_shape_is_one_line(tmp_path):
+    from experiments.store import StoreError
+    x, y = torch.randn(20, 4), torch.arange(20) % 2
+
+    def model(width):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+
+    tracker = _tracker(tmp_path, model(5), x, y, x[:10], y[:10], eval_every=1)
+    tracker.resume()
+    tracker.end_epoch()
+    tracker.checkpoint()
+    tracker.close_files()                       # interrupted after its checkpoint
+    with pytest.raises(StoreError) as info:
+        _tracker(tmp_path, model(6), x, y, x[:10], y[:10], eval_every=1).resume()
+    message = str(info.value)
+    assert "do not fit the model given to the Tracker (0.weight is (5, 4) there, (6, 4) in the model;" in message
+    assert "\n" not in message and "size mismatch" not in message
