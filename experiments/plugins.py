@@ -23,7 +23,9 @@ brings its own transforms (torchvision's ``Normalize``), and a second standardis
 since this run" when the file no longer has that hash.
 
 Every mistake is a one-line `PluginError` that names what to fix, raised by the checks the CLI makes before it writes
-anything (`check_run`).
+anything (`check_runs`, for built-in models and registry datasets too): the data (finite inputs, two classes or more)
+and each model, built once and probed in eval and train mode (`_probe`; `experiments.input_checks` holds the checks
+the Tracker shares).
 """
 from __future__ import annotations
 
@@ -386,8 +388,10 @@ def _probe(cfg, data: Dataset, smallest: int) -> nn.Module:
             raise
         except Exception as exc:
             if batch == 1 and batch_coupled(model):
-                given = ("--batch-size 1" if cfg.batch_size == 1 else f"--batch-size {cfg.batch_size} with --sampling "
-                         f"shuffle (its last batch of each pass holds one of the {len(data.x_train)} images)")
+                n = len(data.x_train)
+                given = ("--batch-size 1" if cfg.batch_size == 1 else f"--batch-size full on {n} image"
+                         if cfg.full_batch else f"--batch-size {cfg.batch_size} with --sampling shuffle (the last "
+                         f"batch of each pass holds one of the {n} images)")
                 raise PluginError(f"--model {cfg.model} normalises with batch statistics (BatchNorm), and {given} gives "
                                   f"it batches of one input: its train-mode forward pass raised {one_line(exc)}; use "
                                   f"--batch-size 2 or more") from None

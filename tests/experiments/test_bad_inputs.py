@@ -371,3 +371,14 @@ def test_resuming_a_tracked_loop_with_a_model_of_another_shape_is_one_line(tmp_p
     message = str(info.value)
     assert "do not fit the model given to the Tracker (0.weight is (5, 4) there, (6, 4) in the model;" in message
     assert "\n" not in message and "size mismatch" not in message
+
+
+def test_a_shuffled_pass_that_ends_on_one_image_is_a_batch_of_one(user_module):
+    """7 images in batches of 2, shuffled: 4 steps a pass, the last on one image (training._Batches)."""
+    cfg = RunConfig(model=f"{MODULE}:batchnorm", dataset=D, subset=0.035, batch_size=2, sampling="shuffle")
+    assert len(plugins.load_run_dataset(cfg).x_train) == 7
+    with pytest.raises(plugins.PluginError) as info:
+        plugins.check_run(cfg)
+    assert "--batch-size 2 with --sampling shuffle (the last batch of each pass holds one of the 7 images)" in \
+        str(info.value)
+    plugins.check_run(RunConfig(**{**cfg.to_dict(), "sampling": "replacement"}))
