@@ -357,7 +357,7 @@ def _probe(cfg, data: Dataset, smallest: int) -> nn.Module:
     forward and backward pass through the run's loss on a batch of 2 inputs, or of 1 when the run takes batches of one
     (BatchNorm cannot). Returns the model."""
     from experiments.losses import get_loss
-    from experiments.tracking import batch_coupled
+    from experiments.normalization import batch_coupled
     state = torch.get_rng_state()
     x = data.x_train[:2]
     try:
