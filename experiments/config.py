@@ -196,7 +196,7 @@ class RunConfigFields:
 
     def _check_import_strings(self) -> bool:
         """Syntax of MODULE:FACTORY and imagefolder:PATH and of their arguments (imports nothing: the factories are
-        called by the CLI's checks before a launch, experiments.plugins.check_run). True for a user model."""
+        called by the CLI's checks before a launch, experiments.plugins.check_runs). True for a user model."""
         from experiments import plugins
         try:
             object.__setattr__(self, "dataset", plugins.normal_dataset(self.dataset))

@@ -102,6 +102,7 @@ from experiments import optim
 from experiments.normalization import batch_coupled
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
+from experiments.input_checks import frozen_or_empty, missing_linear, non_finite, single_class, weights_mismatch
 from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
 from experiments.plugins import tensor_fingerprint
 from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, timing_of
@@ -191,6 +192,7 @@ class Tracker:
         self._check(cfg, model, optimizer)
         self.device = next(model.parameters()).device
         (x, y), (xt, yt) = _tensors(train_data, "train_data"), _tensors(test_data, "test_data")
+        self._check_inputs(x, y, xt)
         self.labels = {"model": model_label or cfg.model, "dataset": dataset_label or cfg.dataset}
         self.data = Dataset(name=cfg.dataset, x_train=x.to(self.device), y_train=y.to(self.device),
                             x_test=xt.to(self.device), y_test=yt.to(self.device), input_shape=tuple(x.shape[1:]),
@@ -236,10 +238,26 @@ class Tracker:
             raise ConfigError("target_train_loss and tensorboard are options of the built-in loop: the Tracker cannot "
                               "stop your loop at a target loss, nor write TensorBoard logs; leave them at 0 / False "
                               "(stop your loop yourself on the 'eval' records' train_loss)")
+        problem = frozen_or_empty(model) or (missing_linear(model, "generalization_every")
+                                             if getattr(cfg, "generalization_every", 0) else None)
+        if problem:
+            raise ConfigError(f"the model {problem}")
         if batch_coupled(model) and cfg.norm == "none":
             raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
                               f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
                               f"config.json and the BN-mode measurements say what was trained")
+
+    @staticmethod
+    def _check_inputs(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor) -> None:
+        """Inputs no run can use (as the CLI's pre-launch checks, experiments.plugins.check_runs), before writing."""
+        for name, inputs in (("train_data", x), ("test_data", x_test)):
+            problem = non_finite(inputs)
+            if problem:   # a NaN input reads as a diverged run, an inf test input as a test loss of null
+                raise ValueError(f"{name}'s {problem}; fix the data (or its transform): nothing can be trained or "
+                                 f"measured on non-finite inputs")
+        problem = single_class(y)
+        if problem:
+            raise ValueError(f"train_data {problem}")
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def _begin(self, resuming: bool) -> Optional[dict]:
@@ -271,6 +289,11 @@ class Tracker:
             with self._diverging():  # the point measurements at initialisation, before any batch is drawn
                 self._point(final=False)
             return None
+        fits = weights_mismatch(self.model, checkpoint["model"])
+        if fits is not None:
+            raise StoreError(f"the weights in {store.dir}'s last checkpoint do not fit the model given to the Tracker "
+                             f"({fits}): build the model as it was when the run started to resume it, or move "
+                             f"{store.dir} away to start it over")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["torch_rng"])
