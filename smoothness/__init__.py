@@ -2,10 +2,11 @@
 
 Every estimator leaves the model exactly as it found it and takes ``bn_mode``: ``"batch"`` differentiates the
 train-mode loss (BatchNorm with batch statistics, the loss SGD optimises), ``"running"`` the eval-mode loss.
-Dropout layers are always off (eval mode) inside estimators, and every evaluation runs with torch's CPU/CUDA
-generators seeded with ``ESTIMATOR_SEED`` (the caller's generator states are restored), so every number is a
-deterministic function of w even with random modules such as noisy BatchNorm; randomness out of that seed's reach
-raises ``NondeterministicLossError``.
+``nn.Dropout`` modules are always off (eval mode) inside estimators; dropout applied through a function
+(``F.dropout(h, p, training=self.training)``) cannot be switched off and raises ``NondeterministicLossError`` in
+``"batch"`` mode. Every evaluation runs with torch's CPU/CUDA generators seeded with ``ESTIMATOR_SEED`` (the caller's
+generator states are restored), so every number is a deterministic function of w even with random modules such as
+noisy BatchNorm; randomness out of that seed's reach raises ``NondeterministicLossError`` too.
 
 Curvature estimators take ``kind`` (the Hessian, the generalised Gauss-Newton or the empirical Fisher), ``params`` (a
 block of parameters) and ``group`` (data split across torch.distributed ranks); ``curvature_operator`` exposes the
