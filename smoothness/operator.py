@@ -20,7 +20,8 @@ parameters are never written, buffers are cloned, train/eval flags are set for t
 caller's random generators are restored, so between and after products the model is exactly as found, with or
 without a ``with`` block. The operator holds memory (a retained graph, or the per-sample gradients) until it is
 closed (``close()``, or leaving ``with curvature_operator(...) as op:``); products after that raise, and so do
-products after the model's parameters are changed in place (an optimizer step, ``load_state_dict``): the operator
+products after the model's parameters are changed in place (an optimizer step, ``load_state_dict``, a write
+through ``p.data``; every product compares the weights with a copy taken at build time): the operator
 would otherwise mix the old and the new weights. Build a new one.
 """
 from __future__ import annotations
@@ -121,6 +122,11 @@ def curvature_matrix(objective, kind: str = "hessian", params: Optional[Tuple[st
     return op
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal values, NaN equal to NaN (a product may be asked of weights that hold NaNs)."""
+    return a.shape == b.shape and bool(torch.all((a == b) | (torch.isnan(a) & torch.isnan(b))))
+
+
 class CurvatureOperator:
     """A curvature matrix M (``kind``) on a parameter block, as products on dicts and as a scipy LinearOperator.
 
@@ -135,17 +141,20 @@ class CurvatureOperator:
         self.shape = (op.n, op.n)
         self.batch_size: int = op.n_samples
         self.loss: float = op.loss
-        self._versions = self._parameter_versions()
+        # a copy of the weights, compared before every product: in-place writes through ``p.data`` bypass autograd's
+        # version counter, and a product then mixes old and new weights. One read of n numbers per product, next to
+        # at least a forward and a backward pass.
+        self._weights = {n: p.detach().clone() for n, p in objective.params.items()}
         self._closed = False
 
-    def _parameter_versions(self) -> Dict[str, int]:
-        return {n: p._version for n, p in self._objective.params.items()}
+    def _changed(self) -> list:
+        return [n for n, p in self._objective.params.items() if not _same(p.detach(), self._weights[n])]
 
     def _check_alive(self) -> None:
         if self._closed:
             raise RuntimeError("this CurvatureOperator is closed (it was used as a context manager, or close() was "
                                "called); build a new one with smoothness.curvature_operator")
-        changed = [n for n, v in self._parameter_versions().items() if v != self._versions[n]]
+        changed = self._changed()
         if changed:
             raise RuntimeError(f"the model's parameters {changed} were changed in place since this operator was "
                                f"built; it describes the old weights: build a new one with "

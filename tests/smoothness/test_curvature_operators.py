@@ -271,3 +271,20 @@ def test_smallest_eigenvalues_match_dense(ref, bn_mode):
     np.testing.assert_allclose(block.values, np.linalg.eigvalsh(H[np.ix_(idx, idx)])[:1], rtol=1e-8)
     with pytest.raises(ValueError, match="which must be 'largest'"):
         sm.top_eigenvalues(model, loss_fn, batch, which="lowest")
+
+
+@pytest.mark.parametrize("kind", sm.KINDS)
+def test_writes_through_data_are_detected(ref, kind):
+    """p.data.mul_(2) bypasses autograd's version counter; the operator must still notice the new weights."""
+    model = ref.make_model("mlp")
+    loss_fn, batch = nn.CrossEntropyLoss(), ref.make_batch(model, n=12)
+    v = ref.random_direction(model)
+    op = sm.curvature_operator(model, loss_fn, batch, kind=kind, bn_mode="running")
+    op.matvec(v)
+    model.net[3].weight.data.mul_(2)
+    with pytest.raises(RuntimeError, match=r"\['net.3.weight'\] were changed in place"):
+        op.matvec(v)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        op.to_scipy() @ np.ones(op.shape[0])
+    model.net[3].weight.data.div_(2)   # back to the weights it was built on: products are valid again
+    op.matvec(v)
