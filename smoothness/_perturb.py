@@ -20,6 +20,12 @@ def loss_at(objective, shift: Optional[Mapping[str, torch.Tensor]]) -> float:
         return float(objective.loss(params))
 
 
+def blown_up(loss: float) -> float:
+    """A perturbed loss with NaN or ±inf replaced by +inf: the rule every perturbation measure follows (the loss blew
+    up, so the increase is unbounded); each result counts such evaluations in ``n_non_finite``."""
+    return loss if math.isfinite(loss) else math.inf
+
+
 def base_loss(objective) -> float:
     """L(w), through the evaluation that checks finiteness and determinism."""
     loss, _ = objective.loss_and_grad(check_finite=True)

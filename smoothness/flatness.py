@@ -13,7 +13,7 @@ The expectation is a Monte Carlo mean over ``n_samples`` draws z_m taken once fr
 deterministic and, for a loss that rises with the noise, monotone. The search brackets σ by factors of 10 from
 σ = 0.01 and then bisects ``n_bisections`` times in log σ (12 by default: σ to within a factor 10^(1/4096), 0.06%,
 far below the Monte Carlo error of 16 draws); ``sigma`` is the bracket's lower end, where the measured increase is at
-most ``target``.
+most ``target``. A noisy loss that is NaN or ±inf counts as +inf, as in ``smoothness.sharpness`` (σ too large).
 
 Relative flatness (Petzka et al. 2021, "Relative flatness and generalization"): for the weight matrix W of one layer
 (rows w_s: the weights of output unit s; a conv kernel as (out, in·k·k)), κ = Σ_{s,s'} ⟨w_s, w_s'⟩ · Tr(H_{s,s'}),
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ._objective import make_objective, sample_count
-from ._perturb import (base_loss, check_count, check_generator, check_positive, gaussian, loss_at,
+from ._perturb import (base_loss, blown_up, check_count, check_generator, check_positive, gaussian, loss_at,
                        mean_and_stderr)
 from .hvp import hessian_operator
 
@@ -57,6 +57,7 @@ class PacBayesFlatness:
     n_passes: int                  # forward passes
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0          # noisy evaluations whose loss was NaN or ±inf (counted as +inf: σ too large)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
     objective = make_objective(model, loss_fn, data, bn_mode)
     f0 = base_loss(objective)
     draws = [gaussian(objective, generator) for _ in range(n_samples)]
-    passes = [1]
+    passes, non_finite = [1], [0]
 
     def increase(sigma: float) -> float:
         if eps is None:
@@ -89,9 +90,11 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
             std = {n: torch.sqrt(sigma ** 2 * w ** 2 + eps ** 2) for n, w in objective.base.items()}
             shifts = ({n: std[n] * z[n] for n in z} for z in draws)
         passes[0] += n_samples
-        return sum(loss_at(objective, s) for s in shifts) / n_samples - f0
+        losses = [blown_up(loss_at(objective, s)) for s in shifts]
+        non_finite[0] += sum(x == math.inf for x in losses)
+        return sum(losses) / n_samples - f0
 
-    def ok(value: float) -> bool:  # a NaN or infinite loss counts as too large an increase
+    def ok(value: float) -> bool:
         return value <= target
 
     sigma, f = SIGMA_START, increase(SIGMA_START)
@@ -121,7 +124,8 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
             hi = mid
     return PacBayesFlatness(sigma=lo, measure=1 / lo ** 2, increase=f_lo, base_loss=f0, target=target,
                             magnitude_aware=eps is not None, eps=eps, n_samples=n_samples, n_bisections=n_bisections,
-                            n_passes=passes[0], bn_mode=bn_mode, batch_size=sample_count(objective))
+                            n_passes=passes[0], bn_mode=bn_mode, batch_size=sample_count(objective),
+                            n_non_finite=non_finite[0])
 
 
 def pacbayes_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: torch.Generator, target: float = 0.1,

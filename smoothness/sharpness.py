@@ -13,6 +13,11 @@ With T_w = diag(|w| + η) (adaptive; Kwon et al. 2021, "ASAM", their T_w with η
   worst case over the box |δᵢ| ≤ ε(|wᵢ| + 1), i.e. T_w = |w| + 1 and p = ∞, reported as 100·(max L − L)/(1 + L).
   Keskar et al. maximise with L-BFGS-B; here the same ascent as the worst case.
 
+Non-finite losses: L(w) itself not finite raises ``NonFiniteLossError``. A perturbed loss L(w + δ) that is NaN or
+±inf counts as +inf in every measure here and in ``smoothness.flatness`` (the loss blew up: the increase is
+unbounded): ``value`` is then inf (average case: stderr NaN), and ``n_non_finite`` counts such evaluations. The
+worst-case ascent stops at the first one.
+
 The adaptive scale T_w = |w| leaves weights that are exactly 0 where they are (δᵢ = Tᵢνᵢ = 0): pass ``eta`` > 0 to let
 them move (ASAM's η; Andriushchenko et al. add a small η too).
 
@@ -31,7 +36,7 @@ from torch import nn
 
 from ._ascent import projected_ascent
 from ._objective import make_objective, sample_count
-from ._perturb import (base_loss, check_count, check_generator, check_positive, gaussian, loss_at,
+from ._perturb import (base_loss, blown_up, check_count, check_generator, check_positive, gaussian, loss_at,
                        mean_and_stderr, weight_scale)
 
 NORMS = (2, math.inf)
@@ -51,6 +56,7 @@ class WorstCaseSharpness:
     start: str                       # "gradient", or "random" when ∇L(w) was 0
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0            # perturbed evaluations whose loss was NaN or ±inf (value is then inf)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,7 @@ class AverageCaseSharpness:
     n_passes: int                    # forward passes (one backward more, at w, for the determinism check)
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0            # perturbed evaluations whose loss was NaN or ±inf (value is then inf)
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class EpsilonSharpness:
     n_passes: int
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0            # perturbed evaluations whose loss was NaN or ±inf (value is then inf)
 
 
 def _check_norm(norm) -> float:
@@ -106,7 +114,7 @@ def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: floa
     return WorstCaseSharpness(value=out.best_loss - out.base_loss, base_loss=out.base_loss, increases=out.increases,
                               rho=rho, adaptive=bool(adaptive), norm=p, eta=eta, n_steps=n_steps,
                               n_passes=out.n_passes, start=out.start, bn_mode=bn_mode,
-                              batch_size=sample_count(objective))
+                              batch_size=sample_count(objective), n_non_finite=out.n_non_finite)
 
 
 def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: float = 1e-3, n_steps: int = 20,
@@ -123,7 +131,8 @@ def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: flo
                            _generator(generator))
     return EpsilonSharpness(value=100 * (out.best_loss - out.base_loss) / (1 + out.base_loss),
                             max_loss=out.best_loss, base_loss=out.base_loss, epsilon=epsilon, n_steps=n_steps,
-                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=sample_count(objective))
+                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=sample_count(objective),
+                            n_non_finite=out.n_non_finite)
 
 
 def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, n_samples: int,
@@ -142,8 +151,9 @@ def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: fl
     samples = []
     for _ in range(n_samples):
         z = gaussian(objective, generator)
-        samples.append(loss_at(objective, {n: rho * scale[n] * z[n] for n in objective.names}) - f0)
-    value, stderr = mean_and_stderr(samples)
+        samples.append(blown_up(loss_at(objective, {n: rho * scale[n] * z[n] for n in objective.names})) - f0)
+    n_non_finite = sum(x == math.inf for x in samples)
+    value, stderr = (math.inf, math.nan) if n_non_finite else mean_and_stderr(samples)
     return AverageCaseSharpness(value=value, stderr=stderr, base_loss=f0, rho=rho, adaptive=bool(adaptive), eta=eta,
                                 n_samples=n_samples, n_passes=n_samples + 1, bn_mode=bn_mode,
-                                batch_size=sample_count(objective))
+                                batch_size=sample_count(objective), n_non_finite=n_non_finite)
