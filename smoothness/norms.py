@@ -12,6 +12,7 @@ BatchNorm mode beyond what each says. All parameters count, trainable or frozen 
   over paths (biases start paths of their own), ``squared`` holds it (Jiang's "path.norm") and ``value`` its root.
   This is exact for ReLU networks (the squared network's activations are positive, ReLU passes them); max-pooling
   picks the largest path instead of summing, and other activations (tanh) make the forward no longer a path sum.
+  A final nn.Softmax/nn.LogSoftmax module is left out (the norm is that of the logits; ``dropped`` names it).
   BatchNorm runs in eval mode as the affine map it then is, y = a·x + b with a = γ/√(var + eps),
   b = β − a·mean, and is squared as a layer: a², b² (folded, not γ², β² with the running statistics left in,
   which would not be a path sum). Normalisation without running statistics has no fixed affine map: refused.
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from ._objective import estimator_mode
 from ._rng import fixed_rng
 
 _STATELESS_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_OUTPUT_MAPS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class PathNorm:
     value: float                              # √(Σ_paths Π w²), Neyshabur et al.'s ℓ2 path norm
     squared: float                            # Σ_paths Π w², Jiang et al.'s "path.norm"
     input_shape: Tuple[int, ...]
+    dropped: Optional[str] = None             # a final Softmax/LogSoftmax module left out (the norm is on the logits)
 
 
 def distance_to_init(model: nn.Module, init_state: Mapping[str, torch.Tensor]) -> DistanceToInit:
@@ -117,7 +120,30 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> PathNorm:
             tensors[prefix + "running_var"] = torch.full_like(m.running_var, 1.0) - m.eps
     first = next(iter(params.values()))
     ones = torch.ones((1, *shape), dtype=first.dtype, device=first.device)
-    with torch.no_grad(), fixed_rng({first.device}), estimator_mode(model, "running"):
-        out = functional_call(model, tensors, (ones,))
+
+    def forward(hooks):
+        handles = [m.register_forward_hook(hook) for m, hook in hooks]
+        try:
+            with torch.no_grad(), fixed_rng({first.device}), estimator_mode(model, "running"):
+                return functional_call(model, tensors, (ones,))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # a final (log-)softmax maps the logits to probabilities, not a path sum: the norm is the logits', so run again
+    # with that module as the identity
+    produced = {}
+    out = forward([(m, lambda m, i, o: produced.__setitem__(id(o), m)) for m in model.modules()
+                   if isinstance(m, _OUTPUT_MAPS)])
+    final = produced.get(id(out))
+    dropped = None
+    if final is not None:
+        dropped = next(f"{n} ({type(m).__name__})" for n, m in model.named_modules() if m is final)
+        out = forward([(final, lambda m, i, o: i[0])])
     squared = float(out.double().sum())
-    return PathNorm(value=math.sqrt(squared), squared=squared, input_shape=shape)
+    if not squared >= 0:
+        raise ValueError(f"the squared network's outputs sum to {squared:g}, but a path norm is a sum of squares: the "
+                         f"network is not a path sum on its logits (path norm supports Linear/conv layers, ReLU, "
+                         f"average pooling, BatchNorm and a final nn.Softmax/nn.LogSoftmax module, not a softmax "
+                         f"applied by a function or other output maps)")
+    return PathNorm(value=math.sqrt(squared), squared=squared, input_shape=shape, dropped=dropped)
