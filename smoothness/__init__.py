@@ -15,25 +15,25 @@ matrix itself, also as a scipy LinearOperator (see ``smoothness.operator``).
 from ._objective import BN_MODES, NonFiniteLossError
 from ._rng import ESTIMATOR_SEED, NondeterministicLossError
 from .concentration import ConcentrationResult, gradient_concentration
-from .curvature import EigenResult, TraceResult, directional_curvature, hessian_trace, top_eigenvalues
+from .curvature import (DirectionalCurvature, EigenResult, TraceResult, directional_curvature, hessian_trace,
+                        top_eigenvalues)
 from .density import DensityResult, spectral_density
 from .flatness import PacBayesFlatness, RelativeFlatness, pacbayes_flatness, pacbayes_mag_flatness, relative_flatness
 from .gradient import loss_and_gradient
-
 from .ics import ICSResult, LayerShift, internal_covariate_shift
 from .landscape import Surface, interpolation, loss_surface, random_direction
-from .lipschitz import local_lipschitz
-from .norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, path_norm, spectral_product
+from .lipschitz import LocalLipschitz, local_lipschitz
+from .weight_norms import DistanceToInit, PathNorm, SpectralProduct, distance_to_init, path_norm, spectral_product
 from .operator import KINDS, CurvatureOperator, curvature_operator, hvp
 from .preconditioned import preconditioned_top_eigenvalues
 from .probes import LineProbe, line_probe
-from .sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,
+from .perturbation_sharpness import (AverageCaseSharpness, EpsilonSharpness, WorstCaseSharpness, average_case_sharpness,
                         epsilon_sharpness, worst_case_sharpness)
 
 __all__ = [
     "ESTIMATOR_SEED", "NondeterministicLossError",
-    "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "local_lipschitz", "hvp", "EigenResult", "TraceResult",
-    "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
+    "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "LocalLipschitz",
+    "local_lipschitz", "hvp", "EigenResult", "TraceResult", "DirectionalCurvature", "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",
     "DensityResult", "spectral_density", "ConcentrationResult", "gradient_concentration",
     "preconditioned_top_eigenvalues",

@@ -99,6 +99,15 @@ class Objective:
         self._devices = {self.inputs.device, *(p.device for p in self.base.values())}
         self._at_w = None  # (loss, grad) at w, evaluated once
 
+    @property
+    def n_samples(self) -> int:
+        """How many samples the loss averages over (the ``batch_size`` recorded with every result)."""
+        return int(self.inputs.shape[0])
+
+    def chunks(self) -> Iterator[Tuple[float, "Objective"]]:
+        """(weight 1, itself): one batch is the one chunk of :meth:`ChunkedObjective.chunks`."""
+        yield 1.0, self
+
     # -- evaluation -------------------------------------------------------------------------------------------
     def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.ensure_checked()
@@ -245,18 +254,6 @@ def check_chunk(i: int, chunk, first: ChunkKind | None = None) -> Tuple[torch.Te
     return inputs, targets
 
 
-def is_single_batch(batch) -> bool:
-    """Whether ``batch`` is meant as one batch rather than an iterable of batches: a tensor, or a tuple/list whose
-    first element is not itself a batch-like pair of tensors (``(inputs, targets)``, or a malformed batch that
-    :func:`check_batch` then rejects with the single-batch message)."""
-    if isinstance(batch, torch.Tensor):
-        return True
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        return not (isinstance(first, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in first))
-    return False
-
-
 class ChunkedObjective:
     """L(w) = Σ_c n_c·L(w; B_c) / Σ_c n_c over a re-iterable collection of chunks B_c (a list or a DataLoader).
 
@@ -275,11 +272,11 @@ class ChunkedObjective:
         check_bn_mode(bn_mode)
         trainable_parameters(model)  # the model's errors come before the data's
         if isinstance(batches, (torch.Tensor, str, bytes, Mapping)) or not hasattr(batches, "__iter__"):
-            raise TypeError(f"batch must be a pair (inputs, targets) or an iterable of such pairs (a list or a "
+            raise TypeError(f"data must be a pair (inputs, targets) or an iterable of such pairs (a list or a "
                             f"DataLoader), got {type(batches).__name__}")
         if isinstance(batches, collections.abc.Iterator):
-            raise TypeError(f"batch is a one-shot iterator ({type(batches).__name__}); curvature over chunks walks "
-                            f"them once per Hessian-vector product, so pass a list or a DataLoader instead")
+            raise TypeError(f"data is a one-shot iterator ({type(batches).__name__}); estimators walk the chunks "
+                            f"more than once (once per product or point), so pass a list or a DataLoader instead")
         self.model, self.loss_fn, self.bn_mode, self.batches = model, loss_fn, bn_mode, batches
         self.device = next(iter(trainable_parameters(model).values())).device
         self._fingerprints: list = []
@@ -338,14 +335,13 @@ class ChunkedObjective:
         return torch.tensor(total, dtype=torch.float64), grad
 
 
-def make_objective(model: nn.Module, loss_fn: Callable, batch, bn_mode: str = "batch"):
-    """The objective of one batch, or of an iterable of batches (one chunk: that chunk's plain Objective)."""
-    if is_single_batch(batch):
-        return Objective(model, loss_fn, batch, bn_mode)
-    chunked = ChunkedObjective(model, loss_fn, batch, bn_mode)
+def make_objective(model: nn.Module, loss_fn: Callable, data, bn_mode: str = "batch"):
+    """The objective of ``data``: one batch (a tensor pair ``(inputs, targets)``, or anything else that is not a
+    collection of pairs, which :func:`check_batch` then rejects with the single-batch message) or an iterable of
+    batches (one chunk: that chunk's plain Objective). Every estimator's data goes through here."""
+    first = data[0] if isinstance(data, (tuple, list)) and data else None
+    if isinstance(data, torch.Tensor) or (first is not None and not (
+            isinstance(first, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in first))):
+        return Objective(model, loss_fn, data, bn_mode)
+    chunked = ChunkedObjective(model, loss_fn, data, bn_mode)
     return chunked.first if len(chunked.sizes) == 1 else chunked
-
-
-def sample_count(objective) -> int:
-    """How many samples the objective's loss averages over (the ``batch_size`` recorded with every result)."""
-    return objective.n_samples if isinstance(objective, ChunkedObjective) else int(objective.inputs.shape[0])

@@ -41,8 +41,8 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import nn
 
-from ._objective import make_objective
-from .operator import check_kind, curvature_matrix, resolve_params
+from ._args import generator_or_default
+from .operator import DEFAULT_BN_MODE, DEFAULT_KIND, Curvature
 
 # β below this multiple of the machine epsilon times the largest |α|, β seen means the Krylov space is invariant
 _BREAKDOWN = 50.0
@@ -141,28 +141,26 @@ def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], start: to
     return theta, weights / weights.sum()
 
 
-def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: int = 4, n_steps: int = 80,
-                     bn_mode: str = "batch", generator: Optional[torch.Generator] = None, kind: str = "hessian",
-                     params: Optional[Sequence[str]] = None, group=None) -> DensityResult:
+def spectral_density(model, loss_fn: Optional[Callable] = None, data=None, *, n_probes: int = 4, n_steps: int = 80,
+                     bn_mode: str = DEFAULT_BN_MODE, generator: Optional[torch.Generator] = None,
+                     kind: str = DEFAULT_KIND, params: Optional[Sequence[str]] = None,
+                     group=None) -> DensityResult:
     """The eigenvalue density of ∇²_w L(w; B) by stochastic Lanczos quadrature (see the module docstring).
 
-    ``kind``, ``params`` and ``group`` choose another curvature matrix, a parameter block (``n_params`` is then the
-    block's size) and data split over torch.distributed ranks; see ``smoothness.operator``.
+    ``kind``, ``params`` and ``group`` (or a ``CurvatureOperator`` in place of (model, loss_fn, data)) choose another
+    curvature matrix, a parameter block (``n_params`` is then the block's size) and data split over
+    torch.distributed ranks; see ``smoothness.operator``.
 
     ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each (capped at the number of parameters): at most
-    n_probes × n_steps Hessian-vector products (on convolutional networks with enough work, linearized products
-    after a one-off trace, see ``smoothness.hvp``). ``batch`` is one ``(inputs, targets)`` pair or an iterable of them
-    (see ``smoothness.curvature``). Deterministic by default (probes from a generator seeded with 0 unless
-    ``generator`` is given); the model is left exactly as it was.
+    n_probes × n_steps products. Deterministic by default (probes from a generator seeded with ``ESTIMATOR_SEED``
+    unless ``generator`` is given); the model is left exactly as it was.
     """
     for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    op = curvature_matrix(objective, kind, names, group, products=n_probes * min(n_steps, objective.n_params))
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    op = source.operator(products=n_probes * min(n_steps, source.n))
+    gen = generator_or_default(generator)
     nodes, weights = [], []
     for _ in range(n_probes):
         v = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
@@ -170,5 +168,5 @@ def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: in
         nodes.append(tuple(float(x) for x in theta))
         weights.append(tuple(float(x) for x in tau))
     return DensityResult(nodes=tuple(nodes), weights=tuple(weights), n_params=op.n, n_steps=n_steps,
-                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names,
-                         product=op.product)
+                         n_hvp=op.n_hvp, bn_mode=source.bn_mode, batch_size=op.n_samples, kind=source.kind,
+                         params=source.params, product=op.product)

@@ -32,13 +32,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._objective import ChunkedObjective, Params, make_objective, sample_count
+from ._objective import ChunkedObjective, Params, make_objective
 from .distributed import DistributedOperator
 from .fisher import ChunkedEmpiricalFisherOperator, EmpiricalFisherOperator, check_per_sample
 from .ggn import ChunkedGGNOperator, GGNOperator
 from .hvp import FlatOperator, hessian_operator
 
 KINDS = ("hessian", "ggn", "empirical-fisher")
+
+
+class _Default(str):
+    """A default argument value that :class:`Curvature` can tell from the same value passed explicitly: the
+    operator's own kind and bn_mode win over a default, and conflict with an explicit value."""
+
+
+DEFAULT_KIND, DEFAULT_BN_MODE = _Default("hessian"), _Default("batch")
 
 
 def check_kind(kind: str) -> str:
@@ -114,9 +122,9 @@ def curvature_matrix(objective, kind: str = "hessian", params: Optional[Tuple[st
     else:
         check_per_sample(objective.model, objective.bn_mode)
         op = ChunkedEmpiricalFisherOperator(objective) if chunked else EmpiricalFisherOperator(objective)
-    op.n_samples = sample_count(objective)
+    op.n_samples = objective.n_samples
     if group is not None:
-        op = DistributedOperator(op, sample_count(objective), group)
+        op = DistributedOperator(op, objective.n_samples, group)
     if params is not None and params != objective.names:
         op = BlockOperator(op, params)
     return op
@@ -202,8 +210,8 @@ class CurvatureOperator:
                 f"bn_mode={self.bn_mode!r}, batch_size={self.batch_size})")
 
 
-def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str = "hessian",
-                       params: Optional[Sequence[str]] = None, bn_mode: str = "batch",
+def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str = DEFAULT_KIND,
+                       params: Optional[Sequence[str]] = None, bn_mode: str = DEFAULT_BN_MODE,
                        group=None) -> CurvatureOperator:
     """The curvature matrix ``kind`` of L(w) = loss_fn(model(x), y) (a mean-reduced loss) at the model's weights.
 
@@ -214,19 +222,82 @@ def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str =
     ``.kind``, ``.params``, ``.names``; also a context manager (see the module docstring for its lifetime).
     Building it costs a forward and a backward pass (for the empirical Fisher, the per-sample gradients).
     """
-    objective = make_objective(model, loss_fn, data, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    op = curvature_matrix(objective, kind, names, group)
-    return CurvatureOperator(op, objective, kind, names, bn_mode)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    return CurvatureOperator(source.operator(), source.objective, source.kind, source.params, source.bn_mode)
 
 
-def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.Tensor], *,
-        bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
+class _Products:
+    """The flat operator of a :class:`CurvatureOperator` for an estimator: its weights are checked before every
+    product, and ``n_hvp`` counts this estimate's products only."""
+
+    def __init__(self, operator: CurvatureOperator):
+        operator._check_alive()
+        self._operator, self._op = operator, operator._op
+        self.n_hvp = 0
+
+    def __getattr__(self, name):   # names, n, dtype, device, flatten, loss, gradient, n_samples, product
+        return getattr(self._op, name)
+
+    def matvec_dict(self, vector: Mapping[str, torch.Tensor]) -> Params:
+        self._operator._check_alive()
+        self.n_hvp += 1
+        return self._op.matvec_dict(vector)
+
+    def matvec(self, flat: torch.Tensor) -> torch.Tensor:
+        self._operator._check_alive()
+        self.n_hvp += 1
+        return self._op.matvec(flat)
+
+
+class Curvature:
+    """What a curvature estimator works on, from ``(model, loss_fn, data)`` or from a :class:`CurvatureOperator`:
+    ``objective``, ``kind``, ``params`` (resolved block or None), ``bn_mode``, ``n`` (the dimension), and
+    :meth:`operator` (the flat operator; built on the first call, after the estimator has checked its arguments)."""
+
+    def __init__(self, model, loss_fn, data, *, kind: str, params, group, bn_mode: str):
+        if isinstance(model, CurvatureOperator):
+            if loss_fn is not None or data is not None:
+                raise TypeError("pass a CurvatureOperator alone or (model, loss_fn, data), not both: the operator "
+                                "already holds its model, loss and data")
+            source = model
+            for name, value, own in (("kind", kind, source.kind), ("bn_mode", bn_mode, source.bn_mode)):
+                if not isinstance(value, _Default) and value != own:
+                    raise ValueError(f"{name}={value!r} differs from the operator's {name} {own!r}: leave {name} out "
+                                     f"(the operator fixes it) or build another operator")
+            if params is not None and resolve_params(source._objective, params) != (source.params or
+                                                                                     source._objective.names):
+                raise ValueError(f"params={list(params)} differs from the operator's block {source.params}: leave "
+                                 f"params out (the operator fixes it) or build another operator")
+            if group is not None:
+                raise ValueError("group is fixed when the operator is built: pass group= to curvature_operator")
+            self.objective, self.kind, self.params, self.bn_mode = source._objective, source.kind, source.params, \
+                source.bn_mode
+            self._source, self._op = source, None
+        else:
+            if loss_fn is None or data is None:
+                raise TypeError("a curvature estimator takes (model, loss_fn, data) or a CurvatureOperator; "
+                                "loss_fn and data are missing")
+            bn_mode, kind = (str(v) if isinstance(v, _Default) else v for v in (bn_mode, kind))
+            self.objective = make_objective(model, loss_fn, data, bn_mode)
+            self.bn_mode, self.kind = bn_mode, check_kind(kind)
+            self.params = resolve_params(self.objective, params)
+            self._source, self._op, self._group = None, None, group
+        self.n = block_dimension(self.objective, self.params)
+
+    def operator(self, products: int = 0):
+        """The flat operator; ``products``: how many products the estimate expects (see ``hessian_operator``)."""
+        if self._op is None:
+            self._op = (_Products(self._source) if self._source is not None else
+                        curvature_matrix(self.objective, self.kind, self.params, self._group, products))
+        return self._op
+
+
+def hvp(model: nn.Module, loss_fn: Callable, data, vector: Mapping[str, torch.Tensor], *,
+        bn_mode: str = DEFAULT_BN_MODE, kind: str = DEFAULT_KIND, params: Optional[Sequence[str]] = None,
         group=None) -> Dict[str, torch.Tensor]:
     """The exact Hessian-vector product H·v with H = ∇²_w L(w; B), by double backpropagation.
 
-    ``batch`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
+    ``data`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
     :class:`~smoothness._objective.ChunkedObjective`): then H is the Hessian of the sample-weighted mean of the
     chunks' mean losses, computed one chunk at a time. ``vector`` and the result are dicts keyed like
     ``dict(model.named_parameters())`` (trainable parameters only). The model is left exactly as it was
@@ -236,8 +307,6 @@ def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.T
     and ``group`` (data over torch.distributed ranks) give M·v for another matrix M; see ``smoothness.operator``.
     For many products, build the operator once with ``smoothness.curvature_operator``.
     """
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    v = objective.check_direction(vector, "vector", allow_zero=True, names=names)
-    return curvature_matrix(objective, kind, names, group).matvec_dict(v)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    v = source.objective.check_direction(vector, "vector", allow_zero=True, names=source.params)
+    return source.operator().matvec_dict(v)

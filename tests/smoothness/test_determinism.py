@@ -72,7 +72,7 @@ CALLS = {
     "local_lipschitz": lambda m, b: smoothness.local_lipschitz(m, ce, b, direction(m)),
     "hvp": lambda m, b: smoothness.hvp(m, ce, b, direction(m)),
     "top_eigenvalues": lambda m, b: smoothness.top_eigenvalues(m, ce, b, k=2, tol=1e-3),
-    "hessian_trace": lambda m, b: smoothness.hessian_trace(m, ce, b, n_samples=4),
+    "hessian_trace": lambda m, b: smoothness.hessian_trace(m, ce, b, n_probes=4),
     "directional_curvature": lambda m, b: smoothness.directional_curvature(m, ce, b, direction(m)),
     "internal_covariate_shift": lambda m, b: smoothness.internal_covariate_shift(m, ce, b, lr=0.1),
     "random_direction": lambda m, b: smoothness.random_direction(m, generator=torch.Generator().manual_seed(5)),

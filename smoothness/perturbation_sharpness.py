@@ -35,9 +35,9 @@ import torch
 from torch import nn
 
 from ._ascent import projected_ascent
-from ._objective import make_objective, sample_count
-from ._perturb import (base_loss, blown_up, check_count, check_generator, check_positive, gaussian, loss_at,
-                       mean_and_stderr, weight_scale)
+from ._args import check_count, check_positive, generator_or_default
+from ._objective import make_objective
+from ._perturb import base_loss, blown_up, gaussian, loss_at, mean_and_stderr, weight_scale
 
 NORMS = (2, math.inf)
 
@@ -93,16 +93,12 @@ def _check_norm(norm) -> float:
     return float(norm)
 
 
-def _generator(generator) -> torch.Generator:
-    return torch.Generator().manual_seed(0) if generator is None else check_generator(generator)
-
-
 def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, adaptive: bool = True,
                          norm: float = 2, eta: float = 0.0, n_steps: int = 20, bn_mode: str = "batch",
                          generator: Optional[torch.Generator] = None) -> WorstCaseSharpness:
     """max over ‖T_w⁻¹δ‖_norm ≤ rho of L(w + δ) − L(w) by ``n_steps`` steps of APGD-style projected ascent.
 
-    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with 0) is used only when ∇L(w) is 0
+    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with ``ESTIMATOR_SEED``) is used only when ∇L(w) is 0
     on the ball's support, for a random first point (recorded as ``start="random"``).
     """
     rho = check_positive("rho", rho)
@@ -110,11 +106,11 @@ def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: floa
     eta = check_positive("eta", eta, allow_zero=True)
     check_count("n_steps", n_steps, 1)
     objective = make_objective(model, loss_fn, data, bn_mode)
-    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps, _generator(generator))
+    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps, generator_or_default(generator))
     return WorstCaseSharpness(value=out.best_loss - out.base_loss, base_loss=out.base_loss, increases=out.increases,
                               rho=rho, adaptive=bool(adaptive), norm=p, eta=eta, n_steps=n_steps,
                               n_passes=out.n_passes, start=out.start, bn_mode=bn_mode,
-                              batch_size=sample_count(objective), n_non_finite=out.n_non_finite)
+                              batch_size=objective.n_samples, n_non_finite=out.n_non_finite)
 
 
 def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: float = 1e-3, n_steps: int = 20,
@@ -128,23 +124,23 @@ def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: flo
     check_count("n_steps", n_steps, 1)
     objective = make_objective(model, loss_fn, data, bn_mode)
     out = projected_ascent(objective, weight_scale(objective, True, 1.0), epsilon, math.inf, n_steps,
-                           _generator(generator))
+                           generator_or_default(generator))
     return EpsilonSharpness(value=100 * (out.best_loss - out.base_loss) / (1 + out.base_loss),
                             max_loss=out.best_loss, base_loss=out.base_loss, epsilon=epsilon, n_steps=n_steps,
-                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=sample_count(objective),
+                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=objective.n_samples,
                             n_non_finite=out.n_non_finite)
 
 
-def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, n_samples: int,
-                           generator: torch.Generator, adaptive: bool = True, eta: float = 0.0,
+def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, n_samples: int = 100,
+                           generator: Optional[torch.Generator] = None, adaptive: bool = True, eta: float = 0.0,
                            bn_mode: str = "batch") -> AverageCaseSharpness:
-    """E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w) over ``n_samples`` draws from ``generator`` (δ = ρ·T_w ⊙ z, z drawn
-    parameter by parameter in ``named_parameters`` order), with its standard error. One forward pass per sample
-    (per chunk), plus one forward+backward pass at w."""
+    """E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w) over ``n_samples`` Monte Carlo draws from ``generator`` (default
+    seeded with ``ESTIMATOR_SEED``; δ = ρ·T_w ⊙ z, z drawn parameter by parameter in ``named_parameters`` order),
+    with its standard error. One forward pass per draw (per chunk), plus one forward+backward pass at w."""
     rho = check_positive("rho", rho)
     eta = check_positive("eta", eta, allow_zero=True)
     check_count("n_samples", n_samples, 2)
-    check_generator(generator)
+    generator = generator_or_default(generator)
     objective = make_objective(model, loss_fn, data, bn_mode)
     scale = weight_scale(objective, adaptive, eta)
     f0 = base_loss(objective)
@@ -156,4 +152,4 @@ def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: fl
     value, stderr = (math.inf, math.nan) if n_non_finite else mean_and_stderr(samples)
     return AverageCaseSharpness(value=value, stderr=stderr, base_loss=f0, rho=rho, adaptive=bool(adaptive), eta=eta,
                                 n_samples=n_samples, n_passes=n_samples + 1, bn_mode=bn_mode,
-                                batch_size=sample_count(objective), n_non_finite=n_non_finite)
+                                batch_size=objective.n_samples, n_non_finite=n_non_finite)
