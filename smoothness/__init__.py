@@ -1,4 +1,7 @@
-"""smoothness: estimators of loss-landscape smoothness over (model, loss_fn, batch).
+"""smoothness: estimators of loss-landscape smoothness over (model, loss_fn, data).
+
+``data`` is one ``(inputs, targets)`` batch or an iterable of them (a list or a DataLoader; L is then the
+sample-weighted mean of the chunks' mean losses, one chunk in memory at a time). Results are frozen dataclasses.
 
 Every estimator leaves the model exactly as it found it and takes ``bn_mode``: ``"batch"`` differentiates the
 train-mode loss (BatchNorm with batch statistics, the loss SGD optimises), ``"running"`` the eval-mode loss.
@@ -9,8 +12,10 @@ generator states are restored), so every number is a deterministic function of w
 noisy BatchNorm; randomness out of that seed's reach raises ``NondeterministicLossError`` too.
 
 Curvature estimators take ``kind`` (the Hessian, the generalised Gauss-Newton or the empirical Fisher), ``params`` (a
-block of parameters) and ``group`` (data split across torch.distributed ranks); ``curvature_operator`` exposes the
-matrix itself, also as a scipy LinearOperator (see ``smoothness.operator``).
+block of parameters) and ``group`` (data split across torch.distributed ranks), or a ``CurvatureOperator`` from
+``curvature_operator`` in place of (model, loss_fn, data); the operator is also a scipy LinearOperator (see
+``smoothness.operator``). Probe counts are ``n_probes``; ``n_samples`` counts Monte Carlo draws of a perturbation.
+Generators are optional: the default is a fresh one seeded with ``ESTIMATOR_SEED``.
 """
 from ._objective import BN_MODES, NonFiniteLossError
 from ._rng import ESTIMATOR_SEED, NondeterministicLossError
@@ -33,7 +38,8 @@ from .perturbation_sharpness import (AverageCaseSharpness, EpsilonSharpness, Wor
 __all__ = [
     "ESTIMATOR_SEED", "NondeterministicLossError",
     "BN_MODES", "NonFiniteLossError", "loss_and_gradient", "LineProbe", "line_probe", "LocalLipschitz",
-    "local_lipschitz", "hvp", "EigenResult", "TraceResult", "DirectionalCurvature", "top_eigenvalues", "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
+    "local_lipschitz", "hvp", "EigenResult", "TraceResult", "DirectionalCurvature", "top_eigenvalues",
+    "hessian_trace", "directional_curvature", "ICSResult", "LayerShift",
     "internal_covariate_shift", "Surface", "random_direction", "loss_surface", "interpolation",
     "DensityResult", "spectral_density", "ConcentrationResult", "gradient_concentration",
     "preconditioned_top_eigenvalues",

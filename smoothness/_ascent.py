@@ -1,28 +1,6 @@
-"""Projected gradient ascent of L(w + T_w ν) − L(w) over the ball ‖ν‖_p ≤ ρ: the one routine behind worst-case
-sharpness and Keskar's ε-sharpness.
-
-The variant is APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness ..."), which Andriushchenko
-et al. (2023, "A modern look at the relationship between sharpness and generalization") use for worst-case
-sharpness, without its random start:
-
-- x₀ = 0 (δ = 0) and x₁ = P(x₀ + η·s(∇)), the first step along the steepest-ascent direction s of the scaled
-  gradient T_w ∇L (s(g) = g/‖g‖₂ for ℓ2, sign(g) for ℓ∞). With η₀ = 2ρ this step lands on the boundary: for a linear
-  loss it is the exact maximiser (the SAM/ASAM step), so the ascent never does worse than first order.
-- later steps: z = P(x_k + η·s(∇L(x_k))), x_{k+1} = P(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1})) with momentum
-  α = 0.75;
-- at APGD's checkpoints (fractions 0, 0.22, 0.41, 0.57, ... of the budget) η is halved and the iterate restarts from
-  the best point when fewer than 75% of the steps since the last checkpoint increased the loss, or when neither η
-  nor the best value changed since then.
-
-Why APGD rather than plain projected steepest ascent with a fixed schedule: with 20 steps (Andriushchenko's budget)
-a schedule tuned for one ρ and one network either overshoots on a sharp landscape or crawls on a flat one; APGD's
-step halving adapts η to the landscape from the loss values it sees, without a tuning parameter, and the best
-iterate is kept so a bad step never lowers the result. The result is a lower bound on the true maximum (every
-iterate is feasible). An iterate whose loss is NaN or ±inf counts as +inf (``_perturb.blown_up``): the ascent stops
-there and reports an unbounded increase.
-
-If ∇L(w) vanishes on the ball's support (w at an exact stationary point) there is no first direction: x₁ is then a
-random point of the sphere ‖ν‖_p = ρ drawn from ``generator`` (for ℓ∞ a random corner).
+"""Projected gradient ascent of L(w + T_w ν) − L(w) over the ball ‖ν‖_p ≤ ρ (APGD, Croce & Hein 2020): the one
+routine behind worst-case sharpness and Keskar's ε-sharpness. Returns a lower bound on the maximum (every iterate is
+feasible); a NaN or ±inf loss counts as +inf and stops the ascent. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

@@ -1,31 +1,7 @@
-"""Random numbers inside estimators: every evaluation of L(w; B) sees the same draws, and the caller's don't move.
-
-A module that draws random numbers in the mode an estimate uses (Santurkar's noisy BatchNorm, RReLU, a user's own
-stochastic layer) makes L(w; B) a random function of w. Two evaluations at nearby points would then differ by the
-noise, not by the change in w: a line probe's gradient difference would not vanish as the step goes to 0, two
-identical calls would disagree, and the draws would advance the global generator, so measuring during training
-would change the training itself.
-
-:func:`fixed_rng` runs one evaluation with torch's global generators (CPU, and each accelerator device the objective
-lives on) seeded with :data:`ESTIMATOR_SEED`, and puts the caller's generator states back afterwards
-(``torch.random.fork_rng``). Every forward pass inside an estimator therefore starts from the same generator state
-and, the graph being the same, draws the same noise: the estimate is a deterministic function of (w, B) and of this
-seed. A fixed noise realisation is the loss of one particular draw, which is what a single SGD step sees too (with
-its own draw); the estimator does not average over the noise.
-
-Generators it cannot reach (a module's own ``torch.Generator``, numpy or Python ``random``) are caught by
-:func:`check_deterministic`, curvlinops-style: L(w) and ∇L(w) are evaluated twice and must agree, else the estimator
-refuses with a message naming the cause rather than return noise. Dropout applied through a function
-(``F.dropout(h, p, training=self.training)``) draws from the seeded generator, so it would pass that comparison
-while the estimate measures one random mask: the second evaluation watches the dropout functions
-(``_DropoutWatch``) and refuses, naming ``nn.Dropout`` modules (which estimators switch off) as the fix. The check runs at the first estimate on a model
-(per ``bn_mode``, device, dtype and module tree) and is remembered for that model (weakly: the model can still be
-freed). Running it at every estimator call would cost one extra forward+backward pass each time, to re-learn
-something that does not change while the model's modules stay the same. Measured on the study's ConvNets (CPU, one
-thread): ``local_lipschitz`` on 2,000 images 1.5-1.9x (2 passes become 3), ``top_eigenvalues`` at tol 1e-3 1.05x,
-a K=8 line probe about 1.1x (10 passes instead of 9); with the default study's phase timings that is about +12% of a
-training run. Once per model, the steady-state cost is a ~30 µs generator fork per evaluation and a sub-millisecond
-look-up per estimator call.
+"""Random numbers inside estimators: every evaluation of L(w; B) runs with torch's generators seeded with
+:data:`ESTIMATOR_SEED` (the caller's states restored), and a determinism check (once per model and mode) refuses
+randomness that seed cannot reach, and dropout applied through a function, with ``NondeterministicLossError``.
+Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

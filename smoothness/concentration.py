@@ -1,17 +1,6 @@
-"""How much of the gradient lies in the top Hessian eigenspace (Gur-Ari, Roberts & Dyer 2018; Ghorbani et al. 2019 §4).
-
-fraction_k = ‖U_kᵀ g‖² / ‖g‖², with U_k the eigenvectors of the k algebraically largest eigenvalues of H = ∇²L(w)
-and g = ∇L(w). Gur-Ari et al. find that after a short initial phase SGD's gradient lives almost entirely in the
-top-k subspace, k = number of classes; Ghorbani et al. link this to the large outlier eigenvalues and find it largely
-gone with BatchNorm (in batch mode), and back when BatchNorm uses population statistics.
-
-Accuracy: U_k comes from the project's block Lanczos (``lanczos_top``, block size k), which stops when every Ritz
-pair's residual r_i = ‖Hy_i − θ_i y_i‖ is at most tol·|θ_i|. By Davis–Kahan, the sine of the angle between the
-computed and the true top-k subspace is at most ‖R‖/gap, with gap the distance from θ_k to λ_{k+1}, and the fraction
-then moves by at most 2·sin of that angle. The default tol = 1e-4 keeps that below 2e-3·|θ_1|/gap (2e-2 for a gap
-of a tenth of λ_max), and the tests (tests/smoothness/test_concentration.py) check it against dense Hessians at the
-default tol. The fraction is a property of the top-k *subspace*, so eigenvalues clustered inside it do not matter;
-a small gap between λ_k and λ_{k+1} does (the subspace itself is then ill-determined): choose k at a visible gap.
+"""How much of the gradient lies in the top-k eigenspace of the Hessian (Gur-Ari, Roberts & Dyer 2018; Ghorbani et al.
+2019 §4): fraction_k = ‖U_kᵀ g‖² / ‖g‖², U_k the top-k eigenvectors of ∇²L(w), g = ∇L(w), by block Lanczos.
+Details (accuracy of U_k and the tolerance): docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -20,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from ._args import generator_or_default
 from .lanczos import lanczos_top

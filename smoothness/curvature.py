@@ -29,11 +29,12 @@ class EigenResult:
     rigorous bound on the distance from ``values[i]`` to the nearest eigenvalue of H; that eigenvalue is the i-th
     largest unless the Krylov space missed an eigenvalue altogether (see ``smoothness.lanczos``), and
     ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing; for ``which="smallest"``, read
-    smallest, and never falls below it). The true error is usually far smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
+    smallest, and never falls below it). The true error is usually far smaller (of order bound²/gap). ``converged``
+    means every bound is at most ``tol·|value|``.
 
     ``vectors`` holds the k Ritz vectors as the rows of a (k, n) tensor, each flattened over the trainable
-    parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n·4 bytes in float32, e.g.
-    116 kB for k = 1 on the 29k-parameter ConvNet). They make warm starts possible
+    parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n numbers). They make warm
+    starts possible
     (``top_eigenvalues(..., start=previous)``); ``vector_dicts(model)`` gives them keyed like the parameters. They
     are left out of ``repr`` and of ``==``, which compare the numbers only.
     """
@@ -127,7 +128,8 @@ def top_eigenvalues(model, loss_fn: Optional[Callable] = None, data=None, k: int
     top-1 from one old vector can certify a value that is no longer the top).
 
     Deterministic by default (random start rows come from a generator seeded with ``ESTIMATOR_SEED`` unless
-    ``generator`` is given). One forward pass and one backward pass with a retained graph, then one extra backward pass per product.
+    ``generator`` is given). One forward pass and one backward pass with a retained graph, then one extra backward
+    pass per product.
     """
     source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
     names, n = source.params, source.n

@@ -1,34 +1,7 @@
-"""The Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ; Ghorbani, Krishnan & Xiao 2019).
-
-For a symmetric n×n H with eigenpairs (λ_i, u_i) and a unit probe v, the spectral measure of v is
-μ_v = Σ_i (u_iᵀv)² δ(λ_i); over Rademacher probes E[μ_v] = (1/n) Σ_i δ(λ_i), the eigenvalue density. m Lanczos
-steps from v give a tridiagonal T_m = S diag(θ) Sᵀ, and the Gauss quadrature Σ_j τ_j δ(θ_j) with nodes θ_j (the
-Ritz values) and weights τ_j = S_{1j}² matches the first 2m−1 moments of μ_v exactly. The estimate is the average
-of these quadrature measures over probes; for plots it is smoothed with a Gaussian of width σ.
-
-Pitfalls, and what this module does about them:
-
-- **Loss of orthogonality.** Plain three-term Lanczos loses orthogonality as soon as a Ritz value converges (the
-  outliers converge first), and then finds the same eigenvalue again and again: "ghost" copies (16 nodes on one
-  outlier after 120 steps in tests/smoothness/test_density.py) that waste the resolution meant for the bulk and,
-  while not yet converged, smear spurious mass around the outliers. Every step here is reorthogonalised against the
-  whole basis, twice (Parlett's "twice is enough"); the basis costs m·n numbers per probe, little next to m
-  Hessian-vector products. PyHessian reorthogonalises once per step but takes β from the vector before that pass,
-  so T and the basis disagree slightly.
-- **Breakdown.** If the probe lies in an invariant subspace of dimension j < m (a Hessian with few distinct
-  eigenvalues, e.g. a quadratic), β_j vanishes and the quadrature is already exact for that probe: the loop stops
-  there (``n_hvp`` then counts fewer products) rather than restarting from a random vector, whose nodes would carry
-  zero weight anyway.
-- **Choice of σ.** The quadrature is a sum of point masses; the smoothed density is only as good as σ is wide
-  compared with the spacing of the nodes (about (λ_max − λ_min)/m per probe in the bulk). Too small a σ draws a comb
-  of spikes; too large a σ melts the outliers into the bulk. :meth:`DensityResult.density` takes σ explicitly;
-  the figures of ``experiments.features.spectrum.figures`` use σ = (λ_max − λ_min)/200.
-- **Log scale and its floor.** Outliers carry weight about 1/n each (3e-5 for the seed ConvNet), so they are
-  visible only on a log scale, where the Gaussian tails fall to 0 and log 0 = −∞: plots clip the density at a floor
-  (1e-7 by default there) well below the smallest interesting peak, w/(σ√(2π)) for weight w.
-- **Probes vs steps.** More steps resolve the spectrum (the Gauss rule is exact for polynomials of degree 2m−1);
-  more probes average the random weights (each outlier's weight (u_iᵀv)² is one draw of a χ²₁/n variable, so one
-  probe places the outliers right but weighs them within a factor of a few). Cost: n_probes × n_steps products.
+"""The eigenvalue density of a curvature matrix by stochastic Lanczos quadrature (SLQ; Ghorbani, Krishnan & Xiao 2019):
+per Rademacher probe v, m Lanczos steps give Gauss quadrature nodes θ_j (Ritz values) and weights τ_j = S_{1j}² of
+v's spectral measure; the estimate averages them over probes. Details (reorthogonalisation, breakdown, σ, log
+scales): docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -39,7 +12,6 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
-from torch import nn
 
 from ._args import generator_or_default
 from .operator import DEFAULT_BN_MODE, DEFAULT_KIND, Curvature

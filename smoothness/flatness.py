@@ -1,28 +1,6 @@
-"""Flatness measures from the generalisation literature: Jiang et al.'s PAC-Bayes σ (plain and magnitude-aware) and
-Petzka et al.'s relative flatness (METHODS.md §11).
-
-PAC-Bayes flatness (Jiang et al. 2020, "Fantastic generalization measures and where to find them", measures
-"pacbayes.flatness" and "pacbayes.mag.flatness"): the largest σ with
-
-    E_u L(w + u) − L(w) ≤ target,   u ~ N(0, σ²I)   or, magnitude-aware, uᵢ ~ N(0, σ²wᵢ² + ε²),
-
-and the measure is 1/σ². Jiang et al. bound the deviation of the 0-1 *accuracy* by 0.1; here the bound is on the
-increase of the loss the caller passes (``target``, default 0.1), so give a 0-1 loss to reproduce theirs exactly.
-The expectation is a Monte Carlo mean over ``n_samples`` draws z_m taken once from ``generator``, u_m = σ·z_m (or
-√(σ²w² + ε²)·z_m) at every σ: common random numbers make the mean a fixed smooth function of σ, so the search is
-deterministic and, for a loss that rises with the noise, monotone. The search brackets σ by factors of 10 from
-σ = 0.01 and then bisects ``n_bisections`` times in log σ (12 by default: σ to within a factor 10^(1/4096), 0.06%,
-far below the Monte Carlo error of 16 draws); ``sigma`` is the bracket's lower end, where the measured increase is at
-most ``target``. A noisy loss that is NaN or ±inf counts as +inf, as in ``smoothness.sharpness`` (σ too large).
-
-Relative flatness (Petzka et al. 2021, "Relative flatness and generalization"): for the weight matrix W of one layer
-(rows w_s: the weights of output unit s; a conv kernel as (out, in·k·k)), κ = Σ_{s,s'} ⟨w_s, w_s'⟩ · Tr(H_{s,s'}),
-H_{s,s'} the Hessian block between rows s and s'. Written as κ = Tr(D·H_WW) with D = (WWᵀ) ⊗ I, it is computed
-with the project's Hessian-vector product: exactly from the numel(W) products with the unit vectors of W (the
-default; fine for the few thousand weights of a classifier head), or by Hutchinson's estimate E[(Dz)ᵀ H z] over
-Rademacher z on W when ``n_probes`` is given. The default layer is the last ``nn.Linear``'s weight: the layer fed by
-the penultimate (feature) representation, as in Petzka et al.'s experiments. Cost: one Hessian-vector product per
-weight of W (exact) or per probe: on a ConvNet's head of thousands of weights, use ``n_probes``.
+"""Flatness measures from the generalisation literature: Jiang et al.'s (2020) PAC-Bayes σ, the largest σ with
+E_u L(w + u) − L(w) ≤ target (u ~ N(0, σ²I), or σ²w² + ε² magnitude-aware), reported as 1/σ²; and Petzka et al.'s
+(2021) relative flatness κ = Σ_{s,s'} ⟨w_s, w_s'⟩ Tr(H_{s,s'}) of one layer. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -112,7 +90,8 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
         f = increase(sigma)
     else:
         floor = "" if eps is None else f" (with eps = {eps:g} the noise never goes below eps·z; lower eps)"
-        raise ValueError(f"no σ in [{SIGMA_START / 10 ** MAX_DECADES:g}, {SIGMA_START * 10 ** MAX_DECADES:g}] brackets a "
+        raise ValueError(f"no σ in [{SIGMA_START / 10 ** MAX_DECADES:g}, {SIGMA_START * 10 ** MAX_DECADES:g}] "
+                         f"brackets a "
                          f"loss increase of target = {target:g}: the increase was {f:g} at σ = {sigma:g}{floor}")
     for _ in range(n_bisections):
         mid = math.sqrt(lo * hi)
@@ -138,7 +117,8 @@ def pacbayes_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: O
 
 
 def pacbayes_mag_flatness(model: nn.Module, loss_fn: Callable, data, *,
-                          generator: Optional[torch.Generator] = None, target: float = 0.1, eps: float = 1e-3, n_samples: int = 16, n_bisections: int = 12,
+                          generator: Optional[torch.Generator] = None, target: float = 0.1, eps: float = 1e-3,
+                          n_samples: int = 16, n_bisections: int = 12,
                           bn_mode: str = "batch") -> PacBayesFlatness:
     """Jiang et al.'s "pacbayes.mag.flatness": as :func:`pacbayes_flatness` with uᵢ ~ N(0, σ²wᵢ² + ε²), σ relative
     to each weight's magnitude; ``eps`` keeps zero weights perturbed (it must be small enough that the ε-noise alone

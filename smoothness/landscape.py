@@ -1,40 +1,13 @@
-"""Loss surfaces: Li et al. (2018) filter-normalised random directions, and linear interpolation between weights.
-
-Li et al., "Visualizing the Loss Landscape of Neural Nets" (NeurIPS 2018) plot L(w + αd₁ + βd₂) over a grid, with
-Gaussian directions rescaled filter by filter to the size of the weights they perturb: for every filter f (a conv
-output channel, a linear row) d_f ← d_f / ‖d_f‖ · ‖w_f‖. Without this, a network whose weights are small (as
-BatchNorm's scale invariance allows) looks sharper merely because the same step is a larger relative change, and
-surfaces of different networks cannot be compared. Bias and BatchNorm parameters get d = 0 by default, as in their
-code (``ignore="biasbn"``, which, as there, means every parameter with at most one dimension).
-Goodfellow et al. (ICLR 2015) plot L((1 − α)·w₀ + α·w₁) along the segment between two weight sets.
-
-BatchNorm and the surface
--------------------------
-``bn_mode="batch"`` evaluates the train-mode loss (every point uses the batch statistics of its own forward pass).
-``bn_mode="running"`` evaluates the eval-mode loss, and then the running statistics at a perturbed w are a real
-choice, ``bn_stats``:
-
-``"keep"``       the statistics stored with the model, at every point (what Li et al.'s code does: it moves only the
-                 weights). Far from w they no longer match the activations, so the surface of a BN network rises
-                 partly because its statistics are stale, not only because the weights are worse.
-``"recompute"``  re-estimate them at every point from the evaluation data itself: one extra forward pass in train
-                 mode at w + Σαᵢdᵢ with momentum 1 on cloned buffers (each chunk's running_* buffers become that
-                 chunk's statistics; over several chunks their sample-weighted mean, as torch's cumulative average
-                 does per batch), then the eval-mode pass with those statistics. Costs two passes per point.
-
-The model is never written: parameters and buffers reach ``torch.func.functional_call`` through
-:class:`~smoothness._objective.Objective` as fresh tensors and clones, train/eval flags and (for ``recompute``) the
-normalisation layers' ``momentum`` are put back on exit, so the model is left bit for bit as it was.
-
-Several chunks of data (``data`` an iterable of ``(inputs, targets)``) give the sample-weighted mean of the per-chunk
-mean losses, i.e. the mean loss over all samples when ``loss_fn`` is a mean; one chunk is in memory at a time.
+"""Loss surfaces: L(w + αd₁ + βd₂) over a grid with Li et al.'s (2018) filter-normalised random directions, and
+L((1 − α)w₀ + αw₁) along a segment (Goodfellow et al. 2015). In ``bn_mode="running"``, ``bn_stats`` keeps the stored
+running statistics or recomputes them at every point. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch

@@ -1,28 +1,7 @@
-"""Curvature matrices as linear operators: the Hessian, the GGN and the empirical Fisher, whole or one block.
-
-For a mean-reduced loss L(w) = (1/N) Σᵢ ℓ(f(xᵢ; w), yᵢ) (METHODS.md §10):
-
-- ``kind="hessian"``: H = ∇²_w L (``smoothness.hvp``: retained graph, linearized, or chunked).
-- ``kind="ggn"``: G = (1/N) Σᵢ Jᵢᵀ ∇²_z ℓ Jᵢ, PSD for convex ℓ; the Fisher for softmax cross-entropy
-  (``smoothness.ggn``; with BatchNorm in batch mode, Jᵀ∇²_z L J over the whole batch's outputs).
-- ``kind="empirical-fisher"``: F̂ = (1/N) Σᵢ gᵢgᵢᵀ from per-sample gradients (``smoothness.fisher``; refused for
-  BatchNorm in batch mode, where per-sample gradients do not exist).
-
-``params`` (a list of parameter names) selects the diagonal block M_BB: the rows and columns of those parameters;
-a product is M·(v_B, 0) restricted to B (one full product: blocks save no work, only dimensions). Vectors are
-keyed, and flattened, in ``named_parameters()`` order whatever the order of ``params``. ``group`` (a
-``torch.distributed`` process group) makes M the sample-weighted mean over every rank's data
-(``smoothness.distributed``).
-
-Lifetime of a :class:`CurvatureOperator`: it is M at the weights the model holds when it is built. Every product
-(``matvec`` and each product of ``to_scipy()``) runs inside the objective's restoring scope, like every estimator:
-parameters are never written, buffers are cloned, train/eval flags are set for the pass and put back, and the
-caller's random generators are restored, so between and after products the model is exactly as found, with or
-without a ``with`` block. The operator holds memory (a retained graph, or the per-sample gradients) until it is
-closed (``close()``, or leaving ``with curvature_operator(...) as op:``); products after that raise, and so do
-products after the model's parameters are changed in place (an optimizer step, ``load_state_dict``, a write
-through ``p.data``; every product compares the weights with a copy taken at build time): the operator
-would otherwise mix the old and the new weights. Build a new one.
+"""Curvature matrices as linear operators: the Hessian, the GGN and the empirical Fisher, whole or a diagonal block
+(``params``), over one process or a ``torch.distributed`` group; :func:`curvature_operator` exposes one (products on
+dicts, a scipy LinearOperator), :class:`Curvature` resolves what every curvature estimator works on. An operator
+describes the weights it was built on: products after any change of them raise. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

@@ -1,29 +1,7 @@
-"""Sharpness as the loss increase under a bounded weight perturbation: worst case, average case, and Keskar's
-ε-sharpness (METHODS.md §11).
-
-With T_w = diag(|w| + η) (adaptive; Kwon et al. 2021, "ASAM", their T_w with η = 0 by default here) or T_w = I:
-
-- worst case (Andriushchenko et al. 2023, "A modern look at the relationship between sharpness and
-  generalization"): S_max^ρ = max over ‖T_w⁻¹δ‖_p ≤ ρ of L(w + δ) − L(w), p = 2 or ∞, by the projected ascent of
-  :mod:`smoothness._ascent` (APGD-style, a lower bound on the maximum). For L(w) = cᵀw it is ρ‖T_w c‖₂ (p = 2) and
-  ρ‖T_w c‖₁ (p = ∞), which the first step already reaches;
-- average case (same paper): S_avg^ρ = E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w), Monte Carlo with a standard error.
-  At a minimum of ½Σ aᵢ(wᵢ − wᵢ*)² it is ρ²/2·Σ aᵢ Tᵢ²;
-- ε-sharpness (Keskar et al. 2017, "On large-batch training ... sharp minima", their metric 2.1 with A = I): the
-  worst case over the box |δᵢ| ≤ ε(|wᵢ| + 1), i.e. T_w = |w| + 1 and p = ∞, reported as 100·(max L − L)/(1 + L).
-  Keskar et al. maximise with L-BFGS-B; here the same ascent as the worst case.
-
-Non-finite losses: L(w) itself not finite raises ``NonFiniteLossError``. A perturbed loss L(w + δ) that is NaN or
-±inf counts as +inf in every measure here and in ``smoothness.flatness`` (the loss blew up: the increase is
-unbounded): ``value`` is then inf (average case: stderr NaN), and ``n_non_finite`` counts such evaluations. The
-worst-case ascent stops at the first one.
-
-The adaptive scale T_w = |w| leaves weights that are exactly 0 where they are (δᵢ = Tᵢνᵢ = 0): pass ``eta`` > 0 to let
-them move (ASAM's η; Andriushchenko et al. add a small η too).
-
-``data`` is one ``(inputs, targets)`` batch or a list of chunks (a DataLoader): L is then the sample-weighted mean of
-the chunks' mean losses, each chunk with its own batch statistics in ``batch`` BN mode (see ``ChunkedObjective``).
-The model is left exactly as it was; every forward pass runs with the estimators' fixed seed.
+"""Sharpness as the loss increase under a bounded weight perturbation δ = T_w ν (T_w = |w| + η adaptive, or I):
+worst case max_{‖ν‖_p ≤ ρ} L(w + δ) − L(w) and average case E_{ν ~ N(0, ρ²I)} L(w + δ) − L(w) (Andriushchenko et al.
+2023), and Keskar et al.'s (2017) ε-sharpness. A NaN or ±inf perturbed loss counts as +inf in every measure here
+and in ``smoothness.flatness`` (``value`` inf, ``n_non_finite`` > 0). Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -98,7 +76,8 @@ def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: floa
                          generator: Optional[torch.Generator] = None) -> WorstCaseSharpness:
     """max over ‖T_w⁻¹δ‖_norm ≤ rho of L(w + δ) − L(w) by ``n_steps`` steps of APGD-style projected ascent.
 
-    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with ``ESTIMATOR_SEED``) is used only when ∇L(w) is 0
+    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with ``ESTIMATOR_SEED``) is used only
+    when ∇L(w) is 0
     on the ball's support, for a random first point (recorded as ``start="random"``).
     """
     rho = check_positive("rho", rho)
@@ -106,7 +85,8 @@ def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: floa
     eta = check_positive("eta", eta, allow_zero=True)
     check_count("n_steps", n_steps, 1)
     objective = make_objective(model, loss_fn, data, bn_mode)
-    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps, generator_or_default(generator))
+    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps,
+                           generator_or_default(generator))
     return WorstCaseSharpness(value=out.best_loss - out.base_loss, base_loss=out.base_loss, increases=out.increases,
                               rho=rho, adaptive=bool(adaptive), norm=p, eta=eta, n_steps=n_steps,
                               n_passes=out.n_passes, start=out.start, bn_mode=bn_mode,

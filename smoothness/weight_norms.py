@@ -1,21 +1,6 @@
-"""Weight-norm baselines of the generalisation studies (Jiang et al. 2020, "Fantastic generalization measures"):
-distance to initialisation, product of spectral norms, path norm. Functions of the weights alone: no data, no
-BatchNorm mode beyond what each says. All parameters count, trainable or frozen (the network is what is measured).
-
-- distance to init: ‖w − w₀‖₂ over all parameters (Frobenius norm of the difference, all layers together).
-- spectral product: Π_i ‖W_i‖₂ over the weight of every nn.Linear and convolution module, largest singular value.
-  A conv kernel (out, in, k, k) is reshaped to (out, in·k·k): that is the norm Jiang et al. use, not the operator
-  norm of the convolution itself (which depends on the input size and can be larger). BatchNorm's scale is not
-  included. ``log_value`` = Σ log ‖W_i‖₂ (Jiang et al.'s "log.prod.of.spec" is 2·log_value, the squared product).
-- path norm (Neyshabur et al. 2015, "Norm-based capacity control"): √(Σ over input-output paths of Π w²), computed as
-  Jiang et al. do by squaring every parameter and forwarding an all-ones input: the sum of the outputs is the sum
-  over paths (biases start paths of their own), ``squared`` holds it (Jiang's "path.norm") and ``value`` its root.
-  This is exact for ReLU networks (the squared network's activations are positive, ReLU passes them); max-pooling
-  picks the largest path instead of summing, and other activations (tanh) make the forward no longer a path sum.
-  A final nn.Softmax/nn.LogSoftmax module is left out (the norm is that of the logits; ``dropped`` names it).
-  BatchNorm runs in eval mode as the affine map it then is, y = a·x + b with a = γ/√(var + eps),
-  b = β − a·mean, and is squared as a layer: a², b² (folded, not γ², β² with the running statistics left in,
-  which would not be a path sum). Normalisation without running statistics has no fixed affine map: refused.
+"""Weight-norm baselines of the generalisation studies (Jiang et al. 2020): distance to initialisation ‖w − w₀‖₂, the
+product of spectral norms Π ‖W_i‖₂, and Neyshabur et al.'s path norm √(Σ_paths Π w²) (of the logits: a final
+Softmax/LogSoftmax module is left out). Functions of the weights alone. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

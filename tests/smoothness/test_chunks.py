@@ -297,7 +297,7 @@ def _mismatched(chunks):
 
 @pytest.mark.parametrize("name", ESTIMATORS + ["loss_surface", "interpolation"])
 def test_chunks_of_another_shape_or_dtype_name_the_chunk(mlp_chunks, name):
-    """Issue 20 item 6: loss_surface and interpolation ran such chunks into the model (a raw torch RuntimeError),
+    """Before: loss_surface and interpolation ran such chunks into the model (a raw torch RuntimeError),
     and every estimator did so for a dtype that differs."""
     model, chunks = mlp_chunks
     d = {n: torch.ones_like(p) for n, p in model.named_parameters()}

@@ -1,4 +1,4 @@
-"""Estimates are deterministic functions of the weights even when a module draws random numbers (issue 9, section 2).
+"""Estimates are deterministic functions of the weights even when a module draws random numbers.
 
 The model is a tiny float64 ConvNet with Santurkar's noisy BatchNorm (`experiments.normalization.NoisyBatchNorm`, the
 toolkit's `noisy` norm), which draws fresh noise on every train-mode forward from torch's global generator. Before
