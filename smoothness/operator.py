@@ -109,9 +109,23 @@ def curvature_matrix(objective, kind: str = "hessian", params: Optional[Tuple[st
     return op
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal values, NaN equal to NaN (a product may be asked of weights that hold NaNs)."""
-    return a.shape == b.shape and bool(torch.all((a == b) | (torch.isnan(a) & torch.isnan(b))))
+# Every _STRIDE-th entry of each parameter (and its last) is compared before each product, with the storage address
+# and autograd's version counter: a prime stride does not align with rows or channels.
+_STRIDE = 61
+
+
+def _fingerprint(p: torch.Tensor) -> tuple:
+    """What a product compares to notice a change of ``p``: writes through autograd move ``_version``, writes
+    through ``p.data`` (which bypass it: ``p.data.mul_(2)``, an optimizer's ``p.data.add_``) change the sampled
+    entries, a replaced ``p.data`` the address."""
+    flat = p.detach().reshape(-1)
+    return p.data_ptr(), p._version, torch.cat([flat[::_STRIDE], flat[-1:]]).clone()
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal fingerprints, NaN equal to NaN (weights may hold NaNs)."""
+    (pa, va, ta), (pb, vb, tb) = a, b
+    return pa == pb and va == vb and (torch.equal(ta, tb) or bool(torch.all((ta == tb) | (ta.isnan() & tb.isnan()))))
 
 
 class CurvatureOperator:
@@ -128,14 +142,12 @@ class CurvatureOperator:
         self.shape = (op.n, op.n)
         self.batch_size: int = op.n_samples
         self.loss: float = op.loss
-        # a copy of the weights, compared before every product: in-place writes through ``p.data`` bypass autograd's
-        # version counter, and a product then mixes old and new weights. One read of n numbers per product, next to
-        # at least a forward and a backward pass.
-        self._weights = {n: p.detach().clone() for n, p in objective.params.items()}
+        # compared before every product (see _fingerprint): a product after a change would mix old and new weights
+        self._weights = {n: _fingerprint(p) for n, p in objective.params.items()}
         self._closed = False
 
     def _changed(self) -> list:
-        return [n for n, p in self._objective.params.items() if not _same(p.detach(), self._weights[n])]
+        return [n for n, p in self._objective.params.items() if not _same(_fingerprint(p), self._weights[n])]
 
     def _check_alive(self) -> None:
         if self._closed:
