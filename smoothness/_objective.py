@@ -1,12 +1,7 @@
-"""The one place where a model, a loss and a batch become a function of the parameters.
-
-Every estimator goes through :class:`Objective`. It never writes to the model: parameters are passed to
-``torch.func.functional_call`` as fresh tensors, buffers as clones (so train-mode BatchNorm cannot move the
-running statistics), and the module train/eval flags it sets for the chosen ``bn_mode`` are put back on exit.
-
-Every evaluation runs under :func:`smoothness._rng.fixed_rng`, so modules that draw random numbers see the same draws
-at every point and the caller's generators do not move; the evaluation at w goes through the determinism check
-(:func:`smoothness._rng.check_deterministic`) so that randomness the fixed seed cannot reach fails loudly.
+"""The one place where a model, a loss and data become a function of the parameters: :func:`make_objective` turns
+``data`` (one batch, or an iterable of batches walked chunk by chunk by :meth:`ChunkedObjective.chunks`, the one chunk
+loop) into an :class:`Objective`, which never writes to the model, runs every evaluation with the estimators' fixed
+seed and checks determinism at w. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -226,7 +221,7 @@ def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     return sum(float(torch.sum(a[n].detach().double() * b[n].detach().double())) for n in a)
 
 
-# -- curvature over many batches ------------------------------------------------------------------------------------
+# -- many batches: the one chunk loop -------------------------------------------------------------------------------------
 ChunkKind = Tuple[Tuple[Tuple[int, ...], torch.dtype], Tuple[Tuple[int, ...], torch.dtype]]
 
 
@@ -313,8 +308,8 @@ class ChunkedObjective:
         for i, chunk in enumerate(self.batches):
             inputs, targets = self._check(i, chunk)
             if i >= len(self._fingerprints) or self._fingerprint(inputs, targets) != self._fingerprints[i]:
-                raise ValueError(f"the batches changed between two passes (chunk {i} differs); curvature over "
-                                 f"chunks needs the same chunks on every pass: use a list, or a DataLoader with "
+                raise ValueError(f"the batches changed between two passes (chunk {i} differs); estimators over "
+                                 f"chunks need the same chunks on every pass: use a list, or a DataLoader with "
                                  f"shuffle=False and no random transforms")
             count += 1
             yield (self.sizes[i] / self.n_samples,
@@ -322,7 +317,7 @@ class ChunkedObjective:
                              self.bn_mode))
         if count != len(self._fingerprints):
             raise ValueError(f"the batches changed between two passes ({count} chunks instead of "
-                             f"{len(self._fingerprints)}); curvature over chunks needs the same chunks every pass")
+                             f"{len(self._fingerprints)}); estimators over chunks need the same chunks every pass")
 
     def loss_and_grad(self, shift=None, scale: float = 1.0, *, check_finite: bool = False):
         """The sample-weighted mean of the chunks' losses and gradients."""
