@@ -19,7 +19,7 @@ from torch import nn
 from torch.autograd import forward_ad as fwAD
 from torch.func import functional_call
 
-from ._objective import (Objective, check_batch, check_chunk, chunk_kind, estimator_mode, is_single_batch,
+from ._objective import (Objective, check_batch, check_chunk, chunk_kind, estimator_mode, is_one_batch,
                          trainable_parameters)
 from ._rng import fixed_rng
 from .operator import resolve_params
@@ -74,7 +74,7 @@ def probe_coupling(objective: Objective) -> None:
 def split_units(data, unit: str) -> List[Batch]:
     """``data`` as a list of (inputs, targets) chunks: one batch or an iterable of them; for ``unit="batch"`` at
     least two minibatches, all of one size."""
-    if is_single_batch(data):
+    if is_one_batch(data):
         if unit == "batch":
             raise ValueError("unit='batch' needs an iterable of minibatches (each one unit), got a single batch; "
                              "pass a list of (inputs, targets) minibatches of equal size")
