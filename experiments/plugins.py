@@ -20,7 +20,9 @@ brings its own transforms (torchvision's ``Normalize``), and a second standardis
 **Identity.** The import string and its arguments are part of the run id (``RunConfig.model_args`` /
 ``dataset_args``, hashed only when set). The sha256 of each factory's source file is recorded in the run's
 ``code.json`` (not hashed: editing a comment must not orphan a run); ``smoothness-lab status`` says "code changed
-since this run" when the file no longer has that hash.
+since this run" when the file no longer has that hash, and ``--resume`` refuses to continue such a run
+(``store.RunStore.begin``). Image folders and user datasets also put a fingerprint of the tensors read
+(`tensor_fingerprint`) in ``dataset.json``, so a resume on changed data is refused too.
 
 Every mistake is a one-line `PluginError` that names what to fix, raised by the checks the CLI makes before it writes
 anything (`check_run`).
@@ -45,7 +47,7 @@ from experiments.models import MODELS, build_model
 
 __all__ = ["IMAGEFOLDER", "PluginError", "build_run_model", "check_run", "code_changes", "code_info",
            "is_imagefolder", "is_user_dataset", "is_user_model", "load_run_dataset", "parse_args", "run_id_stem",
-           "split_model_spec"]
+           "split_model_spec", "tensor_fingerprint"]
 
 IMAGEFOLDER = "imagefolder"
 _EXTRA_MODEL_ARGS = ("input_shape", "num_classes")
@@ -278,6 +280,8 @@ def load_run_dataset(cfg, data_dir: Optional[str] = None) -> Dataset:
         x_train, y_train, x_test, y_test, classes, info = _user_splits(
             cfg.dataset, json.dumps(cfg.dataset_args, sort_keys=True))
         standardise = False
+    # the content read, so that a resume on changed files or a changed factory output is refused (store.begin)
+    info = {**info, "fingerprint": tensor_fingerprint(x_train, y_train, x_test, y_test)}
     return from_tensors(cfg.dataset, x_train, y_train, x_test, y_test, num_classes=classes, subset=cfg.subset,
                         seed=cfg.seed, info=info, standardise=standardise)
 
@@ -330,6 +334,17 @@ def check_run(cfg, data_dir: Optional[str] = None) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Provenance: the factories' source files
+
+def tensor_fingerprint(*tensors) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes (on CPU): dataset.json's ``fingerprint`` of the data a run
+    trained and tested on, so that a resume on changed data is refused (``store.provenance_change``)."""
+    sha = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        sha.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
 
 def code_info(cfg) -> dict:
     """{"model"/"dataset": {"import", "file", "sha256"}} for the run's import strings ({} when it has none)."""

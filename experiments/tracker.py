@@ -67,16 +67,22 @@ the same weights tracked or not (tests/experiments/test_tracker.py).
 
 Resuming after a crash
 ----------------------
-``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.save_checkpoint`, records first
+``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.checkpoint`, records first
 (its records mark): the model's and the optimizer's state_dicts, torch's CPU (and CUDA) RNG state, the tracker's
 `state_dict` (step, epoch, its generator, timing and ``RunContext.checkpointed``: the warm-start vectors, ...) and
 ``extra``: everything else the rest of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and
 your data order (a sampler generator's ``get_state()``, or the epoch and position of a DataLoader whose order is
 seeded per epoch). After a crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the
 checkpoint's mark, restores model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no
-checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` / ``tracker.step_index`` and writes
-exactly the records of an uninterrupted run. Checkpoint at the points where your loop can restart (after
-``end_epoch``, as the built-in loop does).
+checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` /
+``tracker.step_index`` and writes exactly the records of an uninterrupted run. Checkpoint at the points where your
+loop can restart (after ``end_epoch``, as the built-in loop does). ``resume()`` refuses other training or test data
+(dataset.json's fingerprint), another model label, model class or parameter count, or another optimizer class
+(tracker.json) than the run started with: the run store's lifecycle (`RunStore.start`, `begin`) that ``train_run``
+goes through too.
+
+The run has ``config.epochs`` passes: ``end_epoch`` after the last is refused, and ``close()`` before it does not
+finish the run (no ``done``; RuntimeError "closed after 1 of 2 epochs: the run ... is not finished").
 """
 from __future__ import annotations
 
@@ -97,7 +103,8 @@ from experiments.normalization import batch_coupled
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
 from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
-from experiments.store import RunStore, StoreError, run_lock
+from experiments.plugins import tensor_fingerprint
+from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, timing_of
 from experiments.training import build_measurements, sample_order
 
 __all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]
@@ -190,7 +197,7 @@ class Tracker:
                             num_classes=int(max(int(y.max()), int(yt.max())) + 1) if not y.is_floating_point() else 0,
                             info={"source": "experiments.Tracker", "label": self.labels["dataset"],
                                   "n_train": int(x.shape[0]), "n_test": int(xt.shape[0]),
-                                  "input_shape": list(x.shape[1:])})
+                                  "input_shape": list(x.shape[1:]), "fingerprint": tensor_fingerprint(x, y, xt, yt)})
         n = x.shape[0]
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.store = RunStore(Path(root), cfg)
@@ -236,35 +243,31 @@ class Tracker:
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def _begin(self, resuming: bool) -> Optional[dict]:
-        """Open the run directory (under its lock); on resume restore the newest checkpoint."""
+        """Open the run directory (under its lock) through the store's lifecycle (`RunStore.start`, `begin`); on
+        resume restore the newest checkpoint, refusing other data, another model or optimizer."""
         if self._exit is not None:
             raise RuntimeError("the tracker has already started; resume() must come before the first step")
         store = self.store
-        if store.done:
-            raise StoreError(f"{store.dir} holds a finished run of this config; its results stand (move the directory "
-                             f"away, or change the study or a config field, to train it again)")
         self._exit = ExitStack()
         if not self._exit.enter_context(run_lock(store.dir)):
             self._exit.close()
             self._exit = None
             raise StoreError(f"{store.dir} is being written by another live process; wait for it to finish")
         self._exit.callback(store.close)
-        store.open()
-        if not resuming and store.has_progress():
+        init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            store.start(resume=resuming, how="call tracker.resume() before the loop")
+            checkpoint = store.begin({DATASET: self.data.info, TRACKER: {
+                "loop": "experiments.Tracker", "model_label": self.labels["model"],
+                "dataset_label": self.labels["dataset"],
+                "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "optimizer_class": type(self.optimizer).__name__}}, init_state)
+        except BaseException:
             self.close_files()
-            raise StoreError(f"{store.dir} holds an interrupted run of this config; call tracker.resume() before "
-                             f"the loop to continue it from its last checkpoint (or move the directory away)")
-        checkpoint = store.restore() if resuming else None
-        store.write_dataset(self.data.info)
-        store.write_tracker_info({
-            "loop": "experiments.Tracker", "model_label": self.labels["model"],
-            "dataset_label": self.labels["dataset"], "model_class": f"{type(self.model).__module__}."
-                                                                  f"{type(self.model).__qualname__}",
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "optimizer_class": type(self.optimizer).__name__})
+            raise
         if checkpoint is None:
-            self.measuring.ctx.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            store.save_weights("init", self.measuring.ctx.init_state)
+            self.measuring.ctx.init_state = init_state
             with self._diverging():  # the point measurements at initialisation, before any batch is drawn
                 self._point(final=False)
             return None
@@ -298,19 +301,27 @@ class Tracker:
             self.close_files()
 
     def close(self) -> None:
-        """The point measurements at the final weights (unless already taken there), final weights, ``done``."""
+        """The point measurements at the final weights (unless already taken there), final weights, ``done``.
+        Closing before pass ``config.epochs`` ended does not finish the run: the step records are written, the
+        directory released, and RuntimeError says so (``tracker.resume()`` continues from the last checkpoint)."""
         if self.finished:
             return
         if self._exit is None:
             self._begin(resuming=False)
         with self._diverging():
             self._steps.flush()
+        if self.finished:  # diverged in the last steps
+            return
+        if self.epoch < self.config.epochs:
+            self.close_files()
+            raise RuntimeError(f"closed after {self.epoch} of {self.config.epochs} epochs: the run in "
+                               f"{self.store.dir} is not finished (not marked done); continue it with "
+                               f"tracker.resume() from its last checkpoint, or train it for the config's epochs")
+        with self._diverging():
             self._point(final=True)
         if self.finished:  # diverged while measuring
             return
-        self.store.write_timing(self._timing())
-        self.store.save_weights("final", self.model.state_dict())
-        self.store.mark_done()
+        self.store.finish(self.model.state_dict(), self.timer)
         self.finished = True
         self.close_files()
 
@@ -339,13 +350,11 @@ class Tracker:
         self._ensure_started()
         with self._diverging():
             self._steps.flush()
-        with self.timer("checkpoint"):
-            self.store.save_checkpoint(self.epoch, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "step": self.step_index, "epoch": self.epoch, "tracker": self.state_dict(), "extra": extra})
-        self.store.write_timing(self._timing())
+        self.store.checkpoint(self.epoch, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "step": self.step_index, "epoch": self.epoch, "tracker": self.state_dict(), "extra": extra}, self.timer)
         return self.store.checkpoints / f"epoch-{self.epoch:03d}.pt"
 
     @property
@@ -417,6 +426,10 @@ class Tracker:
         """A pass boundary: the point measurements due there (every ``eval_every`` passes), all of them after pass
         ``epochs``."""
         self._ensure_started()
+        if self.epoch >= self.config.epochs:
+            raise RuntimeError(f"end_epoch for pass {self.epoch + 1}, but the config says epochs={self.config.epochs} "
+                               f"(the run ended after pass {self.config.epochs}); loop over "
+                               f"range(tracker.epoch, config.epochs), or track a config with more epochs")
         with self._diverging():
             self._steps.flush()   # the steps of the pass that ends here
             self.epoch += 1
@@ -453,7 +466,7 @@ class Tracker:
                         steps=self._steps, emit=self._emit)
         done.update(ran)
         if ran:
-            self.store.write_timing(self._timing())
+            self.store.write_timing(timing_of(self.timer))
 
     @contextlib.contextmanager
     def _diverging(self):
@@ -465,13 +478,8 @@ class Tracker:
                 raise Diverged(self.step_index, "non-finite loss in a measurement") from None
         except Diverged as d:
             self._steps.pending = []
-            self.store.append({"kind": "diverged", "step": d.step, "epoch": self.epoch, "bn_mode": "batch",
-                               "loss": None, "reason": d.reason})
-            self.store.write_timing(self._timing())
-            self.store.mark_done()
+            self.store.diverged(d.step, self.epoch, d.reason, self.timer)
             self.finished = True
             self.close_files()
             raise
 
-    def _timing(self) -> dict:
-        return {**self.timer.seconds, "total": sum(self.timer.seconds.values())}

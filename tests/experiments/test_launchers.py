@@ -26,7 +26,7 @@ from experiments import launchers  # noqa: E402
 from experiments.config import RunConfig, StudyConfig  # noqa: E402
 from experiments.executors import process as process_executor  # noqa: E402
 from experiments.executors.ray import check_ray_address  # noqa: E402
-from experiments.launchers import LaunchResult, launch, preflight  # noqa: E402
+from experiments.launchers import RunOutcome, launch, preflight  # noqa: E402
 from experiments.status import run_info  # noqa: E402
 from experiments.store import StoreError  # noqa: E402
 
@@ -266,4 +266,4 @@ def test_bad_executor_arguments():
         launch(grid(), "/nonexistent", executor="process", ray_address="127.0.0.1:6379")
     with pytest.raises(ConfigError, match="not HOST:PORT"):
         check_ray_address("localhost")
-    assert LaunchResult("x", "done", 1.0).error == ""
+    assert RunOutcome("x", "done", 1.0).error == ""
