@@ -36,6 +36,7 @@ import click
 from experiments import store
 from experiments.config import ConfigError, RunConfig, StudyConfig
 from experiments.store import RunState, StoreError, is_locked, read_code
+from experiments.study import identity_problem
 from experiments.study_files import STUDY_JSON, read_json
 
 STATES = RunState.ON_DISK
@@ -76,9 +77,8 @@ def _read_config(run_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
         return None, f"{store.CONFIG}: {exc}"
     except _READ_ERRORS as exc:
         return None, f"{store.CONFIG}: {type(exc).__name__}: {exc}"
-    if data.get("run_id") not in (None, run_dir.name):
-        return None, f"{store.CONFIG}: it is the config of run {data['run_id']}, not of {run_dir.name}"
-    return data, None
+    problem = identity_problem(run_dir, data)   # the check every study command makes (experiments.study)
+    return (None, problem) if problem else (data, None)
 
 
 def _read_records(run_dir: Path, done: bool) -> Tuple[List[dict], Optional[str]]:

@@ -142,17 +142,31 @@ def _run_dirs(root: Path) -> list[Path]:
     return runs
 
 
-def read_study(results_dir) -> list[RunData]:
-    """Parse every run directory of a study (or a single run directory)."""
+def read_study(results_dir, notify=None) -> list[RunData]:
+    """Parse every run directory of a study (or a single run directory): the one reading of a study that every
+    study command uses. Left out, each named through ``notify(message)`` (default: a warning): folders that do not
+    hold the run their name says (a copied run folder: `experiments.study.identity_problem`) and finished runs
+    whose records were cut or changed since they finished (`experiments.study.records_problem`)."""
+    from experiments.study import identity_problem, records_problem
+    say = notify if notify is not None else (lambda message: warnings.warn(message, stacklevel=3))
     runs = []
     for d in _run_dirs(Path(results_dir)):
+        config = _read_config(d)
+        problem = identity_problem(d, config)
         done = store.is_done(d)
+        if problem is None and done:
+            problem = records_problem(d)
+        if problem is not None:
+            say(f"left out {d.name}: {problem}")
+            continue
         records, lines = _read_records(d, done)
-        run = RunData(d, _read_config(d), records, done, lines=lines)
+        run = RunData(d, config, records, done, lines=lines)
         if not run.records:
-            warnings.warn(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only",
-                          stacklevel=2)
+            say(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only")
         runs.append(run)
+    if not runs:
+        raise AnalysisError(f"{results_dir}: every run directory was left out (see the messages above); nothing to "
+                            f"analyse")
     for run, variant in zip(runs, variant_labels([r.config for r in runs])):
         run.variant = variant
     return runs
