@@ -261,6 +261,21 @@ def model_order(models) -> list[str]:
     return sorted(set(models), key=lambda m: (m.removeprefix("bn-"), m.startswith("bn-")))
 
 
+def network_family(label: str) -> str:
+    """The network a group label names, without its BN prefix, norm, variant or lr label: ``bn-convnet [epochs=2]``,
+    ``convnet:noisy, η=0.1`` -> ``convnet``."""
+    return label.split(" [")[0].split(", η=")[0].removeprefix("bn-").split(":")[0]
+
+
+def family_pairs(models) -> list[tuple[str, str]]:
+    """(first, other) for every model after the first of its network family, in ``model_order``: the comparisons
+    of a study (convnet vs bn-convnet, mlp vs bn-mlp; never bn-mlp vs convnet)."""
+    families: dict[str, list[str]] = {}
+    for m in model_order(models):
+        families.setdefault(network_family(m), []).append(m)
+    return [(group[0], other) for group in families.values() for other in group[1:]]
+
+
 def bn_mode_of(df: pd.DataFrame, kind: str, metric: str) -> str:
     modes = select(df, kind, metric)["bn_mode"].dropna().unique()
     return "/".join(sorted(modes)) or "n/a"
