@@ -23,7 +23,7 @@ from experiments import store
 from experiments.config import ConfigError, RunConfig, option_names
 
 __all__ = ["RebuildError", "Rebuilt", "identity_problem", "records_problem", "normalization_of", "batch_normalised",
-           "rebuild", "rebuild_model"]
+           "rebuild", "rebuild_model", "run_data", "model_for"]
 
 
 class RebuildError(ValueError):
@@ -164,6 +164,20 @@ def _shapes(cfg: RunConfig, run_dir: Path, data_dir: Optional[str]):
 class _Shapes:
     input_shape: tuple
     num_classes: int
+
+
+def run_data(cfg: RunConfig, data_dir: Optional[str] = None):
+    """The run's data (`experiments.data.Dataset`): a registered dataset, ``imagefolder:PATH`` or ``MODULE:FACTORY``."""
+    return _data(cfg, data_dir)
+
+
+def model_for(cfg: RunConfig, input_shape, num_classes: int, state: Optional[dict] = None, source="the weights"):
+    """The run's network for inputs of ``input_shape`` and ``num_classes`` outputs, with ``state`` loaded (weights
+    from ``source``, named in the error when they belong to another network)."""
+    model = _fresh_model(cfg, _Shapes(tuple(input_shape), int(num_classes)))
+    if state is not None:
+        _load(model, cfg, source, state)
+    return model
 
 
 def rebuild_model(run_dir, epoch: Optional[str] = None, data=None, data_dir: Optional[str] = None):
