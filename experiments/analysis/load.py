@@ -4,7 +4,9 @@ A study directory holds one directory per run (``config.json`` + ``records.jsonl
 through ``experiments.store`` (the one reader of run directories); its StoreErrors become AnalysisErrors here.
 ``load`` melts every numeric field of every record into one long-form row; ``load_runs`` gives one row per run.
 Unfinished and diverged runs are kept and flagged in ``status``; nothing is dropped silently: a directory that holds
-run files but no config.json stops the analysis with its name, and a malformed line stops it with ``file:line``.
+run files but no config.json stops the analysis with its name, a malformed line stops it with ``file:line``, and a
+folder that is not the run its name says (a copy) or a finished run whose records were cut is left out and named
+(``experiments.study``). `read_study` is the one loader every study command uses.
 
 ``model`` is the group a run is averaged in: the model label (``convnet``, ``convnet:noisy``), followed by
 ``[variant]`` when the folder holds several configurations (``pairing``); ``options`` identifies the configuration
