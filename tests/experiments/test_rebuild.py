@@ -166,3 +166,23 @@ def test_status_lists_the_features_that_wrote_records_one_from_outside_too(tmp_p
     line = next(x for x in shown.splitlines() if x.startswith("fc-tanh"))
     listed = line.partition("features: ")[2].split(", ")
     assert "gradnorm" in listed and "evaluation" in listed and "probe" not in listed
+
+
+def test_surface_works_on_an_image_folder_run(tmp_path):
+    """The dataset of an imagefolder:PATH run is read from the folder (it was looked up by name: KeyError)."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 40), ("test", 20)):
+        for i in range(n):
+            folder = tmp_path / "tree" / split / f"class{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            pixels = (torch.rand(28, 28, generator=g) * 128 + 127 * (i % 2)).to(torch.uint8)
+            Image.fromarray(pixels.numpy(), mode="L").save(folder / f"{i:03d}.png")
+    results = tmp_path / "results"
+    cli("train", "--results-dir", str(results), "--study", "images", "--model", "mlp", "--dataset",
+        f"imagefolder:{tmp_path / 'tree'}", "--epochs", "1", "--batch-size", "10", "--subset", "1", "--probe-every",
+        "0", "--local-smoothness-samples", "20", "--sharpness-samples", "20", "--device", "cpu")
+    (run,) = (results / "images").iterdir()
+    cli("surface", str(run), *SURFACE)
+    assert list((run / "surfaces").glob("*.npz"))
+    assert rebuild(run).data.num_classes == 2
