@@ -177,7 +177,8 @@ def test_status_command_on_a_corrupt_study_prints_one_row_per_run(run):
     assert "Traceback" not in result.output
     row, counts = result.output.strip().splitlines()
     assert row.split()[:2] == [CFG.run_id, "corrupt"] and "records.jsonl:2: expected a JSON object, got an array" in row
-    assert counts == "1 runs: 0 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 1 corrupt, 0 truncated, 0 not started"
+    assert counts == ("1 runs: 0 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 1 corrupt, 0 truncated, "
+                      "0 not started")
 
 
 def test_not_started(tmp_path):
