@@ -97,7 +97,7 @@ class RunState:
 
 
 #: numeric fields of each record kind (results/README.md): a number, or null for a non-finite one. Read from the
-#: measurement registry (each measurement declares its records, experiments/measurements/) plus the kinds the loop
+#: measurement registry (each measurement declares its records, experiments/features/) plus the kinds the loop
 #: writes itself (``diverged``), on every look-up: a measurement registered later is checked too.
 RECORD_NUMBERS = RecordSchema("numbers", CORE_RECORD_NUMBERS)
 #: list-of-numbers fields of each record kind

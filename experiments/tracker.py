@@ -37,7 +37,7 @@ so they see the gradients after any unscaling (``GradScaler``), clipping or accu
 ``optimizer.step()``) and `end_step` yourself (the Lightning callback does). Optimizers that take a closure (LBFGS)
 compute the gradient inside ``step()``, after the pre-hook: the tracker refuses them.
 
-The measurements are the registry's (experiments/measurements/): the tracker builds their hooks from the run's
+The measurements are the registry's (experiments/features/): the tracker builds their hooks from the run's
 `RunContext` as `train_run` does (`experiments.training.build_measurements`) and runs them at its moments with
 `experiments.loop.run_hooks`: "point" hooks at initialisation, at each ``end_epoch`` where they are due (judged at
 ``epoch * steps_per_epoch``, the step the built-in loop is at after that many passes) and, each that has not run
@@ -107,6 +107,7 @@ from experiments.normalization import batch_coupled
 from experiments.study import normalization_of
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
+from experiments.input_checks import frozen_or_empty, missing_linear, non_finite, single_class, weights_mismatch
 from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
 from experiments.plugins import tensor_fingerprint
 from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, timing_of
@@ -236,6 +237,7 @@ class Tracker:
         self.model, self.optimizer, self.loss_fn = model, optimizer, _functional(loss_fn)
         self._check(cfg, model, optimizer)
         self.device = next(model.parameters()).device
+        self._check_inputs(x, y, xt)
         self.labels = {"model": model_label or model_name(cfg.model), "dataset": dataset_label or cfg.dataset}
         self.data = Dataset(name=cfg.dataset, x_train=x.to(self.device), y_train=y.to(self.device),
                             x_test=xt.to(self.device), y_test=yt.to(self.device), input_shape=tuple(x.shape[1:]),
@@ -281,10 +283,26 @@ class Tracker:
             raise ConfigError("target_train_loss and tensorboard are options of the built-in loop: the Tracker cannot "
                               "stop your loop at a target loss, nor write TensorBoard logs; leave them at 0 / False "
                               "(stop your loop yourself on the 'eval' records' train_loss)")
+        problem = frozen_or_empty(model) or (missing_linear(model, "generalization_every")
+                                             if getattr(cfg, "generalization_every", 0) else None)
+        if problem:
+            raise ConfigError(f"the model {problem}")
         if cfg.model in MODELS and batch_coupled(model) and cfg.norm == "none":
             raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
                               f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
                               f"config.json and the BN-mode measurements say what was trained")
+
+    @staticmethod
+    def _check_inputs(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor) -> None:
+        """Inputs no run can use (as the CLI's pre-launch checks, experiments.plugins.check_runs), before writing."""
+        for name, inputs in (("train_data", x), ("test_data", x_test)):
+            problem = non_finite(inputs)
+            if problem:   # a NaN input reads as a diverged run, an inf test input as a test loss of null
+                raise ValueError(f"{name}'s {problem}; fix the data (or its transform): nothing can be trained or "
+                                 f"measured on non-finite inputs")
+        problem = single_class(y)
+        if problem:
+            raise ValueError(f"train_data {problem}")
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def _begin(self, resuming: bool) -> Optional[dict]:
@@ -317,6 +335,11 @@ class Tracker:
             with self._diverging():  # the point measurements at initialisation, before any batch is drawn
                 self._point(final=False)
             return None
+        fits = weights_mismatch(self.model, checkpoint["model"])
+        if fits is not None:
+            raise StoreError(f"the weights in {store.dir}'s last checkpoint do not fit the model given to the Tracker "
+                             f"({fits}): build the model as it was when the run started to resume it, or move "
+                             f"{store.dir} away to start it over")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -481,7 +504,7 @@ class Tracker:
             self.epoch += 1
             self._point(final=self.epoch == self.config.epochs)
 
-    # -- measurements: the registry's hooks (experiments/measurements/), at the tracker's moments ----------------
+    # -- measurements: the registry's hooks (experiments/features/), at the tracker's moments ----------------
     @property
     def _scheduled(self) -> bool:
         return self.config.lr_schedule != "constant" or self.config.warmup_steps >= 2

@@ -1,5 +1,5 @@
 """One training run, top to bottom: data → model → optimizer and schedule → the loop (experiments/loop.py), with
-every measurement a hook on a schedule. The hooks come from the measurement registry (experiments/measurements/,
+every measurement a hook on a schedule. The hooks come from the measurement registry (experiments/features/,
 one file each), built from a `RunContext` of this run, in registry order; every ``--*-every`` is 0 = off:
 
 | measurement | hook | when | record |
@@ -31,6 +31,7 @@ import torch
 
 from experiments import optim, plugins
 from experiments.config import ConfigError, RunConfig
+from experiments.input_checks import weights_mismatch
 from experiments.losses import get_loss
 from experiments.loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from experiments.features import MEASUREMENTS, RunContext
@@ -214,6 +215,11 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     saved = store.begin(provenance, init_state)
     writer = _tensorboard(store, cfg.tensorboard)
     if saved is not None:
+        fits = weights_mismatch(model, saved["model"])
+        if fits is not None:   # the factory's code or the model's arguments changed since the run started
+            raise StoreError(f"the weights in {store.dir}'s last checkpoint do not fit the model {cfg.model} builds "
+                             f"now ({fits}): restore the model's code as it was when the run started to resume it, "
+                             f"or move {store.dir} away to start it over")
         model.load_state_dict(saved["model"])
         if saved.get("optimizer") is not None:  # (checkpoints of plain-SGD runs once held none: no state)
             optimizer.load_state_dict(saved["optimizer"])

@@ -198,9 +198,11 @@ def prepare_worker(threads: int) -> None:
     (``smoothness.allocator.tune_cpu_allocator``: freed memory kept in the process, no page faults per product)."""
     import torch
 
+    from experiments.features.base import load_plugins
     from smoothness.allocator import tune_cpu_allocator
     torch.set_num_threads(threads)
     tune_cpu_allocator()
+    load_plugins()   # features from outside the package (``$SMOOTHNESS_LAB_FEATURES``), as the CLI loaded them
 
 
 @contextmanager

@@ -274,12 +274,38 @@ def unregister(name: str) -> None:
             MEASUREMENTS.pop(feature.measurement.name, None)
 
 
-def features_with_records(kinds) -> Iterator[Feature]:
-    """The registered features that wrote at least one of the record ``kinds`` (or write none at all)."""
-    kinds = set(kinds)
-    for f in list(FEATURES.values()):
-        if not f.kinds or kinds & set(f.kinds):
-            yield f
+#: where `load_plugins` finds features defined outside the package: modules named (comma-separated) in this
+#: environment variable, and entry points of this group (``[options.entry_points] smoothness_lab.features = ...``)
+PLUGINS_ENV = "SMOOTHNESS_LAB_FEATURES"
+ENTRY_POINT_GROUP = "smoothness_lab.features"
+_loaded_plugins: set = set()
+
+
+def load_plugins() -> Tuple[str, ...]:
+    """Import every feature module named by ``$SMOOTHNESS_LAB_FEATURES`` or an entry point of
+    ``smoothness_lab.features``, and register its ``FEATURE`` unless importing it registered it already. The CLI
+    calls this before it parses, and every worker before its task, so a feature outside the package reaches runs
+    on every executor. Returns the modules loaded now."""
+    import os
+    from importlib.metadata import entry_points
+
+    names = [n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(",") if n.strip()]
+    names += [ep.value.partition(":")[0] for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    loaded = []
+    for name in names:
+        if name in _loaded_plugins:
+            continue
+        try:
+            module = importlib.import_module(name)
+        except ImportError as exc:
+            raise RegistryError(f"{PLUGINS_ENV} names the feature module {name!r}, which cannot be imported ({exc}); "
+                                f"put its folder on PYTHONPATH") from None
+        _loaded_plugins.add(name)
+        feature = getattr(module, "FEATURE", None)
+        if isinstance(feature, Feature) and feature.name not in FEATURES:
+            register(feature)
+        loaded.append(name)
+    return tuple(loaded)
 
 
 def freeze_built_in() -> Tuple[str, ...]:

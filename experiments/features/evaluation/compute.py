@@ -10,10 +10,9 @@ from torch import nn
 
 import smoothness
 
-# Eval mode makes chunking exact (no batch statistics) and bounds memory. On CPU, small chunks with the conv
-# weights in channels_last (NHWC) layout run oneDNN's fast path: evaluating 16,000 FashionMNIST images took 1.6 s
-# instead of 5.3 s (chunk 2000, NCHW) on one core, and evaluation was 35% of a default run (issue 11 §6;
-# benchmarks/results/training.md). GPUs keep large chunks, and every layout change is undone before returning.
+# Eval mode makes chunking exact (no batch statistics) and bounds memory. On CPU, small chunks with the conv weights
+# in channels_last (NHWC) layout run oneDNN's fast path (benchmarks/results/training.md); GPUs keep large chunks, and
+# every layout change is undone before returning.
 EVAL_CHUNK = {"cpu": 256, "other": 2000}
 
 

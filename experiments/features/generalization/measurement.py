@@ -1,4 +1,4 @@
-"""Sharpness versus generalisation (experiments/features/generalization/compute.py, issue 24): every measure on a fixed sample in
+"""Sharpness versus generalisation (experiments/features/generalization/compute.py): every measure on a fixed sample in
 running BN mode at initialisation, every ``--generalization-every`` passes, at the end and where the target is reached
 (0 = off); and training to a target loss: ``--target-train-loss`` stops the run at the first evaluation whose
 training loss is at most it, with a ``target`` record saying whether it was reached (0 = train every epoch)."""

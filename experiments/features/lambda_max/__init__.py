@@ -3,5 +3,5 @@ literature; perturbation sharpness is the generalisation feature's), with the op
 from experiments.features.base import Feature
 from experiments.features.lambda_max.measurement import SHARPNESS
 
-FEATURE = Feature("sharpness", "step-wise λ_max and the stability threshold (edge of stability)", measurement=SHARPNESS,
+FEATURE = Feature("lambda_max", "step-wise λ_max and the stability threshold (edge of stability)", measurement=SHARPNESS,
                   figures=("experiments.features.lambda_max.eos:EOS",))

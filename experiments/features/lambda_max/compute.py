@@ -13,7 +13,7 @@ import smoothness
 from experiments.normalization import batch_coupled
 
 # Curvature over more images than this is taken in chunks (smoothness' iterables of batches): memory is one chunk's
-# graph whatever the sample (issue 12 §3). Only for networks without batch statistics: with BatchNorm in train
+# graph whatever the sample. Only for networks without batch statistics: with BatchNorm in train
 # mode a chunk's loss is normalised by that chunk's statistics, a different loss from the one-batch loss that
 # full-batch GD descends (and whose forward pass the training step already holds in memory).
 SHARPNESS_CHUNK = 1000

@@ -2,5 +2,5 @@
 from experiments.features.base import Feature
 from experiments.features.local_smoothness.measurement import SMOOTHNESS
 
-FEATURE = Feature("smoothness", "per-pass local smoothness and λ_max on a fixed sample", measurement=SMOOTHNESS,
+FEATURE = Feature("local_smoothness", "per-pass local smoothness and λ_max on a fixed sample", measurement=SMOOTHNESS,
                   figures=("experiments.features.local_smoothness.figures:SHARPNESS",))

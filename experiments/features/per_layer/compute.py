@@ -1,4 +1,4 @@
-"""Per-layer curvature along training (issue 23, item 5), in records.
+"""Per-layer curvature along training, in records.
 
 With ``--per-layer`` a run measures, at every per-pass sharpness measurement and on the same fixed sharpness sample
 (train-mode BatchNorm, ``bn_mode="batch"``, as the sharpness):

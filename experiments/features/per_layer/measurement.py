@@ -1,4 +1,4 @@
-"""Per-layer curvature (issue 23; experiments/features/per_layer/compute.py): at every evaluation, on the sharpness's fixed sample, the
+"""Per-layer curvature (experiments/features/per_layer/compute.py): at every evaluation, on the sharpness's fixed sample, the
 top eigenvalue and the Hutchinson trace of each parameterised module's block of the Hessian and of the GGN, and the
 whole Hessian's most negative eigenvalue (``--per-layer``; about 10x a sharpness measurement)."""
 from __future__ import annotations

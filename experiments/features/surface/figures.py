@@ -23,6 +23,7 @@ from experiments.plotstyle import styled
 from experiments.store import has_config, surface_files
 from experiments.features.surface.grid import StoredSurface, read_surface
 from experiments.analysis.figures import save_figure
+from experiments.analysis.plots import StudyWriter
 from experiments.analysis.load import AnalysisError, model_order
 
 VMIN, VMAX, VLEVEL = 0.1, 10.0, 0.5   # loss-landscape's plot_2D.py defaults
@@ -216,3 +217,14 @@ def plot_study_surfaces(study_dir, out_dir=None, **levels) -> List[Path]:
     for surfaces in groups.values():
         paths += plot_surfaces(surfaces, out_dir or study_dir / "figures", **levels)
     return paths
+
+
+def _has_surfaces(df, runs) -> bool:
+    return any(surface_files(Path(path)) for path in runs.get("path", ()))
+
+
+def _write(results_dir, out_dir=None, notify=None) -> List[Path]:
+    return plot_study_surfaces(results_dir, out_dir)
+
+
+SURFACES = StudyWriter("surfaces", _has_surfaces, _write)
