@@ -60,8 +60,9 @@ __all__ = ["StoreError", "RunFinished", "RunState", "RunStore", "RecordsCheck", 
            "finished_state", "provenance_change", "timing_of", "check_writable", "read_config", "read_config_file",
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
            "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
-           "run_files", "read_tracker_info", "read_dataset_info", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
-           "event_fields", "run_log_handler", "weights_file", "load_weights", "run_lock", "is_locked"]
+           "run_files", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
+           "event_fields", "run_log_handler", "weights_file", "load_weights", "run_lock", "is_locked",
+           "read_tracker_info", "read_dataset_info"]
 
 log = logging.getLogger(__name__)
 

@@ -102,7 +102,8 @@ def _variant_markdown(table: pd.DataFrame, variant: str) -> str:
                                rows.assign(value=h), "value"))
     out = []
     of_variant = f" ({variant})" if variant else ""
-    bases = list(dict.fromkeys(a for a, _ in family_pairs(model_order(runs["model"])))) or model_order(runs["model"])[:1]
+    models = model_order(runs["model"])
+    bases = list(dict.fromkeys(a for a, _ in family_pairs(models))) or models[:1]
     for title, cases in ((f"BatchNorm: each network − {', '.join(bases)}, paired by seed", networks),
                          ("H vs G: λ_max of the Hessian block − λ_max of the GGN block, same run", within)):
         if cases:
