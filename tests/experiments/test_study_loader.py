@@ -144,3 +144,13 @@ def test_a_folder_of_copies_only_is_one_line_error(study, tmp_path):
     shutil.copytree(sorted(study.iterdir())[0], only / "a-copy")
     with pytest.raises(AnalysisError, match="left out"):
         read_study(only, lambda m: None)
+
+
+def test_generalization_never_pools_two_networks_but_keeps_bn_as_an_axis(study):
+    """mlp and bn-mlp are one network on the BN axis; fc-tanh runs in the same folder are another variant."""
+    for run in [p for p in study.iterdir() if p.name.startswith("mlp")]:
+        relaunched(run, study, model="fc-tanh")
+    table = study_table(study)
+    variants = dict(zip(table["model"], table["variant"]))
+    assert variants["mlp"] == variants["bn-mlp"] == "network=mlp" and variants["fc-tanh"] == "network=fc-tanh"
+    assert sorted(table[table["variant"] == "network=mlp"]["bn"]) == [False, False, True, True]
