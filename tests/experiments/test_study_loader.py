@@ -154,3 +154,21 @@ def test_generalization_never_pools_two_networks_but_keeps_bn_as_an_axis(study):
     variants = dict(zip(table["model"], table["variant"]))
     assert variants["mlp"] == variants["bn-mlp"] == "network=mlp" and variants["fc-tanh"] == "network=fc-tanh"
     assert sorted(table[table["variant"] == "network=mlp"]["bn"]) == [False, False, True, True]
+
+
+def test_spectrum_tests_compare_within_a_configuration_and_a_network():
+    from experiments.features.spectrum.stats import comparison_markdown
+    rows = []
+    for variant in ("epochs=1", "epochs=2"):
+        for model in ("mlp", "bn-mlp", "fc-tanh"):
+            for seed in (0, 1, 2):
+                for epoch in (0, 1):
+                    value = 1.0 + seed + (model == "bn-mlp") + 0.1 * epoch
+                    rows.append({"run": f"{model}-{variant}-{seed}", "model": f"{model} [{variant}]",
+                                 "variant": variant, "lr": 0.04, "seed": seed, "options": variant, "epoch": epoch,
+                                 "bn_mode": "batch", "lambda_max": value, "lambda_k": value / 2,
+                                 "rms_eigenvalue": value / 3, "gradient_concentration": 0.5})
+    markdown = comparison_markdown(pd.DataFrame(rows))
+    pairs = [line.split("|")[3:5] for line in markdown.splitlines() if line.startswith("| ") and "λ_max" in line]
+    assert pairs and all(variant_of(a.strip()) == variant_of(b.strip()) for a, b in pairs)
+    assert {(a.strip().split(" [")[0], b.strip().split(" [")[0]) for a, b in pairs} == {("mlp", "bn-mlp")}
