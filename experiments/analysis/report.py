@@ -85,12 +85,14 @@ def summary_table(df: pd.DataFrame, compare=None, include_unfinished: bool = Fal
     models = model_order(per_run["model"])
     pairs = comparison_pairs(per_run, compare)
     variant = dict(zip(per_run["model"], per_run["variant"]))
+    # only the metrics of features the study measured: a registered feature no run used adds no empty rows
+    measured = [m for m in METRICS if (df["kind"] == m.kind).any()]
     rows = []
     for lr in sorted(per_run["lr"].unique()):
         at_lr = per_run[per_run["lr"] == lr]
         here = [m for m in models if (at_lr["model"] == m).any()]
         block = {}
-        for m in METRICS:
+        for m in measured:
             for model in here:
                 runs = at_lr[at_lr["model"] == model]
                 v = runs.loc[use[runs.index], m.name].dropna().to_numpy()
@@ -104,9 +106,9 @@ def summary_table(df: pd.DataFrame, compare=None, include_unfinished: bool = Fal
             if a not in here or b not in here:
                 continue
             ra, rb = (at_lr[(at_lr["model"] == g) & use[at_lr.index]] for g in (a, b))
-            comps = [compare_groups(ra, rb, m.name) for m in METRICS]
+            comps = [compare_groups(ra, rb, m.name) for m in measured]
             p_holm = st.holm([c.p for c, _ in comps])
-            for m, (c, left_out), ph in zip(METRICS, comps, p_holm):
+            for m, (c, left_out), ph in zip(measured, comps, p_holm):
                 row = block[(m.name, b)]
                 row.update(compared_to=a, test=c.test, n_compared=c.n, left_out=left_out, diff=c.diff,
                            ci_low=c.ci_low, ci_high=c.ci_high, effect=c.effect, effect_kind=c.effect_kind, p=c.p,
