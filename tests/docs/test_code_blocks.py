@@ -1,0 +1,123 @@
+"""Nothing drifts: every ```python block of the README and of the docs' pages runs (the blocks of one page in order,
+each in a fresh interpreter, in one temporary folder holding a copy of the committed studies the page names), except
+those whose first line says they need what this machine lacks (``# needs: gpu|slurm|ray-cluster``, or lightning or
+ray where they are not installed), which are compiled; every ``smoothness-lab`` command and option of a bash block
+exists in the command line."""
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+
+from docs_blocks import NEEDS, ROOT, all_blocks, command_lines, pages
+
+from experiments.cli import main
+
+OWN_LOOP_MARKER = "<!-- own-loop script"    # run by tests/experiments/test_own_loop_docs.py
+SLOW_PAGES = {"README.md", "docs/how-to/feature-from-outside.md", "docs/how-to/image-folder.md",
+              "docs/tutorials/main-study.md"}
+
+
+def _python_pages():
+    by_page = {}
+    for b in all_blocks("python"):
+        by_page.setdefault(b.page, []).append(b)
+    return by_page
+
+
+def _missing(needs):
+    module = NEEDS[needs]
+    return module is None or importlib.util.find_spec(module) is None
+
+
+def _copy_studies(code: str, into: Path) -> None:
+    """The committed studies a page names (results/<study>), without checkpoints, so that it may write into them."""
+    for study in sorted(set(re.findall(r"results/([\w.-]+)", code))):
+        src = ROOT / "results" / study
+        if (src / "study.json").exists():
+            shutil.copytree(src, into / "results" / study, ignore=shutil.ignore_patterns("checkpoints", "*.pt"))
+
+
+def test_every_block_says_its_language_and_markers_are_known():
+    for lang in ("", "sh", "shell", "console", "py"):
+        for b in all_blocks(lang):
+            code_like = [line for line in b.code.splitlines()
+                         if re.match(r"\s*(\$ )?(smoothness-lab |import \w|from [\w.]+ import )", line)]
+            assert lang == "" and not code_like, f"{b}: say ```bash or ```python, so that tests/docs checks the block"
+    for b in all_blocks("python"):
+        assert b.needs is None or b.needs in NEEDS, f"{b}: unknown '# needs: {b.needs}'; known: {', '.join(NEEDS)}"
+
+
+@pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_PAGES else p
+                                  for p in sorted(_python_pages())])
+def test_the_python_blocks_of_a_page_run(page, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1", "SMOOTHNESS_QUICK": "1", "MPLBACKEND": "Agg"}
+    skipped = []
+    for i, b in enumerate(_python_pages()[page]):
+        if b.snippet:   # an included file: it must exist (mkdocs --strict checks too) and compile
+            path = ROOT / b.snippet
+            compile(path.read_text(), str(path), "exec")
+            continue
+        compile(b.code, str(b), "exec")
+        if b.before.startswith(OWN_LOOP_MARKER):
+            assert b.code == (ROOT / "examples" / "own_loop.py").read_text(), f"{b}: differs from examples/own_loop.py"
+            continue
+        if b.file_name:
+            (tmp_path / b.file_name).write_text(b.code)
+            continue
+        if b.needs and _missing(b.needs):
+            skipped.append(f"{b} (needs {b.needs})")
+            continue
+        _copy_studies(b.code, tmp_path)
+        script = tmp_path / f"_block{i}.py"
+        script.write_text(b.code)
+        out = subprocess.run([sys.executable, script.name], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, f"{b} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    if skipped:
+        pytest.skip("compiled only, this machine lacks what they need: " + "; ".join(skipped))
+
+
+def _check_command(args, where):
+    ctx = click.Context(main, info_name="smoothness-lab")
+    words = [a for a in args if a not in ("-q", "--quiet")]
+    if not words or words[0] in ("-h", "--help") or words[0].isupper():   # a placeholder: `smoothness-lab ARGS`
+        return
+    name = words[0]
+    assert not name.startswith("-"), f"{where}: unknown option {name} of smoothness-lab"
+    command = main.get_command(ctx, name)
+    assert command is not None, f"{where}: `smoothness-lab {name}` is not a command"
+    known = {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"--help", "-h"}
+    for w in words[1:]:
+        if w.startswith("-") and not re.fullmatch(r"-\d.*", w):
+            option = w.split("=", 1)[0]
+            assert option in known, f"{where}: `smoothness-lab {name}` has no option {option}"
+
+
+def test_every_smoothness_lab_command_and_option_in_a_bash_block_exists():
+    checked = 0
+    for b in all_blocks("bash"):
+        for args in command_lines(b.code):
+            _check_command(args, str(b))
+            checked += 1
+    assert checked > 20
+
+
+def test_every_smoothness_lab_command_in_the_prose_exists():
+    for page in pages():
+        for span in re.findall(r"`(smoothness-lab [^`]+)`", page.read_text()):
+            for args in command_lines(span):
+                _check_command(args, f"{page.relative_to(ROOT)}: `{span}`")
+
+
+def test_the_checks_catch_a_vanished_option_and_command():
+    with pytest.raises(AssertionError, match="no option --no-such-option"):
+        _check_command(["run", "--no-such-option", "1"], "here")
+    with pytest.raises(AssertionError, match="is not a command"):
+        _check_command(["no-such-command"], "here")
