@@ -12,6 +12,7 @@ from experiments.features.base import (FEATURES, MEASUREMENTS, Feature, Measurem
 from experiments.features.diagnostics import FEATURE as DIAGNOSTICS
 from experiments.features.evaluation import FEATURE as EVALUATION
 from experiments.features.generalization import FEATURE as GENERALIZATION
+from experiments.features.gradient_noise import FEATURE as GRADIENT_NOISE
 from experiments.features.lambda_max import FEATURE as SHARPNESS
 from experiments.features.local_smoothness import FEATURE as SMOOTHNESS
 from experiments.features.per_layer import FEATURE as PER_LAYER
@@ -20,7 +21,8 @@ from experiments.features.spectrum import FEATURE as SPECTRUM
 from experiments.features.step import STEP
 from experiments.features.surface import FEATURE as SURFACE
 
-for _f in (STEP, EVALUATION, PROBE, SHARPNESS, SPECTRUM, SMOOTHNESS, PER_LAYER, GENERALIZATION, SURFACE, DIAGNOSTICS):
+for _f in (STEP, EVALUATION, PROBE, SHARPNESS, SPECTRUM, SMOOTHNESS, PER_LAYER, GENERALIZATION, GRADIENT_NOISE, SURFACE,
+           DIAGNOSTICS):
     register(_f)
 BUILT_IN = base.freeze_built_in()
 

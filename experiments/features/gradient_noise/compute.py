@@ -1,0 +1,59 @@
+"""The ``gradient_noise`` records: `smoothness.gradient_noise` and `smoothness.step_quality` on a fixed sample cut
+into minibatches of the run's batch size, one record per unit (minibatch or example)."""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import smoothness
+from experiments.config import ConfigError
+from experiments.normalization import batch_coupled
+
+KIND = {"batch": "gradient_noise", "example": "gradient_noise_example"}
+
+
+def fixed_minibatches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n_batches: int,
+                      batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n_batches`` × ``batch_size`` images of the run's fixed permutation, as that many minibatches
+    (fewer when the training subset is smaller; at least two)."""
+    n_batches = min(n_batches, len(order) // batch_size)
+    if n_batches < 2:
+        raise ConfigError(f"the gradient-noise sample needs two minibatches of {batch_size} images, and the training "
+                          f"subset has {len(order)}: lower --batch-size or raise --subset")
+    idx = order[:n_batches * batch_size]
+    return [(x[idx[i * batch_size:(i + 1) * batch_size]], y[idx[i * batch_size:(i + 1) * batch_size]])
+            for i in range(n_batches)]
+
+
+def units_for(model: nn.Module, choice: str) -> Tuple[str, ...]:
+    """The units ``--gradient-noise-unit`` asks for on this network (module docstring of ``measurement``)."""
+    coupled = batch_coupled(model)
+    if choice == "example" and coupled:
+        raise ConfigError("--gradient-noise-unit example: per-example gradients are not defined for a network with "
+                          "BatchNorm in batch mode (its examples are coupled); use --gradient-noise-unit batch, or "
+                          "auto")
+    if choice == "auto":
+        return ("batch",) if coupled else ("example",)
+    if choice == "both":
+        return ("batch",) if coupled else ("batch", "example")
+    return (choice,)
+
+
+def records(model: nn.Module, loss_fn: Callable, batches: Sequence, units: Sequence[str],
+            step: Mapping[str, torch.Tensor]) -> List[Dict]:
+    """One record per unit: the noise statistics at the current weights and α along ``step`` (the update about to
+    be made), both on ``batches``, BatchNorm in batch mode (the loss SGD descends)."""
+    out = []
+    for unit in units:
+        noise = smoothness.gradient_noise(model, loss_fn, batches, unit=unit, bn_mode="batch")
+        quality = smoothness.step_quality(model, loss_fn, batches, step, unit=unit, bn_mode="batch")
+        out.append({"kind": KIND[unit], "bn_mode": "batch", "n_units": noise.n_units,
+                    "unit_size": 1 if unit == "example" else int(batches[0][0].shape[0]),
+                    "gradient_norm": noise.gradient_norm, "norm_test": noise.norm_test,
+                    "inner_product_test": noise.inner_product_test, "orthogonality_test": noise.orthogonality_test,
+                    "gsnr": noise.gsnr, "noise_scale": noise.noise_scale,
+                    "signal_estimate": noise.signal_estimate, "alpha": quality.alpha,
+                    "step_length": quality.step_length, "base_loss": quality.loss_start})
+    return out
