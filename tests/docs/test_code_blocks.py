@@ -121,3 +121,19 @@ def test_the_checks_catch_a_vanished_option_and_command():
         _check_command(["run", "--no-such-option", "1"], "here")
     with pytest.raises(AssertionError, match="is not a command"):
         _check_command(["no-such-command"], "here")
+
+
+def test_the_command_line_reference_lists_every_command():
+    """docs/reference/cli.md generates `main`'s own commands from experiments.cli and each feature's command from
+    its module (mkdocs-click reads a group's built-in commands only): every command must have its block."""
+    from experiments.features import FEATURES
+    page = (ROOT / "docs" / "reference" / "cli.md").read_text()
+    blocks = set(re.findall(r":module: (\S+)\n\s+:command: (\S+)", page))
+    assert ("experiments.cli", "main") in blocks
+    for feature in FEATURES.values():
+        for ref in feature.commands:
+            if isinstance(ref, str):
+                module, _, attr = ref.partition(":")
+            else:
+                module, attr = ref.callback.__module__, ref.callback.__name__
+            assert (module, attr) in blocks, f"docs/reference/cli.md lacks a mkdocs-click block for {module}:{attr}"
