@@ -37,6 +37,10 @@ def test_the_site_builds_strictly(tmp_path):
     assert (site / "notebooks" / "fashion-mnist-bn" / "index.html").exists()
     speed = (site / "explanation" / "speed" / "index.html").read_text()
     assert "bench_eigensolvers.py" in speed                           # the benchmark tables are included
+    from experiments.presets import PRESETS
+    presets = (site / "reference" / "presets" / "index.html").read_text()
+    assert "&lt;!-- presets --&gt;" not in presets and "<!-- presets -->" not in presets
+    assert all(f"<code>{name}</code>" in presets for name in PRESETS)  # generated from experiments.presets
 
 
 @pytest.mark.slow
