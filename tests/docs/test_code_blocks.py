@@ -109,6 +109,13 @@ def test_every_smoothness_lab_command_and_option_in_a_bash_block_exists():
     assert checked > 20
 
 
+def test_every_make_target_in_a_bash_block_exists():
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), flags=re.MULTILINE))
+    for b in all_blocks("bash"):
+        for target in re.findall(r"^\s*make ([\w-]+)", b.code, flags=re.MULTILINE):
+            assert target in targets, f"{b}: `make {target}` is not a target of the Makefile"
+
+
 def test_every_smoothness_lab_command_in_the_prose_exists():
     for page in pages():
         for span in re.findall(r"`(smoothness-lab [^`]+)`", page.read_text()):
