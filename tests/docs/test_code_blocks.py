@@ -144,3 +144,15 @@ def test_the_command_line_reference_lists_every_command():
             else:
                 module, attr = ref.callback.__module__, ref.callback.__name__
             assert (module, attr) in blocks, f"docs/reference/cli.md lacks a mkdocs-click block for {module}:{attr}"
+
+
+def test_every_link_of_the_readme_resolves():
+    """The README is GitHub's front page, outside the site (which mkdocs --strict checks): its relative links and
+    images must name files of the repository."""
+    text = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert len(targets) > 20
+    for target in targets:
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        assert (ROOT / target.split("#")[0]).exists(), f"README.md links to {target}, which does not exist"
