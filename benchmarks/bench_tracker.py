@@ -83,7 +83,10 @@ def tracked(cfg: RunConfig, data, root: Path, *, steps_only: bool = False):
             tracker.end_epoch()
             tracker.checkpoint({"sampler": sampler.get_state()})
     seconds = _since(start)
-    tracker.close()
+    if steps_only:   # no end_epoch: not a complete run (close would refuse to mark it done)
+        tracker.close_files()
+    else:
+        tracker.close()
     return seconds if steps_only else _since(start)
 
 

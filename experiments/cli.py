@@ -15,7 +15,7 @@ from experiments.config import ConfigError, RunConfig, StudyConfig, option_name
 from experiments.executors.choice import ExecutorChoice
 from experiments.study_files import read_json
 
-# Help of RunConfig's own fields; the measurements' options bring theirs (experiments/measurements/)
+# Help of RunConfig's own fields; the measurements' options bring theirs (experiments/features/)
 _HELP = {
     "dataset": "dataset (fashion-mnist, mnist1d, synthetic, mnist, mnist-32x3, svhn, cifar10), imagefolder:PATH (a "
                "folder with train/ and test/ class folders) or MODULE:FACTORY returning (train, test) torch Datasets",
@@ -299,11 +299,8 @@ def _study_from(base_study: StudyConfig, name: Optional[str], models, lrs, seeds
 
 
 def _check_data(study: StudyConfig, data_dir) -> None:
-    from experiments.plugins import check_run, load_run_dataset
-    runs = study.runs()
-    load_run_dataset(runs[0], None if data_dir is None else str(data_dir))
-    for model in dict.fromkeys(cfg.model for cfg in runs):  # a user's model or data: build it, one forward pass
-        check_run(next(cfg for cfg in runs if cfg.model == model), None if data_dir is None else str(data_dir))
+    from experiments.plugins import check_runs   # load the data, build each model once and probe it
+    check_runs(study.runs(), None if data_dir is None else str(data_dir))
 
 
 def _steps_per_run(study: StudyConfig, data_dir) -> dict:

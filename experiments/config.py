@@ -97,7 +97,7 @@ def _declared_types(cls) -> Tuple[Tuple[str, object], ...]:
 
 @dataclass(frozen=True)
 class RunConfigFields:
-    """RunConfig's own fields: what is not an option of a measurement (experiments/measurements/). `RunConfig` is
+    """RunConfig's own fields: what is not an option of a measurement (experiments/features/). `RunConfig` is
     this class with one field per option of the built-in measurements, generated from the registry, and
     ``later_options`` for the options of measurements registered after it was built."""
 
@@ -196,7 +196,7 @@ class RunConfigFields:
 
     def _check_import_strings(self) -> bool:
         """Syntax of MODULE:FACTORY and imagefolder:PATH and of their arguments (imports nothing: the factories are
-        called by the CLI's checks before a launch, experiments.plugins.check_run). True for a user model."""
+        called by the CLI's checks before a launch, experiments.plugins.check_runs). True for a user model."""
         from experiments import plugins
         try:
             object.__setattr__(self, "dataset", plugins.normal_dataset(self.dataset))

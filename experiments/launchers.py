@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from experiments.config import EXECUTION_FIELDS, RunConfig
 from experiments.executors import ExecutorOptions, Outcome, Task, check_executor, default_workers, run_tasks
-from experiments.launch_result import LaunchResult
+from experiments.launch_result import RunOutcome
 
 DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
 
@@ -173,11 +173,11 @@ def _resume_point(run_dir: Path) -> str:
 
 
 def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], threads: int,
-            progress_queue=None) -> LaunchResult:
+            progress_queue=None) -> RunOutcome:
     """Run one config in this process (the body of every executor's task). Exceptions become a ``failed``
     result (traceback in run.log); KeyboardInterrupt is logged and re-raised."""
     import torch
-    from experiments.store import RunStore, StoreError, event_fields, has_progress, last_event, run_lock
+    from experiments.store import RunState, RunStore, StoreError, event_fields, has_progress, last_event, run_lock
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
     start = time.perf_counter()
@@ -185,9 +185,9 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
     try:    # a directory holding another config is not touched at all, not even its run.log
         preflight([cfg], Path(root))
     except StoreError as exc:
-        return LaunchResult(cfg.run_id, "failed", 0.0, f"StoreError: {exc}")
+        return RunOutcome(cfg.run_id, RunState.FAILED, error=f"StoreError: {exc}")
     if RunStore(Path(root), cfg).done:
-        return LaunchResult(cfg.run_id, "skipped", 0.0)
+        return RunOutcome(cfg.run_id, RunState.SKIPPED)
 
     def progress(run_id, done, total):
         if progress_queue is not None:
@@ -197,18 +197,19 @@ def execute(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], th
         if not mine:
             pid, host, _ = event_fields(last_event(run_dir, ("start",))[1])
             by = f" (pid {pid} on {host})" if pid and host else ""
-            return LaunchResult(cfg.run_id, "busy", 0.0, f"another launch is training it right now{by}; it was "
-                                f"left alone")
+            return RunOutcome(cfg.run_id, RunState.BUSY,
+                              error=f"another launch is training it right now{by}; it was left alone")
         if not resume and has_progress(run_dir):   # before run.log is written: it keeps saying what happened
-            return LaunchResult(cfg.run_id, "failed", 0.0, f"StoreError: {run_dir} holds an interrupted run of this "
-                                f"config; pass --resume to continue it from its last checkpoint (or move the "
-                                f"directory away to start over)")
+            return RunOutcome(cfg.run_id, RunState.FAILED,
+                              error=f"StoreError: {run_dir} holds an interrupted run of this config; pass --resume "
+                                    f"to continue it from its last checkpoint (or move the directory away to start "
+                                    f"over)")
         return _execute_locked(cfg, root, resume, data_dir, threads, progress, start)
 
 
 def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[str], threads: int, progress,
-                    start: float) -> LaunchResult:
-    from experiments.store import last_record
+                    start: float) -> RunOutcome:
+    from experiments.store import RunState, last_record
     from experiments.training import train_run
     run_dir = Path(root) / cfg.run_id
     with _run_log(run_dir) as log:
@@ -224,13 +225,15 @@ def _execute_locked(cfg: RunConfig, root: str, resume: bool, data_dir: Optional[
             raise
         except Exception as exc:  # one broken run must not stop a sweep; its log keeps the traceback
             log.error("failed: %s: %s\n%s", type(exc).__name__, exc, traceback.format_exc().rstrip())
-            return LaunchResult(cfg.run_id, "failed", time.perf_counter() - start, f"{type(exc).__name__}: {exc}")
+            return RunOutcome(cfg.run_id, RunState.FAILED, time.perf_counter() - start,
+                              error=f"{type(exc).__name__}: {exc}")
         detail = ""
-        if outcome.status == "diverged":
+        if outcome.status == RunState.DIVERGED:
             detail = f" ({last_record(run_dir).get('reason', 'loss not finite')})"
         log.info("finish %s: %s after %d steps in %.1f s%s", cfg.run_id, outcome.status, outcome.steps,
                  outcome.seconds, detail)
-    return LaunchResult(cfg.run_id, outcome.status, time.perf_counter() - start)
+    return RunOutcome(cfg.run_id, outcome.status, time.perf_counter() - start, steps=outcome.steps,
+                      path=outcome.path)
 
 
 # -- progress ------------------------------------------------------------------------------------------------
@@ -266,12 +269,13 @@ class ProgressDisplay:
         self.bars[run_id].update(delta)
         self.overall.update(delta)
 
-    def finish(self, result: LaunchResult, total_steps: int) -> None:
+    def finish(self, result: RunOutcome, total_steps: int) -> None:
         """A finished, diverged or skipped run fills its share of the study bar; a failed or busy one does not,
         so the bar ends short of 100% when runs are missing. (Runs found finished before the launch are not on
         the display at all: ``launch`` says how many there are.)"""
+        from experiments.store import RunState
         self.done_runs += 1
-        if result.status in ("done", "diverged", "skipped"):
+        if result.status in RunState.FINISHED + (RunState.SKIPPED,):
             self.overall.update(max(0, total_steps - self.steps.get(result.run_id, 0)))
             self.steps[result.run_id] = total_steps
         else:
@@ -281,7 +285,7 @@ class ProgressDisplay:
         if bar is not None:
             bar.close()
         self._set_postfix()
-        if result.status in ("failed", "diverged", "busy") and not self.quiet:
+        if result.status in (RunState.FAILED, RunState.DIVERGED, RunState.BUSY) and not self.quiet:
             tqdm.write(f"{result.run_id}: {result.status} {result.error}".rstrip())
 
     def close(self) -> None:
@@ -302,7 +306,7 @@ class DirectQueue:
 
 # -- the launcher ---------------------------------------------------------------------------------------------
 def train_task(cfg_dict: dict, root: str, resume: bool, data_dir: Optional[str], threads: int,
-               progress=None) -> LaunchResult:
+               progress=None) -> RunOutcome:
     """One run as an executor's task (``executors.Task``): ``execute`` with the executor's progress channel."""
     return execute(cfg_dict, root, resume, data_dir, threads, progress_queue=progress)
 
@@ -319,14 +323,6 @@ def records_progress(run_dir: Path, total: int) -> Optional[Tuple[str, int, int]
     return run_dir.name, min(steps, total), total
 
 
-def finished_on_disk(run_dir: Path) -> Optional[str]:
-    """``done`` or ``diverged`` when the run directory says the run finished, else None."""
-    from experiments.store import is_done, last_record
-    if not is_done(run_dir):
-        return None
-    return "diverged" if last_record(run_dir).get("kind") == "diverged" else "done"
-
-
 def gpu_share(runs: Sequence[RunConfig], workers: int) -> float:
     """Executors that place tasks by resources (Ray) hide GPUs from tasks that ask for none, so a run that would
     use CUDA under the other executors asks for a share of one (else its numbers would silently come from the
@@ -341,24 +337,25 @@ def gpu_share(runs: Sequence[RunConfig], workers: int) -> float:
     return min(1.0, n / workers) if n else 0.0
 
 
-def run_result(outcome: Outcome, root: Path) -> LaunchResult:
-    """The LaunchResult of a run's task: what ``execute`` returned, or, when its worker gave none, ``failed`` (or
+def run_result(outcome: Outcome, root: Path) -> RunOutcome:
+    """The RunOutcome of a run's task: what ``execute`` returned, or, when its worker gave none, ``failed`` (or
     what its directory says when it finished before its worker died)."""
+    from experiments.store import RunState, finished_state
     if outcome.ok:
         return outcome.result
-    on_disk = finished_on_disk(Path(root) / outcome.key)
+    on_disk = finished_state(Path(root) / outcome.key)
     if on_disk is not None:   # killed between its `done` marker and its result: the run is complete
-        return LaunchResult(outcome.key, on_disk, outcome.seconds,
-                            f"{outcome.failure} after the run finished" + (f" ({outcome.cause})" if outcome.cause
-                                                                           else ""))
-    return LaunchResult(outcome.key, "failed", outcome.seconds, f"{outcome.error}; relaunch to resume the run "
-                        f"from its last checkpoint")
+        cause = f" ({outcome.cause})" if outcome.cause else ""
+        return RunOutcome(outcome.key, on_disk, outcome.seconds,
+                          error=f"{outcome.failure} after the run finished{cause}")
+    return RunOutcome(outcome.key, RunState.FAILED, outcome.seconds,
+                      error=f"{outcome.error}; relaunch to resume the run from its last checkpoint")
 
 
 def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", workers: Optional[int] = None,
            threads: Optional[int] = None, resume: bool = False, data_dir: Optional[str] = None,
            ray_address: Optional[str] = None, slurm=None, quiet: bool = False,
-           steps_per_run: Optional[Dict[str, int]] = None) -> List[LaunchResult]:
+           steps_per_run: Optional[Dict[str, int]] = None) -> List[RunOutcome]:
     """Run every config under ``root``, in the order given, on the executor of that name (``experiments.executors``);
     finished runs are skipped, failures are reported in the results, not raised: every run given gets exactly one
     result. Raises ConfigError / StoreError before anything runs, KeyboardInterrupt on Ctrl-C or SIGTERM (after
@@ -374,10 +371,10 @@ def launch(runs: Sequence[RunConfig], root: Path, *, executor: str = "serial", w
     threads = threads or default_threads()
     steps_per_run = steps_per_run or {}
     totals = {cfg.run_id: steps_per_run.get(cfg.run_id, 1) for cfg in runs}
-    from experiments.store import RunStore
+    from experiments.store import RunState, RunStore
     skipped = {cfg.run_id for cfg in runs if RunStore(root, cfg).done}
     todo = [cfg for cfg in runs if cfg.run_id not in skipped]
-    results: Dict[str, LaunchResult] = {r: LaunchResult(r, "skipped", 0.0) for r in skipped}
+    results: Dict[str, RunOutcome] = {r: RunOutcome(r, RunState.SKIPPED) for r in skipped}
     if not todo:   # no bar: skipped runs filled in at once read as millions of steps per second
         if not quiet:
             tqdm.write(f"all {len(runs)} runs already finished; nothing to do" if len(runs) > 1

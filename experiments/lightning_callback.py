@@ -11,7 +11,8 @@ the ``lightning`` extra (``pip install -e '.[lightning]'``).
 | ``on_before_optimizer_step`` | `Tracker.gradient_ready`: after backward, before the update (before Lightning clips) |
 | ``on_train_batch_end`` | `Tracker.end_step` with the loss ``training_step`` returned |
 | ``on_train_epoch_end`` | `Tracker.end_epoch` |
-| ``on_train_end`` | `Tracker.close` |
+| ``on_train_end`` | `Tracker.close` (a Trainer that stops before ``cfg.epochs`` passes, by ``max_steps`` or early
+stopping, leaves the run unfinished: ``close`` raises, naming how many passes were tracked) |
 
 The measurements call the LightningModule itself, ``module(inputs)``, and ``loss_fn(outputs, targets)`` (default
 cross-entropy): its ``forward`` must return what the loss takes. ``training_step`` must return the loss (or a dict

@@ -19,10 +19,12 @@ def _norm(kind: str, num_features: int, dims: int) -> nn.Module:
     return make_norm(kind, num_features, dims)
 
 
-def _check_input(input_shape: Tuple[int, ...], expected: Tuple[int, ...], model: str) -> None:
+def _check_input(input_shape: Tuple[int, ...], expected: Tuple[int, ...], model: str,
+                 dims: str = "channels, height, width") -> None:
     if tuple(input_shape) != tuple(expected):
-        raise ValueError(f"model {model!r} expects inputs of shape {tuple(expected)} (channels, height, width), "
-                         f"got {tuple(input_shape)}; pick a dataset with that shape")
+        raise ValueError(f"model {model!r} expects inputs of shape {tuple(expected)} ({dims}), got "
+                         f"{tuple(input_shape)}; pick a dataset with that shape (an image folder: --dataset-arg "
+                         f"size=N resizes its images)")
 
 
 class ConvNet(nn.Module):
@@ -165,7 +167,7 @@ class ModelSpec:
 
 
 def _convnet(norm, input_shape, num_classes, **_):
-    _check_input(input_shape[1:], (28, 28), "convnet")
+    _check_input(input_shape[1:], (28, 28), "convnet", "height, width; any number of channels")
     return ConvNet(norm, num_classes, in_channels=input_shape[0])
 
 

@@ -20,10 +20,14 @@ brings its own transforms (torchvision's ``Normalize``), and a second standardis
 **Identity.** The import string and its arguments are part of the run id (``RunConfig.model_args`` /
 ``dataset_args``, hashed only when set). The sha256 of each factory's source file is recorded in the run's
 ``code.json`` (not hashed: editing a comment must not orphan a run); ``smoothness-lab status`` says "code changed
-since this run" when the file no longer has that hash.
+since this run" when the file no longer has that hash, and ``--resume`` refuses to continue such a run
+(``store.RunStore.begin``). Image folders and user datasets also put a fingerprint of the tensors read
+(`tensor_fingerprint`) in ``dataset.json``, so a resume on changed data is refused too.
 
 Every mistake is a one-line `PluginError` that names what to fix, raised by the checks the CLI makes before it writes
-anything (`check_run`).
+anything (`check_runs`, for built-in models and registry datasets too): the data (finite inputs, two classes or more)
+and each model, built once and probed in eval and train mode (`_probe`; `experiments.input_checks` holds the checks
+the Tracker shares).
 """
 from __future__ import annotations
 
@@ -41,11 +45,12 @@ from torch import nn
 
 from experiments.data import DATASETS, DataError, Dataset, from_tensors, load_dataset
 from experiments.imagefolder import load_imagefolder
+from experiments.input_checks import frozen_or_empty, missing_linear, non_finite, one_line, single_class
 from experiments.models import MODELS, build_model
 
-__all__ = ["IMAGEFOLDER", "PluginError", "build_run_model", "check_run", "code_changes", "code_info",
+__all__ = ["IMAGEFOLDER", "PluginError", "build_run_model", "check_run", "check_runs", "code_changes", "code_info",
            "is_imagefolder", "is_user_dataset", "is_user_model", "load_run_dataset", "parse_args", "run_id_stem",
-           "split_model_spec"]
+           "split_model_spec", "tensor_fingerprint"]
 
 IMAGEFOLDER = "imagefolder"
 _EXTRA_MODEL_ARGS = ("input_shape", "num_classes")
@@ -234,7 +239,14 @@ def _split_tensors(split, name: str, spec: str) -> tuple[torch.Tensor, torch.Ten
             raise PluginError(f"{here}: the input is a scalar, expected a tensor of features or pixels")
         xs.append(x)
         ys.append(_label(y, here))
-    return torch.stack(xs).float(), torch.tensor(ys, dtype=torch.int64)
+    x = torch.stack(xs)
+    problem = non_finite(x.float())
+    if problem:   # a NaN input reads as a run diverged at step 0, an inf test input as a test loss of null
+        too_large = " (finite as given, but too large for float32, whose largest is 3.4e38)" if non_finite(x) is None \
+            else ""
+        raise PluginError(f"{where}'s {problem}{too_large}; fix the data (or its transform): nothing can be trained "
+                          f"or measured on non-finite inputs")
+    return x.float(), torch.tensor(ys, dtype=torch.int64)
 
 
 @functools.lru_cache(maxsize=4)
@@ -278,6 +290,8 @@ def load_run_dataset(cfg, data_dir: Optional[str] = None) -> Dataset:
         x_train, y_train, x_test, y_test, classes, info = _user_splits(
             cfg.dataset, json.dumps(cfg.dataset_args, sort_keys=True))
         standardise = False
+    # the content read, so that a resume on changed files or a changed factory output is refused (store.begin)
+    info = {**info, "fingerprint": tensor_fingerprint(x_train, y_train, x_test, y_test)}
     return from_tensors(cfg.dataset, x_train, y_train, x_test, y_test, num_classes=classes, subset=cfg.subset,
                         seed=cfg.seed, info=info, standardise=standardise)
 
@@ -300,36 +314,119 @@ def build_run_model(cfg, data: Dataset) -> nn.Module:
 
 
 def check_run(cfg, data_dir: Optional[str] = None) -> None:
-    """Everything that can go wrong with a user's model or dataset, before anything is written: load the data, build
-    the model and run two training inputs through it (outputs must be (2, num_classes))."""
-    if not (is_user_model(cfg.model) or is_user_dataset(cfg.dataset) or is_imagefolder(cfg.dataset)):
-        return
-    data = load_run_dataset(cfg, data_dir)
-    if not is_user_model(cfg.model):
-        return
+    """`check_runs` for one run."""
+    check_runs([cfg], data_dir)
+
+
+def check_runs(runs: Sequence, data_dir: Optional[str] = None) -> None:
+    """Everything that can go wrong with the runs' data and models, before anything is written (raises a one-line
+    `PluginError`): each run's data is loaded (cached per process: the launch reads it again) and its training subset
+    must hold two classes or more; each model is built once per dataset and probed (`_probe`); a run with
+    ``--generalization-every`` needs an nn.Linear in its model."""
+    data, probes = {}, {}
+    for cfg in runs:
+        key = (cfg.dataset, json.dumps(cfg.dataset_args, sort_keys=True), cfg.subset, cfg.seed)
+        if key not in data:
+            data[key] = load_run_dataset(cfg, data_dir)
+            problem = single_class(data[key].y_train)
+            if problem:
+                part = "set" if cfg.subset == 1 else f"subset (--subset {cfg.subset}, seed {cfg.seed})"
+                raise PluginError(f"--dataset {cfg.dataset}: the training {part} {problem}; give a dataset with more")
+    for cfg in runs:
+        run_data = data[(cfg.dataset, json.dumps(cfg.dataset_args, sort_keys=True), cfg.subset, cfg.seed)]
+        smallest = _smallest_batch(cfg, len(run_data.x_train))
+        key = (cfg.model, cfg.norm, json.dumps(cfg.model_args, sort_keys=True), cfg.naive_init, cfg.dataset,
+               json.dumps(cfg.dataset_args, sort_keys=True), cfg.loss, smallest == 1)
+        if key not in probes:
+            probes[key] = _probe(cfg, run_data, smallest)
+        every = getattr(cfg, "generalization_every", 0)
+        problem = missing_linear(probes[key], "--generalization-every") if every else None
+        if problem:
+            raise PluginError(f"--model {cfg.model} {problem}")
+
+
+def _smallest_batch(cfg, n: int) -> int:
+    """The fewest inputs a training step of the run gets (``training._Batches``): the last slice of a shuffled pass
+    can be shorter than the batch size."""
+    if cfg.full_batch:
+        return n
+    if cfg.sampling == "shuffle":
+        return max(1, min(cfg.batch_size, n - (cfg.steps_per_epoch(n) - 1) * cfg.batch_size))
+    return min(cfg.batch_size, n)
+
+
+def _probe(cfg, data: Dataset, smallest: int) -> nn.Module:
+    """Build the run's model (on the CPU, under the run's seed; torch's RNG is left as it was) and check it: a
+    trainable parameter; in eval mode, outputs of shape (2, num_classes) for two training inputs; in train mode, a
+    forward and backward pass through the run's loss on a batch of 2 inputs, or of 1 when the run takes batches of one
+    (BatchNorm cannot). Returns the model."""
+    from experiments.losses import get_loss
+    from experiments.normalization import batch_coupled
     state = torch.get_rng_state()
+    x = data.x_train[:2]
     try:
         torch.manual_seed(cfg.seed)
-        model = build_run_model(cfg, data)
+        try:
+            model = build_run_model(cfg, data)
+        except ValueError as exc:    # a built-in model and inputs of another shape
+            raise PluginError(f"--model {cfg.model} cannot take the inputs of --dataset {cfg.dataset}, of shape "
+                              f"{tuple(data.input_shape)}: {' '.join(str(exc).split())}") from None
+        problem = frozen_or_empty(model)
+        if problem:
+            raise PluginError(f"--model {cfg.model} {problem}")
         model.eval()
-        with torch.no_grad():
-            out = model(data.x_train[:2])
-    except PluginError:
-        raise
-    except Exception as exc:
-        raise PluginError(f"--model {cfg.model}: its forward pass on inputs of shape "
-                          f"{tuple(data.x_train[:2].shape)} raised {type(exc).__name__}: {exc}") from None
+        try:
+            with torch.no_grad():
+                out = model(x)
+        except Exception as exc:
+            raise PluginError(f"--model {cfg.model}: its forward pass on inputs of shape {tuple(x.shape)} raised "
+                              f"{one_line(exc)}") from None
+        _check_outputs(cfg, data, out, len(x), "")
+        model.train()
+        batch = min(smallest, 2)
+        try:
+            out = model(data.x_train[:batch])
+            _check_outputs(cfg, data, out, batch, " in train mode (model.train())")
+            get_loss(cfg.loss)(out, data.y_train[:batch]).backward()
+        except PluginError:
+            raise
+        except Exception as exc:
+            if batch == 1 and batch_coupled(model):
+                n = len(data.x_train)
+                given = ("--batch-size 1" if cfg.batch_size == 1 else f"--batch-size full on {n} image"
+                         if cfg.full_batch else f"--batch-size {cfg.batch_size} with --sampling shuffle (the last "
+                         f"batch of each pass holds one of the {n} images)")
+                raise PluginError(f"--model {cfg.model} normalises with batch statistics (BatchNorm), and {given} gives "
+                                  f"it batches of one input: its train-mode forward pass raised {one_line(exc)}; use "
+                                  f"--batch-size 2 or more") from None
+            raise PluginError(f"--model {cfg.model}: its forward and backward pass in train mode (model.train()) on "
+                              f"inputs of shape {tuple(data.x_train[:batch].shape)} raised {one_line(exc)}") from None
     finally:
         torch.set_rng_state(state)
-    expected = (len(data.x_train[:2]), data.num_classes)
+    return model
+
+
+def _check_outputs(cfg, data: Dataset, out, n: int, mode: str) -> None:
+    expected = (n, data.num_classes)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}"
-        raise PluginError(f"--model {cfg.model} returns {got} for {expected[0]} inputs of {cfg.dataset}; expected "
-                          f"a tensor of shape {expected}: one output per class ({data.num_classes} classes)")
+        raise PluginError(f"--model {cfg.model} returns {got}{mode} for {n} inputs of {cfg.dataset}; expected a tensor "
+                          f"of shape {expected}: one output per class ({data.num_classes} classes)")
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Provenance: the factories' source files
+
+def tensor_fingerprint(*tensors) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes (on CPU): dataset.json's ``fingerprint`` of the data a run
+    trained and tested on, so that a resume on changed data is refused (``store.provenance_change``)."""
+    sha = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        sha.update(f"{t.dtype}{tuple(t.shape)};".encode())
+        sha.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()
+
 
 def code_info(cfg) -> dict:
     """{"model"/"dataset": {"import", "file", "sha256"}} for the run's import strings ({} when it has none)."""

@@ -65,6 +65,14 @@ _register(_study("per-layer", ["convnet", "bn-convnet"], seeds=(0, 1, 2), per_la
           "fashion-mnist-bn (3 seeds, no line probes) plus per-layer curvature every 2 passes: lambda_max and trace "
           "of each module's block of the Hessian and the GGN, lambda_min of the Hessian (`smoothness-lab per-layer`)")
 
+# Minibatch units for both networks (like for like: the gradient SGD uses), example units beside them on the network
+# without BatchNorm, where they are defined; the training configuration is the main study's
+_register(_study("gradient-noise", ["convnet", "bn-convnet"], seeds=(0, 1, 2), gradient_noise_every=50,
+                 gradient_noise_unit="both", gradient_noise_batches=8),
+          "fashion-mnist-bn (3 seeds) plus gradient noise every 50 steps on 8 fixed minibatches of 32: the norm, "
+          "inner-product and orthogonality tests, GSNR, noise scale and step quality (minibatch units for both "
+          "networks, example units too without BatchNorm); `smoothness-lab plot` draws a dashboard per run")
+
 
 def get_preset(name: str) -> StudyConfig:
     if name not in PRESETS:

@@ -10,6 +10,9 @@ corrupt        the directory cannot be trusted: config.json missing (while recor
                object or not a valid config; a records line that is not UTF-8, not JSON or not a record object
                (only the last line of an unfinished run may be torn: a kill mid-write); ``done`` without records.
                The detail is ``<file>:<line>: <reason>``. Move the directory away (or repair it) and relaunch.
+truncated      finished (``done``), but records.jsonl holds fewer bytes than the run finished with (the records
+               mark that ``done`` keeps, or the last checkpoint's for older runs: ``store.check_finished``); its
+               last records, maybe its final evaluation, are missing. A records file changed otherwise is corrupt.
 diverged       a ``diverged`` record (the run stopped at a non-finite loss; it is finished).
 done           the ``done`` marker; the detail gives the last test accuracy.
 failed         the launcher logged an exception (``failed`` line of run.log), with the checkpoint it would resume
@@ -32,10 +35,10 @@ import click
 
 from experiments import store
 from experiments.config import ConfigError, RunConfig, StudyConfig
-from experiments.store import StoreError, is_locked, read_code
+from experiments.store import RunState, StoreError, is_locked, read_code
 from experiments.study_files import STUDY_JSON, read_json
 
-STATES = ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
+STATES = RunState.ON_DISK
 # what checking a corrupt study.json or config may raise: wrong types, a JSON array where an object belongs
 _READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError)
 
@@ -104,14 +107,14 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
     run_dir = Path(run_dir)
     event, rest = store.last_event(run_dir)
     if not run_dir.is_dir() or (event is None and not store.run_files(run_dir)):
-        return "not started", ""
+        return RunState.NOT_STARTED, ""
     config, problem = _read_config(run_dir)
     if is_locked(run_dir):
         pid, host, job = store.event_fields(rest) if event == "start" else (None, None, None)
         by = " ".join(x for x in (f"pid {pid}" if pid else "", f"on {host}" if host else "",
                                   f"in SLURM job {job}" if job else "") if x) or "a live process"
         where = _checkpoint(run_dir, config)
-        return "running", f"by {by}; " + (f"last checkpoint after {where}" if where else "no checkpoint yet")
+        return RunState.RUNNING, f"by {by}; " + (f"last checkpoint after {where}" if where else "no checkpoint yet")
     done = store.is_done(run_dir)
     records, records_problem = _read_records(run_dir, done)
     if problem is None and config is None and (done or records or store.checkpoint_epochs(run_dir)):
@@ -120,29 +123,32 @@ def run_info(run_dir: Path) -> Tuple[str, str]:
     if problem is None and done and not records:
         problem = f"{store.RECORDS}: no records, although the run is marked done"
     if problem is not None:
-        return "corrupt", problem
+        return RunState.CORRUPT, problem
+    finished = store.check_finished(run_dir) if done else None
+    if finished is not None:
+        return finished.state, finished.problem
     diverged = next((r for r in reversed(records) if r.get("kind") == "diverged"), None)
     if diverged is not None:
-        return "diverged", f"at step {diverged.get('step')}: {diverged.get('reason', '')}".rstrip(": ") + \
+        return RunState.DIVERGED, f"at step {diverged.get('step')}: {diverged.get('reason', '')}".rstrip(": ") + \
             _code_note(run_dir)
     if done:
         ev = next((r for r in reversed(records) if r.get("kind") == "eval"), None)
         acc = ev.get("test_accuracy") if ev else None
         if isinstance(acc, (int, float)) and not isinstance(acc, bool):
-            return "done", f"test accuracy {acc:.3f} after {ev.get('epoch')} epochs" + _code_note(run_dir)
-        return "done", _code_note(run_dir).lstrip("; ")
+            return RunState.DONE, f"test accuracy {acc:.3f} after {ev.get('epoch')} epochs" + _code_note(run_dir)
+        return RunState.DONE, _code_note(run_dir).lstrip("; ")
     note = _checkpoint_note(run_dir, config)
     if event == "failed":
-        return "failed", f"{rest}; {note}" if rest else note
+        return RunState.FAILED, f"{rest}; {note}" if rest else note
     if event == "interrupted":
-        return "interrupted", f"{note} (interrupted: Ctrl-C or SIGTERM)"
+        return RunState.INTERRUPTED, f"{note} (interrupted: Ctrl-C or SIGTERM)"
     if event == "start":
         _, host, job = store.event_fields(rest)
         if host and host != socket.gethostname():
-            return "interrupted", (f"{note} (last started on {host}{f' in SLURM job {job}' if job else ''}; if "
+            return RunState.INTERRUPTED, (f"{note} (last started on {host}{f' in SLURM job {job}' if job else ''}; if "
                                    f"its lock is not visible from this machine it may still be running there)")
-        return "interrupted", f"{note} (killed: its process is gone)"
-    return "interrupted", note
+        return RunState.INTERRUPTED, f"{note} (killed: its process is gone)"
+    return RunState.INTERRUPTED, note
 
 
 def _code_note(run_dir: Path) -> str:
@@ -151,18 +157,6 @@ def _code_note(run_dir: Path) -> str:
     changed, missing = code_changes(read_code(run_dir))
     return ((f"; code changed since this run ({', '.join(changed)})" if changed else "")
             + (f"; its code {', '.join(missing)} is not on PYTHONPATH: unchecked" if missing else ""))
-
-
-def run_state(run_dir: Path) -> str:
-    return run_info(run_dir)[0]
-
-
-def study_status(study_dir: Path) -> List[tuple]:
-    """[(run_id, state, detail)] for every run directory and every run the study's grids expect."""
-    rows, _ = _study_rows(Path(study_dir))
-    if not rows:
-        raise click.ClickException(f"{study_dir} holds no runs (no run directories and no study.json)")
-    return rows
 
 
 def _study_rows(study_dir: Path) -> Tuple[List[tuple], List[str]]:
@@ -185,7 +179,7 @@ def _print_study(rows: List[tuple]) -> None:
 @click.argument("results_dir", type=click.Path(path_type=Path))
 def status_command(results_dir: Path) -> None:
     """List the runs of a study folder (or of every study in a results folder) as done / diverged / running /
-    interrupted / failed / corrupt / not started, with counts."""
+    interrupted / failed / corrupt / truncated / not started, with counts."""
     if not results_dir.is_dir():
         raise click.ClickException(f"{results_dir} is not a directory; give a study folder such as "
                                    f"results/fashion-mnist-bn")

@@ -9,10 +9,18 @@ records of an uninterrupted run:
 1. records are appended to records.jsonl and flushed (a kill loses at most the line being written);
 2. a checkpoint first fsyncs records.jsonl (and its directory), then is written and renamed in; it stores the length
    and sha256 of the records it covers (its "records mark");
-3. ``done`` is renamed in only after records.jsonl is fsynced.
+3. ``done`` is renamed in only after records.jsonl is fsynced; it holds the records mark of the finished run, so that
+   a records file cut or changed since is named (`check_finished`: `RunState.TRUNCATED` / ``CORRUPT``; an empty
+   ``done``, as older runs have, cannot be checked unless a checkpoint is left).
 
 `RunStore.restore` takes the newest checkpoint, checks that the records file begins with the records it covers, and
 cuts the file back to that mark (dropping records made after the checkpoint, and a torn last line).
+
+The run lifecycle, one for `experiments.training.train_run` and `experiments.tracker.Tracker`: `RunStore.start`
+(refuse a finished run, and an interrupted one without resume), `RunStore.begin` (a fresh start writes code.json,
+dataset.json, tracker.json and weights-init.pt; a resume compares them with what the run started with, refusing any
+change in one line and never rewriting them, then restores the checkpoint), `RunStore.checkpoint`, and
+`RunStore.diverged` or `RunStore.finish`. `RunState` is the one vocabulary of run states.
 
 This module is the only code that opens, parses or writes a run directory's files (status, analysis, launchers,
 slurm, surface and spectrum read through it): the file names, what makes a folder a run (`RUN_FILES`), the record
@@ -48,7 +56,8 @@ from experiments.atomic import atomic_write, atomic_write_bytes, atomic_write_js
 from experiments.config import ConfigError, RunConfig
 from experiments.features.base import CORE_RECORD_NUMBERS, RecordSchema
 
-__all__ = ["StoreError", "RunStore", "check_writable", "read_config", "read_config_file",
+__all__ = ["StoreError", "RunFinished", "RunState", "RunStore", "RecordsCheck", "check_finished", "finish_mark",
+           "finished_state", "provenance_change", "timing_of", "check_writable", "read_config", "read_config_file",
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
            "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
            "run_files", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
@@ -70,8 +79,25 @@ CHECKPOINT_GLOB = "epoch-*.pt"
 RUN_FILES = (CONFIG, RECORDS, DONE, TIMING, CHECKPOINTS, RUN_LOG)
 PROGRESS_FILES = (RECORDS, DONE, TIMING, CHECKPOINTS)
 
+
+
+class RunState:
+    """The one vocabulary of run states. On disk (`smoothness-lab status`, in this order): ``running``, ``corrupt``,
+    ``truncated`` (finished, but records.jsonl no longer holds the records it finished with: `check_finished`),
+    ``diverged``, ``done``, ``failed``, ``interrupted``, ``not started``. What a launch reports per run
+    (`experiments.launch_result.RunOutcome`): ``done``, ``diverged``, ``skipped`` (already finished), ``failed``,
+    ``busy`` (another live launch trains it). The study tables say ``unfinished`` for a run that is neither."""
+    DONE, DIVERGED, RUNNING, INTERRUPTED, FAILED = "done", "diverged", "running", "interrupted", "failed"
+    CORRUPT, TRUNCATED, NOT_STARTED = "corrupt", "truncated", "not started"
+    SKIPPED, BUSY, UNFINISHED = "skipped", "busy", "unfinished"
+    #: the states `smoothness-lab status` shows, in the order it counts them
+    ON_DISK = (DONE, DIVERGED, RUNNING, INTERRUPTED, FAILED, CORRUPT, TRUNCATED, NOT_STARTED)
+    #: the states of a finished run
+    FINISHED = (DONE, DIVERGED)
+
+
 #: numeric fields of each record kind (results/README.md): a number, or null for a non-finite one. Read from the
-#: measurement registry (each measurement declares its records, experiments/measurements/) plus the kinds the loop
+#: measurement registry (each measurement declares its records, experiments/features/) plus the kinds the loop
 #: writes itself (``diverged``), on every look-up: a measurement registered later is checked too.
 RECORD_NUMBERS = RecordSchema("numbers", CORE_RECORD_NUMBERS)
 #: list-of-numbers fields of each record kind
@@ -331,6 +357,15 @@ def read_records(path, *, torn_tail: str = "skip") -> List[dict]:
     return list(iter_records(path, torn_tail=torn_tail))
 
 
+class RunFinished(StoreError):
+    """The run directory holds a finished run (``done``): it is not trained again."""
+
+
+def timing_of(timer) -> dict:
+    """timing.json's content: seconds per phase of an `experiments.loop.Timer`, and their ``total``."""
+    return {**timer.seconds, "total": sum(timer.seconds.values())}
+
+
 class RunStore:
     """One run's directory: config.json, records.jsonl, timing.json, checkpoints/, run.log, done."""
 
@@ -343,6 +378,7 @@ class RunStore:
         self._size = 0                      # bytes in records.jsonl, and their running sha256
         self._sha = hashlib.sha256()
         self._synced = False                # records.jsonl's directory entry is durable
+        self._resuming = False              # `start(resume=True)`: `begin` continues from a checkpoint
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     @property
@@ -377,6 +413,68 @@ class RunStore:
         """Whether an earlier attempt left records or checkpoints (then only a resume may continue)."""
         return has_progress(self.dir)
 
+    # -- the run lifecycle: start, begin, checkpoint, diverged / finish (train_run and Tracker both use it) ----------
+    def start(self, *, resume: bool, how: str = "pass --resume") -> "RunStore":
+        """Open the directory for training (`open`): refuse a finished run (`RunFinished`), and an interrupted one
+        unless ``resume`` (``how`` says how the caller resumes)."""
+        if self.done:
+            raise RunFinished(f"{self.dir} holds a finished run of this config; its results stand (move the "
+                              f"directory away, or change the study or a config field, to train it again)")
+        self.open()
+        if not resume and self.has_progress():
+            raise StoreError(f"{self.dir} holds an interrupted run of this config; {how} to continue it from its "
+                             f"last checkpoint (or move the directory away to start over)")
+        self._resuming = resume
+        return self
+
+    def begin(self, provenance: dict, init_weights: dict) -> Optional[dict]:
+        """Begin training after `start`: the checkpoint to continue from, or None for a fresh start.
+
+        ``provenance`` maps code.json / dataset.json / tracker.json to what this launch uses (None: no such file).
+        When a resume finds a checkpoint, each must match the file written when the run started (`provenance_change`):
+        a change is refused in one line naming it, and the files are never rewritten; then records.jsonl is cut back
+        to the checkpoint (`restore`). A fresh start writes them, and ``init_weights`` (the model's state_dict) as
+        weights-init.pt."""
+        try:
+            if self._resuming and self.latest_checkpoint() is not None:
+                for name, info in provenance.items():
+                    change = provenance_change(self.dir, name, info)
+                    if change is not None:
+                        raise StoreError(change)
+                saved = self.restore()
+                if saved is not None:
+                    return saved
+            else:
+                self.restore()   # no checkpoint: a fresh start; any records of an earlier attempt are dropped
+            for name, info in provenance.items():
+                if info is not None:
+                    atomic_write_json(self.dir / name, info)
+            self.save_weights("init", init_weights)
+            return None
+        except BaseException:
+            self.close()
+            raise
+
+    def checkpoint(self, epoch: int, state: dict, timer) -> None:
+        """`save_checkpoint` (timed as ``checkpoint`` by ``timer``, an `experiments.loop.Timer`), then timing.json."""
+        with timer("checkpoint"):
+            self.save_checkpoint(epoch, state)
+        self.write_timing(timing_of(timer))
+
+    def diverged(self, step: int, epoch: int, reason: str, timer) -> None:
+        """End the run at a non-finite loss: the ``diverged`` record, timing.json, ``done``."""
+        self.append({"kind": "diverged", "step": step, "epoch": epoch, "bn_mode": "batch", "loss": None,
+                     "reason": reason})
+        self.write_timing(timing_of(timer))
+        self.mark_done()
+
+    def finish(self, final_weights: dict, timer) -> None:
+        """End a completed run: timing.json, weights-final.pt, then ``done`` (records first: `mark_done`)."""
+        self.close()
+        self.write_timing(timing_of(timer))
+        self.save_weights("final", final_weights)
+        self.mark_done()
+
     def _open_records(self) -> BinaryIO:
         if self._file is None:
             existing = self.records_path.read_bytes() if self.records_path.exists() else b""
@@ -410,26 +508,14 @@ class RunStore:
             self._file = None
 
     def mark_done(self) -> None:
-        """Write ``done``, after the records are durable: a finished run never lacks its last records."""
-        self.sync_records()
+        """Write ``done``, after the records are durable: a finished run never lacks its last records. The marker
+        holds the records mark of the finished run (`check_finished` compares the records file with it)."""
+        mark = self.sync_records()
         self.close()
-        atomic_write_bytes(self.dir / DONE, b"")
+        atomic_write_json(self.dir / DONE, {"records_mark": mark})
 
     def write_timing(self, timing: dict) -> None:
         atomic_write_json(self.dir / TIMING, timing)
-
-    def write_dataset(self, info: dict) -> None:
-        """``dataset.json``: which dataset files the run read (checksums) and how they were preprocessed."""
-        atomic_write_json(self.dir / DATASET, info)
-
-    def write_code(self, info: dict) -> None:
-        """``code.json``: a user factory's import string, source file and its sha256 (``experiments.plugins``)."""
-        atomic_write_json(self.dir / CODE, info)
-
-    def write_tracker_info(self, info: dict) -> None:
-        """``tracker.json``: for a run recorded by ``experiments.Tracker``, the loop's model and dataset labels and
-        its model and optimizer classes."""
-        atomic_write_json(self.dir / TRACKER, info)
 
     def load_init_weights(self, device=None) -> dict:
         """``weights-init.pt``: the model's state_dict at initialisation (`save_weights`), on ``device``."""
@@ -522,6 +608,114 @@ class RunStore:
             os.fsync(self._file.fileno())
         self._size, self._sha = keep, hashlib.sha256(records[:keep])
         return chosen
+
+
+# -- what a run started with: code.json, dataset.json, tracker.json ---------------------------------------------
+#: the fields of each provenance file that a resume compares (code.json: each factory's sha256)
+PROVENANCE_FIELDS = {DATASET: ("fingerprint",),
+                     TRACKER: ("model_label", "dataset_label", "model_class", "parameters", "optimizer_class")}
+
+
+def _read_json_object(path: Path) -> Optional[dict]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _short(value) -> str:
+    return f"{value[:8]}…" if isinstance(value, str) and len(value) == 64 else repr(value)
+
+
+def provenance_change(run_dir, name: str, now: Optional[dict]) -> Optional[str]:
+    """One line naming what differs between the provenance file ``name`` the run started with (code.json,
+    dataset.json or tracker.json) and ``now``; None when nothing compared differs. A file or field the run did not
+    write (runs of older versions have no dataset fingerprint) is not compared."""
+    then = _read_json_object(Path(run_dir) / name)
+    if then is None or now is None:
+        return None
+    advice = "start a new run folder (or another study name), or restore"
+    if name == CODE:
+        for key, entry in now.items():
+            old = then.get(key)
+            if isinstance(old, dict) and isinstance(entry, dict) and old.get("sha256") != entry.get("sha256"):
+                return (f"the {key} factory {entry.get('import')} changed since this run started ({name} sha256 "
+                        f"{_short(old.get('sha256'))} → {_short(entry.get('sha256'))}, {entry.get('file')}); "
+                        f"{advice} the code it started with to resume it")
+        return None
+    for field in PROVENANCE_FIELDS.get(name, ()):
+        if field in then and field in now and then[field] != now[field]:
+            what = now.get("factory") or now.get("path") or now.get("label") or now.get("source") or "data"
+            subject = f"the dataset {what}" if name == DATASET else f"the tracked loop's {field}"
+            return (f"{subject} changed since this run started ({name} {field} {_short(then[field])} → "
+                    f"{_short(now[field])}); {advice} the "
+                    f"{'data' if name == DATASET else 'model, data and optimizer'} it started with to resume it")
+    return None
+
+
+# -- a finished run's records: still those it finished with? ------------------------------------------------------
+@dataclass(frozen=True)
+class RecordsCheck:
+    """What `check_finished` found wrong: ``state`` is `RunState.TRUNCATED` (fewer bytes than the run finished
+    with) or `RunState.CORRUPT` (other bytes), ``problem`` one line naming the file."""
+    state: str
+    problem: str
+
+
+def finish_mark(run_dir) -> Tuple[Optional[dict], str]:
+    """(records mark, where it comes from) that a finished run's records.jsonl must match: the one in ``done``
+    (exact), else the newest checkpoint's (the file must begin with it); (None, "") when there is neither (runs
+    finished before ``done`` held it, their checkpoints deleted: cannot be checked)."""
+    marker = _read_json_object(Path(run_dir) / DONE)
+    mark = marker.get("records_mark") if marker else None
+    if _is_mark(mark):
+        return mark, DONE
+    for epoch in reversed(checkpoint_epochs(run_dir)):
+        state = RunStore._load(checkpoint_path(run_dir, epoch))
+        mark = state.get("records_mark") if isinstance(state, dict) else None
+        if _is_mark(mark):
+            return mark, str(Path(CHECKPOINTS) / checkpoint_path(run_dir, epoch).name)
+    return None, ""
+
+
+def _is_mark(mark) -> bool:
+    return isinstance(mark, dict) and isinstance(mark.get("bytes"), int) and isinstance(mark.get("sha256"), str)
+
+
+def check_finished(run_dir) -> Optional[RecordsCheck]:
+    """For a finished run (``done``): whether records.jsonl still holds the records the run finished with, compared
+    with the records mark ``done`` keeps (or, for runs finished before it kept one, the newest checkpoint's). None
+    when they match, when the run is not finished, or when there is no mark to compare with (older runs)."""
+    run_dir = Path(run_dir)
+    if not is_done(run_dir):
+        return None
+    mark, source = finish_mark(run_dir)
+    if mark is None:
+        return None
+    try:
+        data = _read_bytes(records_path(run_dir)) if records_path(run_dir).exists() else b""
+    except StoreError as exc:
+        return RecordsCheck(RunState.CORRUPT, f"{RECORDS}: {exc.problem}")
+    exact = source == DONE
+    n = mark["bytes"]
+    if len(data) < n:
+        return RecordsCheck(RunState.TRUNCATED, (
+            f"{RECORDS}: {len(data)} bytes, but the run finished with {n} ({source} records mark): the file was cut "
+            f"since; its last records are missing, restore the file or rerun the run"))
+    if hashlib.sha256(data[:n]).hexdigest() != mark["sha256"] or (exact and len(data) != n):
+        return RecordsCheck(RunState.CORRUPT, (
+            f"{RECORDS}: not the records the run finished with ({source} records mark: {n} bytes, sha256 "
+            f"{_short(mark['sha256'])}); it was changed since: restore the file or rerun the run"))
+    return None
+
+
+def finished_state(run_dir) -> Optional[str]:
+    """`RunState.DONE` or `RunState.DIVERGED` when the run directory says the run finished, else None (a cheap
+    look: the ``done`` marker and the last record)."""
+    if not is_done(run_dir):
+        return None
+    return RunState.DIVERGED if last_record(run_dir).get("kind") == "diverged" else RunState.DONE
 
 
 # -- a cheap look at the last record (launchers, slurm, surface) -------------------------------------------------
@@ -686,9 +880,5 @@ def is_locked(run_dir: Path) -> bool:
 
 
 def read_code(run_dir) -> Optional[dict]:
-    """The run's ``code.json`` (``RunStore.write_code``), or None when it has none or it does not parse."""
-    try:
-        value = json.loads((Path(run_dir) / CODE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+    """The run's ``code.json`` (written by `RunStore.begin`), or None when it has none or it does not parse."""
+    return _read_json_object(Path(run_dir) / CODE)

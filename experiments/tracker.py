@@ -37,7 +37,7 @@ so they see the gradients after any unscaling (``GradScaler``), clipping or accu
 ``optimizer.step()``) and `end_step` yourself (the Lightning callback does). Optimizers that take a closure (LBFGS)
 compute the gradient inside ``step()``, after the pre-hook: the tracker refuses them.
 
-The measurements are the registry's (experiments/measurements/): the tracker builds their hooks from the run's
+The measurements are the registry's (experiments/features/): the tracker builds their hooks from the run's
 `RunContext` as `train_run` does (`experiments.training.build_measurements`) and runs them at its moments with
 `experiments.loop.run_hooks`: "point" hooks at initialisation, at each ``end_epoch`` where they are due (judged at
 ``epoch * steps_per_epoch``, the step the built-in loop is at after that many passes) and, each that has not run
@@ -67,16 +67,22 @@ the same weights tracked or not (tests/experiments/test_tracker.py).
 
 Resuming after a crash
 ----------------------
-``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.save_checkpoint`, records first
+``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.checkpoint`, records first
 (its records mark): the model's and the optimizer's state_dicts, torch's CPU (and CUDA) RNG state, the tracker's
 `state_dict` (step, epoch, its generator, timing and ``RunContext.checkpointed``: the warm-start vectors, ...) and
 ``extra``: everything else the rest of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and
 your data order (a sampler generator's ``get_state()``, or the epoch and position of a DataLoader whose order is
 seeded per epoch). After a crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the
 checkpoint's mark, restores model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no
-checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` / ``tracker.step_index`` and writes
-exactly the records of an uninterrupted run. Checkpoint at the points where your loop can restart (after
-``end_epoch``, as the built-in loop does).
+checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` /
+``tracker.step_index`` and writes exactly the records of an uninterrupted run. Checkpoint at the points where your
+loop can restart (after ``end_epoch``, as the built-in loop does). ``resume()`` refuses other training or test data
+(dataset.json's fingerprint), another model label, model class or parameter count, or another optimizer class
+(tracker.json) than the run started with: the run store's lifecycle (`RunStore.start`, `begin`) that ``train_run``
+goes through too.
+
+The run has ``config.epochs`` passes: ``end_epoch`` after the last is refused, and ``close()`` before it does not
+finish the run (no ``done``; RuntimeError "closed after 1 of 2 epochs: the run ... is not finished").
 """
 from __future__ import annotations
 
@@ -96,8 +102,10 @@ from experiments import optim
 from experiments.normalization import batch_coupled
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
+from experiments.input_checks import frozen_or_empty, missing_linear, non_finite, single_class, weights_mismatch
 from experiments.loop import Diverged, StepRecords, StepState, Timer, run_hooks
-from experiments.store import RunStore, StoreError, run_lock
+from experiments.plugins import tensor_fingerprint
+from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, timing_of
 from experiments.training import build_measurements, sample_order
 
 __all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]
@@ -184,13 +192,14 @@ class Tracker:
         self._check(cfg, model, optimizer)
         self.device = next(model.parameters()).device
         (x, y), (xt, yt) = _tensors(train_data, "train_data"), _tensors(test_data, "test_data")
+        self._check_inputs(x, y, xt)
         self.labels = {"model": model_label or cfg.model, "dataset": dataset_label or cfg.dataset}
         self.data = Dataset(name=cfg.dataset, x_train=x.to(self.device), y_train=y.to(self.device),
                             x_test=xt.to(self.device), y_test=yt.to(self.device), input_shape=tuple(x.shape[1:]),
                             num_classes=int(max(int(y.max()), int(yt.max())) + 1) if not y.is_floating_point() else 0,
                             info={"source": "experiments.Tracker", "label": self.labels["dataset"],
                                   "n_train": int(x.shape[0]), "n_test": int(xt.shape[0]),
-                                  "input_shape": list(x.shape[1:])})
+                                  "input_shape": list(x.shape[1:]), "fingerprint": tensor_fingerprint(x, y, xt, yt)})
         n = x.shape[0]
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
         self.store = RunStore(Path(root), cfg)
@@ -229,45 +238,62 @@ class Tracker:
             raise ConfigError("target_train_loss and tensorboard are options of the built-in loop: the Tracker cannot "
                               "stop your loop at a target loss, nor write TensorBoard logs; leave them at 0 / False "
                               "(stop your loop yourself on the 'eval' records' train_loss)")
+        problem = frozen_or_empty(model) or (missing_linear(model, "generalization_every")
+                                             if getattr(cfg, "generalization_every", 0) else None)
+        if problem:
+            raise ConfigError(f"the model {problem}")
         if batch_coupled(model) and cfg.norm == "none":
             raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
                               f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
                               f"config.json and the BN-mode measurements say what was trained")
 
+    @staticmethod
+    def _check_inputs(x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor) -> None:
+        """Inputs no run can use (as the CLI's pre-launch checks, experiments.plugins.check_runs), before writing."""
+        for name, inputs in (("train_data", x), ("test_data", x_test)):
+            problem = non_finite(inputs)
+            if problem:   # a NaN input reads as a diverged run, an inf test input as a test loss of null
+                raise ValueError(f"{name}'s {problem}; fix the data (or its transform): nothing can be trained or "
+                                 f"measured on non-finite inputs")
+        problem = single_class(y)
+        if problem:
+            raise ValueError(f"train_data {problem}")
+
     # -- lifecycle -----------------------------------------------------------------------------------------------
     def _begin(self, resuming: bool) -> Optional[dict]:
-        """Open the run directory (under its lock); on resume restore the newest checkpoint."""
+        """Open the run directory (under its lock) through the store's lifecycle (`RunStore.start`, `begin`); on
+        resume restore the newest checkpoint, refusing other data, another model or optimizer."""
         if self._exit is not None:
             raise RuntimeError("the tracker has already started; resume() must come before the first step")
         store = self.store
-        if store.done:
-            raise StoreError(f"{store.dir} holds a finished run of this config; its results stand (move the directory "
-                             f"away, or change the study or a config field, to train it again)")
         self._exit = ExitStack()
         if not self._exit.enter_context(run_lock(store.dir)):
             self._exit.close()
             self._exit = None
             raise StoreError(f"{store.dir} is being written by another live process; wait for it to finish")
         self._exit.callback(store.close)
-        store.open()
-        if not resuming and store.has_progress():
+        init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        try:
+            store.start(resume=resuming, how="call tracker.resume() before the loop")
+            checkpoint = store.begin({DATASET: self.data.info, TRACKER: {
+                "loop": "experiments.Tracker", "model_label": self.labels["model"],
+                "dataset_label": self.labels["dataset"],
+                "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "optimizer_class": type(self.optimizer).__name__}}, init_state)
+        except BaseException:
             self.close_files()
-            raise StoreError(f"{store.dir} holds an interrupted run of this config; call tracker.resume() before "
-                             f"the loop to continue it from its last checkpoint (or move the directory away)")
-        checkpoint = store.restore() if resuming else None
-        store.write_dataset(self.data.info)
-        store.write_tracker_info({
-            "loop": "experiments.Tracker", "model_label": self.labels["model"],
-            "dataset_label": self.labels["dataset"], "model_class": f"{type(self.model).__module__}."
-                                                                  f"{type(self.model).__qualname__}",
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "optimizer_class": type(self.optimizer).__name__})
+            raise
         if checkpoint is None:
-            self.measuring.ctx.init_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            store.save_weights("init", self.measuring.ctx.init_state)
+            self.measuring.ctx.init_state = init_state
             with self._diverging():  # the point measurements at initialisation, before any batch is drawn
                 self._point(final=False)
             return None
+        fits = weights_mismatch(self.model, checkpoint["model"])
+        if fits is not None:
+            raise StoreError(f"the weights in {store.dir}'s last checkpoint do not fit the model given to the Tracker "
+                             f"({fits}): build the model as it was when the run started to resume it, or move "
+                             f"{store.dir} away to start it over")
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["torch_rng"])
@@ -298,19 +324,27 @@ class Tracker:
             self.close_files()
 
     def close(self) -> None:
-        """The point measurements at the final weights (unless already taken there), final weights, ``done``."""
+        """The point measurements at the final weights (unless already taken there), final weights, ``done``.
+        Closing before pass ``config.epochs`` ended does not finish the run: the step records are written, the
+        directory released, and RuntimeError says so (``tracker.resume()`` continues from the last checkpoint)."""
         if self.finished:
             return
         if self._exit is None:
             self._begin(resuming=False)
         with self._diverging():
             self._steps.flush()
+        if self.finished:  # diverged in the last steps
+            return
+        if self.epoch < self.config.epochs:
+            self.close_files()
+            raise RuntimeError(f"closed after {self.epoch} of {self.config.epochs} epochs: the run in "
+                               f"{self.store.dir} is not finished (not marked done); continue it with "
+                               f"tracker.resume() from its last checkpoint, or train it for the config's epochs")
+        with self._diverging():
             self._point(final=True)
         if self.finished:  # diverged while measuring
             return
-        self.store.write_timing(self._timing())
-        self.store.save_weights("final", self.model.state_dict())
-        self.store.mark_done()
+        self.store.finish(self.model.state_dict(), self.timer)
         self.finished = True
         self.close_files()
 
@@ -339,13 +373,11 @@ class Tracker:
         self._ensure_started()
         with self._diverging():
             self._steps.flush()
-        with self.timer("checkpoint"):
-            self.store.save_checkpoint(self.epoch, {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                "step": self.step_index, "epoch": self.epoch, "tracker": self.state_dict(), "extra": extra})
-        self.store.write_timing(self._timing())
+        self.store.checkpoint(self.epoch, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "step": self.step_index, "epoch": self.epoch, "tracker": self.state_dict(), "extra": extra}, self.timer)
         return self.store.checkpoints / f"epoch-{self.epoch:03d}.pt"
 
     @property
@@ -417,12 +449,16 @@ class Tracker:
         """A pass boundary: the point measurements due there (every ``eval_every`` passes), all of them after pass
         ``epochs``."""
         self._ensure_started()
+        if self.epoch >= self.config.epochs:
+            raise RuntimeError(f"end_epoch for pass {self.epoch + 1}, but the config says epochs={self.config.epochs} "
+                               f"(the run ended after pass {self.config.epochs}); loop over "
+                               f"range(tracker.epoch, config.epochs), or track a config with more epochs")
         with self._diverging():
             self._steps.flush()   # the steps of the pass that ends here
             self.epoch += 1
             self._point(final=self.epoch == self.config.epochs)
 
-    # -- measurements: the registry's hooks (experiments/measurements/), at the tracker's moments ----------------
+    # -- measurements: the registry's hooks (experiments/features/), at the tracker's moments ----------------
     @property
     def _scheduled(self) -> bool:
         return self.config.lr_schedule != "constant" or self.config.warmup_steps >= 2
@@ -453,7 +489,7 @@ class Tracker:
                         steps=self._steps, emit=self._emit)
         done.update(ran)
         if ran:
-            self.store.write_timing(self._timing())
+            self.store.write_timing(timing_of(self.timer))
 
     @contextlib.contextmanager
     def _diverging(self):
@@ -465,13 +501,8 @@ class Tracker:
                 raise Diverged(self.step_index, "non-finite loss in a measurement") from None
         except Diverged as d:
             self._steps.pending = []
-            self.store.append({"kind": "diverged", "step": d.step, "epoch": self.epoch, "bn_mode": "batch",
-                               "loss": None, "reason": d.reason})
-            self.store.write_timing(self._timing())
-            self.store.mark_done()
+            self.store.diverged(d.step, self.epoch, d.reason, self.timer)
             self.finished = True
             self.close_files()
             raise
 
-    def _timing(self) -> dict:
-        return {**self.timer.seconds, "total": sum(self.timer.seconds.values())}

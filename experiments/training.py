@@ -1,5 +1,5 @@
 """One training run, top to bottom: data → model → optimizer and schedule → the loop (experiments/loop.py), with
-every measurement a hook on a schedule. The hooks come from the measurement registry (experiments/measurements/,
+every measurement a hook on a schedule. The hooks come from the measurement registry (experiments/features/,
 one file each), built from a `RunContext` of this run, in registry order; every ``--*-every`` is 0 = off:
 
 | measurement | hook | when | record |
@@ -31,21 +31,14 @@ import torch
 
 from experiments import optim, plugins
 from experiments.config import ConfigError, RunConfig
+from experiments.input_checks import weights_mismatch
 from experiments.losses import get_loss
 from experiments.loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from experiments.features import MEASUREMENTS, RunContext
-from experiments.store import RunStore, StoreError
+from experiments.launch_result import RunOutcome
+from experiments.store import CODE, DATASET, RunState, RunStore
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
-
-
-@dataclass(frozen=True)
-class RunOutcome:
-    run_id: str
-    status: str            # "done", "diverged" or "skipped" (already finished)
-    steps: int
-    seconds: float
-    path: Path
 
 
 def resolve_device(name: str) -> torch.device:
@@ -159,22 +152,19 @@ def build_measurements(cfg: RunConfig, *, model, data, loss_fn, optimizer, devic
 
 def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_dir: Optional[str] = None,
               progress: Optional[Progress] = None) -> RunOutcome:
-    """Train one (model, lr, seed) and record everything in ``results_root/<run id>/``."""
+    """Train one (model, lr, seed) and record everything in ``results_root/<run id>/``, through the run store's
+    lifecycle (`RunStore.start`, `begin`, `checkpoint`, `diverged` / `finish`)."""
     store = RunStore(results_root, cfg)
-    if store.done:
-        return RunOutcome(cfg.run_id, "skipped", 0, 0.0, store.dir)
-    device = resolve_device(cfg.device)
     start_time = time.perf_counter()
-    store.open()
-    if store.has_progress() and not resume:
-        raise StoreError(f"{store.dir} holds an interrupted run of this config; pass --resume to continue it "
-                         f"from its last checkpoint (or move the directory away to start over)")
+    if store.done:
+        return RunOutcome(cfg.run_id, RunState.SKIPPED, path=store.dir)
+    device = resolve_device(cfg.device)
+    store.start(resume=resume)
 
     data = plugins.load_run_dataset(cfg, data_dir)  # a registry name, imagefolder:PATH or MODULE:FACTORY
-    store.write_dataset(data.info)  # which files were read (checksums), preprocessing
-    code = plugins.code_info(cfg)  # the sha256 of a user's factories' source (status: "code changed since this run")
-    if code:
-        store.write_code(code)
+    # what the run starts with: which files were read (checksums, fingerprint), preprocessing; the sha256 of a
+    # user's factories' source. A resume compares them with those the run started with.
+    provenance = {DATASET: data.info, CODE: plugins.code_info(cfg) or None}
     data = dataclasses.replace(data, x_train=data.x_train.to(device), y_train=data.y_train.to(device),
                                x_test=data.x_test.to(device), y_test=data.y_test.to(device))
     x_train, y_train = data.x_train, data.y_train
@@ -190,7 +180,7 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
     sampler = torch.Generator().manual_seed(cfg.seed)
     order = sample_order(cfg, n, device)
     timer = Timer(device)
-    writer = _tensorboard(store, cfg.tensorboard)
+    writer = None   # TensorBoard, once the run has begun
     epoch_of = lambda step: step // per_epoch  # noqa: E731
 
     def emit(record: dict) -> None:
@@ -207,22 +197,26 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
 
     def checkpoint(state: StepState) -> None:
         """Last at every evaluation point: the state from which the next step starts."""
-        with timer("checkpoint"):
-            store.save_checkpoint(epoch_of(state.step), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(), "sampler": sampler.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "epoch": epoch_of(state.step), "step": state.step, "timing": timer.seconds,
-                **measuring.checkpoint_state()})
-        store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
+        store.checkpoint(epoch_of(state.step), {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict(), "sampler": sampler.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "epoch": epoch_of(state.step), "step": state.step, "timing": timer.seconds,
+            **measuring.checkpoint_state()}, timer)
 
     hooks.append(Hook("checkpoint", ctx.per_eval, "point", checkpoint, timed=False))
     start = 0
     # A checkpoint holds everything the rest of the run depends on and the records it covers: resuming replays
-    # nothing (store.restore cuts records.jsonl back to the checkpoint's records mark).
-    saved = store.restore() if resume else None
+    # nothing (store.begin cuts records.jsonl back to the checkpoint's records mark).
+    saved = store.begin(provenance, init_state)
+    writer = _tensorboard(store, cfg.tensorboard)
     if saved is not None:
+        fits = weights_mismatch(model, saved["model"])
+        if fits is not None:   # the factory's code or the model's arguments changed since the run started
+            raise StoreError(f"the weights in {store.dir}'s last checkpoint do not fit the model {cfg.model} builds "
+                             f"now ({fits}): restore the model's code as it was when the run started to resume it, "
+                             f"or move {store.dir} away to start it over")
         model.load_state_dict(saved["model"])
         if saved.get("optimizer") is not None:  # (checkpoints of plain-SGD runs once held none: no state)
             optimizer.load_state_dict(saved["optimizer"])
@@ -236,30 +230,21 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
         timer.seconds = dict(saved.get("timing", {}))
         measuring.restore(saved)
     scheduled = scheduler is not None
+    steps = total
     try:
-        if saved is None:
-            store.save_weights("init", model.state_dict())
         run_steps(model, optimizer, scheduler, _Batches(cfg, x_train, y_train, sampler, per_epoch), start=start,
                   total=total, hooks=hooks, emit=emit, epoch_of=epoch_of, timer=timer, loss_fn=loss_fn,
                   skip_first_point=saved is not None,
                   on_flush=None if progress is None else (lambda done: progress(cfg.run_id, done, total)),
                   extra_records=(lambda t: {"lr": optim.current_lr(optimizer)}) if scheduled else None)
     except StopTraining as s:
-        store.close()
-        store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
-        store.save_weights("final", model.state_dict())
-        store.mark_done()
-        return RunOutcome(cfg.run_id, "done", s.step, time.perf_counter() - start_time, store.dir)
+        steps = s.step
     except Diverged as d:
-        store.append({"kind": "diverged", "step": d.step, "epoch": epoch_of(d.step), "bn_mode": "batch",
-                      "loss": None, "reason": d.reason})
-        store.write_timing({**timer.seconds, "total": sum(timer.seconds.values())})
-        store.mark_done()
-        return RunOutcome(cfg.run_id, "diverged", d.step, time.perf_counter() - start_time, store.dir)
+        store.diverged(d.step, epoch_of(d.step), d.reason, timer)
+        return RunOutcome(cfg.run_id, RunState.DIVERGED, time.perf_counter() - start_time, steps=d.step, path=store.dir)
     finally:
         store.close()
         if writer is not None:
             writer.close()
-    store.save_weights("final", model.state_dict())
-    store.mark_done()
-    return RunOutcome(cfg.run_id, "done", total, time.perf_counter() - start_time, store.dir)
+    store.finish(model.state_dict(), timer)
+    return RunOutcome(cfg.run_id, RunState.DONE, time.perf_counter() - start_time, steps=steps, path=store.dir)

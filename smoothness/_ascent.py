@@ -1,27 +1,6 @@
-"""Projected gradient ascent of L(w + T_w ν) − L(w) over the ball ‖ν‖_p ≤ ρ: the one routine behind worst-case
-sharpness and Keskar's ε-sharpness.
-
-The variant is APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness ..."), which Andriushchenko
-et al. (2023, "A modern look at the relationship between sharpness and generalization") use for worst-case
-sharpness, without its random start:
-
-- x₀ = 0 (δ = 0) and x₁ = P(x₀ + η·s(∇)), the first step along the steepest-ascent direction s of the scaled
-  gradient T_w ∇L (s(g) = g/‖g‖₂ for ℓ2, sign(g) for ℓ∞). With η₀ = 2ρ this step lands on the boundary: for a linear
-  loss it is the exact maximiser (the SAM/ASAM step), so the ascent never does worse than first order.
-- later steps: z = P(x_k + η·s(∇L(x_k))), x_{k+1} = P(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1})) with momentum
-  α = 0.75;
-- at APGD's checkpoints (fractions 0, 0.22, 0.41, 0.57, ... of the budget) η is halved and the iterate restarts from
-  the best point when fewer than 75% of the steps since the last checkpoint increased the loss, or when neither η
-  nor the best value changed since then.
-
-Why APGD rather than plain projected steepest ascent with a fixed schedule: with 20 steps (Andriushchenko's budget)
-a schedule tuned for one ρ and one network either overshoots on a sharp landscape or crawls on a flat one; APGD's
-step halving adapts η to the landscape from the loss values it sees, without a tuning parameter, and the best
-iterate is kept so a bad step never lowers the result. The result is a lower bound on the true maximum (every
-iterate is feasible).
-
-If ∇L(w) vanishes on the ball's support (w at an exact stationary point) there is no first direction: x₁ is then a
-random point of the sphere ‖ν‖_p = ρ drawn from ``generator`` (for ℓ∞ a random corner).
+"""Projected gradient ascent of L(w + T_w ν) − L(w) over the ball ‖ν‖_p ≤ ρ (APGD, Croce & Hein 2020): the one
+routine behind worst-case sharpness and Keskar's ε-sharpness. Returns a lower bound on the maximum (every iterate is
+feasible); a NaN or ±inf loss counts as +inf and stops the ascent. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -30,7 +9,7 @@ from typing import NamedTuple, Tuple
 
 import torch
 
-from ._perturb import flatten, unflatten
+from ._perturb import blown_up, flatten, unflatten
 
 MOMENTUM = 0.75     # α in APGD
 SUCCESS_RATE = 0.75  # ρ in APGD: fraction of increasing steps below which η is halved
@@ -43,6 +22,7 @@ class Ascent(NamedTuple):
     n_passes: int                  # forward+backward passes (n_steps + 1)
     start: str                     # "gradient" or "random" (∇L(w) was zero on the ball's support)
     final_step: float              # η at the end (η₀ = 2ρ, halved at checkpoints)
+    n_non_finite: int              # 1 when an iterate's loss was NaN or ±inf (the ascent stops there), else 0
 
 
 def checkpoints(n_steps: int) -> set:
@@ -72,7 +52,7 @@ def projected_ascent(objective, scale, rho: float, p: float, n_steps: int, gener
 
     def evaluate(x):
         loss, grad = objective.loss_and_grad(unflatten(objective, t * x))
-        return float(loss), t * flatten(objective, grad)
+        return blown_up(float(loss)), t * flatten(objective, grad)
 
     loss0, grad0 = objective.loss_and_grad(check_finite=True)
     f0, g0 = float(loss0), t * flatten(objective, grad0)
@@ -97,6 +77,9 @@ def projected_ascent(objective, scale, rho: float, p: float, n_steps: int, gener
             x_new = project(x + MOMENTUM * (z - x) + (1 - MOMENTUM) * (x - x_prev))
         f_new, g_new = evaluate(x_new)
         increases.append(f_new - f0)
+        if f_new == math.inf:   # the loss blew up inside the ball: the maximum is unbounded, nothing left to find
+            return Ascent(base_loss=f0, best_loss=math.inf, increases=tuple(increases), n_passes=k + 2, start=start,
+                          final_step=eta, n_non_finite=1)
         n_up += f_new > fx
         x_prev, x, fx, gx = x, x_new, f_new, g_new
         if f_new > best_f:
@@ -110,4 +93,4 @@ def projected_ascent(objective, scale, rho: float, p: float, n_steps: int, gener
                 fx, gx = best_f, best_g
             n_up, last_tick = 0, k + 1
     return Ascent(base_loss=f0, best_loss=best_f, increases=tuple(increases), n_passes=n_steps + 1, start=start,
-                  final_step=eta)
+                  final_step=eta, n_non_finite=0)

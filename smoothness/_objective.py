@@ -1,12 +1,7 @@
-"""The one place where a model, a loss and a batch become a function of the parameters.
-
-Every estimator goes through :class:`Objective`. It never writes to the model: parameters are passed to
-``torch.func.functional_call`` as fresh tensors, buffers as clones (so train-mode BatchNorm cannot move the
-running statistics), and the module train/eval flags it sets for the chosen ``bn_mode`` are put back on exit.
-
-Every evaluation runs under :func:`smoothness._rng.fixed_rng`, so modules that draw random numbers see the same draws
-at every point and the caller's generators do not move; the evaluation at w goes through the determinism check
-(:func:`smoothness._rng.check_deterministic`) so that randomness the fixed seed cannot reach fails loudly.
+"""The one place where a model, a loss and data become a function of the parameters: :func:`make_objective` turns
+``data`` (one batch, or an iterable of batches walked chunk by chunk by :meth:`ChunkedObjective.chunks`, the one chunk
+loop) into an :class:`Objective`, which never writes to the model, runs every evaluation with the estimators' fixed
+seed and checks determinism at w. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -98,6 +93,15 @@ class Objective:
         self.n_params = sum(p.numel() for p in self.params.values())
         self._devices = {self.inputs.device, *(p.device for p in self.base.values())}
         self._at_w = None  # (loss, grad) at w, evaluated once
+
+    @property
+    def n_samples(self) -> int:
+        """How many samples the loss averages over (the ``batch_size`` recorded with every result)."""
+        return int(self.inputs.shape[0])
+
+    def chunks(self) -> Iterator[Tuple[float, "Objective"]]:
+        """(weight 1, itself): one batch is the one chunk of :meth:`ChunkedObjective.chunks`."""
+        yield 1.0, self
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def loss(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -217,7 +221,7 @@ def dot(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     return sum(float(torch.sum(a[n].detach().double() * b[n].detach().double())) for n in a)
 
 
-# -- curvature over many batches ------------------------------------------------------------------------------------
+# -- many batches: the one chunk loop -------------------------------------------------------------------------------------
 ChunkKind = Tuple[Tuple[Tuple[int, ...], torch.dtype], Tuple[Tuple[int, ...], torch.dtype]]
 
 
@@ -245,18 +249,6 @@ def check_chunk(i: int, chunk, first: ChunkKind | None = None) -> Tuple[torch.Te
     return inputs, targets
 
 
-def is_single_batch(batch) -> bool:
-    """Whether ``batch`` is meant as one batch rather than an iterable of batches: a tensor, or a tuple/list whose
-    first element is not itself a batch-like pair of tensors (``(inputs, targets)``, or a malformed batch that
-    :func:`check_batch` then rejects with the single-batch message)."""
-    if isinstance(batch, torch.Tensor):
-        return True
-    if isinstance(batch, (tuple, list)) and batch:
-        first = batch[0]
-        return not (isinstance(first, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in first))
-    return False
-
-
 class ChunkedObjective:
     """L(w) = Σ_c n_c·L(w; B_c) / Σ_c n_c over a re-iterable collection of chunks B_c (a list or a DataLoader).
 
@@ -275,11 +267,11 @@ class ChunkedObjective:
         check_bn_mode(bn_mode)
         trainable_parameters(model)  # the model's errors come before the data's
         if isinstance(batches, (torch.Tensor, str, bytes, Mapping)) or not hasattr(batches, "__iter__"):
-            raise TypeError(f"batch must be a pair (inputs, targets) or an iterable of such pairs (a list or a "
+            raise TypeError(f"data must be a pair (inputs, targets) or an iterable of such pairs (a list or a "
                             f"DataLoader), got {type(batches).__name__}")
         if isinstance(batches, collections.abc.Iterator):
-            raise TypeError(f"batch is a one-shot iterator ({type(batches).__name__}); curvature over chunks walks "
-                            f"them once per Hessian-vector product, so pass a list or a DataLoader instead")
+            raise TypeError(f"data is a one-shot iterator ({type(batches).__name__}); estimators walk the chunks "
+                            f"more than once (once per product or point), so pass a list or a DataLoader instead")
         self.model, self.loss_fn, self.bn_mode, self.batches = model, loss_fn, bn_mode, batches
         self.device = next(iter(trainable_parameters(model).values())).device
         self._fingerprints: list = []
@@ -316,8 +308,8 @@ class ChunkedObjective:
         for i, chunk in enumerate(self.batches):
             inputs, targets = self._check(i, chunk)
             if i >= len(self._fingerprints) or self._fingerprint(inputs, targets) != self._fingerprints[i]:
-                raise ValueError(f"the batches changed between two passes (chunk {i} differs); curvature over "
-                                 f"chunks needs the same chunks on every pass: use a list, or a DataLoader with "
+                raise ValueError(f"the batches changed between two passes (chunk {i} differs); estimators over "
+                                 f"chunks need the same chunks on every pass: use a list, or a DataLoader with "
                                  f"shuffle=False and no random transforms")
             count += 1
             yield (self.sizes[i] / self.n_samples,
@@ -325,7 +317,7 @@ class ChunkedObjective:
                              self.bn_mode))
         if count != len(self._fingerprints):
             raise ValueError(f"the batches changed between two passes ({count} chunks instead of "
-                             f"{len(self._fingerprints)}); curvature over chunks needs the same chunks every pass")
+                             f"{len(self._fingerprints)}); estimators over chunks need the same chunks every pass")
 
     def loss_and_grad(self, shift=None, scale: float = 1.0, *, check_finite: bool = False):
         """The sample-weighted mean of the chunks' losses and gradients."""
@@ -338,14 +330,20 @@ class ChunkedObjective:
         return torch.tensor(total, dtype=torch.float64), grad
 
 
-def make_objective(model: nn.Module, loss_fn: Callable, batch, bn_mode: str = "batch"):
-    """The objective of one batch, or of an iterable of batches (one chunk: that chunk's plain Objective)."""
-    if is_single_batch(batch):
-        return Objective(model, loss_fn, batch, bn_mode)
-    chunked = ChunkedObjective(model, loss_fn, batch, bn_mode)
+def is_one_batch(data) -> bool:
+    """Whether ``data`` is one batch (a tensor pair ``(inputs, targets)``, or anything else that is not a collection
+    of pairs, which :func:`check_batch` then rejects with the single-batch message) rather than an iterable of
+    batches: the one rule every estimator's data goes by."""
+    first = data[0] if isinstance(data, (tuple, list)) and data else None
+    return isinstance(data, torch.Tensor) or (first is not None and not (
+        isinstance(first, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in first)))
+
+
+def make_objective(model: nn.Module, loss_fn: Callable, data, bn_mode: str = "batch"):
+    """The objective of ``data``: one batch (a tensor pair ``(inputs, targets)``, or anything else that is not a
+    collection of pairs, which :func:`check_batch` then rejects with the single-batch message) or an iterable of
+    batches (one chunk: that chunk's plain Objective). Every estimator's data goes through here."""
+    if is_one_batch(data):
+        return Objective(model, loss_fn, data, bn_mode)
+    chunked = ChunkedObjective(model, loss_fn, data, bn_mode)
     return chunked.first if len(chunked.sizes) == 1 else chunked
-
-
-def sample_count(objective) -> int:
-    """How many samples the objective's loss averages over (the ``batch_size`` recorded with every result)."""
-    return objective.n_samples if isinstance(objective, ChunkedObjective) else int(objective.inputs.shape[0])

@@ -8,16 +8,20 @@ from typing import Mapping, Optional
 
 import torch
 
-from ._objective import ChunkedObjective, Params
+from ._objective import Params
 
 
 def loss_at(objective, shift: Optional[Mapping[str, torch.Tensor]]) -> float:
     """L(w + shift) (L(w) for None) by forward passes only: one per chunk."""
     params = objective.base if shift is None else {n: w + shift[n] for n, w in objective.base.items()}
     with torch.no_grad():
-        if isinstance(objective, ChunkedObjective):
-            return sum(weight * float(chunk.loss(params)) for weight, chunk in objective.chunks())
-        return float(objective.loss(params))
+        return sum(weight * float(chunk.loss(params)) for weight, chunk in objective.chunks())
+
+
+def blown_up(loss: float) -> float:
+    """A perturbed loss with NaN or ±inf replaced by +inf: the rule every perturbation measure follows (the loss blew
+    up, so the increase is unbounded); each result counts such evaluations in ``n_non_finite``."""
+    return loss if math.isfinite(loss) else math.inf
 
 
 def base_loss(objective) -> float:
@@ -47,28 +51,6 @@ def gaussian(objective, generator: torch.Generator) -> Params:
     parameters' dtype (the same numbers whatever device the model is on)."""
     return {n: torch.randn(w.shape, generator=generator, dtype=w.dtype, device=generator.device).to(w.device)
             for n, w in objective.base.items()}
-
-
-def check_generator(generator) -> torch.Generator:
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
-                        f"got {type(generator).__name__}")
-    return generator
-
-
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    ok = value >= 0 if allow_zero else value > 0
-    if not (ok and math.isfinite(value)):
-        raise ValueError(f"{name} must be {'non-negative' if allow_zero else 'positive'} and finite, got {value}")
-    return float(value)
-
-
-def check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def mean_and_stderr(samples) -> tuple:

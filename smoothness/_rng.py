@@ -1,28 +1,7 @@
-"""Random numbers inside estimators: every evaluation of L(w; B) sees the same draws, and the caller's don't move.
-
-A module that draws random numbers in the mode an estimate uses (Santurkar's noisy BatchNorm, RReLU, a user's own
-stochastic layer) makes L(w; B) a random function of w. Two evaluations at nearby points would then differ by the
-noise, not by the change in w: a line probe's gradient difference would not vanish as the step goes to 0, two
-identical calls would disagree, and the draws would advance the global generator, so measuring during training
-would change the training itself.
-
-:func:`fixed_rng` runs one evaluation with torch's global generators (CPU, and each accelerator device the objective
-lives on) seeded with :data:`ESTIMATOR_SEED`, and puts the caller's generator states back afterwards
-(``torch.random.fork_rng``). Every forward pass inside an estimator therefore starts from the same generator state
-and, the graph being the same, draws the same noise: the estimate is a deterministic function of (w, B) and of this
-seed. A fixed noise realisation is the loss of one particular draw, which is what a single SGD step sees too (with
-its own draw); the estimator does not average over the noise.
-
-Generators it cannot reach (a module's own ``torch.Generator``, numpy or Python ``random``) are caught by
-:func:`check_deterministic`, curvlinops-style: L(w) and ∇L(w) are evaluated twice and must agree, else the estimator
-refuses with a message naming the cause rather than return noise. The check runs at the first estimate on a model
-(per ``bn_mode``, device, dtype and module tree) and is remembered for that model (weakly: the model can still be
-freed). Running it at every estimator call would cost one extra forward+backward pass each time, to re-learn
-something that does not change while the model's modules stay the same. Measured on the study's ConvNets (CPU, one
-thread): ``local_lipschitz`` on 2,000 images 1.5-1.9x (2 passes become 3), ``top_eigenvalues`` at tol 1e-3 1.05x,
-a K=8 line probe about 1.1x (10 passes instead of 9); with the default study's phase timings that is about +12% of a
-training run. Once per model, the steady-state cost is a ~30 µs generator fork per evaluation and a sub-millisecond
-look-up per estimator call.
+"""Random numbers inside estimators: every evaluation of L(w; B) runs with torch's generators seeded with
+:data:`ESTIMATOR_SEED` (the caller's states restored), and a determinism check (once per model and mode) refuses
+randomness that seed cannot reach, and dropout applied through a function, with ``NondeterministicLossError``.
+Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -31,7 +10,9 @@ import weakref
 from typing import Callable, Collection, Iterable, Iterator, Mapping, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 #: The seed of torch's generators during every evaluation inside an estimator (documented in docs/METHODS.md).
 ESTIMATOR_SEED = 0
@@ -85,6 +66,27 @@ def _own_generators(model: nn.Module) -> list[str]:
             if any(isinstance(v, torch.Generator) for v in vars(m).values())]
 
 
+# Random dropout through these functions is invisible to estimator_mode, which can only switch nn.Dropout modules off
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      torch.dropout, torch.alpha_dropout, torch.feature_dropout, torch.feature_alpha_dropout}
+
+
+class _DropoutWatch(TorchFunctionMode):
+    """Counts calls of the dropout functions that drop (training=True, p > 0) while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _DROPOUT_FUNCTIONS:
+            p = kwargs.get("p", args[1] if len(args) > 1 else 0.5)
+            training = kwargs.get("training", kwargs.get("train", args[2] if len(args) > 2 else True))
+            self.calls += bool(training) and float(p) > 0
+        return func(*args, **kwargs)
+
+
 def _check_key(model: nn.Module, bn_mode: str, devices: Collection[torch.device]) -> tuple:
     """What the check's verdict depends on: the mode, where and in which precision the model runs, and the module
     tree, including any generator a module holds (a module swapped or given a generator is checked again)."""
@@ -108,7 +110,13 @@ def check_deterministic(model: nn.Module, bn_mode: str, devices: Collection[torc
     key = _check_key(model, bn_mode, devices)
     if key in _CHECKED.get(model, ()):
         return
-    (l1, g1), (l2, g2) = first, again()
+    with _DropoutWatch() as watch:
+        (l1, g1), (l2, g2) = first, again()
+    if watch.calls:
+        raise NondeterministicLossError(
+            f"the model applies dropout through a function (e.g. F.dropout(h, p, training=self.training)) in "
+            f"bn_mode={bn_mode!r}, so the loss depends on one random mask; estimators switch off only nn.Dropout "
+            f"modules: use nn.Dropout layers instead (or bn_mode='running', where training is False)")
     l1, l2 = float(l1), float(l2)
     grad_gap = float(torch.sqrt(sum(torch.sum((g1[n].double() - g2[n].double()) ** 2) for n in g1)))
     grad_size = max(float(torch.sqrt(sum(torch.sum(g.double() ** 2) for g in gs.values()))) for gs in (g1, g2))

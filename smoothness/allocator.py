@@ -1,19 +1,6 @@
-"""CPU memory: let a process keep the memory of freed tensors instead of handing it back to the kernel each time.
-
-glibc's malloc serves an allocation above its mmap threshold (which its dynamic rule never raises beyond 32 MiB)
-with fresh pages from the kernel and returns them on free; every such page is zero-filled at its first touch (a
-minor page fault). A Hessian-vector product on 1,000 FashionMNIST images allocates and frees activations of about
-50 MB each, so every product faults in 24,000-74,000 pages anew, in PyHessian's product as much as in ours; tuned,
-none, and a product takes 8-24% less CPU time (benchmarks/results/density-products.md and
-density-products-default-allocator.md). GPU tensors are not concerned (PyTorch's CUDA caching allocator keeps its
-blocks), nor are small batches (below the threshold malloc already reuses memory).
-
-:func:`tune_cpu_allocator` raises the mmap threshold to ``MMAP_THRESHOLD`` and lets up to ``TRIM_THRESHOLD`` of
-freed memory stay in the process. It changes no number (PyTorch aligns its CPU tensors itself), only where they
-live; the price is that a process's resident memory stays near its peak until it exits. The library never calls it
-on its own (it is process-wide): ``smoothness-lab`` calls it in every process it starts, and so can a script or a
-notebook, once. Settings of your own win: nothing is changed when ``MALLOC_MMAP_THRESHOLD_``,
-``MALLOC_TRIM_THRESHOLD_`` or a ``glibc.malloc`` entry of ``GLIBC_TUNABLES`` is set, or where there is no glibc.
+"""CPU memory: :func:`tune_cpu_allocator` raises glibc malloc's mmap and trim thresholds for this process, so freed
+activations are reused instead of being returned to the kernel and zero-filled again at every Hessian-vector product.
+It changes no number; the library never calls it on its own. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

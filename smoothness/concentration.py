@@ -1,17 +1,6 @@
-"""How much of the gradient lies in the top Hessian eigenspace (Gur-Ari, Roberts & Dyer 2018; Ghorbani et al. 2019 §4).
-
-fraction_k = ‖U_kᵀ g‖² / ‖g‖², with U_k the eigenvectors of the k algebraically largest eigenvalues of H = ∇²L(w)
-and g = ∇L(w). Gur-Ari et al. find that after a short initial phase SGD's gradient lives almost entirely in the
-top-k subspace, k = number of classes; Ghorbani et al. link this to the large outlier eigenvalues and find it largely
-gone with BatchNorm (in batch mode), and back when BatchNorm uses population statistics.
-
-Accuracy: U_k comes from the project's block Lanczos (``lanczos_top``, block size k), which stops when every Ritz
-pair's residual r_i = ‖Hy_i − θ_i y_i‖ is at most tol·|θ_i|. By Davis–Kahan, the sine of the angle between the
-computed and the true top-k subspace is at most ‖R‖/gap, with gap the distance from θ_k to λ_{k+1}, and the fraction
-then moves by at most 2·sin of that angle. The default tol = 1e-4 keeps that below 2e-3·|θ_1|/gap (2e-2 for a gap
-of a tenth of λ_max), and the tests (tests/smoothness/test_concentration.py) check it against dense Hessians at the
-default tol. The fraction is a property of the top-k *subspace*, so eigenvalues clustered inside it do not matter;
-a small gap between λ_k and λ_{k+1} does (the subspace itself is then ill-determined): choose k at a visible gap.
+"""How much of the gradient lies in the top-k eigenspace of the Hessian (Gur-Ari, Roberts & Dyer 2018; Ghorbani et al.
+2019 §4): fraction_k = ‖U_kᵀ g‖² / ‖g‖², U_k the top-k eigenvectors of ∇²L(w), g = ∇L(w), by block Lanczos.
+Details (accuracy of U_k and the tolerance): docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -20,11 +9,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
-from ._objective import make_objective
+from ._args import generator_or_default
 from .lanczos import lanczos_top
-from .operator import block_dimension, check_kind, curvature_matrix, resolve_params
+from .operator import DEFAULT_BN_MODE, DEFAULT_KIND, Curvature
 
 
 @dataclass(frozen=True)
@@ -43,22 +31,21 @@ class ConcentrationResult:
     product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
 
-def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *, tol: float = 1e-4,
-                           max_iter: Optional[int] = None, bn_mode: str = "batch",
-                           generator: Optional[torch.Generator] = None, kind: str = "hessian",
+def gradient_concentration(model, loss_fn: Optional[Callable] = None, data=None, k: int = 1, *, tol: float = 1e-4,
+                           max_iter: Optional[int] = None, bn_mode: str = DEFAULT_BN_MODE,
+                           generator: Optional[torch.Generator] = None, kind: str = DEFAULT_KIND,
                            params: Optional[Sequence[str]] = None, group=None) -> ConcentrationResult:
     """The fraction of ‖∇L(w; B)‖² in the span of the top-k eigenvectors of ∇²L(w; B), with those k eigenvalues.
 
     One forward and backward pass for g, then Lanczos for the top k (see ``top_eigenvalues``; for what ``tol``
-    means for the fraction, see the module docstring). ``batch`` is
+    means for the fraction, see the module docstring). ``data`` is
     one ``(inputs, targets)`` pair or an iterable of them. The model is left exactly as it was. ``kind``, ``params``
-    and ``group``: the eigenvectors of another curvature matrix, a parameter block (g restricted to it too), data
-    over torch.distributed ranks; see ``smoothness.operator``.
+    and ``group`` (or a ``CurvatureOperator`` in place of (model, loss_fn, data)): the eigenvectors of another
+    curvature matrix, a parameter block (g restricted to it too), data over torch.distributed ranks; see
+    ``smoothness.operator``.
     """
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    n = block_dimension(objective, names)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    names, n = source.params, source.n
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1 or k >= n:
@@ -68,8 +55,8 @@ def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     if max_iter is not None and (isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < k):
         raise ValueError(f"max_iter must be an int >= k ({k}) or None; got {max_iter!r}")
-    op = curvature_matrix(objective, kind, names, group, products=4 * k + 20)  # typical for the top k, tight tol
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    op = source.operator(products=4 * k + 20)  # typical for the top k at a tight tol
+    gen = generator_or_default(generator)
     out = lanczos_top(lambda rows: torch.stack([op.matvec(r) for r in rows]), op.n, k, tol=tol,
                       max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen)
     g = op.flatten(op.gradient).double()
@@ -78,5 +65,6 @@ def gradient_concentration(model: nn.Module, loss_fn: Callable, batch, k: int, *
     fraction = float(torch.sum((vectors.T @ g) ** 2)) / grad_sq if grad_sq > 0 else math.nan
     return ConcentrationResult(fraction=min(fraction, 1.0) if grad_sq > 0 else fraction, k=k,
                                eigenvalues=tuple(float(v) for v in out.values), grad_norm=math.sqrt(grad_sq),
-                               loss=op.loss, converged=bool(out.converged), n_hvp=op.n_hvp, bn_mode=bn_mode,
-                               batch_size=op.n_samples, kind=kind, params=names, product=op.product)
+                               loss=op.loss, converged=bool(out.converged), n_hvp=op.n_hvp,
+                               bn_mode=source.bn_mode, batch_size=op.n_samples, kind=source.kind, params=names,
+                               product=op.product)

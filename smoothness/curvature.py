@@ -1,9 +1,7 @@
-"""Curvature of L(w; B): top Hessian eigenvalues (sharpness), trace, and curvature along a direction.
+"""Curvature of L(w; B): top eigenvalues (λ_max), trace, and curvature along a direction.
 
-Every function takes ``batch`` as one ``(inputs, targets)`` pair or as an iterable of pairs (a list or a
-DataLoader): then L is the sample-weighted mean of the chunks' mean losses, each chunk is processed on its own (in
-``batch`` BN mode with its own batch statistics) and memory stays that of one chunk; ``batch_size`` in the results
-is the total number of samples. See ``smoothness._objective.ChunkedObjective``.
+Each function takes ``(model, loss_fn, data)`` (``data`` one ``(inputs, targets)`` batch or an iterable of them, see
+``smoothness._objective.ChunkedObjective``) or a ``CurvatureOperator`` in their place (``smoothness.operator``).
 """
 from __future__ import annotations
 
@@ -14,9 +12,10 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 from torch import nn
 
-from ._objective import dot, make_objective
+from ._args import generator_or_default, renamed
+from ._objective import dot
 from .lanczos import lanczos_top
-from .operator import block_dimension, check_kind, curvature_matrix, resolve_params
+from .operator import DEFAULT_BN_MODE, DEFAULT_KIND, Curvature
 
 
 WHICH = ("largest", "smallest")
@@ -30,11 +29,12 @@ class EigenResult:
     rigorous bound on the distance from ``values[i]`` to the nearest eigenvalue of H; that eigenvalue is the i-th
     largest unless the Krylov space missed an eigenvalue altogether (see ``smoothness.lanczos``), and
     ``values[i]`` never exceeds the i-th largest eigenvalue (Cauchy interlacing; for ``which="smallest"``, read
-    smallest, and never falls below it). The true error is usually far smaller (of order bound²/gap). ``converged`` means every bound is at most ``tol·|value|``.
+    smallest, and never falls below it). The true error is usually far smaller (of order bound²/gap). ``converged``
+    means every bound is at most ``tol·|value|``.
 
     ``vectors`` holds the k Ritz vectors as the rows of a (k, n) tensor, each flattened over the trainable
-    parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n·4 bytes in float32, e.g.
-    116 kB for k = 1 on the 29k-parameter ConvNet). They make warm starts possible
+    parameters in ``named_parameters()`` order (dtype and device of the parameters; k·n numbers). They make warm
+    starts possible
     (``top_eigenvalues(..., start=previous)``); ``vector_dicts(model)`` gives them keyed like the parameters. They
     are left out of ``repr`` and of ``==``, which compare the numbers only.
     """
@@ -84,11 +84,22 @@ class TraceResult:
     product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
 
 
-def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, tol: float = 1e-3,
-                    max_iter: Optional[int] = None, bn_mode: str = "batch",
+@dataclass(frozen=True)
+class DirectionalCurvature:
+    value: float                     # dᵀMd / dᵀd
+    n_hvp: int
+    bn_mode: str
+    batch_size: int
+    kind: str = "hessian"
+    params: Optional[Tuple[str, ...]] = None
+    product: str = field(default="", compare=False)   # how products were computed (metadata: not compared)
+
+
+def top_eigenvalues(model, loss_fn: Optional[Callable] = None, data=None, k: int = 1, *, tol: float = 1e-3,
+                    max_iter: Optional[int] = None, bn_mode: str = DEFAULT_BN_MODE,
                     generator: Optional[torch.Generator] = None, start: Optional[Start] = None,
-                    block_size: Optional[int] = None, kind: str = "hessian", params: Optional[Sequence[str]] = None,
-                    group=None, which: str = "largest") -> EigenResult:
+                    block_size: Optional[int] = None, kind: str = DEFAULT_KIND,
+                    params: Optional[Sequence[str]] = None, group=None, which: str = "largest") -> EigenResult:
     """The k largest eigenvalues of ∇²_w L(w; B) by block Lanczos with full reorthogonalisation.
 
     ``which="smallest"``: the k smallest (algebraically: the most negative first, ascending), as the k largest of
@@ -98,7 +109,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
     spectrum's width, so the smallest ones take more products at the same ``tol`` than the top one.
 
     ``kind`` ("hessian", "ggn", "empirical-fisher"), ``params`` (a parameter block) and ``group`` (data split across
-    torch.distributed ranks) choose the matrix: see ``smoothness.operator``. The default is the whole Hessian.
+    torch.distributed ranks) choose the matrix: see ``smoothness.operator``. The default is the whole Hessian, with
+    ``bn_mode="batch"``; given a ``CurvatureOperator`` instead of (model, loss_fn, data), the operator's.
 
     Converged means every value's residual norm (``error_bounds``) is at most ``tol`` relative: each value is then
     within ``tol`` of an eigenvalue of H (see :class:`EigenResult` for what that does and does not prove).
@@ -106,23 +118,21 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
 
     ``block_size`` (default k) random start vectors: the block finds eigenvalues repeated up to ``block_size``
     times. One vector more than wanted (k + 1) guards a little better against a start that under-represents a top
-    eigenvector, but cost 1.1-1.6x the products on the seed ConvNets at tol 1e-3 with no gain in accuracy
-    (benchmarks/results/eigensolvers.md), so the default is k: for k = 1 that is plain Lanczos.
+    eigenvector, but costs more products with no gain in accuracy (benchmarks/results/eigensolvers.md), so the
+    default is k: for k = 1 that is plain Lanczos.
 
     ``start`` warm-starts the block: a previous :class:`EigenResult` (its Ritz vectors), a flat tensor of n
     entries or an (m, n) tensor of rows, a dict keyed like ``dict(model.named_parameters())``, or a list of flat
     tensors or such dicts. Missing rows up to ``block_size`` are random (so a warm start still carries a random
-    guard vector); more rows than ``block_size`` enlarge the block. Along a training run the top eigenvectors move
-    slowly and a warm start can save products (benchmarks/results/sharpness_warm.md: 0.73x every 20 GD steps with
-    k = 2, none once per SGD pass; a warm top-1 from one old vector can certify a value that is no longer the top).
+    guard vector); more rows than ``block_size`` enlarge the block (benchmarks/results/sharpness_warm.md; a warm
+    top-1 from one old vector can certify a value that is no longer the top).
 
-    Deterministic by default (random start rows come from a generator seeded with 0 unless ``generator`` is
-    given). One forward pass and one backward pass with a retained graph, then one extra backward pass per product.
+    Deterministic by default (random start rows come from a generator seeded with ``ESTIMATOR_SEED`` unless
+    ``generator`` is given). One forward pass and one backward pass with a retained graph, then one extra backward
+    pass per product.
     """
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    n = block_dimension(objective, names)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    names, n = source.params, source.n
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1 or k >= n:
@@ -140,16 +150,16 @@ def top_eigenvalues(model: nn.Module, loss_fn: Callable, batch, k: int = 1, *, t
         raise ValueError(f"block_size must be an int in [1, number of trainable parameters "
                          f"({n})] or None (k); got {block_size!r}")
     block = min(k, n) if block_size is None else block_size
-    op = curvature_matrix(objective, kind, names, group)
-    rows = None if start is None else _start_rows(start, objective, op)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    op = source.operator()
+    rows = None if start is None else _start_rows(start, source.objective, op)
+    gen = generator_or_default(generator)
     sign = 1.0 if which == "largest" else -1.0   # the smallest eigenvalues of H are the largest of −H
     out = lanczos_top(lambda v: sign * torch.stack([op.matvec(r) for r in v]), op.n, k, tol=tol,
                       block_size=block, max_matvec=max_iter, dtype=op.dtype, device=op.device, generator=gen,
                       start=rows)
     return EigenResult(values=tuple(sign * float(v) for v in out.values), n_hvp=op.n_hvp, converged=out.converged,
-                       error_bounds=tuple(float(b) for b in out.residuals), bn_mode=bn_mode,
-                       batch_size=op.n_samples, vectors=out.vectors, kind=kind, params=names, which=which,
+                       error_bounds=tuple(float(b) for b in out.residuals), bn_mode=source.bn_mode,
+                       batch_size=op.n_samples, vectors=out.vectors, kind=source.kind, params=names, which=which,
                        product=op.product)
 
 
@@ -197,38 +207,39 @@ def _start_rows(start, objective, op) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def hessian_trace(model: nn.Module, loss_fn: Callable, batch, *, n_samples: int = 100, bn_mode: str = "batch",
-                  generator: Optional[torch.Generator] = None, kind: str = "hessian",
-                  params: Optional[Sequence[str]] = None, group=None) -> TraceResult:
-    """Hutchinson's estimate of tr ∇²L(w; B) = E[vᵀHv] over Rademacher v, with its standard error (``kind``,
-    ``params``, ``group``: another curvature matrix, a block, data over ranks; see ``smoothness.operator``)."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 2:
-        raise ValueError(f"n_samples must be an int >= 2 (the standard error needs two samples); got {n_samples}")
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    op = curvature_matrix(objective, kind, names, group)
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+def hessian_trace(model, loss_fn: Optional[Callable] = None, data=None, *, n_probes: int = 100,
+                  bn_mode: str = DEFAULT_BN_MODE, generator: Optional[torch.Generator] = None,
+                  kind: str = DEFAULT_KIND, params: Optional[Sequence[str]] = None, group=None,
+                  n_samples: Optional[int] = None) -> TraceResult:
+    """Hutchinson's estimate of tr M = E[vᵀMv] over ``n_probes`` Rademacher probes v, with its standard error; M the
+    Hessian ∇²L(w; B) by default (``kind``, ``params``, ``group`` or a ``CurvatureOperator``: see
+    ``smoothness.operator``). ``n_samples`` is the deprecated name of ``n_probes``."""
+    n_probes = renamed("n_probes", n_probes, "n_samples", n_samples, "hessian_trace")
+    if isinstance(n_probes, bool) or not isinstance(n_probes, int) or n_probes < 2:
+        raise ValueError(f"n_probes must be an int >= 2 (the standard error needs two probes); got {n_probes}")
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    gen = generator_or_default(generator)
+    op = source.operator()
     samples = []
-    for _ in range(n_samples):
+    for _ in range(n_probes):
         v = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
         samples.append(float(torch.dot(v, op.matvec(v))))
     t = torch.tensor(samples, dtype=torch.float64)
-    return TraceResult(mean=float(t.mean()), stderr=float(t.std(unbiased=True) / math.sqrt(n_samples)),
-                       n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names,
-                       product=op.product)
+    return TraceResult(mean=float(t.mean()), stderr=float(t.std(unbiased=True) / math.sqrt(n_probes)),
+                       n_hvp=op.n_hvp, bn_mode=source.bn_mode, batch_size=op.n_samples, kind=source.kind,
+                       params=source.params, product=op.product)
 
 
-def directional_curvature(model: nn.Module, loss_fn: Callable, batch, direction: Mapping, *,
-                          bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
-                          group=None) -> float:
-    """dᵀHd / dᵀd: the exact curvature of L along d (compare with the effective β of a line probe along d).
-
-    With ``kind`` / ``params`` / ``group``, dᵀMd / dᵀd for that matrix M (``direction`` keyed by the block's
-    parameters); see ``smoothness.operator``."""
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    d = objective.check_direction(direction, names=names)
-    hd = curvature_matrix(objective, kind, names, group).matvec_dict(d)
-    return dot(d, hd) / dot(d, d)
+def directional_curvature(model, loss_fn: Optional[Callable] = None, data=None, direction: Optional[Mapping] = None,
+                          *, bn_mode: str = DEFAULT_BN_MODE, kind: str = DEFAULT_KIND,
+                          params: Optional[Sequence[str]] = None, group=None) -> DirectionalCurvature:
+    """dᵀMd / dᵀd: the exact curvature of L along d (compare with the effective β of a line probe along d), M the
+    Hessian by default (``kind``, ``params``, ``group`` or a ``CurvatureOperator``: see ``smoothness.operator``;
+    ``direction`` keyed by the block's parameters). One product."""
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    d = source.objective.check_direction(direction, names=source.params)
+    op = source.operator()
+    hd = op.matvec_dict(d)
+    return DirectionalCurvature(value=dot(d, hd) / dot(d, d), n_hvp=op.n_hvp, bn_mode=source.bn_mode,
+                                batch_size=op.n_samples, kind=source.kind, params=source.params,
+                                product=op.product)

@@ -1,34 +1,7 @@
-"""The Hessian eigenvalue density by stochastic Lanczos quadrature (SLQ; Ghorbani, Krishnan & Xiao 2019).
-
-For a symmetric n×n H with eigenpairs (λ_i, u_i) and a unit probe v, the spectral measure of v is
-μ_v = Σ_i (u_iᵀv)² δ(λ_i); over Rademacher probes E[μ_v] = (1/n) Σ_i δ(λ_i), the eigenvalue density. m Lanczos
-steps from v give a tridiagonal T_m = S diag(θ) Sᵀ, and the Gauss quadrature Σ_j τ_j δ(θ_j) with nodes θ_j (the
-Ritz values) and weights τ_j = S_{1j}² matches the first 2m−1 moments of μ_v exactly. The estimate is the average
-of these quadrature measures over probes; for plots it is smoothed with a Gaussian of width σ.
-
-Pitfalls, and what this module does about them:
-
-- **Loss of orthogonality.** Plain three-term Lanczos loses orthogonality as soon as a Ritz value converges (the
-  outliers converge first), and then finds the same eigenvalue again and again: "ghost" copies (16 nodes on one
-  outlier after 120 steps in tests/smoothness/test_density.py) that waste the resolution meant for the bulk and,
-  while not yet converged, smear spurious mass around the outliers. Every step here is reorthogonalised against the
-  whole basis, twice (Parlett's "twice is enough"); the basis costs m·n numbers per probe, little next to m
-  Hessian-vector products. PyHessian reorthogonalises once per step but takes β from the vector before that pass,
-  so T and the basis disagree slightly.
-- **Breakdown.** If the probe lies in an invariant subspace of dimension j < m (a Hessian with few distinct
-  eigenvalues, e.g. a quadratic), β_j vanishes and the quadrature is already exact for that probe: the loop stops
-  there (``n_hvp`` then counts fewer products) rather than restarting from a random vector, whose nodes would carry
-  zero weight anyway.
-- **Choice of σ.** The quadrature is a sum of point masses; the smoothed density is only as good as σ is wide
-  compared with the spacing of the nodes (about (λ_max − λ_min)/m per probe in the bulk). Too small a σ draws a comb
-  of spikes; too large a σ melts the outliers into the bulk. :meth:`DensityResult.density` takes σ explicitly;
-  the figures of ``experiments.features.spectrum.figures`` use σ = (λ_max − λ_min)/200.
-- **Log scale and its floor.** Outliers carry weight about 1/n each (3e-5 for the seed ConvNet), so they are
-  visible only on a log scale, where the Gaussian tails fall to 0 and log 0 = −∞: plots clip the density at a floor
-  (1e-7 by default there) well below the smallest interesting peak, w/(σ√(2π)) for weight w.
-- **Probes vs steps.** More steps resolve the spectrum (the Gauss rule is exact for polynomials of degree 2m−1);
-  more probes average the random weights (each outlier's weight (u_iᵀv)² is one draw of a χ²₁/n variable, so one
-  probe places the outliers right but weighs them within a factor of a few). Cost: n_probes × n_steps products.
+"""The eigenvalue density of a curvature matrix by stochastic Lanczos quadrature (SLQ; Ghorbani, Krishnan & Xiao 2019):
+per Rademacher probe v, m Lanczos steps give Gauss quadrature nodes θ_j (Ritz values) and weights τ_j = S_{1j}² of
+v's spectral measure; the estimate averages them over probes. Details (reorthogonalisation, breakdown, σ, log
+scales): docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -39,10 +12,9 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
-from torch import nn
 
-from ._objective import make_objective
-from .operator import check_kind, curvature_matrix, resolve_params
+from ._args import generator_or_default
+from .operator import DEFAULT_BN_MODE, DEFAULT_KIND, Curvature
 
 # β below this multiple of the machine epsilon times the largest |α|, β seen means the Krylov space is invariant
 _BREAKDOWN = 50.0
@@ -141,28 +113,26 @@ def lanczos_quadrature(matvec: Callable[[torch.Tensor], torch.Tensor], start: to
     return theta, weights / weights.sum()
 
 
-def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: int = 4, n_steps: int = 80,
-                     bn_mode: str = "batch", generator: Optional[torch.Generator] = None, kind: str = "hessian",
-                     params: Optional[Sequence[str]] = None, group=None) -> DensityResult:
+def spectral_density(model, loss_fn: Optional[Callable] = None, data=None, *, n_probes: int = 4, n_steps: int = 80,
+                     bn_mode: str = DEFAULT_BN_MODE, generator: Optional[torch.Generator] = None,
+                     kind: str = DEFAULT_KIND, params: Optional[Sequence[str]] = None,
+                     group=None) -> DensityResult:
     """The eigenvalue density of ∇²_w L(w; B) by stochastic Lanczos quadrature (see the module docstring).
 
-    ``kind``, ``params`` and ``group`` choose another curvature matrix, a parameter block (``n_params`` is then the
-    block's size) and data split over torch.distributed ranks; see ``smoothness.operator``.
+    ``kind``, ``params`` and ``group`` (or a ``CurvatureOperator`` in place of (model, loss_fn, data)) choose another
+    curvature matrix, a parameter block (``n_params`` is then the block's size) and data split over
+    torch.distributed ranks; see ``smoothness.operator``.
 
     ``n_probes`` Rademacher probes, ``n_steps`` Lanczos steps each (capped at the number of parameters): at most
-    n_probes × n_steps Hessian-vector products (on convolutional networks with enough work, linearized products
-    after a one-off trace, see ``smoothness.hvp``). ``batch`` is one ``(inputs, targets)`` pair or an iterable of them
-    (see ``smoothness.curvature``). Deterministic by default (probes from a generator seeded with 0 unless
-    ``generator`` is given); the model is left exactly as it was.
+    n_probes × n_steps products. Deterministic by default (probes from a generator seeded with ``ESTIMATOR_SEED``
+    unless ``generator`` is given); the model is left exactly as it was.
     """
     for name, value in (("n_probes", n_probes), ("n_steps", n_steps)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    op = curvature_matrix(objective, kind, names, group, products=n_probes * min(n_steps, objective.n_params))
-    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    op = source.operator(products=n_probes * min(n_steps, source.n))
+    gen = generator_or_default(generator)
     nodes, weights = [], []
     for _ in range(n_probes):
         v = (torch.randint(0, 2, (op.n,), generator=gen) * 2 - 1).to(dtype=op.dtype, device=op.device)
@@ -170,5 +140,5 @@ def spectral_density(model: nn.Module, loss_fn: Callable, batch, *, n_probes: in
         nodes.append(tuple(float(x) for x in theta))
         weights.append(tuple(float(x) for x in tau))
     return DensityResult(nodes=tuple(nodes), weights=tuple(weights), n_params=op.n, n_steps=n_steps,
-                         n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=op.n_samples, kind=kind, params=names,
-                         product=op.product)
+                         n_hvp=op.n_hvp, bn_mode=source.bn_mode, batch_size=op.n_samples, kind=source.kind,
+                         params=source.params, product=op.product)

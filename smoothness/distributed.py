@@ -1,21 +1,6 @@
-"""Curvature over data split across the ranks of a ``torch.distributed`` process group.
-
-Rank r holds N_r samples (one batch or a list of chunks) and its local operator M_r, the sample-weighted mean over
-its own chunks. The operator over the union of all ranks' samples is
-
-    M = Σ_r (N_r/N)·M_r,    N = Σ_r N_r,
-
-so each product is the local product scaled by N_r, summed over the ranks with one ``all_reduce`` and divided by N
-(METHODS.md §10); the loss and the gradient combine the same way. Every rank then holds the same product, bit for
-bit, so a deterministic method fed the same start vectors (Lanczos, Hutchinson and SLQ with the estimators' default
-generators) takes the same steps on every rank and every rank returns the result one process would over the union
-(up to the rounding of the different summation order).
-
-Contract: every rank of ``group`` calls the same estimator with the same arguments except its data, and takes the
-same products in the same order (the estimators do; with ``CurvatureOperator.to_scipy`` the caller must, e.g.
-by passing the same ``v0`` to ``eigsh`` on every rank). A rank that raises leaves the others waiting in the next
-collective. The tensors exchanged live on the parameters' device, so the backend must support it (gloo for CPU,
-nccl for CUDA).
+"""Curvature over data split across the ranks of a ``torch.distributed`` process group: M = Σ_r (N_r/N)·M_r, one
+``all_reduce`` per product. Every rank calls the same estimator with the same arguments except its data, and takes
+the same products in the same order. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

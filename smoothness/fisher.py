@@ -1,20 +1,6 @@
-"""The empirical Fisher F̂ = (1/N) Σᵢ gᵢgᵢᵀ as a linear operator, from per-sample gradients.
-
-gᵢ = ∇_w ℓ(f(xᵢ; w), yᵢ) is the gradient of sample i's loss, computed for all samples at once with
-``torch.func.vmap(torch.func.grad(…))`` (each sample run through the model as a batch of one). The N × n matrix of
-per-sample gradients is formed once per operator (memory N·n numbers: 30 MB for 256 samples of the 29k-parameter
-seed ConvNet in float32), and each product is then F̂v = Gᵀ(Gv)/N, two matrix-vector products. Over chunks, the
-per-sample gradients of each chunk are recomputed at every product (memory of one chunk).
-
-F̂ is not a curvature matrix in general (Kunstner et al. 2019, METHODS.md §10): it is the Fisher only at a model
-whose predictive distribution generates the labels, and differs from the GGN and the Hessian elsewhere. Report it
-as what it is.
-
-BatchNorm in ``bn_mode="batch"`` normalises each sample with statistics of the whole batch: sample i's loss then
-depends on every other sample, there is no per-sample gradient, and a "batch of one" would be a different
-network. The operator refuses (ValueError); with ``bn_mode="running"`` BN is a fixed affine map and gᵢ is
-well-defined. Any other module that couples samples is caught by a check that the per-sample gradients average to
-the batch gradient.
+"""The empirical Fisher F̂ = (1/N) Σᵢ gᵢgᵢᵀ as a linear operator, from per-sample gradients gᵢ (``torch.func.vmap``);
+a product is Gᵀ(Gv)/N. Refused for BatchNorm in ``bn_mode="batch"``, where per-sample gradients do not exist. Not a
+curvature matrix in general (Kunstner et al. 2019). Details: docs/smoothness.md.
 """
 from __future__ import annotations
 

@@ -1,29 +1,6 @@
-"""Flatness measures from the generalisation literature: Jiang et al.'s PAC-Bayes σ (plain and magnitude-aware) and
-Petzka et al.'s relative flatness (METHODS.md §11).
-
-PAC-Bayes flatness (Jiang et al. 2020, "Fantastic generalization measures and where to find them", measures
-"pacbayes.flatness" and "pacbayes.mag.flatness"): the largest σ with
-
-    E_u L(w + u) − L(w) ≤ target,   u ~ N(0, σ²I)   or, magnitude-aware, uᵢ ~ N(0, σ²wᵢ² + ε²),
-
-and the measure is 1/σ². Jiang et al. bound the deviation of the 0-1 *accuracy* by 0.1; here the bound is on the
-increase of the loss the caller passes (``target``, default 0.1), so give a 0-1 loss to reproduce theirs exactly.
-The expectation is a Monte Carlo mean over ``n_samples`` draws z_m taken once from ``generator``, u_m = σ·z_m (or
-√(σ²w² + ε²)·z_m) at every σ: common random numbers make the mean a fixed smooth function of σ, so the search is
-deterministic and, for a loss that rises with the noise, monotone. The search brackets σ by factors of 10 from
-σ = 0.01 and then bisects ``n_bisections`` times in log σ (12 by default: σ to within a factor 10^(1/4096), 0.06%,
-far below the Monte Carlo error of 16 draws); ``sigma`` is the bracket's lower end, where the measured increase is at
-most ``target``.
-
-Relative flatness (Petzka et al. 2021, "Relative flatness and generalization"): for the weight matrix W of one layer
-(rows w_s: the weights of output unit s; a conv kernel as (out, in·k·k)), κ = Σ_{s,s'} ⟨w_s, w_s'⟩ · Tr(H_{s,s'}),
-H_{s,s'} the Hessian block between rows s and s'. Written as κ = Tr(D·H_WW) with D = (WWᵀ) ⊗ I, it is computed
-with the project's Hessian-vector product: exactly from the numel(W) products with the unit vectors of W (the
-default; fine for the few thousand weights of a classifier head), or by Hutchinson's estimate E[(Dz)ᵀ H z] over
-Rademacher z on W when ``n_samples`` is given. The default layer is the last ``nn.Linear``'s weight: the layer fed by
-the penultimate (feature) representation, as in Petzka et al.'s experiments. Cost: one Hessian-vector product per
-weight of W (exact) or per probe; on the seed ConvNet's head (15,680 weights, 256 images, one CPU thread, ~0.65 s a
-product) exact would take about 3 hours, 20 probes take 13 s for a 1% standard error: use ``n_samples`` there.
+"""Flatness measures from the generalisation literature: Jiang et al.'s (2020) PAC-Bayes σ, the largest σ with
+E_u L(w + u) − L(w) ≤ target (u ~ N(0, σ²I), or σ²w² + ε² magnitude-aware), reported as 1/σ²; and Petzka et al.'s
+(2021) relative flatness κ = Σ_{s,s'} ⟨w_s, w_s'⟩ Tr(H_{s,s'}) of one layer. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -34,10 +11,10 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ._objective import make_objective, sample_count
-from ._perturb import (base_loss, check_count, check_generator, check_positive, gaussian, loss_at,
-                       mean_and_stderr)
-from .hvp import hessian_operator
+from ._args import check_count, check_positive, generator_or_default, renamed
+from ._objective import make_objective
+from ._perturb import base_loss, blown_up, gaussian, loss_at, mean_and_stderr
+from .operator import DEFAULT_BN_MODE, DEFAULT_KIND, Curvature
 
 SIGMA_START = 1e-2
 MAX_DECADES = 20
@@ -57,6 +34,7 @@ class PacBayesFlatness:
     n_passes: int                  # forward passes
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0          # noisy evaluations whose loss was NaN or ±inf (counted as +inf: σ too large)
 
 
 @dataclass(frozen=True)
@@ -65,7 +43,7 @@ class RelativeFlatness:
     stderr: float                  # 0 for the exact computation
     layer: str                     # parameter name of W
     method: str                    # "exact" or "hutchinson"
-    n_samples: Optional[int]       # Hutchinson probes; None for exact
+    n_probes: Optional[int]        # Hutchinson probes; None for exact
     n_hvp: int
     bn_mode: str
     batch_size: int
@@ -76,11 +54,11 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
     target = check_positive("target", target)
     check_count("n_samples", n_samples, 1)
     check_count("n_bisections", n_bisections, 1)
-    check_generator(generator)
+    generator = generator_or_default(generator)
     objective = make_objective(model, loss_fn, data, bn_mode)
     f0 = base_loss(objective)
     draws = [gaussian(objective, generator) for _ in range(n_samples)]
-    passes = [1]
+    passes, non_finite = [1], [0]
 
     def increase(sigma: float) -> float:
         if eps is None:
@@ -89,9 +67,11 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
             std = {n: torch.sqrt(sigma ** 2 * w ** 2 + eps ** 2) for n, w in objective.base.items()}
             shifts = ({n: std[n] * z[n] for n in z} for z in draws)
         passes[0] += n_samples
-        return sum(loss_at(objective, s) for s in shifts) / n_samples - f0
+        losses = [blown_up(loss_at(objective, s)) for s in shifts]
+        non_finite[0] += sum(x == math.inf for x in losses)
+        return sum(losses) / n_samples - f0
 
-    def ok(value: float) -> bool:  # a NaN or infinite loss counts as too large an increase
+    def ok(value: float) -> bool:
         return value <= target
 
     sigma, f = SIGMA_START, increase(SIGMA_START)
@@ -110,7 +90,8 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
         f = increase(sigma)
     else:
         floor = "" if eps is None else f" (with eps = {eps:g} the noise never goes below eps·z; lower eps)"
-        raise ValueError(f"no σ in [{SIGMA_START / 10 ** MAX_DECADES:g}, {SIGMA_START * 10 ** MAX_DECADES:g}] brackets a "
+        raise ValueError(f"no σ in [{SIGMA_START / 10 ** MAX_DECADES:g}, {SIGMA_START * 10 ** MAX_DECADES:g}] "
+                         f"brackets a "
                          f"loss increase of target = {target:g}: the increase was {f:g} at σ = {sigma:g}{floor}")
     for _ in range(n_bisections):
         mid = math.sqrt(lo * hi)
@@ -121,19 +102,23 @@ def _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, 
             hi = mid
     return PacBayesFlatness(sigma=lo, measure=1 / lo ** 2, increase=f_lo, base_loss=f0, target=target,
                             magnitude_aware=eps is not None, eps=eps, n_samples=n_samples, n_bisections=n_bisections,
-                            n_passes=passes[0], bn_mode=bn_mode, batch_size=sample_count(objective))
+                            n_passes=passes[0], bn_mode=bn_mode, batch_size=objective.n_samples,
+                            n_non_finite=non_finite[0])
 
 
-def pacbayes_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: torch.Generator, target: float = 0.1,
-                      n_samples: int = 16, n_bisections: int = 12, bn_mode: str = "batch") -> PacBayesFlatness:
+def pacbayes_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: Optional[torch.Generator] = None,
+                      target: float = 0.1, n_samples: int = 16, n_bisections: int = 12,
+                      bn_mode: str = "batch") -> PacBayesFlatness:
     """Jiang et al.'s "pacbayes.flatness": the largest σ with E_{u~N(0,σ²I)} L(w + u) − L(w) ≤ ``target`` (a loss
     increase, not their accuracy deviation), and 1/σ². Costs n_samples forward passes per σ tried (about
-    n_bisections + 3 values of σ)."""
+    n_bisections + 3 values of σ). ``n_samples``: Monte Carlo draws of u (not probes: see ``hessian_trace``), from
+    ``generator`` (default: seeded with ``ESTIMATOR_SEED``)."""
     return _pacbayes(model, loss_fn, data, target, n_samples, n_bisections, generator, bn_mode, None)
 
 
-def pacbayes_mag_flatness(model: nn.Module, loss_fn: Callable, data, *, generator: torch.Generator,
-                          target: float = 0.1, eps: float = 1e-3, n_samples: int = 16, n_bisections: int = 12,
+def pacbayes_mag_flatness(model: nn.Module, loss_fn: Callable, data, *,
+                          generator: Optional[torch.Generator] = None, target: float = 0.1, eps: float = 1e-3,
+                          n_samples: int = 16, n_bisections: int = 12,
                           bn_mode: str = "batch") -> PacBayesFlatness:
     """Jiang et al.'s "pacbayes.mag.flatness": as :func:`pacbayes_flatness` with uᵢ ~ N(0, σ²wᵢ² + ε²), σ relative
     to each weight's magnitude; ``eps`` keeps zero weights perturbed (it must be small enough that the ε-noise alone
@@ -150,31 +135,39 @@ def last_linear_weight(model: nn.Module) -> str:
     return names[-1]
 
 
-def relative_flatness(model: nn.Module, loss_fn: Callable, data, *, layer: Optional[str] = None,
-                      n_samples: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                      bn_mode: str = "batch") -> RelativeFlatness:
+def relative_flatness(model, loss_fn: Optional[Callable] = None, data=None, *, layer: Optional[str] = None,
+                      n_probes: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                      bn_mode: str = DEFAULT_BN_MODE, n_samples: Optional[int] = None) -> RelativeFlatness:
     """Petzka et al.'s κ for the weight matrix ``layer`` (default: the last nn.Linear's weight), exactly (numel(W)
-    Hessian-vector products) or, with ``n_samples``, by Hutchinson over Rademacher probes from ``generator``
-    (default seeded with 0)."""
-    objective = make_objective(model, loss_fn, data, bn_mode)
-    name = last_linear_weight(model) if layer is None else layer
-    if name not in objective.base:
-        raise ValueError(f"layer {name!r} is not a trainable parameter of the model; choose one of "
-                         f"{[n for n in objective.names if objective.base[n].ndim >= 2]}")
+    Hessian-vector products) or, with ``n_probes``, by Hutchinson over Rademacher probes from ``generator``
+    (default seeded with ``ESTIMATOR_SEED``). A Hessian ``CurvatureOperator`` whose block holds ``layer`` may stand
+    in for (model, loss_fn, data). ``n_samples`` is the deprecated name of ``n_probes``."""
+    n_probes = renamed("n_probes", n_probes, "n_samples", n_samples, "relative_flatness")
+    source = Curvature(model, loss_fn, data, kind=DEFAULT_KIND, params=None, group=None, bn_mode=bn_mode)
+    if source.kind != "hessian":
+        raise ValueError(f"relative flatness is defined with the Hessian; this operator is kind={source.kind!r}: "
+                         f"build one with kind='hessian'")
+    objective = source.objective
+    names = source.params or objective.names
+    name = last_linear_weight(objective.model) if layer is None else layer
+    if name not in names:
+        raise ValueError(f"layer {name!r} is not a trainable parameter of the model"
+                         f"{' in the operator' + chr(39) + 's block' if source.params else ''}; choose one of "
+                         f"{[n for n in names if objective.base[n].ndim >= 2]}")
     W = objective.base[name]
     if W.ndim < 2:
         raise ValueError(f"layer {name!r} has shape {tuple(W.shape)}: relative flatness needs a weight matrix")
     rows = W.reshape(W.shape[0], -1)
     gram = rows @ rows.T
-    if n_samples is not None:
-        check_count("n_samples", n_samples, 2)
-    op = hessian_operator(objective, products=rows.numel() if n_samples is None else n_samples)
-    zero = {n: torch.zeros_like(w) for n, w in objective.base.items()}
+    if n_probes is not None:
+        check_count("n_probes", n_probes, 2)
+    op = source.operator(products=rows.numel() if n_probes is None else n_probes)
+    zero = {n: torch.zeros_like(objective.base[n]) for n in names}
 
     def block(v: torch.Tensor) -> torch.Tensor:
         return op.matvec_dict({**zero, name: v.reshape(W.shape)})[name].reshape(rows.shape)
 
-    if n_samples is None:
+    if n_probes is None:
         value = 0.0
         for i in range(rows.numel()):
             s, j = divmod(i, rows.shape[1])
@@ -183,11 +176,11 @@ def relative_flatness(model: nn.Module, loss_fn: Callable, data, *, layer: Optio
             value += float(gram[s] @ block(e)[:, j])
         stderr, method = 0.0, "exact"
     else:
-        gen = torch.Generator().manual_seed(0) if generator is None else check_generator(generator)
+        gen = generator_or_default(generator)
         samples = []
-        for _ in range(n_samples):
+        for _ in range(n_probes):
             z = (torch.randint(0, 2, rows.shape, generator=gen, device=gen.device) * 2 - 1).to(rows)
             samples.append(float(((gram @ z) * block(z)).sum()))
         (value, stderr), method = mean_and_stderr(samples), "hutchinson"
-    return RelativeFlatness(value=value, stderr=stderr, layer=name, method=method, n_samples=n_samples,
-                            n_hvp=op.n_hvp, bn_mode=bn_mode, batch_size=sample_count(objective), product=op.product)
+    return RelativeFlatness(value=value, stderr=stderr, layer=name, method=method, n_probes=n_probes,
+                            n_hvp=op.n_hvp, bn_mode=source.bn_mode, batch_size=op.n_samples, product=op.product)

@@ -1,24 +1,6 @@
-"""The generalised Gauss-Newton matrix (GGN) as a linear operator, by one jvp and one vjp per product.
-
-For a mean-reduced loss L(w) = (1/N) Σᵢ ℓ(zᵢ, yᵢ) with outputs zᵢ = f(xᵢ; w) and Jᵢ = ∂zᵢ/∂w,
-
-    G = (1/N) Σᵢ Jᵢᵀ ∇²_z ℓ(zᵢ, yᵢ) Jᵢ = Jᵀ ∇²_z L(z) J,
-
-with J = ∂z/∂w the Jacobian of the whole batch's outputs: ∇²_z L is block-diagonal with blocks (1/N)∇²_z ℓᵢ when
-every zᵢ depends on sample i alone. A product is Gv = Jᵀ(∇²_z L (Jv)): Jv by forward mode
-(``torch.func.jvp`` through ``functional_call``), the loss Hessian in z by double backward through the loss alone
-(exact for any loss: cross-entropy, MSE, …), and Jᵀu by the vjp of a forward pass kept from construction. Jᵢ is
-never formed. G is the Hessian without the term Σ_c (∂ℓ/∂z_c)∇²_w z_c (METHODS.md §10), so it is positive
-semi-definite whenever ℓ is convex in z; for softmax cross-entropy, ∇²_z ℓ = diag(p) − ppᵀ and G is the Fisher.
-
-BatchNorm: in ``bn_mode="running"`` BN is an affine map and the formula above holds sample by sample. In
-``bn_mode="batch"`` every output depends on the whole batch (through the batch statistics), so there are no
-per-sample Jacobians: G is then Jᵀ ∇²_z L J with J the Jacobian of all N outputs with respect to w, which is what
-this operator computes in both modes (the GGN of the train-mode loss as a function of w). Over chunks (an iterable
-of batches), G = Σ_c (n_c/N) G_c, each chunk with its own batch statistics.
-
-Cost per product (one batch): one forward pass with tangents (the jvp) and one backward pass through the retained
-graph, about a gradient's worth (benchmarks/results/products.md).
+"""The generalised Gauss-Newton matrix G = Jᵀ ∇²_z L J as a linear operator: Gv = Jᵀ(∇²_z L (Jv)) by one jvp and one vjp
+per product (J never formed). PSD for a loss convex in z; the Fisher for softmax cross-entropy. Details (BatchNorm,
+chunks): docs/smoothness.md.
 """
 from __future__ import annotations
 

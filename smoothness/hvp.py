@@ -1,19 +1,6 @@
-"""Hessian-vector products: the one product all curvature code is built on.
-
-Three implementations of the same operator H = ∇²L(w), chosen by :func:`hessian_operator`:
-
-- ``HessianOperator`` (one batch): runs the forward pass and the first backward pass once (with
-  ``create_graph=True``) and then answers every product H·v with one more backward pass through that graph, the way
-  a Krylov method needs it.
-- ``LinearizedHessianOperator`` (one batch, many products): ``torch.func.linearize`` of the gradient traces the
-  forward-over-reverse product once and keeps only its tangent part. PyTorch's double backward of a convolution
-  computes the gradient with respect to the layer's input even when nothing needs it: for a network's first layer
-  that is a large transposed convolution per product, on a slow path (a quarter to a third of a product on the seed
-  ConvNet). The linearized product skips it. Tracing costs a few seconds once, so :func:`hessian_operator` uses it
-  only when the expected products' convolution work is large; on networks without convolutions it gains nothing.
-- ``ChunkedHessianOperator`` (an iterable of batches): every product re-runs each chunk's forward and first
-  backward, takes that chunk's product and frees its graph before the next chunk. Memory is one chunk's graph
-  whatever the number of chunks; the price is the recomputation (about 2-3x a product with a retained graph).
+"""Hessian-vector products, the one product all curvature code is built on: a retained double-backward graph (one
+batch), ``torch.func.linearize`` of the gradient (one batch, many products on convolutional networks), or a
+recomputation per chunk (an iterable of batches). Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -150,11 +137,9 @@ class ChunkedHessianOperator(ChunkedOperator):
 
 
 # Linearize when (convolution FLOPs of one forward pass, as torch's FlopCounterMode counts them) x (expected products)
-# reaches this, per device type. CPU, measured (1 thread): the trace costs about 1.4 s and saves 0.09 s per product on
-# the seed ConvNets with 1,000 images (5.6e9 FLOPs; break-even 14-16 products, 7.9e10-9.0e10;
-# benchmarks/results/density-products.md), and 0.87 s for 0.024 s per product with 256 images (1.4e9; about 36
-# products, 5.2e10; benchmarks/results/products.md). A device type without a measurement (cuda: no GPU was lent to
-# this project yet) keeps the double backward, PyHessian's product. Results record which ran (``product``).
+# reaches this, per device type: the break-even of the one-off trace against the cheaper products, measured on CPU
+# (benchmarks/results/density-products.md, products.md). A device type without a measurement keeps the double
+# backward. Results record which ran (``product``).
 LINEARIZE_MIN_CONV_FLOPS = {"cpu": 7e10}
 
 

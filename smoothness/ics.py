@@ -9,7 +9,7 @@ from typing import Callable, Tuple
 import torch
 from torch import nn
 
-from ._objective import Objective
+from ._objective import make_objective
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ICSResult:
         return {s.layer: {"grad_diff_norm": s.grad_diff_norm, "cosine": s.cosine} for s in self.layers}
 
 
-def _layers(objective: Objective):
+def _layers(objective):
     """Parameterised layers in the order their parameters were registered (the forward order for Sequential-style
     models): each module that owns trainable parameters directly, with those parameters."""
     groups = {}
@@ -40,13 +40,14 @@ def _layers(objective: Objective):
     return list(groups.items())
 
 
-def internal_covariate_shift(model: nn.Module, loss_fn: Callable, batch, lr: float, *,
+def internal_covariate_shift(model: nn.Module, loss_fn: Callable, data, lr: float, *,
                              bn_mode: str = "batch") -> ICSResult:
     """For each layer i: G = ∇_{W_i} L(w; B) and G′ = the same gradient after layers 1…i−1 took the SGD step
-    W ← W − lr·∇L (same batch B). Returns ‖G − G′‖ and cos(G, G′) per layer; one pass per layer plus one."""
+    W ← W − lr·∇L (same data B: one batch or an iterable of them). Returns ‖G − G′‖ and cos(G, G′) per layer;
+    one pass per layer plus one."""
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr}")
-    objective = Objective(model, loss_fn, batch, bn_mode)
+    objective = make_objective(model, loss_fn, data, bn_mode)
     _, grad = objective.loss_and_grad(check_finite=True)
     layers = _layers(objective)
     shifts = []

@@ -1,37 +1,6 @@
-"""Block Lanczos with full reorthogonalisation for the algebraically largest eigenvalues of a symmetric operator.
-
-Stopping rule (the only a-posteriori bound there is)
-    A Ritz pair (θ, y) of the Krylov basis has residual r = ‖Hy − θy‖, computed exactly from the recurrence
-    (‖S·s_last‖, below). For symmetric H, r bounds the distance from θ to *some* eigenvalue of H; and by Cauchy
-    interlacing the i-th Ritz value never exceeds the i-th eigenvalue, θ_i ≤ λ_i. We stop when r_i ≤ tol·|θ_i| for
-    every wanted i. The popular sharper rule min(r, r²/gap) with the gap taken between *Ritz values* is not a bound:
-    early on a Ritz value can stand for an unresolved cluster of eigenvalues, its neighbours sit far below, the
-    "gap" is large and r²/gap is tiny although θ is off by the width of the cluster (issue 9; reproduced in
-    tests/smoothness/test_lanczos_stopping.py, where that rule stops "converged" off by up to 9% on a third of the
-    random starts). The quadratic bound r²/gap needs a gap to the *true* spectrum, which no Krylov method knows.
-    What remains unprovable by any Krylov method is that the space has not missed an eigenvalue altogether (a start
-    block orthogonal to the top eigenvector never sees it); a random start makes that a probability-zero event, and
-    the tests check hundreds of random starts on clustered and separated spectra at tol 1e-3.
-
-Why blocks
-    A single start vector spans one direction of every eigenspace, so an eigenvalue repeated exactly among the top
-    k is seen once and the missing copy is replaced by the next value, reported as converged. A start block of
-    ``block_size >= k`` random vectors spans k independent directions of every eigenspace, so multiplicities up to
-    the block size are found. ``top_eigenvalues`` uses ``block_size = k``: for k = 1 this is plain Lanczos, which
-    needs the fewest products for one eigenvalue (measured, benchmarks/results/eigensolvers.md).
-
-Why not ``scipy.sparse.linalg.eigsh`` or ``lobpcg``
-    Measured side by side on the seed ConvNets (Hessian on 256 FashionMNIST images) and on the clustered spectrum of
-    issue 9, at equal achieved accuracy (each tool at the loosest tolerance of its own that gets every value within
-    1e-3 of a tol-1e-9 reference; benchmarks/bench_eigensolvers.py, results in benchmarks/results/eigensolvers.md):
-    for the top eigenvalue, the training setting, this loop needs the fewest products (5-9; eigsh 5-21, LOBPCG
-    17-23). For the top 5, ARPACK's single-vector restarted Lanczos needs fewer (21-32 vs 40-45 on the ConvNets),
-    because a block spends k products per step; but a single-vector method cannot find exactly repeated
-    eigenvalues, and its stopping test is ARPACK's, not a bound at the tolerance asked, so the block method stays
-    the default (call ``eigsh`` on ``smoothness.hvp`` for a cheap top-k without multiplicities). LOBPCG was the
-    slowest at every k. This loop tests after every block product and keeps the whole basis (memory: one vector
-    per product, about 4 bytes x parameters each; 40 products of a 29k-parameter ConvNet are 4.6 MB). The small
-    projected eigenproblem is solved on the host by ``numpy.linalg.eigh``; vectors stay on the operator's device.
+"""Block Lanczos with full reorthogonalisation for the algebraically largest eigenvalues of a symmetric operator; it
+stops when every wanted Ritz pair's residual ‖Hy − θy‖ is at most tol·|θ| (a rigorous bound on the distance to an
+eigenvalue). Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -185,8 +154,6 @@ def lanczos_top(matmat: Callable[[torch.Tensor], torch.Tensor], n: int, k: int, 
                 break
         if exhausted or n_matvec >= max_matvec:
             break
-    if s_top is None:  # max_matvec < k cannot happen (max_matvec >= k), kept for safety
-        raise RuntimeError("Lanczos stopped before it had k Ritz values")
     vectors = torch.as_tensor(s_top.T, dtype=dtype, device=device) @ basis
     return LanczosOutput(values=np.asarray(values, dtype=float), vectors=vectors, n_matvec=n_matvec,
                          converged=converged, residuals=np.asarray(resid, dtype=float))

@@ -1,46 +1,20 @@
-"""Loss surfaces: Li et al. (2018) filter-normalised random directions, and linear interpolation between weights.
-
-Li et al., "Visualizing the Loss Landscape of Neural Nets" (NeurIPS 2018) plot L(w + αd₁ + βd₂) over a grid, with
-Gaussian directions rescaled filter by filter to the size of the weights they perturb: for every filter f (a conv
-output channel, a linear row) d_f ← d_f / ‖d_f‖ · ‖w_f‖. Without this, a network whose weights are small (as
-BatchNorm's scale invariance allows) looks sharper merely because the same step is a larger relative change, and
-surfaces of different networks cannot be compared. Bias and BatchNorm parameters get d = 0 by default, as in their
-code (``ignore="biasbn"``, which, as there, means every parameter with at most one dimension).
-Goodfellow et al. (ICLR 2015) plot L((1 − α)·w₀ + α·w₁) along the segment between two weight sets.
-
-BatchNorm and the surface
--------------------------
-``bn_mode="batch"`` evaluates the train-mode loss (every point uses the batch statistics of its own forward pass).
-``bn_mode="running"`` evaluates the eval-mode loss, and then the running statistics at a perturbed w are a real
-choice, ``bn_stats``:
-
-``"keep"``       the statistics stored with the model, at every point (what Li et al.'s code does: it moves only the
-                 weights). Far from w they no longer match the activations, so the surface of a BN network rises
-                 partly because its statistics are stale, not only because the weights are worse.
-``"recompute"``  re-estimate them at every point from the evaluation data itself: one extra forward pass in train
-                 mode at w + Σαᵢdᵢ with momentum 1 on cloned buffers (each chunk's running_* buffers become that
-                 chunk's statistics; over several chunks their sample-weighted mean, as torch's cumulative average
-                 does per batch), then the eval-mode pass with those statistics. Costs two passes per point.
-
-The model is never written: parameters and buffers reach ``torch.func.functional_call`` through
-:class:`~smoothness._objective.Objective` as fresh tensors and clones, train/eval flags and (for ``recompute``) the
-normalisation layers' ``momentum`` are put back on exit, so the model is left bit for bit as it was.
-
-Several chunks of data (``batch_or_batches`` an iterable of ``(inputs, targets)``) give the sample-weighted mean of
-the per-chunk mean losses, i.e. the mean loss over all samples when ``loss_fn`` is a mean.
+"""Loss surfaces: L(w + αd₁ + βd₂) over a grid with Li et al.'s (2018) filter-normalised random directions, and
+L((1 − α)w₀ + αw₁) along a segment (Goodfellow et al. 2015). In ``bn_mode="running"``, ``bn_stats`` keeps the stored
+running statistics or recomputes them at every point. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
-from ._objective import Objective, Params, check_batch, check_bn_mode, check_chunk, chunk_kind, trainable_parameters
+from ._args import generator_or_default
+from ._objective import Objective, Params, check_bn_mode, make_objective, trainable_parameters
 
 NORMALIZATIONS = ("filter", "layer", None)
 IGNORES = ("biasbn", None)
@@ -66,11 +40,13 @@ class Surface:
 
 
 # -- directions ----------------------------------------------------------------------------------------------------
-def random_direction(model: nn.Module, *, generator: torch.Generator, normalize: Optional[str] = "filter",
+def random_direction(model: nn.Module, *, generator: Optional[torch.Generator] = None,
+                     normalize: Optional[str] = "filter",
                      ignore: Optional[str] = "biasbn") -> Params:
     """A Gaussian direction keyed like ``dict(model.named_parameters())`` (trainable parameters only).
 
-    Every parameter gets its N(0, 1) draw from ``generator`` in ``named_parameters`` order (also the ignored ones,
+    Every parameter gets its N(0, 1) draw from ``generator`` (default: seeded with ``ESTIMATOR_SEED``; pass one
+    generator to draw several different directions) in ``named_parameters`` order (also the ignored ones,
     so the directions of the weights do not depend on ``ignore``), drawn on the generator's device in the
     parameter's dtype, then rescaled:
 
@@ -82,9 +58,7 @@ def random_direction(model: nn.Module, *, generator: torch.Generator, normalize:
     ``ignore="biasbn"`` sets d = 0 for every parameter with at most one dimension (biases, BatchNorm scale and shift),
     as Li et al. do; ``ignore=None`` perturbs them too. A filter whose weights are all zero gets d_f = 0.
     """
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), "
-                        f"got {type(generator).__name__}")
+    generator = generator_or_default(generator)
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"unknown normalize {normalize!r}: use 'filter' (Li et al.), 'layer' or None")
     if ignore not in IGNORES:
@@ -121,21 +95,6 @@ class _Scored:
                    and outputs.shape[0] == targets.shape[0])
         self.correct = (outputs.argmax(1) == targets).sum() if classes else None
         return self.loss_fn(outputs, targets)
-
-
-def _chunks(batch_or_batches) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    if (isinstance(batch_or_batches, (tuple, list)) and len(batch_or_batches) == 2
-            and all(isinstance(t, torch.Tensor) for t in batch_or_batches)):
-        return [check_batch(batch_or_batches)]
-    try:
-        chunks = list(batch_or_batches)
-    except TypeError:
-        raise TypeError("batch_or_batches must be a pair (inputs, targets) or an iterable of such pairs, "
-                        f"got {type(batch_or_batches).__name__}") from None
-    if not chunks:
-        raise ValueError("batch_or_batches holds no batch; give at least one (inputs, targets) pair")
-    first = chunk_kind(*check_chunk(0, chunks[0]))
-    return [check_chunk(i, c, first) for i, c in enumerate(chunks)]
 
 
 def _check_coords(coords, n: int) -> Tuple[np.ndarray, ...]:
@@ -194,19 +153,13 @@ def _momentum_one(modules: Sequence[nn.Module]) -> Iterator[None]:
 class _Evaluator:
     """Loss and accuracy at given parameters over all chunks, with the chosen BatchNorm handling."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batch_or_batches, bn_mode: str, bn_stats: str):
+    def __init__(self, model: nn.Module, loss_fn: Callable, data, bn_mode: str, bn_stats: str):
         _check_bn_stats(bn_mode, bn_stats)
-        chunks = _chunks(batch_or_batches)
-        self.scored = _Scored(loss_fn)
-        self.evals = [Objective(model, self.scored, c, bn_mode) for c in chunks]
-        self.sizes = [c[0].shape[0] for c in chunks]
-        self.n_samples = sum(self.sizes)
-        self.weights = [n / self.n_samples for n in self.sizes]
-        self.objective = self.evals[0]
+        self.loss_fn, self.scored = loss_fn, _Scored(loss_fn)
+        self.objective = make_objective(model, self.scored, data, bn_mode)
+        self.n_samples = self.objective.n_samples
         self.recompute = bn_mode == "running" and bn_stats == "recompute"
         self.stat_names, self.owners = _running_stats(model) if self.recompute else ([], [])
-        # train-mode objectives for the statistics pass; its loss is computed and discarded
-        self.trains = [Objective(model, loss_fn, c, "batch") for c in chunks] if self.recompute else []
         self.buffers = dict(model.named_buffers())
         self.passes_per_point = 2 if self.recompute and self.stat_names else 1
 
@@ -217,15 +170,17 @@ class _Evaluator:
         tensors = dict(params)
         if self.recompute and self.stat_names:
             stats = None
-            for train, weight in zip(self.trains, self.weights):
+            for weight, chunk in self.objective.chunks():
+                # a train-mode pass whose loss is discarded: it updates `fresh` in place to this chunk's statistics
+                train = Objective(chunk.model, self.loss_fn, (chunk.inputs, chunk.targets), "batch")
                 fresh = {n: self.buffers[n].clone() for n in self.stat_names}
-                train.loss({**params, **fresh})   # updates `fresh` in place: this chunk's statistics
+                train.loss({**params, **fresh})
                 stats = ({n: weight * fresh[n] for n in self.stat_names} if stats is None
                          else {n: stats[n] + weight * fresh[n] for n in self.stat_names})
             tensors.update(stats)
         loss, correct = None, 0
-        for objective, weight in zip(self.evals, self.weights):
-            value = objective.loss(tensors)
+        for weight, chunk in self.objective.chunks():
+            value = chunk.loss(tensors)
             loss = weight * value if loss is None else loss + weight * value
             correct = None if correct is None or self.scored.correct is None else correct + self.scored.correct
         accuracy = None if correct is None else correct / self.n_samples
@@ -247,8 +202,8 @@ def _run_points(evaluator: _Evaluator, points, n_points: int, progress: Optional
     return loss_arr, acc_arr
 
 
-def loss_surface(model: nn.Module, loss_fn: Callable, batch_or_batches, directions: Sequence[Mapping],
-                 coords: Sequence, *, bn_mode: str, bn_stats: str = "keep",
+def loss_surface(model: nn.Module, loss_fn: Callable, data, directions: Sequence[Mapping],
+                 coords: Sequence, *, bn_mode: str = "batch", bn_stats: str = "keep",
                  progress: Optional[Progress] = None) -> Surface:
     """L(w + Σᵢ coords[i][kᵢ]·dᵢ) for every grid point, with w the model's trainable parameters.
 
@@ -260,7 +215,7 @@ def loss_surface(model: nn.Module, loss_fn: Callable, batch_or_batches, directio
     if isinstance(directions, Mapping) or not isinstance(directions, Sequence) or len(directions) not in (1, 2):
         raise ValueError("directions must be a list of one or two direction dicts (a 1-D or a 2-D surface)")
     grid = _check_coords(coords, len(directions))
-    evaluator = _Evaluator(model, loss_fn, batch_or_batches, bn_mode, bn_stats)
+    evaluator = _Evaluator(model, loss_fn, data, bn_mode, bn_stats)
     base = evaluator.objective.base
     dirs = [evaluator.objective.check_direction(d, f"directions[{k}]") for k, d in enumerate(directions)]
     shape = tuple(len(c) for c in grid)
@@ -283,8 +238,8 @@ def loss_surface(model: nn.Module, loss_fn: Callable, batch_or_batches, directio
                    n_passes=n_points * evaluator.passes_per_point)
 
 
-def interpolation(model: nn.Module, loss_fn: Callable, batch_or_batches, start: Mapping, end: Mapping,
-                  alphas, *, bn_mode: str, bn_stats: str = "keep",
+def interpolation(model: nn.Module, loss_fn: Callable, data, start: Mapping, end: Mapping,
+                  alphas, *, bn_mode: str = "batch", bn_stats: str = "keep",
                   progress: Optional[Progress] = None) -> Surface:
     """L((1 − α)·start + α·end) for every α in ``alphas`` (Goodfellow et al. 2015), e.g. init → final weights.
 
@@ -294,7 +249,7 @@ def interpolation(model: nn.Module, loss_fn: Callable, batch_or_batches, start: 
     ``torch.lerp(start, end, α)``, exact at α = 0 and α = 1.
     """
     (alpha_arr,) = _check_coords([alphas], 1)
-    evaluator = _Evaluator(model, loss_fn, batch_or_batches, bn_mode, bn_stats)
+    evaluator = _Evaluator(model, loss_fn, data, bn_mode, bn_stats)
     a = evaluator.objective.check_direction(start, "start", allow_zero=True)
     b = evaluator.objective.check_direction(end, "end", allow_zero=True)
     points = ({n: torch.lerp(a[n], b[n], float(alpha)) for n in a} for alpha in alpha_arr)

@@ -1,27 +1,7 @@
-"""Curvature matrices as linear operators: the Hessian, the GGN and the empirical Fisher, whole or one block.
-
-For a mean-reduced loss L(w) = (1/N) Σᵢ ℓ(f(xᵢ; w), yᵢ) (METHODS.md §10):
-
-- ``kind="hessian"``: H = ∇²_w L (``smoothness.hvp``: retained graph, linearized, or chunked).
-- ``kind="ggn"``: G = (1/N) Σᵢ Jᵢᵀ ∇²_z ℓ Jᵢ, PSD for convex ℓ; the Fisher for softmax cross-entropy
-  (``smoothness.ggn``; with BatchNorm in batch mode, Jᵀ∇²_z L J over the whole batch's outputs).
-- ``kind="empirical-fisher"``: F̂ = (1/N) Σᵢ gᵢgᵢᵀ from per-sample gradients (``smoothness.fisher``; refused for
-  BatchNorm in batch mode, where per-sample gradients do not exist).
-
-``params`` (a list of parameter names) selects the diagonal block M_BB: the rows and columns of those parameters;
-a product is M·(v_B, 0) restricted to B (one full product: blocks save no work, only dimensions). Vectors are
-keyed, and flattened, in ``named_parameters()`` order whatever the order of ``params``. ``group`` (a
-``torch.distributed`` process group) makes M the sample-weighted mean over every rank's data
-(``smoothness.distributed``).
-
-Lifetime of a :class:`CurvatureOperator`: it is M at the weights the model holds when it is built. Every product
-(``matvec`` and each product of ``to_scipy()``) runs inside the objective's restoring scope, like every estimator:
-parameters are never written, buffers are cloned, train/eval flags are set for the pass and put back, and the
-caller's random generators are restored, so between and after products the model is exactly as found, with or
-without a ``with`` block. The operator holds memory (a retained graph, or the per-sample gradients) until it is
-closed (``close()``, or leaving ``with curvature_operator(...) as op:``); products after that raise, and so do
-products after the model's parameters are changed in place (an optimizer step, ``load_state_dict``): the operator
-would otherwise mix the old and the new weights. Build a new one.
+"""Curvature matrices as linear operators: the Hessian, the GGN and the empirical Fisher, whole or a diagonal block
+(``params``), over one process or a ``torch.distributed`` group; :func:`curvature_operator` exposes one (products on
+dicts, a scipy LinearOperator), :class:`Curvature` resolves what every curvature estimator works on. An operator
+describes the weights it was built on: products after any change of them raise. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -31,13 +11,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._objective import ChunkedObjective, Params, make_objective, sample_count
+from ._objective import ChunkedObjective, Params, make_objective
 from .distributed import DistributedOperator
 from .fisher import ChunkedEmpiricalFisherOperator, EmpiricalFisherOperator, check_per_sample
 from .ggn import ChunkedGGNOperator, GGNOperator
 from .hvp import FlatOperator, hessian_operator
 
 KINDS = ("hessian", "ggn", "empirical-fisher")
+
+
+class _Default(str):
+    """A default argument value that :class:`Curvature` can tell from the same value passed explicitly: the
+    operator's own kind and bn_mode win over a default, and conflict with an explicit value."""
+
+
+DEFAULT_KIND, DEFAULT_BN_MODE = _Default("hessian"), _Default("batch")
 
 
 def check_kind(kind: str) -> str:
@@ -113,12 +101,31 @@ def curvature_matrix(objective, kind: str = "hessian", params: Optional[Tuple[st
     else:
         check_per_sample(objective.model, objective.bn_mode)
         op = ChunkedEmpiricalFisherOperator(objective) if chunked else EmpiricalFisherOperator(objective)
-    op.n_samples = sample_count(objective)
+    op.n_samples = objective.n_samples
     if group is not None:
-        op = DistributedOperator(op, sample_count(objective), group)
+        op = DistributedOperator(op, objective.n_samples, group)
     if params is not None and params != objective.names:
         op = BlockOperator(op, params)
     return op
+
+
+# Every _STRIDE-th entry of each parameter (and its last) is compared before each product, with the storage address
+# and autograd's version counter: a prime stride does not align with rows or channels.
+_STRIDE = 61
+
+
+def _fingerprint(p: torch.Tensor) -> tuple:
+    """What a product compares to notice a change of ``p``: writes through autograd move ``_version``, writes
+    through ``p.data`` (which bypass it: ``p.data.mul_(2)``, an optimizer's ``p.data.add_``) change the sampled
+    entries, a replaced ``p.data`` the address."""
+    flat = p.detach().reshape(-1)
+    return p.data_ptr(), p._version, torch.cat([flat[::_STRIDE], flat[-1:]]).clone()
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """Equal fingerprints, NaN equal to NaN (weights may hold NaNs)."""
+    (pa, va, ta), (pb, vb, tb) = a, b
+    return pa == pb and va == vb and (torch.equal(ta, tb) or bool(torch.all((ta == tb) | (ta.isnan() & tb.isnan()))))
 
 
 class CurvatureOperator:
@@ -135,17 +142,18 @@ class CurvatureOperator:
         self.shape = (op.n, op.n)
         self.batch_size: int = op.n_samples
         self.loss: float = op.loss
-        self._versions = self._parameter_versions()
+        # compared before every product (see _fingerprint): a product after a change would mix old and new weights
+        self._weights = {n: _fingerprint(p) for n, p in objective.params.items()}
         self._closed = False
 
-    def _parameter_versions(self) -> Dict[str, int]:
-        return {n: p._version for n, p in self._objective.params.items()}
+    def _changed(self) -> list:
+        return [n for n, p in self._objective.params.items() if not _same(_fingerprint(p), self._weights[n])]
 
     def _check_alive(self) -> None:
         if self._closed:
             raise RuntimeError("this CurvatureOperator is closed (it was used as a context manager, or close() was "
                                "called); build a new one with smoothness.curvature_operator")
-        changed = [n for n, v in self._parameter_versions().items() if v != self._versions[n]]
+        changed = self._changed()
         if changed:
             raise RuntimeError(f"the model's parameters {changed} were changed in place since this operator was "
                                f"built; it describes the old weights: build a new one with "
@@ -193,8 +201,8 @@ class CurvatureOperator:
                 f"bn_mode={self.bn_mode!r}, batch_size={self.batch_size})")
 
 
-def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str = "hessian",
-                       params: Optional[Sequence[str]] = None, bn_mode: str = "batch",
+def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str = DEFAULT_KIND,
+                       params: Optional[Sequence[str]] = None, bn_mode: str = DEFAULT_BN_MODE,
                        group=None) -> CurvatureOperator:
     """The curvature matrix ``kind`` of L(w) = loss_fn(model(x), y) (a mean-reduced loss) at the model's weights.
 
@@ -205,19 +213,82 @@ def curvature_operator(model: nn.Module, loss_fn: Callable, data, *, kind: str =
     ``.kind``, ``.params``, ``.names``; also a context manager (see the module docstring for its lifetime).
     Building it costs a forward and a backward pass (for the empirical Fisher, the per-sample gradients).
     """
-    objective = make_objective(model, loss_fn, data, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    op = curvature_matrix(objective, kind, names, group)
-    return CurvatureOperator(op, objective, kind, names, bn_mode)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    return CurvatureOperator(source.operator(), source.objective, source.kind, source.params, source.bn_mode)
 
 
-def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.Tensor], *,
-        bn_mode: str = "batch", kind: str = "hessian", params: Optional[Sequence[str]] = None,
+class _Products:
+    """The flat operator of a :class:`CurvatureOperator` for an estimator: its weights are checked before every
+    product, and ``n_hvp`` counts this estimate's products only."""
+
+    def __init__(self, operator: CurvatureOperator):
+        operator._check_alive()
+        self._operator, self._op = operator, operator._op
+        self.n_hvp = 0
+
+    def __getattr__(self, name):   # names, n, dtype, device, flatten, loss, gradient, n_samples, product
+        return getattr(self._op, name)
+
+    def matvec_dict(self, vector: Mapping[str, torch.Tensor]) -> Params:
+        self._operator._check_alive()
+        self.n_hvp += 1
+        return self._op.matvec_dict(vector)
+
+    def matvec(self, flat: torch.Tensor) -> torch.Tensor:
+        self._operator._check_alive()
+        self.n_hvp += 1
+        return self._op.matvec(flat)
+
+
+class Curvature:
+    """What a curvature estimator works on, from ``(model, loss_fn, data)`` or from a :class:`CurvatureOperator`:
+    ``objective``, ``kind``, ``params`` (resolved block or None), ``bn_mode``, ``n`` (the dimension), and
+    :meth:`operator` (the flat operator; built on the first call, after the estimator has checked its arguments)."""
+
+    def __init__(self, model, loss_fn, data, *, kind: str, params, group, bn_mode: str):
+        if isinstance(model, CurvatureOperator):
+            if loss_fn is not None or data is not None:
+                raise TypeError("pass a CurvatureOperator alone or (model, loss_fn, data), not both: the operator "
+                                "already holds its model, loss and data")
+            source = model
+            for name, value, own in (("kind", kind, source.kind), ("bn_mode", bn_mode, source.bn_mode)):
+                if not isinstance(value, _Default) and value != own:
+                    raise ValueError(f"{name}={value!r} differs from the operator's {name} {own!r}: leave {name} out "
+                                     f"(the operator fixes it) or build another operator")
+            if params is not None and resolve_params(source._objective, params) != (source.params or
+                                                                                     source._objective.names):
+                raise ValueError(f"params={list(params)} differs from the operator's block {source.params}: leave "
+                                 f"params out (the operator fixes it) or build another operator")
+            if group is not None:
+                raise ValueError("group is fixed when the operator is built: pass group= to curvature_operator")
+            self.objective, self.kind, self.params, self.bn_mode = source._objective, source.kind, source.params, \
+                source.bn_mode
+            self._source, self._op = source, None
+        else:
+            if loss_fn is None or data is None:
+                raise TypeError("a curvature estimator takes (model, loss_fn, data) or a CurvatureOperator; "
+                                "loss_fn and data are missing")
+            bn_mode, kind = (str(v) if isinstance(v, _Default) else v for v in (bn_mode, kind))
+            self.objective = make_objective(model, loss_fn, data, bn_mode)
+            self.bn_mode, self.kind = bn_mode, check_kind(kind)
+            self.params = resolve_params(self.objective, params)
+            self._source, self._op, self._group = None, None, group
+        self.n = block_dimension(self.objective, self.params)
+
+    def operator(self, products: int = 0):
+        """The flat operator; ``products``: how many products the estimate expects (see ``hessian_operator``)."""
+        if self._op is None:
+            self._op = (_Products(self._source) if self._source is not None else
+                        curvature_matrix(self.objective, self.kind, self.params, self._group, products))
+        return self._op
+
+
+def hvp(model: nn.Module, loss_fn: Callable, data, vector: Mapping[str, torch.Tensor], *,
+        bn_mode: str = DEFAULT_BN_MODE, kind: str = DEFAULT_KIND, params: Optional[Sequence[str]] = None,
         group=None) -> Dict[str, torch.Tensor]:
     """The exact Hessian-vector product H·v with H = ∇²_w L(w; B), by double backpropagation.
 
-    ``batch`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
+    ``data`` is one ``(inputs, targets)`` pair or an iterable of them (a list or a DataLoader, see
     :class:`~smoothness._objective.ChunkedObjective`): then H is the Hessian of the sample-weighted mean of the
     chunks' mean losses, computed one chunk at a time. ``vector`` and the result are dicts keyed like
     ``dict(model.named_parameters())`` (trainable parameters only). The model is left exactly as it was
@@ -227,8 +298,6 @@ def hvp(model: nn.Module, loss_fn: Callable, batch, vector: Mapping[str, torch.T
     and ``group`` (data over torch.distributed ranks) give M·v for another matrix M; see ``smoothness.operator``.
     For many products, build the operator once with ``smoothness.curvature_operator``.
     """
-    objective = make_objective(model, loss_fn, batch, bn_mode)
-    check_kind(kind)
-    names = resolve_params(objective, params)
-    v = objective.check_direction(vector, "vector", allow_zero=True, names=names)
-    return curvature_matrix(objective, kind, names, group).matvec_dict(v)
+    source = Curvature(model, loss_fn, data, kind=kind, params=params, group=group, bn_mode=bn_mode)
+    v = source.objective.check_direction(vector, "vector", allow_zero=True, names=source.params)
+    return source.operator().matvec_dict(v)

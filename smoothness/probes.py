@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 from torch import nn
 
-from ._objective import Objective, diff_norm, norm
+from ._objective import diff_norm, make_objective, norm
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,15 @@ def check_step_sizes(step_sizes) -> Tuple[float, ...]:
     return values
 
 
-def line_probe(model: nn.Module, loss_fn: Callable, batch, step_sizes: Sequence[float], *,
+def line_probe(model: nn.Module, loss_fn: Callable, data, step_sizes: Sequence[float], *,
                direction: Optional[Mapping] = None, bn_mode: str = "batch") -> LineProbe:
     """Walk from w along d (default d = −∇L(w; B)) and record loss and gradient change at each w + s·d.
 
-    Costs len(step_sizes) + 1 forward+backward passes on ``batch``; the model is left exactly as it was.
+    Costs len(step_sizes) + 1 forward+backward passes on ``data`` (one batch or an iterable of them); the model is
+    left exactly as it was.
     """
     steps = check_step_sizes(step_sizes)
-    objective = Objective(model, loss_fn, batch, bn_mode)
+    objective = make_objective(model, loss_fn, data, bn_mode)
     d = None if direction is None else objective.check_direction(direction)
     base_loss, base_grad = objective.loss_and_grad(check_finite=True)
     if d is None:

@@ -80,8 +80,10 @@ def run_palette(runs: pd.DataFrame) -> dict:
     return dict(zip(order, sns.color_palette("colorblind", len(order))))
 
 
-def legend(fig: Figure, palette: dict, runs: pd.DataFrame, band: bool, extra=(), per_run: str = "line"):
-    """Curve colours, then what thin/bold/shading/markers mean; ``per_run`` is "line" or "dot" (lr sweep)."""
+def legend(fig: Figure, palette: dict, runs: pd.DataFrame, band: bool, extra=(), per_run: str = "line",
+           band_label: str | None = None):
+    """Curve colours, then what thin/bold/shading/markers mean; ``per_run`` is "line" or "dot" (lr sweep);
+    ``band_label`` replaces the t-interval wording of the shading entry where a figure shades something else."""
     mean = "mean of finished runs" + (" and unfinished ones" if runs.loc[runs["status"] == "unfinished",
                                                                          "averaged"].any() else "")
     handles = [Line2D([], [], color=c, lw=MEAN_LW, label=lab) for lab, c in palette.items()]
@@ -95,7 +97,8 @@ def legend(fig: Figure, palette: dict, runs: pd.DataFrame, band: bool, extra=(),
         handles.append(Line2D([], [], color="0.35", marker="|", ms=10, mew=1.5, lw=1.5,
                               label=f"error bar: 95% t-interval of the mean (n ≥ {BAND_MIN_N})"))
     elif band:
-        handles.append(Patch(color="0.35", alpha=0.2, label=f"shading: 95% t-interval of the mean (n ≥ {BAND_MIN_N})"))
+        handles.append(Patch(color="0.35", alpha=0.2, label=band_label or
+                             f"shading: 95% t-interval of the mean (n ≥ {BAND_MIN_N})"))
     if (runs["status"] == "diverged").any():
         handles.append(Line2D([], [], ls="", marker="x", color="0.35", mew=2, label="diverged (not averaged)"))
     unfinished = runs["status"] == "unfinished"

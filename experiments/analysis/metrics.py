@@ -20,7 +20,7 @@ __all__ = ["Metric", "METRICS", "loss_name", "averaged", "metric_rows", "metric_
 
 
 class _Registered(Sequence):
-    """The report's metrics: those the registered measurements declare (experiments/measurements/), in registry
+    """The report's metrics: those the registered measurements declare (experiments/features/), in registry
     order, read on every use, so a measurement registered later is in the next report."""
 
     def __getitem__(self, i):

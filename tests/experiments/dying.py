@@ -1,31 +1,36 @@
-"""Make a run's process die at a chosen point, for the launcher's crash tests.
+"""Make a run's process die (or wait) at a chosen point, for the launcher's crash tests.
 
-``Bomb(mode, run_dir)`` is passed to ``launchers.launch`` as ``data_dir``: it travels to every process that runs a
-task inside the task's arguments and, when unpickled there, arms itself and turns into ``None`` (so the run reads
-its data as usual). This works with any process executor that pickles tasks, whatever it imports in its children
-(a monkeypatch in the test process would not reach them). Modes:
+``Bomb(mode, run_dir, flag)`` is passed to ``launchers.launch`` as ``data_dir``: it travels to every process that
+runs a task inside the task's arguments and, when unpickled there, arms itself and turns into ``None`` (so the run
+reads its data as usual). This works with any process executor that pickles tasks, whatever it imports in its
+children (a monkeypatch in the test process would not reach them). Every point is an event in the run's own code,
+never a timer, so a loaded machine changes how long a test takes, not what it sees. Modes:
 
 ``now``          exit at once, before the run starts or sends anything;
-``mid-run``      exit once ``run_dir`` has records written by this process (the run is under way);
-``idle-after``   exit 0.3 s after this process finished ``run_dir`` (its `done` exists and its result is sent);
+``mid-run``      exit right after this process appended the first record of ``run_dir`` (the run is under way);
+``hold-mid-run`` right after that first record, write this process's pid to the file ``flag`` and wait (up to
+                 ``HOLD_S``) for the test to kill it;
+``idle-after``   after this process sent the result of ``run_dir``'s run, wait until the file ``flag`` exists
+                 (the test creates it), then exit;
 ``at-result``    exit instead of sending the run's result (after the run finished and wrote `done`);
 ``torn-result``  send half of the result message, then exit.
 """
 import os
-import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 EXIT_CODE = 3
+HOLD_S = 600.0     # generous: a held or waiting process gives up only long after any test's own deadline
 
 
 class Bomb:
-    def __init__(self, mode: str, run_dir=None):
-        self.mode, self.run_dir = mode, None if run_dir is None else str(run_dir)
+    def __init__(self, mode: str, run_dir=None, flag=None):
+        self.mode = mode
+        self.run_dir, self.flag = (None if p is None else str(p) for p in (run_dir, flag))
 
     def __reduce__(self):
-        return arm, (self.mode, self.run_dir)
+        return arm, (self.mode, self.run_dir, self.flag)
 
 
 def _started_here(run_dir: Path) -> bool:
@@ -35,36 +40,63 @@ def _started_here(run_dir: Path) -> bool:
         return False
 
 
-def _when(condition, delay: float = 0.0) -> None:
-    def watch():
-        while not condition():
-            time.sleep(0.005)
-        time.sleep(delay)
-        os._exit(EXIT_CODE)
-    threading.Thread(target=watch, daemon=True).start()
+def _wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + HOLD_S
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
-def arm(mode: str, run_dir):
-    run_dir = None if run_dir is None else Path(run_dir)
+def _after_first_record(run_dir: Path, action) -> None:
+    """Call ``action()`` in the run's own thread once it appended its first record to ``run_dir``."""
+    from experiments.store import RunStore
+    append, target = RunStore.append, run_dir.resolve()
+
+    def append_then_act(self, record):
+        append(self, record)
+        if Path(self.dir).resolve() == target:
+            action()
+    RunStore.append = append_then_act
+
+
+def _hold(flag: Path) -> None:
+    flag.write_text(str(os.getpid()))
+    time.sleep(HOLD_S)
+
+
+def _patch_result(on_result) -> None:
+    send = Connection.send
+
+    def send_result(self, obj):
+        if isinstance(obj, tuple) and obj and obj[0] == "result":
+            return on_result(self, obj, send)
+        return send(self, obj)
+    Connection.send = send_result
+
+
+def arm(mode: str, run_dir, flag=None):
+    run_dir, flag = (None if p is None else Path(p) for p in (run_dir, flag))
     if mode == "now":
         os._exit(EXIT_CODE)
     elif mode == "mid-run":
-        _when(lambda: (run_dir / "records.jsonl").exists() and _started_here(run_dir))
+        _after_first_record(run_dir, lambda: os._exit(EXIT_CODE))
+    elif mode == "hold-mid-run":
+        _after_first_record(run_dir, lambda: _hold(flag))
     elif mode == "idle-after":
-        _when(lambda: (run_dir / "done").exists() and _started_here(run_dir), delay=0.3)
-    elif mode in ("at-result", "torn-result"):
-        send = Connection.send
-
-        def send_or_die(self, obj):
-            if isinstance(obj, tuple) and obj and obj[0] == "result":
-                if mode == "torn-result":
-                    import pickle
-                    import struct
-                    payload = pickle.dumps(obj)
-                    os.write(self.fileno(), struct.pack("!i", len(payload)) + payload[:len(payload) // 2])
+        def send_then_wait(conn, obj, send):
+            send(conn, obj)
+            if _started_here(run_dir):
+                _wait_for_file(flag)
                 os._exit(EXIT_CODE)
-            return send(self, obj)
-        Connection.send = send_or_die
+        _patch_result(send_then_wait)
+    elif mode in ("at-result", "torn-result"):
+        def die_sending(conn, obj, send):
+            if mode == "torn-result":
+                import pickle
+                import struct
+                payload = pickle.dumps(obj)
+                os.write(conn.fileno(), struct.pack("!i", len(payload)) + payload[:len(payload) // 2])
+            os._exit(EXIT_CODE)
+        _patch_result(die_sending)
     else:
         raise ValueError(mode)
     return None

@@ -551,3 +551,15 @@ def test_a_figure_registered_from_outside_the_package_is_drawn(tmp_path, monkeyp
     assert not any(n.startswith("never") for n in names)
     assert (tmp_path / "figs" / "records_per_run.png").stat().st_size > 0
     assert (study.path / "records_per_run.md").read_text() == f"{len(load_runs(study.path))} runs\n"
+
+
+@pytest.mark.parametrize("seeds, t_band", [((0, 1), False), ((0, 1, 2, 3, 4), True)])
+def test_santurkar_fig4_legend_says_what_the_shading_spans(tmp_path, seeds, t_band):
+    """Panels (a), (b) shade min..max over probe step sizes, not a t-interval; (c) has a t-interval, from 5 runs."""
+    from experiments.features.probe.figures import santurkar_fig4
+    study = make_results(tmp_path, seeds=seeds, epochs=2, models=("convnet",))
+    fig = santurkar_fig4(load(study.path), load_runs(study.path))
+    (shading,) = [t.get_text() for t in fig.legends[0].get_texts() if t.get_text().startswith("shading")]
+    assert "(a), (b) min..max over step sizes s" in shading
+    assert ("(c) 95% t-interval" in shading) == t_band
+    assert all(ax.collections for ax in fig.axes[:2])  # the min..max shading is drawn in (a) and (b)

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from experiments.features.generalization.kendall import bootstrap, granulated_tau, kendall_tau, weighted_tau_b
+from experiments.features.generalization.kendall import (bootstrap, cluster_weights, compare, configuration_mean_tau,
+                                                        granulated_tau, kendall_tau, weighted_tau_b)
 from experiments.features.generalization.figures import write_figures
 from experiments.features.generalization.report import (analyse, axis_table, render_markdown, summary_table,
                                                         within_lr, write_report)
@@ -120,20 +121,91 @@ def test_weighted_tau_b_is_scipy_on_the_repeated_runs():
     assert math.isnan(weighted_tau_b(x, y, np.eye(9)[:1] * 9)[0])  # one run drawn 9 times: undefined
 
 
-def test_bootstrap_contains_the_estimate_shrinks_with_runs_and_is_deterministic():
-    small, large = noisy(5), noisy(50)
+def configurations(n_lr: int = 4, seeds: int = 2, rng_seed: int = 0) -> pd.DataFrame:
+    """n_lr learning rates × 2 batch sizes × BN on/off, ``seeds`` runs each; the measure follows the gap with noise."""
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for k, (lr, b, bn, s) in enumerate(itertools.product(np.geomspace(0.01, 0.3, n_lr), [32, 128], [False, True],
+                                                          range(seeds))):
+        g = 0.02 / lr + 0.3 * bn + b / 300 + rng.normal(0, 0.4)
+        rows.append({"run": f"r{k}", "lr": lr, "b": b, "bn": bn, "seed": s, "reached": True, "gap": g,
+                     "sharpness": g + rng.normal(0, 0.6)})
+    return pd.DataFrame(rows)
+
+
+def width(interval) -> float:
+    return interval.high - interval.low
+
+
+def test_bootstrap_contains_the_estimate_shrinks_with_configurations_and_is_deterministic():
+    small, large = configurations(4), configurations(16)
     widths = []
     for df in (small, large):
-        boot = bootstrap(df, "sharpness", ["lr", "bn"], n_resamples=B)
-        tau, g = kendall_tau(df, "sharpness").value, granulated_tau(df, "sharpness", ["lr", "bn"])
+        boot = bootstrap(df, "sharpness", ["lr", "b", "bn"], n_resamples=B)
+        tau, g = kendall_tau(df, "sharpness").value, granulated_tau(df, "sharpness", ["lr", "b", "bn"])
         assert boot.tau.low <= tau <= boot.tau.high and boot.psi.low <= g.value <= boot.psi.high
         assert all(boot.axes[a].low <= v <= boot.axes[a].high for a, v in g.by_axis().items())
         assert boot.tau.n_resamples == B and boot.tau.n_undefined == 0
-        widths.append((boot.tau.high - boot.tau.low, boot.psi.high - boot.psi.low))
-        assert bootstrap(df, "sharpness", ["lr", "bn"], n_resamples=B) == boot  # same seed, same intervals
-    assert widths[1][0] < widths[0][0] / 2 and widths[1][1] < widths[0][1] / 2
-    other = bootstrap(small, "sharpness", ["lr", "bn"], n_resamples=B, rng_seed=1)
-    assert other != bootstrap(small, "sharpness", ["lr", "bn"], n_resamples=B)
+        widths.append((width(boot.tau), width(boot.psi)))
+        assert bootstrap(df, "sharpness", ["lr", "b", "bn"], n_resamples=B) == boot  # same seed, same intervals
+    assert widths[1][0] < widths[0][0] / 1.5 and widths[1][1] < widths[0][1] * 0.8   # 4× the configurations
+    other = bootstrap(small, "sharpness", ["lr", "b", "bn"], n_resamples=B, rng_seed=1)
+    assert other != bootstrap(small, "sharpness", ["lr", "b", "bn"], n_resamples=B)
+
+
+@pytest.mark.parametrize("rng_seed", [0, 1, 2])
+def test_duplicated_seeds_do_not_narrow_the_intervals_as_if_there_were_twice_the_data(rng_seed):
+    """The resampling unit is the configuration: a second, identical copy of every seed adds no information, so the
+    intervals stay about as wide (resampling runs as independent would narrow them by about 1/√2 ≈ 0.71)."""
+    df = configurations(rng_seed=rng_seed)
+    copied = pd.concat([df, df.assign(seed=df["seed"] + 100, run=df["run"] + "-copy")], ignore_index=True)
+    axes = ["lr", "b", "bn"]
+    once, twice = (bootstrap(d, "sharpness", axes, n_resamples=1000) for d in (df, copied))
+    assert width(twice.tau) > 0.8 * width(once.tau)
+    assert width(twice.psi) > 0.8 * width(once.psi)
+    runs_as_units = [bootstrap(d, "sharpness", axes, n_resamples=1000, cluster=[]) for d in (df, copied)]
+    assert width(runs_as_units[1].tau) < 0.78 * width(runs_as_units[0].tau)  # what the test guards against
+
+
+def test_cluster_weights_draw_whole_configurations_then_their_seeds():
+    codes = np.array([0, 0, 1, 1, 1, 2])
+    w = cluster_weights(codes, 500, 0)
+    per_config = np.stack([w[:, codes == c].sum(1) for c in range(3)], 1)
+    sizes = np.array([2, 3, 1])
+    assert (per_config % sizes == 0).all()          # each drawn copy of a configuration brings all its seeds' slots
+    assert (per_config // sizes).sum(1).tolist() == [3] * 500   # 3 configurations drawn per resample
+    assert (w[:, :2].min(1) == 0).any() and (w[:, :2] > 0).all(1).any()   # seeds within a copy are resampled
+    assert (w == cluster_weights(codes, 500, 0)).all()
+
+
+def test_seed_noise_within_cells_widens_psi():
+    """Two seeds that disagree on every cell's sign: Ψ = 0 on the data, and resampling seeds within a configuration
+    must let Ψ* move (a bootstrap that only resampled configurations would leave every cell pair in place)."""
+    df = grid(a_values=(0, 1), b_values=tuple(range(8)), seeds=(0, 1), gap=lambda a, b, s: a + 0.01 * b,
+              m=lambda a, b, s: (a if s == 0 else -a) + 0.01 * b)
+    g = granulated_tau(df, "m", ["a", "b"])
+    assert g.by_axis()["a"] == pytest.approx(0.0)
+    boot = bootstrap(df, "m", ["a", "b"], n_resamples=B)
+    assert boot.axes["a"].low < -0.2 and boot.axes["a"].high > 0.2
+
+
+def test_paired_comparison_uses_the_same_resamples():
+    df = configurations().assign(same=lambda d: d["sharpness"], shifted=lambda d: d["sharpness"] * 2 + 1)
+    d = compare(df, "sharpness", "same", ["lr", "b", "bn"], n_resamples=B)
+    assert d.tau == 0 and (d.tau_interval.low, d.tau_interval.high) == (0, 0)   # monotone transform: τ identical
+    noise = configurations(rng_seed=5)["sharpness"]
+    d = compare(df.assign(other=noise.to_numpy()), "sharpness", "other", ["lr", "b", "bn"], n_resamples=B)
+    assert d.tau == pytest.approx(kendall_tau(df, "sharpness").value
+                                  - kendall_tau(df.assign(other=noise.to_numpy()), "other").value)
+    assert d.tau_interval.low <= d.tau <= d.tau_interval.high and d.n == 32 and d.n_configurations == 16
+
+
+def test_configuration_mean_tau_averages_seeds_first():
+    df = grid(a_values=(0, 1, 2), b_values=(0,), seeds=(0, 1), gap=lambda a, b, s: a + 10 * s,
+              m=lambda a, b, s: a - 10 * s)
+    assert kendall_tau(df, "m").value < 0   # pooled runs: the seed effect runs against
+    t = configuration_mean_tau(df, "m", ["a", "b"])
+    assert t.value == pytest.approx(1.0) and t.n == 3
 
 
 # -- report and figures -------------------------------------------------------------------------------------------
@@ -185,3 +257,27 @@ def test_bad_input_raises_an_error_naming_what_is_wrong():
         kendall_tau(df.assign(reached=1), "sharpness")
     with pytest.raises(AnalysisError, match="'seed' is the seed column"):
         granulated_tau(df, "sharpness", ["lr", "seed"])
+
+
+def overlapping_tick_labels(fig) -> list[str]:
+    """Pairs of x tick labels, in any visible panel of ``fig``, whose drawn boxes overlap."""
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    found = []
+    for ax in fig.axes:
+        if not ax.get_visible():
+            continue
+        labels = [t for t in ax.get_xticklabels() if t.get_visible() and t.get_text()]
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        found += [f"{ax.get_title()!r}: {a.get_text()} / {b.get_text()}"
+                  for (a, p), (b, q) in itertools.combinations(zip(labels, boxes), 2) if p.overlaps(q)]
+    return found
+
+
+def test_measure_vs_gap_tick_labels_do_not_overlap():
+    """Measures of order 1e-3 over a narrow range (worst-case sharpness) wrote labels like 0.00075 that overlapped."""
+    from experiments.features.generalization.figures import measure_vs_gap
+    rank = noisy(3)["gap"].rank()
+    df = noisy(3).assign(tiny=7e-4 + 1.6e-3 * rank / len(rank), small=2e-3 * rank, large=4000 + 40 * rank)
+    results = analyse(df, ["tiny", "small", "large", "sharpness"], ["lr", "bn"], n_resamples=50)  # 4 panels a row
+    assert overlapping_tick_labels(measure_vs_gap(df, results, "bn")) == []

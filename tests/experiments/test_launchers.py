@@ -14,6 +14,7 @@ import termios
 import threading
 import time
 from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ from experiments import launchers  # noqa: E402
 from experiments.config import RunConfig, StudyConfig  # noqa: E402
 from experiments.executors import process as process_executor  # noqa: E402
 from experiments.executors.ray import check_ray_address  # noqa: E402
-from experiments.launchers import LaunchResult, launch, preflight  # noqa: E402
+from experiments.launchers import RunOutcome, launch, preflight  # noqa: E402
 from experiments.status import run_info  # noqa: E402
 from experiments.store import StoreError  # noqa: E402
 
@@ -152,28 +153,37 @@ def _start_pid(log_path):
     return int(text.split(" pid=")[1].split()[0]) if " pid=" in text else None
 
 
+def wait_for(condition, what: str, timeout: float = 600.0):
+    """Poll ``condition()`` until it is true; the deadline is only a guard against a hang, never part of the test."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"waited {timeout:.0f} s for {what}"
+        time.sleep(0.02)
+    return value
+
+
 def test_a_killed_run_process_fails_only_its_run(tmp_path):
     """A run's process killed mid-run (out of memory, kill -9): that run is failed, the others finish; relaunching
-    resumes the killed run."""
+    resumes the killed run. The victim holds still after its first record until the test kills it (no race
+    between the kill and the run finishing on its own)."""
     runs = grid(models=("convnet",), seeds=(0, 1, 2), epochs=2)
+    root, held = tmp_path / "results", tmp_path / "held"
+    victim = root / runs[0].run_id
     out = {}
-    thread = threading.Thread(target=lambda: out.update(results=launch(runs, tmp_path, executor="process",
-                                                                       workers=2, resume=True, quiet=True)))
+    thread = threading.Thread(target=lambda: out.update(results=launch(
+        runs, root, executor="process", workers=2, resume=True, quiet=True,
+        data_dir=Bomb("hold-mid-run", victim, held))))
     thread.start()
-    victim = tmp_path / runs[0].run_id
-    deadline = time.monotonic() + 120
-    while ((pid := _start_pid(victim / "run.log")) is None or not (victim / "records.jsonl").exists()) \
-            and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pid is not None and not (victim / "done").exists()
+    pid = int(wait_for(lambda: held.exists() and held.read_text(), "the victim's first record"))
+    assert pid == _start_pid(victim / "run.log") and not (victim / "done").exists()
     os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=300)
+    thread.join(timeout=600)
     assert not thread.is_alive()
     results = out["results"]
     assert [r.status for r in results] == ["failed", "done", "done"]
     assert "its process died (killed by SIGKILL: out of memory?)" in results[0].error
     assert run_info(victim)[0] == "interrupted" and "(killed: its process is gone)" in run_info(victim)[1]
-    again = launch(runs, tmp_path, executor="process", workers=2, resume=True, quiet=True)
+    again = launch(runs, root, executor="process", workers=2, resume=True, quiet=True)
     assert [r.status for r in again] == ["done", "skipped", "skipped"]
 
 
@@ -217,22 +227,26 @@ def test_a_process_dying_mid_run_fails_that_run_only(tmp_path, deaths_unseen_by_
 
 
 def test_a_process_dying_after_its_result_is_no_trouble(tmp_path, monkeypatch):
-    """Failed before the fix with BrokenPipeError: the worker that ran the first run died while idle, just after
-    the launcher had seen it alive, and the launcher handed it the next run."""
+    """Failed before the fix with BrokenPipeError: the process that ran the first run died while idle, just after
+    the launcher had seen it alive. Here the process waits after sending its result until the launcher's first
+    look finds it alive; that look then lets it exit and waits for its end, so the death always falls between
+    the launcher's check and its next step, however loaded the machine."""
     first, second = grid(models=("convnet",), seeds=(0, 1))
-    real_is_alive, slept = mp.process.BaseProcess.is_alive, []
+    root, flag = tmp_path / "results", tmp_path / "die-now"
+    real_is_alive, deaths = mp.process.BaseProcess.is_alive, []
 
     def is_alive_then_dies(self):
         alive = real_is_alive(self)
-        if alive and not slept and (tmp_path / first.run_id / "done").exists():
-            slept.append(self.pid)
-            time.sleep(1.0)           # the process dies now (Bomb: 0.3 s after its run), after the check
+        if alive and not deaths and self.pid == _start_pid(root / first.run_id / "run.log") \
+                and (root / first.run_id / "done").exists():
+            flag.touch()                                    # the process exits now (Bomb "idle-after")
+            deaths.append(mp_wait([self.sentinel], timeout=600) != [])
         return alive
     monkeypatch.setattr(mp.process.BaseProcess, "is_alive", is_alive_then_dies)
-    results = launch([first, second], tmp_path, executor="process", workers=1, quiet=True,
-                     data_dir=Bomb("idle-after", tmp_path / first.run_id))
+    results = launch([first, second], root, executor="process", workers=1, quiet=True,
+                     data_dir=Bomb("idle-after", root / first.run_id, flag))
     assert [r.status for r in results] == ["done", "done"]
-    assert slept
+    assert deaths == [True]
 
 
 @pytest.mark.parametrize("mode", ["at-result", "torn-result"])
@@ -266,4 +280,4 @@ def test_bad_executor_arguments():
         launch(grid(), "/nonexistent", executor="process", ray_address="127.0.0.1:6379")
     with pytest.raises(ConfigError, match="not HOST:PORT"):
         check_ray_address("localhost")
-    assert LaunchResult("x", "done", 1.0).error == ""
+    assert RunOutcome("x", "done", 1.0).error == ""

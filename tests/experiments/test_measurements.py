@@ -1,4 +1,4 @@
-"""The measurement registry (experiments/measurements/): a measurement defined outside the package is one object and
+"""The measurement registry (experiments/features/): a measurement defined outside the package is one object and
 one `register` call away from the command line, the run's records, `status` and the report; registering it changes
 no run id; every schedule is 0 = off; per-pass sharpness is its own option with the published runs' meaning."""
 import json

@@ -24,11 +24,17 @@ from experiments.cli import main  # noqa: E402
 from experiments.config import ConfigError, RunConfig, StudyConfig  # noqa: E402
 from experiments.launchers import launch  # noqa: E402
 from experiments.executors.slurm import SlurmOptions, check_slurm, make_executor, parse_sbatch  # noqa: E402
-from experiments.status import study_status  # noqa: E402
+from experiments.status import run_info  # noqa: E402
+from experiments.store import is_run_dir  # noqa: E402
 
 LOCAL = SlurmOptions(cluster="local")
 TINY = dict(dataset="synthetic", subset=0.05, epochs=1, batch_size=32, probe_every=5, sharpness_samples=32,
             local_smoothness_samples=64)
+
+
+def study_states(study_dir):
+    """The state of every run directory of a study folder, by name."""
+    return [run_info(p)[0] for p in sorted(Path(study_dir).iterdir()) if is_run_dir(p)]
 
 
 def grid(name="g", seeds=(0,), **over):
@@ -57,7 +63,7 @@ def test_local_jobs_give_the_serial_executors_records(tmp_path):
         log = (slurm / r.run_id / "run.log").read_text()
         assert f"start {r.run_id} pid=" in log and " threads=1 " in log and f"finish {r.run_id}: done" in log
     assert sorted(p.name.split("_")[1] for p in (slurm / ".slurm").glob("*_log.out")) == ["0", "0"]
-    assert [state for _, state, _ in study_status(slurm)] == ["done", "done"]      # .slurm is not a run
+    assert study_states(slurm) == ["done", "done"]      # .slurm is not a run
     again = launch(grid(), slurm, executor="slurm", slurm=LOCAL, quiet=True)
     assert [r.status for r in again] == ["skipped", "skipped"]
 
@@ -108,7 +114,7 @@ def test_the_cli_runs_a_sweep_on_local_jobs(tmp_path):
                                        "--executor", "slurm", "--slurm-cluster", "local", "--slurm-time", "30",
                                        "--slurm-cpus", "1"])
     assert result.exit_code == 0, result.output
-    assert [state for _, state, _ in study_status(tmp_path / "s")] == ["done", "done"]
+    assert study_states(tmp_path / "s") == ["done", "done"]
     (launched,) = json.loads((tmp_path / "s" / "launch.json").read_text())["launches"]
     assert launched["executor"] == "slurm" and launched["runs"] == {"done": 2}
 

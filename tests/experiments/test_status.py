@@ -1,5 +1,6 @@
 """`smoothness-lab status` (experiments.status): every state on run directories made by a real tiny launch and then
 cut, corrupted or locked the way a kill, a disk error or a concurrent launch would leave them."""
+import hashlib
 import json
 import shutil
 import socket
@@ -50,7 +51,7 @@ def cut(run_dir, epoch):
 
 def test_the_states_are_the_documented_ones():
     import experiments.status as status
-    assert STATES == ("done", "diverged", "running", "interrupted", "failed", "corrupt", "not started")
+    assert STATES == ("done", "diverged", "running", "interrupted", "failed", "corrupt", "truncated", "not started")
     for state in STATES:
         assert f"\n{state} " in status.__doc__
 
@@ -61,6 +62,9 @@ def test_done_and_diverged(run):
     with open(run / "records.jsonl", "a") as f:
         f.write(json.dumps({"kind": "diverged", "step": 5, "epoch": 1, "bn_mode": "batch", "loss": None,
                             "reason": "non-finite training loss"}) + "\n")
+    data = (run / "records.jsonl").read_bytes()   # the records a diverged run finishes with: in its done marker
+    (run / "done").write_text(json.dumps({"records_mark": {"bytes": len(data),
+                                                           "sha256": hashlib.sha256(data).hexdigest()}}))
     assert run_info(run) == ("diverged", "at step 5: non-finite training loss")
 
 
@@ -173,7 +177,8 @@ def test_status_command_on_a_corrupt_study_prints_one_row_per_run(run):
     assert "Traceback" not in result.output
     row, counts = result.output.strip().splitlines()
     assert row.split()[:2] == [CFG.run_id, "corrupt"] and "records.jsonl:2: expected a JSON object, got an array" in row
-    assert counts == "1 runs: 0 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 1 corrupt, 0 not started"
+    assert counts == ("1 runs: 0 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 1 corrupt, 0 truncated, "
+                      "0 not started")
 
 
 def test_not_started(tmp_path):

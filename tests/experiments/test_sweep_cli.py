@@ -103,7 +103,7 @@ def test_sigkill_midway_then_relaunch_loses_and_repeats_nothing(reference, tmp_p
         assert f"resuming from checkpoints/{newest}" in (study / name / "run.log").read_text()
     assert records(study) == reference
     status = invoke(["status", str(study)])
-    assert "4 runs: 4 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 0 corrupt, 0 not started" in status.stdout
+    assert "4 runs: 4 done, 0 diverged, 0 running, 0 interrupted, 0 failed, 0 corrupt, 0 truncated, 0 not started" in status.stdout
 
 
 def test_ctrl_c_in_serial_leaves_readable_records_and_relaunch_resumes(reference, tmp_path):
@@ -230,13 +230,13 @@ def test_status_lists_every_state_with_counts(diverging, tmp_path):
     good = next(p for p in run_dirs(study) if "-lr0.04-" in p.name)
     result = CliRunner().invoke(main, ["status", str(study)])
     assert result.exit_code == 0, result.output
-    assert "4 runs: 1 done, 1 diverged, 0 running, 0 interrupted, 0 failed, 0 corrupt, 2 not started" in result.output
+    assert "4 runs: 1 done, 1 diverged, 0 running, 0 interrupted, 0 failed, 0 corrupt, 0 truncated, 2 not started" in result.output
     rows = dict(re.split(r"\s{2,}", line)[:2] for line in result.output.splitlines()[:-1])
     assert rows[good.name] == "done" and list(rows.values()).count("not started") == 2
     assert any(state == "diverged" and "-lr10-" in run for run, state in rows.items())
     (good / "done").unlink()                               # as if killed after its last checkpoint
     result = CliRunner().invoke(main, ["status", str(study)])
-    assert "0 done, 1 diverged, 0 running, 1 interrupted, 0 failed, 0 corrupt, 2 not started" in result.output
+    assert "0 done, 1 diverged, 0 running, 1 interrupted, 0 failed, 0 corrupt, 0 truncated, 2 not started" in result.output
     assert "resumes from its checkpoint after epoch 2 of 2" in result.output
     whole = CliRunner().invoke(main, ["status", str(tmp_path)])   # a results folder: every study in it
     assert whole.exit_code == 0 and f"{study}:" in whole.output

@@ -173,6 +173,8 @@ def test_an_interrupted_run_needs_resume_and_a_finished_one_is_kept(tmp_path):
         again.begin_step((x, y))
     again, *_ = _loop(tmp_path)
     assert again.resume() == {} and again.step_index == 1
+    for _ in range(CFG.epochs):
+        again.end_epoch()
     again.close()
     with pytest.raises(StoreError, match="finished run"):
         _loop(tmp_path)[0].resume()
@@ -235,6 +237,7 @@ def test_map_style_datasets_and_loss_modules_are_accepted(tmp_path):
             loss.backward()
             opt.step()
             s.record(loss)
+        tracker.end_epoch()
     records = read_records(tmp_path / cfg.run_id / "records.jsonl")
     assert [r["kind"] for r in records] == ["eval", "smoothness", "probe", "step", "eval", "smoothness"]
     assert records[3]["accuracy"] is None   # no outputs given: no accuracy

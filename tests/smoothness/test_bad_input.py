@@ -25,7 +25,7 @@ def call(name, model, loss_fn, batch, direction=None, bn_mode="batch", steps=(0.
     if name == "top_eigenvalues":
         return sm.top_eigenvalues(model, loss_fn, batch, k=k, bn_mode=bn_mode, **kw)
     if name == "hessian_trace":
-        return sm.hessian_trace(model, loss_fn, batch, n_samples=kw.get("n_samples", 3), bn_mode=bn_mode)
+        return sm.hessian_trace(model, loss_fn, batch, n_probes=kw.get("n_probes", 3), bn_mode=bn_mode)
     if name == "directional_curvature":
         return sm.directional_curvature(model, loss_fn, batch, direction, bn_mode=bn_mode)
     if name == "internal_covariate_shift":
@@ -247,7 +247,7 @@ def test_bad_max_iter(setup, max_iter):
         call("top_eigenvalues", *setup, k=2, max_iter=max_iter)
 
 
-@pytest.mark.parametrize("n_samples", [0, 1, 2.5, True, None])
-def test_bad_n_samples(setup, n_samples):
-    with pytest.raises(ValueError, match="n_samples must be an int >= 2"):
-        call("hessian_trace", *setup, n_samples=n_samples)
+@pytest.mark.parametrize("n_probes", [0, 1, 2.5, True, None])
+def test_bad_n_probes(setup, n_probes):
+    with pytest.raises(ValueError, match="n_probes must be an int >= 2"):
+        call("hessian_trace", *setup, n_probes=n_probes)

@@ -108,7 +108,7 @@ def test_blocks_match_dense(ref, case):
     assert out.params == ordered and list(out.vector_dicts(model)[0]) == list(ordered)
     d = {n: t for n, t in ref.random_direction(model, 7).items() if n in names}
     dv = torch.cat([d[n].reshape(-1) for n in ordered])
-    got = sm.directional_curvature(model, loss_fn, batch, d, bn_mode=bn_mode, kind=kind, params=names)
+    got = sm.directional_curvature(model, loss_fn, batch, d, bn_mode=bn_mode, kind=kind, params=names).value
     assert got == pytest.approx(float(dv @ M_bb @ dv / (dv @ dv)), rel=1e-9, abs=1e-14)
 
 
@@ -156,7 +156,7 @@ def test_psd_spectra_nonnegative(ref, kind):
     bottom = eigsh(sm.curvature_operator(model, loss_fn, batch, kind=kind, bn_mode="running").to_scipy(), k=1,
                    which="SA", v0=np.ones(ref.n_params(model)))[0]
     assert bottom[0] >= -1e-10 * scale
-    trace = sm.hessian_trace(model, loss_fn, batch, n_samples=4, bn_mode="running", kind=kind)
+    trace = sm.hessian_trace(model, loss_fn, batch, n_probes=4, bn_mode="running", kind=kind)
     assert trace.mean > 0 and trace.kind == kind
     if kind == "ggn":  # and in batch mode, where the GGN is Jᵀ∇²L J over the whole batch
         assert sm.top_eigenvalues(model, loss_fn, batch, k=3, tol=1e-8, kind=kind).values[-1] >= 0
@@ -167,8 +167,8 @@ def test_results_record_kind_and_params(ref):
     loss_fn, batch = nn.CrossEntropyLoss(), ref.make_batch(model, n=12)
     names = BLOCK["mlp"]
     ordered = ("net.0.weight", "net.6.bias")
-    assert sm.hessian_trace(model, loss_fn, batch, n_samples=2).kind == "hessian"
-    results = [sm.hessian_trace(model, loss_fn, batch, n_samples=2, kind="ggn", params=names),
+    assert sm.hessian_trace(model, loss_fn, batch, n_probes=2).kind == "hessian"
+    results = [sm.hessian_trace(model, loss_fn, batch, n_probes=2, kind="ggn", params=names),
                sm.spectral_density(model, loss_fn, batch, n_probes=1, n_steps=5, kind="ggn", params=names),
                sm.gradient_concentration(model, loss_fn, batch, k=2, kind="ggn", params=names),
                sm.top_eigenvalues(model, loss_fn, batch, kind="ggn", params=names)]
@@ -176,8 +176,8 @@ def test_results_record_kind_and_params(ref):
         assert (r.kind, r.params) == ("ggn", ordered), type(r).__name__
     assert {r.product for r in results if hasattr(r, "product")} == {"jvp + vjp"}   # and how it was computed
     assert sm.top_eigenvalues(model, loss_fn, batch).product == "double-backward"
-    assert sm.hessian_trace(model, loss_fn, [batch, batch], n_samples=2).product == "double-backward per chunk"
-    assert sm.hessian_trace(model, loss_fn, batch, n_samples=2, kind="empirical-fisher",
+    assert sm.hessian_trace(model, loss_fn, [batch, batch], n_probes=2).product == "double-backward per chunk"
+    assert sm.hessian_trace(model, loss_fn, batch, n_probes=2, kind="empirical-fisher",
                             bn_mode="running").product == "per-sample gradients"
     with sm.curvature_operator(model, loss_fn, batch, kind="ggn", params=names) as op:
         assert op.product == "jvp + vjp"
@@ -244,7 +244,7 @@ def test_model_untouched(ref, bn_mode):
         if kind == "empirical-fisher" and bn_mode == "batch":
             continue
         sm.top_eigenvalues(model, loss_fn, batch, k=2, bn_mode=bn_mode, kind=kind)
-        sm.hessian_trace(model, loss_fn, [batch, batch], n_samples=2, bn_mode=bn_mode, kind=kind,
+        sm.hessian_trace(model, loss_fn, [batch, batch], n_probes=2, bn_mode=bn_mode, kind=kind,
                          params=["net.7.weight"])
         op = sm.curvature_operator(model, loss_fn, batch, kind=kind, bn_mode=bn_mode)
         op.to_scipy() @ np.ones(op.shape[0])
@@ -271,3 +271,20 @@ def test_smallest_eigenvalues_match_dense(ref, bn_mode):
     np.testing.assert_allclose(block.values, np.linalg.eigvalsh(H[np.ix_(idx, idx)])[:1], rtol=1e-8)
     with pytest.raises(ValueError, match="which must be 'largest'"):
         sm.top_eigenvalues(model, loss_fn, batch, which="lowest")
+
+
+@pytest.mark.parametrize("kind", sm.KINDS)
+def test_writes_through_data_are_detected(ref, kind):
+    """p.data.mul_(2) bypasses autograd's version counter; the operator must still notice the new weights."""
+    model = ref.make_model("mlp")
+    loss_fn, batch = nn.CrossEntropyLoss(), ref.make_batch(model, n=12)
+    v = ref.random_direction(model)
+    op = sm.curvature_operator(model, loss_fn, batch, kind=kind, bn_mode="running")
+    op.matvec(v)
+    model.net[3].weight.data.mul_(2)
+    with pytest.raises(RuntimeError, match=r"\['net.3.weight'\] were changed in place"):
+        op.matvec(v)
+    with pytest.raises(RuntimeError, match="changed in place"):
+        op.to_scipy() @ np.ones(op.shape[0])
+    model.net[3].weight.data.div_(2)   # back to the weights it was built on: products are valid again
+    op.matvec(v)

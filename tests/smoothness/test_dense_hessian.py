@@ -56,13 +56,13 @@ def test_directional_curvature_matches_dense(ref, case):
     d = ref.random_direction(model, 7)
     dv = ref.flatten_dict(model, d)
     expected = float(dv @ H @ dv / (dv @ dv))
-    got = sm.directional_curvature(model, loss_fn, batch, d, bn_mode=bn_mode)
+    got = sm.directional_curvature(model, loss_fn, batch, d, bn_mode=bn_mode).value
     assert got == pytest.approx(expected, rel=1e-8, abs=1e-12 * float(torch.linalg.matrix_norm(H, 2)))
 
 
 def test_hessian_trace_near_dense(ref, case):
     model, loss_fn, batch, bn_mode, H = case
-    out = sm.hessian_trace(model, loss_fn, batch, n_samples=100, bn_mode=bn_mode,
+    out = sm.hessian_trace(model, loss_fn, batch, n_probes=100, bn_mode=bn_mode,
                            generator=torch.Generator().manual_seed(3))
     assert abs(out.mean - float(torch.trace(H))) <= 4 * out.stderr
 
@@ -94,7 +94,7 @@ def test_line_probe_matches_naive_loop(ref, case):
         np.testing.assert_allclose(out.distances, dists, rtol=1e-10)
         assert out.effective_beta == pytest.approx(max(g / r for g, r in zip(diffs, dists)), rel=1e-10)
         # local_lipschitz is the single-step probe
-        lip = sm.local_lipschitz(model, loss_fn, batch, {n: steps[1] * t for n, t in d.items()}, bn_mode=bn_mode)
+        lip = sm.local_lipschitz(model, loss_fn, batch, {n: steps[1] * t for n, t in d.items()}, bn_mode=bn_mode).value
         assert lip == pytest.approx(diffs[1] / dists[1], rel=1e-10)
 
 

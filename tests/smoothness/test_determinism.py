@@ -1,4 +1,4 @@
-"""Estimates are deterministic functions of the weights even when a module draws random numbers (issue 9, section 2).
+"""Estimates are deterministic functions of the weights even when a module draws random numbers.
 
 The model is a tiny float64 ConvNet with Santurkar's noisy BatchNorm (`experiments.normalization.NoisyBatchNorm`, the
 toolkit's `noisy` norm), which draws fresh noise on every train-mode forward from torch's global generator. Before
@@ -55,6 +55,11 @@ def batch(n: int = 10, seed: int = 1):
     return torch.randn(n, 2, 6, 6, generator=g, dtype=DT), torch.randint(0, 3, (n,), generator=g)
 
 
+def halves(b):
+    """Two minibatch units (per-example units are undefined with train-mode BatchNorm)."""
+    return [(b[0][:5], b[1][:5]), (b[0][5:], b[1][5:])]
+
+
 def ce(outputs, targets):
     return nn.functional.cross_entropy(outputs, targets)
 
@@ -72,7 +77,7 @@ CALLS = {
     "local_lipschitz": lambda m, b: smoothness.local_lipschitz(m, ce, b, direction(m)),
     "hvp": lambda m, b: smoothness.hvp(m, ce, b, direction(m)),
     "top_eigenvalues": lambda m, b: smoothness.top_eigenvalues(m, ce, b, k=2, tol=1e-3),
-    "hessian_trace": lambda m, b: smoothness.hessian_trace(m, ce, b, n_samples=4),
+    "hessian_trace": lambda m, b: smoothness.hessian_trace(m, ce, b, n_probes=4),
     "directional_curvature": lambda m, b: smoothness.directional_curvature(m, ce, b, direction(m)),
     "internal_covariate_shift": lambda m, b: smoothness.internal_covariate_shift(m, ce, b, lr=0.1),
     "random_direction": lambda m, b: smoothness.random_direction(m, generator=torch.Generator().manual_seed(5)),
@@ -100,6 +105,14 @@ CALLS = {
     "spectral_product": lambda m, b: smoothness.spectral_product(m),
     "path_norm": lambda m, b: smoothness.path_norm(m, (2, 6, 6)),
     "curvature_operator": lambda m, b: smoothness.curvature_operator(m, ce, b, kind="ggn").matvec(direction(m)),
+    "gradient_noise": lambda m, b: smoothness.gradient_noise(m, ce, halves(b), unit="batch", edges=[-1.0, 0.0, 1.0],
+                                                             directions={"d": direction(m)}),
+    "gradient_histogram": lambda m, b: smoothness.gradient_histogram(m, ce, halves(b), unit="batch"),
+    "step_quality": lambda m, b: smoothness.step_quality(m, ce, halves(b), direction(m), unit="batch"),
+    "observe_line": lambda m, b: smoothness.observe_line(m, ce, halves(b), direction(m), unit="batch"),
+    "step_quality_from": lambda m, b: smoothness.step_quality_from(
+        *(smoothness.observe_line(m, ce, halves(b), direction(m, seed), unit="batch") for seed in (3, 4)), 0.5),
+    "tic": lambda m, b: smoothness.tic(m, ce, b, bn_mode="running"),
 }
 
 
@@ -273,3 +286,31 @@ def test_fixed_rng_seeds_and_restores_the_cpu_generator():
         inside = torch.rand(3)
     assert torch.equal(torch.get_rng_state(), before)
     assert torch.equal(inside, torch.rand(3, generator=torch.Generator().manual_seed(_rng.ESTIMATOR_SEED)))
+
+
+class FunctionalDropoutNet(nn.Module):
+    """Dropout through F.dropout in forward: no nn.Dropout module for the estimators to switch off."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = nn.Linear(6, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(nn.functional.dropout(torch.tanh(self.hidden(x)), 0.5, training=self.training))
+
+
+def test_functional_dropout_is_refused_and_nn_dropout_named():
+    torch.manual_seed(0)
+    model = FunctionalDropoutNet().to(DT)
+    g = torch.Generator().manual_seed(1)
+    b = torch.randn(20, 6, generator=g, dtype=DT), torch.randint(0, 3, (20,), generator=g)
+    with pytest.raises(smoothness.NondeterministicLossError, match=r"nn\.Dropout"):
+        smoothness.top_eigenvalues(model, ce, b)
+    with pytest.raises(smoothness.NondeterministicLossError, match=r"F\.dropout"):
+        smoothness.loss_and_gradient(model, ce, b)
+    # in eval mode (bn_mode="running") the function does not drop: the loss is deterministic and accepted
+    assert smoothness.top_eigenvalues(model, ce, b, bn_mode="running").values[0] > 0
+    # nn.Dropout modules are switched off, so they pass (and noisy BatchNorm, drawing from the seeded generator, too)
+    with_module = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).to(DT)
+    smoothness.top_eigenvalues(with_module, ce, b)

@@ -31,7 +31,7 @@ def estimates(model, loss_fn, data, group=None):
     out, products = {}, []
     for kind, bn_mode in (("hessian", "batch"), ("ggn", "batch"), ("empirical-fisher", "running")):
         eig = sm.top_eigenvalues(model, loss_fn, data, k=1, tol=1e-8, bn_mode=bn_mode, kind=kind, group=group)
-        trace = sm.hessian_trace(model, loss_fn, data, n_samples=2, bn_mode=bn_mode, kind=kind, group=group)
+        trace = sm.hessian_trace(model, loss_fn, data, n_probes=2, bn_mode=bn_mode, kind=kind, group=group)
         out[kind] = (eig.values, eig.batch_size, trace.mean, trace.stderr, trace.batch_size)
         products += [eig.product, trace.product]
     conc = sm.gradient_concentration(model, loss_fn, data, k=1, tol=1e-6, params=["3.weight", "3.bias"],
@@ -86,4 +86,4 @@ def test_two_gloo_ranks_equal_one_process_on_the_union(tmp_path):
 def test_group_must_be_initialised():
     model, loss_fn, chunks = setup()
     with pytest.raises(ValueError, match="init_process_group"):
-        sm.hessian_trace(model, loss_fn, chunks, n_samples=2, group=object())
+        sm.hessian_trace(model, loss_fn, chunks, n_probes=2, group=object())

@@ -73,7 +73,7 @@ def test_relative_flatness_matches_the_dense_hessian(ref, bn_mode):
     assert out.product == "double-backward"   # an MLP: no convolution for the linearized product to save
     assert out.value == pytest.approx(kappa_reference(ref, model, loss_fn, batch, bn_mode, "net.6.weight"),
                                       rel=1e-10)
-    est = sm.relative_flatness(model, loss_fn, batch, n_samples=300, bn_mode=bn_mode,
+    est = sm.relative_flatness(model, loss_fn, batch, n_probes=300, bn_mode=bn_mode,
                                generator=torch.Generator().manual_seed(0))
     assert est.method == "hutchinson" and est.stderr > 0
     assert abs(est.value - out.value) < 4 * est.stderr

@@ -1,4 +1,4 @@
-"""Issue 9 §1: a result marked converged is within tol of the true eigenvalues, at the toolkit's default tol 1e-3,
+"""A result marked converged is within tol of the true eigenvalues, at the toolkit's default tol 1e-3,
 over hundreds of random starts, on clustered and on well-separated spectra, diagonal and rotated.
 
 The old rule min(r, r²/gap), with the gap taken between Ritz values, stopped "converged" off by more than tol on

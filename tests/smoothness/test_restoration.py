@@ -22,7 +22,7 @@ def run(name, model, loss_fn, batch, bn_mode, direction):
     if name == "top_eigenvalues":
         return sm.top_eigenvalues(model, loss_fn, batch, k=2, bn_mode=bn_mode)
     if name == "hessian_trace":
-        return sm.hessian_trace(model, loss_fn, batch, n_samples=4, bn_mode=bn_mode)
+        return sm.hessian_trace(model, loss_fn, batch, n_probes=4, bn_mode=bn_mode)
     if name == "directional_curvature":
         return sm.directional_curvature(model, loss_fn, batch, direction, bn_mode=bn_mode)
     if name == "internal_covariate_shift":

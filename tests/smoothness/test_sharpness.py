@@ -141,3 +141,31 @@ def test_bad_arguments_are_explained(ref):
         sm.average_case_sharpness(model, loss_fn, batch, rho=0.1, n_samples=4, generator=0)
     with pytest.raises(ValueError, match="n_samples must be an int >= 2"):
         sm.average_case_sharpness(model, loss_fn, batch, rho=0.1, n_samples=1, generator=torch.Generator())
+
+
+def test_non_finite_perturbed_losses_are_reported_the_same_way_everywhere(ref):
+    """A perturbed loss that is NaN or inf counts as +inf in every measure, with n_non_finite > 0 (before, the worst
+    case skipped NaN iterates and reported the best finite one while the average case returned NaN)."""
+    model, loss_fn, batch, _, _ = quadratic_at_minimum(ref)
+
+    def blows_up(outputs, targets):   # NaN once a weight moves by more than 1 from w*
+        loss = loss_fn(outputs, targets)
+        return torch.where((outputs - targets).abs().max() > 1, torch.full_like(loss, math.nan), loss)
+
+    gen = torch.Generator().manual_seed(0)
+    worst = sm.worst_case_sharpness(model, blows_up, batch, rho=100.0, adaptive=False)
+    average = sm.average_case_sharpness(model, blows_up, batch, rho=100.0, n_samples=4, generator=gen,
+                                        adaptive=False)
+    eps = sm.epsilon_sharpness(model, blows_up, batch, epsilon=10.0)
+    for result in (worst, average, eps):
+        assert result.value == math.inf and result.n_non_finite >= 1, result
+    assert average.n_non_finite == 4 and math.isnan(average.stderr)
+    assert worst.n_passes == 2 and worst.increases == (math.inf,)   # the ascent stops at the first blow-up
+    # rho = 1e308 overflows the weights themselves: the same report
+    assert sm.average_case_sharpness(model, loss_fn, batch, rho=1e308, n_samples=2,
+                                     generator=torch.Generator().manual_seed(0)).value == math.inf
+    # the PAC-Bayes search counts a blown-up loss as too large an increase: σ stays where the loss is finite
+    pac = sm.pacbayes_flatness(model, blows_up, batch, generator=torch.Generator().manual_seed(0), target=1e6)
+    assert pac.n_non_finite > 0 and math.isfinite(pac.increase) and pac.sigma < 1
+    # finite everywhere: nothing counted
+    assert sm.worst_case_sharpness(model, loss_fn, batch, rho=0.1).n_non_finite == 0

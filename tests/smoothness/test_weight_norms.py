@@ -85,3 +85,28 @@ def test_distance_to_init(ref):
     assert out.n_params == sum(p.numel() for p in model.parameters())
     with pytest.raises(ValueError, match="lacks the parameters"):
         sm.distance_to_init(model, {})
+
+
+@pytest.mark.parametrize("final", [nn.LogSoftmax(dim=1), nn.Softmax(dim=1)])
+def test_path_norm_of_a_network_ending_in_softmax_is_that_of_its_logits(ref, final):
+    logits = tiny_relu_mlp(bn=True)
+    model = nn.Sequential(copy.deepcopy(logits), final)
+    before = ref.snapshot(model)
+    out = sm.path_norm(model, (3,))
+    assert out.squared == pytest.approx(brute_force_path_norm(logits, bn=True), rel=1e-12)
+    assert out.dropped == f"1 ({type(final).__name__})"
+    assert sm.path_norm(logits, (3,)).dropped is None
+    ref.assert_same_snapshot(before, model)
+
+
+def test_path_norm_refuses_a_functional_log_softmax():
+    class FunctionalLogSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_relu_mlp(bn=False)
+
+        def forward(self, x):
+            return torch.log_softmax(self.net(x), dim=1)
+
+    with pytest.raises(ValueError, match="not a path sum on its logits"):
+        sm.path_norm(FunctionalLogSoftmax(), (3,))

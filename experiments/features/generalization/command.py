@@ -10,7 +10,8 @@ from experiments.commands import out_option, results_dir_argument, write_and_lis
 @results_dir_argument
 @out_option
 @click.option("--resamples", type=click.IntRange(min=100), default=2000, show_default=True,
-              help="bootstrap resamples of the runs for the intervals")
+              help="cluster-bootstrap resamples for the intervals (configurations drawn with replacement, then "
+                   "the seeds within each)")
 @click.pass_context
 def generalization_command(ctx, results_dir, out_dir, resamples):
     """Which sharpness, flatness and norm measures predict the generalisation gap across a study's runs (run with

@@ -58,9 +58,9 @@ def measure(model: nn.Module, batch, loss_fn: Callable, init_state: Mapping[str,
     eps = smoothness.epsilon_sharpness(model, loss_fn, batch, epsilon=EPSILON, generator=_gen(), **kw)
     pac = smoothness.pacbayes_flatness(model, loss_fn, batch, generator=_gen(), target=PACBAYES_TARGET, **kw)
     mag = smoothness.pacbayes_mag_flatness(model, loss_fn, batch, generator=_gen(), target=PACBAYES_TARGET, **kw)
-    rel = smoothness.relative_flatness(model, loss_fn, batch, n_samples=N_HUTCHINSON, generator=_gen(), **kw)
+    rel = smoothness.relative_flatness(model, loss_fn, batch, n_probes=N_HUTCHINSON, generator=_gen(), **kw)
     top = smoothness.top_eigenvalues(model, loss_fn, batch, k=1, generator=_gen(), **kw)
-    trace = smoothness.hessian_trace(model, loss_fn, batch, n_samples=N_HUTCHINSON, generator=_gen(), **kw)
+    trace = smoothness.hessian_trace(model, loss_fn, batch, n_probes=N_HUTCHINSON, generator=_gen(), **kw)
     return {"kind": "generalization", "bn_mode": BN_MODE, "n_samples": int(batch[0].shape[0]),
             "base_loss": worst.base_loss,
             "worst_case_sharpness": worst.value, "average_case_sharpness": average.value,

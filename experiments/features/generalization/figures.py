@@ -3,7 +3,7 @@
 - ``measure_vs_gap``: one panel per measure, the measure against the gap, one dot per run; colour = ``hue`` (BN on
   or off, or the first axis), marker = learning rate. Runs that did not reach the target are drawn as grey × and
   enter no coefficient; each panel's title gives τ and Ψ.
-- ``coefficients``: τ and Ψ per measure as bars, with their bootstrap intervals as error bars.
+- ``coefficients``: τ and Ψ per measure as bars, with their cluster-bootstrap intervals as error bars.
 
 Nothing random is drawn and ``save_figure`` writes no date, so the same table gives byte-identical files.
 """
@@ -17,6 +17,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from experiments.plotstyle import styled
 from experiments.analysis.figures import save_figure
@@ -67,6 +68,9 @@ def measure_vs_gap(df: pd.DataFrame, results: dict[str, MeasureResult], hue: str
         x = d[m].dropna()
         if len(x) and (x > 0).all() and x.max() / x.min() > 100:
             ax.set_xscale("log")
+        else:  # at most 5 ticks, small or large values as a ×10ⁿ offset: labels such as 0.00075 would overlap
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+            ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useMathText=True)
         r = results[m]
         ax.set(xlabel=m, ylabel=gap_label if axes.index(ax) % MAX_COLUMNS == 0 else "",
                title=f"{m}\nτ = {r.tau.value:.2f}, Ψ = {r.granulated.value:.2f} (n={r.tau.n})")
@@ -82,7 +86,7 @@ def measure_vs_gap(df: pd.DataFrame, results: dict[str, MeasureResult], hue: str
 
 @styled
 def coefficients(results: dict[str, MeasureResult]) -> Figure:
-    """Bars of τ and Ψ per measure; error bars: the percentile bootstrap intervals."""
+    """Bars of τ and Ψ per measure; error bars: the percentile cluster-bootstrap intervals (``kendall``)."""
     measures = list(results)
     fig, (ax,) = _new_figure(1, max(5.0, 1.1 * len(measures) + 2), 4.2)
     colours = sns.color_palette("colorblind", 2)
@@ -99,8 +103,8 @@ def coefficients(results: dict[str, MeasureResult]) -> Figure:
     ax.set_xticks(x, measures, rotation=30, ha="right")
     some = next(iter(results.values())).boot.tau
     ax.set(ylim=(-1.05, 1.05), ylabel="rank correlation with the gap",
-           title=f"Kendall's τ and Jiang et al.'s Ψ\nerror bars: {CONFIDENCE:.0%} percentile bootstrap "
-                 f"({some.n_resamples} resamples)")
+           title=f"Kendall's τ and Jiang et al.'s Ψ\nerror bars: {CONFIDENCE:.0%} percentile cluster bootstrap over "
+                 f"configurations ({some.n_resamples} resamples)")
     ax.legend(frameon=False)
     return fig
 

@@ -18,13 +18,21 @@ silently, and so are reached runs whose measure or gap is missing (``n_missing``
 - **Within a fixed learning rate** (Andriushchenko et al. 2023, "A Modern Look at the Relationship between
   Sharpness and Generalization"): sharpness can track the gap across learning rates only because both follow the
   learning rate; τ and Ψ (over the other axes) at each learning rate separately show whether it does within one.
-- **Bootstrap intervals** (percentile, ``CONFIDENCE``): the runs of the study are resampled with replacement
-  (``BOOTSTRAP_RESAMPLES`` times, generator seeded with ``BOOTSTRAP_SEED``; deterministic), and each resample gives
-  τ* and, from the very same resample, every cell τ* and so ψ_i* and Ψ*. One study-wide resample for all axes keeps
-  the dependence between axes, which reuse the same runs; resampling within cells would not, and Jiang's cells hold
-  only |Θ_i| runs, too few to resample. Seeds are not resampled as clusters: a study of 1 to 5 seeds has too few.
-  In a resample, cells are skipped by the rule above, and a resample where τ*
-  or some ψ_i* is undefined is left out of that interval (counted in ``Interval.n_undefined``).
+- **Bootstrap intervals** (percentile, ``CONFIDENCE``; ``BOOTSTRAP_RESAMPLES`` resamples, generator seeded with
+  ``BOOTSTRAP_SEED``; deterministic): a two-stage cluster bootstrap. The unit is the *configuration* (one combination
+  of the axes), not the run: the seeds of one configuration share its hyper-parameters and are not independent
+  observations of τ. Each resample draws the configurations with replacement, then for every drawn copy of a
+  configuration draws its runs (seeds) with replacement; a run's weight is how often it was drawn. τ* is τ-b of the
+  drawn runs. For Ψ*, each cell τ* is taken on the drawn runs of the cell, and ψ_i* averages the cells weighted by
+  how many of their (θ_i-differing) pairs were drawn, relative to the full data (so every weight is 1 there and
+  Ψ* = Ψ without resampling). Resampling the seeds within a configuration is what puts the seed-to-seed noise of
+  the cells into Ψ*: a configuration drawn as {seed 0, seed 0} weights the seed-0 cells up and the seed-1 cells
+  out, so where the seeds disagree on a cell's sign Ψ* moves. Duplicating every seed therefore does not narrow the
+  intervals as if there were twice the data. One study-wide resample for τ and all axes keeps the dependence between
+  them, which reuse the same runs. A resample where τ* or some ψ_i* is undefined is left out of that interval
+  (counted in ``Interval.n_undefined``). With no axes to define configurations, each run is its own unit.
+- **Paired comparison** of two measures: τ_a − τ_b and Ψ_a − Ψ_b on the same resamples (``compare``), so the
+  interval says whether one measure is ahead of the other, which two overlapping intervals of τ do not.
 """
 from __future__ import annotations
 
@@ -223,41 +231,122 @@ def _interval(values: np.ndarray, confidence: float) -> Interval:
     return Interval(float(lo), float(hi), len(values), len(values) - len(ok))
 
 
+def configuration_codes(usable: pd.DataFrame, cluster) -> np.ndarray:
+    """One integer per row of ``usable``: its configuration (combination of the ``cluster`` columns); with no
+    columns every run is its own configuration."""
+    cluster = list(cluster)
+    if not cluster:
+        return np.arange(len(usable))
+    return usable.reset_index(drop=True).groupby(cluster, sort=True, dropna=False).ngroup().to_numpy()
+
+
+def cluster_weights(codes: np.ndarray, n_resamples: int, rng_seed: int) -> np.ndarray:
+    """Resamples × runs: how often each run is drawn when the configurations are drawn with replacement and, for
+    each drawn copy of a configuration, its runs are drawn with replacement (two-stage cluster bootstrap)."""
+    rng = np.random.default_rng(rng_seed)
+    configs = np.unique(codes)
+    copies = rng.multinomial(len(configs), np.full(len(configs), 1 / len(configs)), size=n_resamples)
+    w = np.zeros((n_resamples, len(codes)), dtype=np.int64)
+    for k, c in enumerate(configs):
+        idx = np.flatnonzero(codes == c)
+        # m copies each drawing len(idx) runs uniformly: together one multinomial of m · len(idx) draws
+        w[:, idx] = rng.multinomial(copies[:, k] * len(idx), np.full(len(idx), 1 / len(idx)))
+    return w
+
+
 def _resampled_psi(usable, x, y, axes, seed, w) -> dict[str, np.ndarray]:
     per_axis = {}
     for axis in axes:
         codes = pd.factorize(usable[axis])[0]
-        cell_taus = []
+        cell_taus, cell_weights = [], []
         for idx in cells(usable, axis, axes, seed):
-            wc = w[:, idx]
-            drawn_values = (wc @ (codes[idx, None] == np.unique(codes[idx])[None, :]) > 0).sum(1)
+            differ = (codes[idx, None] != codes[None, idx]).astype(float)   # pairs across values of θ_i
+            wc = w[:, idx].astype(float)
+            drawn_pairs = ((wc @ differ) * wc).sum(1) / 2
+            full_pairs = differ.sum() / 2
             t = weighted_tau_b(x[idx], y[idx], wc)
-            cell_taus.append(np.where(drawn_values >= 2, t, np.nan))
-        stacked = np.vstack(cell_taus)
-        with np.errstate(invalid="ignore"):
-            counts = np.isfinite(stacked).sum(0)
-            per_axis[axis] = np.where(counts > 0, np.nansum(stacked, 0) / np.maximum(counts, 1), np.nan)
+            ok = np.isfinite(t) & (drawn_pairs > 0)
+            cell_taus.append(np.where(ok, t, 0.0))
+            cell_weights.append(np.where(ok, drawn_pairs / full_pairs, 0.0) if full_pairs else np.zeros(len(w)))
+        taus, weights = np.vstack(cell_taus), np.vstack(cell_weights)
+        total = weights.sum(0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_axis[axis] = np.where(total > 0, (taus * weights).sum(0) / total, np.nan)
     return per_axis
+
+
+@dataclass(frozen=True)
+class _Resampled:
+    tau: np.ndarray                 # τ* per resample
+    psi: np.ndarray                 # Ψ* per resample (NaN without axes)
+    axes: dict[str, np.ndarray]     # ψ_i* per resample
+
+
+def _resample(usable: pd.DataFrame, df: pd.DataFrame, measure: str, axes, gap, seed, w) -> _Resampled:
+    usable = usable.reset_index(drop=True)
+    x, y = usable[measure].to_numpy(float), usable[gap].to_numpy(float)
+    tau = weighted_tau_b(x, y, w)
+    if not axes:
+        return _Resampled(tau, np.full(len(w), np.nan), {})
+    per_axis = _resampled_psi(usable, x, y, axes, seed, w)
+    point = granulated_tau(df, measure, axes, gap, seed).by_axis()
+    kept = [a for a in axes if not math.isnan(point[a])]
+    psi = np.mean([per_axis[a] for a in kept], 0) if kept else np.full(len(w), np.nan)
+    return _Resampled(tau, psi, per_axis)
 
 
 def bootstrap(df: pd.DataFrame, measure: str, axes, gap: str = "gap", seed: str | None = "seed",
               n_resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED,
-              confidence: float = CONFIDENCE) -> Bootstrap:
-    """Percentile intervals of τ, Ψ and each ψ_i from one set of study-wide run resamples (module doc).
+              confidence: float = CONFIDENCE, cluster=None) -> Bootstrap:
+    """Percentile intervals of τ, Ψ and each ψ_i from one set of study-wide cluster resamples (module doc).
 
-    Ψ* averages the axes whose ψ_i is defined on the full data; a resample in which one of them is undefined gives
-    no Ψ*. ``axes`` may be empty (then only τ has an interval).
+    ``cluster``: the columns whose combination is a configuration, the resampling unit (default ``axes``). Ψ*
+    averages the axes whose ψ_i is defined on the full data; a resample in which one of them is undefined gives no
+    Ψ*. ``axes`` may be empty (then only τ has an interval).
     """
     axes = list(axes)
     usable = usable_runs(df, measure, gap, axes, seed)[0]
-    x, y = usable[measure].to_numpy(float), usable[gap].to_numpy(float)
-    n = len(usable)
-    w = np.random.default_rng(rng_seed).multinomial(n, np.full(n, 1 / n), size=n_resamples)
-    tau = _interval(weighted_tau_b(x, y, w), confidence)
-    if not axes:
-        return Bootstrap(tau, Interval(math.nan, math.nan, n_resamples, n_resamples), {})
-    per_axis = _resampled_psi(usable.reset_index(drop=True), x, y, axes, seed, w)
-    point = granulated_tau(df, measure, axes, gap, seed).by_axis()
-    kept = [a for a in axes if not math.isnan(point[a])]
-    psi = np.mean([per_axis[a] for a in kept], 0) if kept else np.full(n_resamples, np.nan)
-    return Bootstrap(tau, _interval(psi, confidence), {a: _interval(per_axis[a], confidence) for a in axes})
+    codes = configuration_codes(usable, axes if cluster is None else cluster)
+    r = _resample(usable, df, measure, axes, gap, seed, cluster_weights(codes, n_resamples, rng_seed))
+    return Bootstrap(_interval(r.tau, confidence), _interval(r.psi, confidence),
+                     {a: _interval(v, confidence) for a, v in r.axes.items()})
+
+
+@dataclass(frozen=True)
+class Difference:
+    """τ_a − τ_b and Ψ_a − Ψ_b over the ``n`` runs usable for both measures (``n_configurations`` configurations),
+    with intervals from the same cluster resamples for both."""
+    a: str
+    b: str
+    tau: float
+    tau_interval: Interval
+    psi: float
+    psi_interval: Interval
+    n: int
+    n_configurations: int
+
+
+def compare(df: pd.DataFrame, a: str, b: str, axes, gap: str = "gap", seed: str | None = "seed",
+            n_resamples: int = BOOTSTRAP_RESAMPLES, rng_seed: int = BOOTSTRAP_SEED,
+            confidence: float = CONFIDENCE) -> Difference:
+    """Paired bootstrap of τ_a − τ_b and Ψ_a − Ψ_b over configurations (module doc), on the runs usable for both."""
+    axes = list(axes)
+    both = usable_runs(df, b, gap, axes, seed)[0]
+    both = usable_runs(both, a, gap, axes, seed)[0]
+    codes = configuration_codes(both, axes)
+    w = cluster_weights(codes, n_resamples, rng_seed)
+    ra, rb = (_resample(both, both, m, axes, gap, seed, w) for m in (a, b))
+    tau = kendall_tau(both, a, gap).value - kendall_tau(both, b, gap).value
+    psi = (granulated_tau(both, a, axes, gap, seed).value - granulated_tau(both, b, axes, gap, seed).value
+           if axes else math.nan)
+    return Difference(a, b, tau, _interval(ra.tau - rb.tau, confidence), psi, _interval(ra.psi - rb.psi, confidence),
+                      len(both), len(np.unique(codes)))
+
+
+def configuration_mean_tau(df: pd.DataFrame, measure: str, cluster, gap: str = "gap") -> Tau:
+    """τ-b over configurations, measure and gap each averaged over the seeds (usable runs) of a configuration."""
+    cluster = list(cluster)
+    usable, not_reached, missing = usable_runs(df, measure, gap)
+    means = usable.groupby(cluster, dropna=False)[[measure, gap]].mean() if cluster else usable[[measure, gap]]
+    value, p = _tau_b(means[measure], means[gap]) if len(means) >= 2 else (math.nan, math.nan)
+    return Tau(measure, value, p, len(means), len(not_reached), len(missing))

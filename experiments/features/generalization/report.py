@@ -2,6 +2,9 @@
 
     results = analyse(df, ["worst_case_sharpness", "lambda_max"], axes=["lr", "batch_size", "bn"])
     summary_table(results)            # one row per measure: τ, Ψ, their intervals, ψ_i, τ within each lr, n
+
+Intervals: a cluster bootstrap over configurations with the seeds resampled within each (``kendall`` module doc);
+the report adds τ over configuration means and a paired comparison of every measure with the highest τ.
     write_report(df, measures, axes, "results/gen", gap_label="test error − train error")  # generalization.md/.csv
 
 Within-lr rows follow Andriushchenko et al. (2023): τ over the runs at one learning rate, and Ψ over the other axes.
@@ -15,8 +18,10 @@ from pathlib import Path
 import pandas as pd
 
 from experiments.atomic import atomic_write_text
-from experiments.features.generalization.kendall import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, MIN_RUNS, Bootstrap, Granulated, Tau,
-                             bootstrap, granulated_tau, kendall_tau, usable_runs)
+from experiments.features.generalization.kendall import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, MIN_RUNS,
+                                                         Bootstrap, Granulated, Tau, bootstrap, compare,
+                                                         configuration_mean_tau, granulated_tau, kendall_tau,
+                                                         usable_runs)
 from experiments.analysis.tables import fmt as format_number, md_table as markdown_table
 
 WITHIN_LR_COLUMNS = ["measure", "lr", "n", "n_not_reached", "tau", "tau_low", "tau_high", "psi", "note"]
@@ -47,7 +52,7 @@ def within_lr(df: pd.DataFrame, measure: str, axes, lr: str = "lr", gap: str = "
             rows.append({**row, "tau": math.nan, "tau_low": math.nan, "tau_high": math.nan, "psi": math.nan,
                          "note": f"fewer than {MIN_RUNS} usable runs"})
             continue
-        boot = bootstrap(at, measure, [], gap, seed, n_resamples, rng_seed)
+        boot = bootstrap(at, measure, [], gap, seed, n_resamples, rng_seed, cluster=others)
         psi = granulated_tau(at, measure, others, gap, seed).value if others else math.nan
         rows.append({**row, "tau": kendall_tau(at, measure, gap).value, "tau_low": boot.tau.low,
                      "tau_high": boot.tau.high, "psi": psi})
@@ -99,12 +104,38 @@ def _run_line(r, axes, gap, seed) -> str:
     return f"- `{r['run']}` ({where}; gap {format_number(float(r[gap]))})"
 
 
+def _comparison_lines(df, results, axes, gap, seed) -> list[str]:
+    if len(results) < 2:
+        return []
+    best = max(results, key=lambda m: results[m].tau.value)
+    n_resamples = next(iter(results.values())).boot.tau.n_resamples
+    body = []
+    for m in results:
+        if m == best:
+            continue
+        d = compare(df, best, m, axes, gap, seed, n_resamples)
+        tau_in = d.tau_interval.low <= 0 <= d.tau_interval.high
+        body.append([m, format_number(d.tau, 3), _ci(d.tau_interval.low, d.tau_interval.high),
+                     "yes" if tau_in else "no", format_number(d.psi, 3),
+                     _ci(d.psi_interval.low, d.psi_interval.high), str(d.n)])
+    return ["", f"## Paired comparison with the highest τ ({best})", "",
+            f"τ_{best} − τ_m and Ψ_{best} − Ψ_m, with {CONFIDENCE:.0%} intervals from the same cluster resamples for "
+            "both measures (over configurations, seeds within). An interval that holds 0 means the data do not "
+            f"rank {best} above that measure.", ""] + markdown_table(
+        ["measure m", "Δτ", "Δτ 95% CI", "0 in Δτ CI", "ΔΨ", "ΔΨ 95% CI", "n"], body)
+
+
 def render_markdown(df: pd.DataFrame, results: dict[str, MeasureResult], axes, gap: str = "gap",
                     gap_label: str = "test loss − train loss", lr: str | None = "lr",
                     seed: str | None = "seed") -> str:
     axes = list(axes)
     first = next(iter(results.values()))
     boot = first.boot.tau
+    used = df[df["reached"]]
+    n_configs = used.groupby(axes, dropna=False).ngroups
+    per_config = used.groupby(axes, dropna=False).size()
+    seeds_line = (f"{per_config.iloc[0]} seeds each" if per_config.nunique() == 1
+                  else f"{per_config.min()} to {per_config.max()} seeds")
     not_reached = df[~df["reached"]]
     lines = [
         "# Sharpness versus generalisation", "",
@@ -117,8 +148,13 @@ def render_markdown(df: pd.DataFrame, results: dict[str, MeasureResult], axes, g
         "(all other axes and the seed fixed); Ψ is the mean of ψ_i over the axes (" + ", ".join(axes) + "). A "
         "measure can reach a high τ only because it and the gap both follow one axis; Ψ asks whether it follows "
         "the gap when one hyper-parameter changes at a time.",
-        f"- **Intervals**: {CONFIDENCE:.0%} percentile bootstrap over runs ({boot.n_resamples} study-wide "
-        "resamples with replacement, fixed seed); τ and Ψ are recomputed on the same resamples.",
+        f"- **Intervals**: {CONFIDENCE:.0%} percentile cluster bootstrap ({boot.n_resamples} study-wide resamples, "
+        f"fixed seed). The unit is the configuration ({n_configs} here: one combination of "
+        + ", ".join(axes) + f"; {seeds_line}), not the run: each resample draws the configurations with replacement "
+        "and then, for each drawn configuration, its seeds with replacement. Drawing seeds within a configuration "
+        "puts the seed-to-seed noise of Ψ's cells into the Ψ interval. τ and Ψ are recomputed on the same resamples.",
+        "- **τ over configuration means**: τ after averaging measure and gap over the seeds of each configuration; "
+        "where it orders the measures differently from τ, the order rests on seed noise.",
     ]
     if lr in axes:
         lines.append("- **Within a fixed learning rate** (Andriushchenko et al. 2023, *A Modern Look at the "
@@ -127,12 +163,14 @@ def render_markdown(df: pd.DataFrame, results: dict[str, MeasureResult], axes, g
     lr_cols = [c for c in summary_table(results).columns if c.startswith("tau_lr=")]
     body = [[m, f"{r.tau.n} (+{r.tau.n_missing} missing)" if r.tau.n_missing else str(r.tau.n),
              format_number(r.tau.value, 3), _ci(r.boot.tau.low, r.boot.tau.high),
+             format_number(configuration_mean_tau(df, m, axes, gap).value, 3),
              format_number(r.granulated.value, 3), _ci(r.boot.psi.low, r.boot.psi.high),
              *(format_number(a.value, 3) for a in r.granulated.axes),
              *(format_number(w, 3) for w in r.within_lr["tau"])] for m, r in results.items()]
     lines += ["", "## τ and Ψ per measure", ""] + markdown_table(
-        ["measure", "n", "τ", "τ 95% CI", "Ψ", "Ψ 95% CI", *(f"ψ {a}" for a in axes),
+        ["measure", "n", "τ", "τ 95% CI", "τ over configuration means", "Ψ", "Ψ 95% CI", *(f"ψ {a}" for a in axes),
          *(f"τ at η={c.split('=', 1)[1]}" for c in lr_cols)], body)
+    lines += _comparison_lines(df, results, axes, gap, seed)
     body = [[m, a.axis, format_number(a.value, 3), _ci(r.boot.axes[a.axis].low, r.boot.axes[a.axis].high),
              str(a.cells), str(a.skipped_single_value), str(a.skipped_undefined)]
             for m, r in results.items() for a in r.granulated.axes]

@@ -17,7 +17,9 @@ from experiments.features.base import Measurement, Metric, Option, Record, RunCo
 
 UNITS = ("auto", "example", "batch", "both")
 FIELDS = ("n_units", "unit_size", "gradient_norm", "norm_test", "inner_product_test", "orthogonality_test", "gsnr",
-          "noise_scale", "signal_estimate", "alpha", "step_length", "base_loss")
+          "noise_scale", "signal_estimate", "alpha", "step_length", "base_loss", "tic_diag", "tic_trace",
+          "histogram_low", "histogram_high", "histogram_below", "histogram_above")
+LISTS = ("histogram_counts",)
 
 
 def _hooks(ctx: RunContext):
@@ -59,7 +61,8 @@ GRADIENT_NOISE = Measurement(
                     "(minibatch gradients), auto (example where defined, else batch) or both", choices=UNITS),
              Option("gradient_noise_batches", int, 8,
                     "minibatches of --batch-size images in the fixed gradient-noise sample", check=positive_int)),
-    records=(Record("gradient_noise", numbers=FIELDS), Record("gradient_noise_example", numbers=FIELDS)),
+    records=(Record("gradient_noise", numbers=FIELDS, number_lists=LISTS),
+             Record("gradient_noise_example", numbers=FIELDS, number_lists=LISTS)),
     hooks=_hooks,
     metrics=(Metric("gsnr_median", "mean GSNR of minibatch gradients, median over measurements", "gradient_noise",
                     "gsnr", "median"),

@@ -16,4 +16,4 @@ def local_smoothness(model: nn.Module, minibatch, full_batch, lr: float, loss_fn
     ||grad f(w + u) - grad f(w)|| / ||u|| with f the train-mode loss on the whole ``full_batch``."""
     _, grad = smoothness.loss_and_gradient(model, loss_fn, minibatch, bn_mode="batch")
     step = {n: -lr * g for n, g in grad.items()}
-    return smoothness.local_lipschitz(model, loss_fn, full_batch, step, bn_mode="batch")
+    return smoothness.local_lipschitz(model, loss_fn, full_batch, step, bn_mode="batch").value

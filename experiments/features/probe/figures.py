@@ -6,8 +6,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from experiments.analysis.figures import (GRAD_DIFF, SMOOTH, band, curve_labels, figure_grid, legend, loss_name,
-                                          run_palette, seeds_and_mean)
+from experiments.analysis.figures import (BAND_MIN_N, GRAD_DIFF, SMOOTH, band, curve_labels, figure_grid, legend,
+                                          loss_name, run_palette, seeds_and_mean)
 from experiments.analysis.load import select
 from experiments.analysis.plots import FigureWriter, always
 from experiments.plotstyle import styled
@@ -27,7 +27,10 @@ def santurkar_fig4(df: pd.DataFrame, runs: pd.DataFrame, smooth: int = SMOOTH,
                              "effective β: max over s of ratio", "(c) “effective” β-smoothness")
     fig.suptitle(f"Along d = −∇L(w); (a), (b): shading spans min..max over probe step sizes s (means over finished "
                  f"runs); (c) ratio = {GRAD_DIFF} / ‖s·d‖₂; rolling mean over {smooth} probes")
-    legend(fig, palette, runs, bool(banded))
+    shading = "shading: (a), (b) min..max over step sizes s (means over finished runs)"
+    if banded:
+        shading += f"; (c) 95% t-interval of the mean (n ≥ {BAND_MIN_N})"
+    legend(fig, palette, runs, True, band_label=shading)
     return fig
 
 

@@ -1,24 +1,7 @@
-"""Sharpness as the loss increase under a bounded weight perturbation: worst case, average case, and Keskar's
-ε-sharpness (METHODS.md §11).
-
-With T_w = diag(|w| + η) (adaptive; Kwon et al. 2021, "ASAM", their T_w with η = 0 by default here) or T_w = I:
-
-- worst case (Andriushchenko et al. 2023, "A modern look at the relationship between sharpness and
-  generalization"): S_max^ρ = max over ‖T_w⁻¹δ‖_p ≤ ρ of L(w + δ) − L(w), p = 2 or ∞, by the projected ascent of
-  :mod:`smoothness._ascent` (APGD-style, a lower bound on the maximum). For L(w) = cᵀw it is ρ‖T_w c‖₂ (p = 2) and
-  ρ‖T_w c‖₁ (p = ∞), which the first step already reaches;
-- average case (same paper): S_avg^ρ = E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w), Monte Carlo with a standard error.
-  At a minimum of ½Σ aᵢ(wᵢ − wᵢ*)² it is ρ²/2·Σ aᵢ Tᵢ²;
-- ε-sharpness (Keskar et al. 2017, "On large-batch training ... sharp minima", their metric 2.1 with A = I): the
-  worst case over the box |δᵢ| ≤ ε(|wᵢ| + 1), i.e. T_w = |w| + 1 and p = ∞, reported as 100·(max L − L)/(1 + L).
-  Keskar et al. maximise with L-BFGS-B; here the same ascent as the worst case.
-
-The adaptive scale T_w = |w| leaves weights that are exactly 0 where they are (δᵢ = Tᵢνᵢ = 0): pass ``eta`` > 0 to let
-them move (ASAM's η; Andriushchenko et al. add a small η too).
-
-``data`` is one ``(inputs, targets)`` batch or a list of chunks (a DataLoader): L is then the sample-weighted mean of
-the chunks' mean losses, each chunk with its own batch statistics in ``batch`` BN mode (see ``ChunkedObjective``).
-The model is left exactly as it was; every forward pass runs with the estimators' fixed seed.
+"""Sharpness as the loss increase under a bounded weight perturbation δ = T_w ν (T_w = |w| + η adaptive, or I):
+worst case max_{‖ν‖_p ≤ ρ} L(w + δ) − L(w) and average case E_{ν ~ N(0, ρ²I)} L(w + δ) − L(w) (Andriushchenko et al.
+2023), and Keskar et al.'s (2017) ε-sharpness. A NaN or ±inf perturbed loss counts as +inf in every measure here
+and in ``smoothness.flatness`` (``value`` inf, ``n_non_finite`` > 0). Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
@@ -30,9 +13,9 @@ import torch
 from torch import nn
 
 from ._ascent import projected_ascent
-from ._objective import make_objective, sample_count
-from ._perturb import (base_loss, check_count, check_generator, check_positive, gaussian, loss_at,
-                       mean_and_stderr, weight_scale)
+from ._args import check_count, check_positive, generator_or_default
+from ._objective import make_objective
+from ._perturb import base_loss, blown_up, gaussian, loss_at, mean_and_stderr, weight_scale
 
 NORMS = (2, math.inf)
 
@@ -51,6 +34,7 @@ class WorstCaseSharpness:
     start: str                       # "gradient", or "random" when ∇L(w) was 0
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0            # perturbed evaluations whose loss was NaN or ±inf (value is then inf)
 
 
 @dataclass(frozen=True)
@@ -65,6 +49,7 @@ class AverageCaseSharpness:
     n_passes: int                    # forward passes (one backward more, at w, for the determinism check)
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0            # perturbed evaluations whose loss was NaN or ±inf (value is then inf)
 
 
 @dataclass(frozen=True)
@@ -77,6 +62,7 @@ class EpsilonSharpness:
     n_passes: int
     bn_mode: str
     batch_size: int
+    n_non_finite: int = 0            # perturbed evaluations whose loss was NaN or ±inf (value is then inf)
 
 
 def _check_norm(norm) -> float:
@@ -85,16 +71,13 @@ def _check_norm(norm) -> float:
     return float(norm)
 
 
-def _generator(generator) -> torch.Generator:
-    return torch.Generator().manual_seed(0) if generator is None else check_generator(generator)
-
-
 def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, adaptive: bool = True,
                          norm: float = 2, eta: float = 0.0, n_steps: int = 20, bn_mode: str = "batch",
                          generator: Optional[torch.Generator] = None) -> WorstCaseSharpness:
     """max over ‖T_w⁻¹δ‖_norm ≤ rho of L(w + δ) − L(w) by ``n_steps`` steps of APGD-style projected ascent.
 
-    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with 0) is used only when ∇L(w) is 0
+    Costs n_steps + 1 forward+backward passes. ``generator`` (default seeded with ``ESTIMATOR_SEED``) is used only
+    when ∇L(w) is 0
     on the ball's support, for a random first point (recorded as ``start="random"``).
     """
     rho = check_positive("rho", rho)
@@ -102,11 +85,12 @@ def worst_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: floa
     eta = check_positive("eta", eta, allow_zero=True)
     check_count("n_steps", n_steps, 1)
     objective = make_objective(model, loss_fn, data, bn_mode)
-    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps, _generator(generator))
+    out = projected_ascent(objective, weight_scale(objective, adaptive, eta), rho, p, n_steps,
+                           generator_or_default(generator))
     return WorstCaseSharpness(value=out.best_loss - out.base_loss, base_loss=out.base_loss, increases=out.increases,
                               rho=rho, adaptive=bool(adaptive), norm=p, eta=eta, n_steps=n_steps,
                               n_passes=out.n_passes, start=out.start, bn_mode=bn_mode,
-                              batch_size=sample_count(objective))
+                              batch_size=objective.n_samples, n_non_finite=out.n_non_finite)
 
 
 def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: float = 1e-3, n_steps: int = 20,
@@ -120,30 +104,32 @@ def epsilon_sharpness(model: nn.Module, loss_fn: Callable, data, *, epsilon: flo
     check_count("n_steps", n_steps, 1)
     objective = make_objective(model, loss_fn, data, bn_mode)
     out = projected_ascent(objective, weight_scale(objective, True, 1.0), epsilon, math.inf, n_steps,
-                           _generator(generator))
+                           generator_or_default(generator))
     return EpsilonSharpness(value=100 * (out.best_loss - out.base_loss) / (1 + out.base_loss),
                             max_loss=out.best_loss, base_loss=out.base_loss, epsilon=epsilon, n_steps=n_steps,
-                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=sample_count(objective))
+                            n_passes=out.n_passes, bn_mode=bn_mode, batch_size=objective.n_samples,
+                            n_non_finite=out.n_non_finite)
 
 
-def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, n_samples: int,
-                           generator: torch.Generator, adaptive: bool = True, eta: float = 0.0,
+def average_case_sharpness(model: nn.Module, loss_fn: Callable, data, *, rho: float, n_samples: int = 100,
+                           generator: Optional[torch.Generator] = None, adaptive: bool = True, eta: float = 0.0,
                            bn_mode: str = "batch") -> AverageCaseSharpness:
-    """E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w) over ``n_samples`` draws from ``generator`` (δ = ρ·T_w ⊙ z, z drawn
-    parameter by parameter in ``named_parameters`` order), with its standard error. One forward pass per sample
-    (per chunk), plus one forward+backward pass at w."""
+    """E_{δ ~ N(0, ρ² T_w²)} L(w + δ) − L(w) over ``n_samples`` Monte Carlo draws from ``generator`` (default
+    seeded with ``ESTIMATOR_SEED``; δ = ρ·T_w ⊙ z, z drawn parameter by parameter in ``named_parameters`` order),
+    with its standard error. One forward pass per draw (per chunk), plus one forward+backward pass at w."""
     rho = check_positive("rho", rho)
     eta = check_positive("eta", eta, allow_zero=True)
     check_count("n_samples", n_samples, 2)
-    check_generator(generator)
+    generator = generator_or_default(generator)
     objective = make_objective(model, loss_fn, data, bn_mode)
     scale = weight_scale(objective, adaptive, eta)
     f0 = base_loss(objective)
     samples = []
     for _ in range(n_samples):
         z = gaussian(objective, generator)
-        samples.append(loss_at(objective, {n: rho * scale[n] * z[n] for n in objective.names}) - f0)
-    value, stderr = mean_and_stderr(samples)
+        samples.append(blown_up(loss_at(objective, {n: rho * scale[n] * z[n] for n in objective.names})) - f0)
+    n_non_finite = sum(x == math.inf for x in samples)
+    value, stderr = (math.inf, math.nan) if n_non_finite else mean_and_stderr(samples)
     return AverageCaseSharpness(value=value, stderr=stderr, base_loss=f0, rho=rho, adaptive=bool(adaptive), eta=eta,
                                 n_samples=n_samples, n_passes=n_samples + 1, bn_mode=bn_mode,
-                                batch_size=sample_count(objective))
+                                batch_size=objective.n_samples, n_non_finite=n_non_finite)

@@ -1,26 +1,12 @@
-"""Weight-norm baselines of the generalisation studies (Jiang et al. 2020, "Fantastic generalization measures"):
-distance to initialisation, product of spectral norms, path norm. Functions of the weights alone: no data, no
-BatchNorm mode beyond what each says. All parameters count, trainable or frozen (the network is what is measured).
-
-- distance to init: ‖w − w₀‖₂ over all parameters (Frobenius norm of the difference, all layers together).
-- spectral product: Π_i ‖W_i‖₂ over the weight of every nn.Linear and convolution module, largest singular value.
-  A conv kernel (out, in, k, k) is reshaped to (out, in·k·k): that is the norm Jiang et al. use, not the operator
-  norm of the convolution itself (which depends on the input size and can be larger). BatchNorm's scale is not
-  included. ``log_value`` = Σ log ‖W_i‖₂ (Jiang et al.'s "log.prod.of.spec" is 2·log_value, the squared product).
-- path norm (Neyshabur et al. 2015, "Norm-based capacity control"): √(Σ over input-output paths of Π w²), computed as
-  Jiang et al. do by squaring every parameter and forwarding an all-ones input: the sum of the outputs is the sum
-  over paths (biases start paths of their own), ``squared`` holds it (Jiang's "path.norm") and ``value`` its root.
-  This is exact for ReLU networks (the squared network's activations are positive, ReLU passes them); max-pooling
-  picks the largest path instead of summing, and other activations (tanh) make the forward no longer a path sum.
-  BatchNorm runs in eval mode as the affine map it then is, y = a·x + b with a = γ/√(var + eps),
-  b = β − a·mean, and is squared as a layer: a², b² (folded, not γ², β² with the running statistics left in,
-  which would not be a path sum). Normalisation without running statistics has no fixed affine map: refused.
+"""Weight-norm baselines of the generalisation studies (Jiang et al. 2020): distance to initialisation ‖w − w₀‖₂, the
+product of spectral norms Π ‖W_i‖₂, and Neyshabur et al.'s path norm √(Σ_paths Π w²) (of the logits: a final
+Softmax/LogSoftmax module is left out). Functions of the weights alone. Details: docs/smoothness.md.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +16,7 @@ from ._objective import estimator_mode
 from ._rng import fixed_rng
 
 _STATELESS_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
+_OUTPUT_MAPS = (nn.Softmax, nn.LogSoftmax, nn.Softmin)
 
 
 @dataclass(frozen=True)
@@ -51,6 +38,7 @@ class PathNorm:
     value: float                              # √(Σ_paths Π w²), Neyshabur et al.'s ℓ2 path norm
     squared: float                            # Σ_paths Π w², Jiang et al.'s "path.norm"
     input_shape: Tuple[int, ...]
+    dropped: Optional[str] = None             # a final Softmax/LogSoftmax module left out (the norm is on the logits)
 
 
 def distance_to_init(model: nn.Module, init_state: Mapping[str, torch.Tensor]) -> DistanceToInit:
@@ -117,7 +105,30 @@ def path_norm(model: nn.Module, input_shape: Sequence[int]) -> PathNorm:
             tensors[prefix + "running_var"] = torch.full_like(m.running_var, 1.0) - m.eps
     first = next(iter(params.values()))
     ones = torch.ones((1, *shape), dtype=first.dtype, device=first.device)
-    with torch.no_grad(), fixed_rng({first.device}), estimator_mode(model, "running"):
-        out = functional_call(model, tensors, (ones,))
+
+    def forward(hooks):
+        handles = [m.register_forward_hook(hook) for m, hook in hooks]
+        try:
+            with torch.no_grad(), fixed_rng({first.device}), estimator_mode(model, "running"):
+                return functional_call(model, tensors, (ones,))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # a final (log-)softmax maps the logits to probabilities, not a path sum: the norm is the logits', so run again
+    # with that module as the identity
+    produced = {}
+    out = forward([(m, lambda m, i, o: produced.__setitem__(id(o), m)) for m in model.modules()
+                   if isinstance(m, _OUTPUT_MAPS)])
+    final = produced.get(id(out))
+    dropped = None
+    if final is not None:
+        dropped = next(f"{n} ({type(m).__name__})" for n, m in model.named_modules() if m is final)
+        out = forward([(final, lambda m, i, o: i[0])])
     squared = float(out.double().sum())
-    return PathNorm(value=math.sqrt(squared), squared=squared, input_shape=shape)
+    if not squared >= 0:
+        raise ValueError(f"the squared network's outputs sum to {squared:g}, but a path norm is a sum of squares: the "
+                         f"network is not a path sum on its logits (path norm supports Linear/conv layers, ReLU, "
+                         f"average pooling, BatchNorm and a final nn.Softmax/nn.LogSoftmax module, not a softmax "
+                         f"applied by a function or other output maps)")
+    return PathNorm(value=math.sqrt(squared), squared=squared, input_shape=shape, dropped=dropped)
