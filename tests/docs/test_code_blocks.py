@@ -47,7 +47,7 @@ def test_every_block_says_its_language_and_markers_are_known():
     for lang in ("", "sh", "shell", "console", "py"):
         for b in all_blocks(lang):
             code_like = [line for line in b.code.splitlines()
-                         if re.match(r"\s*(\$ )?(smoothness-lab |import \w|from [\w.]+ import )", line)]
+                         if re.match(r"\s*(\$ )?(smoothness-lab [a-z-]+( |$)|import \w|from [\w.]+ import )", line)]
             assert lang == "" and not code_like, f"{b}: say ```bash or ```python, so that tests/docs checks the block"
     for b in all_blocks("python"):
         assert b.needs is None or b.needs in NEEDS, f"{b}: unknown '# needs: {b.needs}'; known: {', '.join(NEEDS)}"
