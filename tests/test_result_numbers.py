@@ -1,6 +1,6 @@
 """The headline numbers of the README and the docs pages against the committed files they come from
-(results/*/report.md, generalization.md, per_layer.md, launch.json, run records, benchmarks/results/*.md), so that a regenerated result or a rerun benchmark
-cannot leave the README stale without a failing test.
+(results/*/report.md, generalization.md, per_layer.md, launch.json, run records, benchmarks/results/*.md), so that a
+regenerated result or a rerun benchmark cannot leave the README stale without a failing test.
 
 Each check finds a README phrase (whitespace-insensitive), reads the numbers in it, and recomputes them from the file;
 a number agrees when the file's value rounds to it at the README's precision. When a check fails, either the README
