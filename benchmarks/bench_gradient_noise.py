@@ -1,14 +1,14 @@
 """smoothness' gradient-noise instruments against Cockpit's (Schneider et al. 2021): values and time per step.
 
-    /work/cockpit-venv/bin/python benchmarks/bench_gradient_noise.py            # a few minutes, 1 thread
-    /work/cockpit-venv/bin/python benchmarks/bench_gradient_noise.py --quick    # values and a short timing
+    cockpit-venv/bin/python benchmarks/bench_gradient_noise.py            # a few minutes, 1 thread
+    cockpit-venv/bin/python benchmarks/bench_gradient_noise.py --quick    # values and a short timing
 
 Cockpit needs its own environment (it pins ``setuptools<81``)::
 
-    python -m venv /work/cockpit-venv
-    /work/cockpit-venv/bin/pip install torch torchvision 'setuptools<81' cockpit-for-pytorch backpack-for-pytorch \
+    python3 -m venv cockpit-venv
+    cockpit-venv/bin/pip install torch torchvision 'setuptools<81' cockpit-for-pytorch backpack-for-pytorch \
         numpy scipy pandas
-    PYTHONPATH=$PWD /work/cockpit-venv/bin/python benchmarks/bench_gradient_noise.py
+    PYTHONPATH=$PWD cockpit-venv/bin/python benchmarks/bench_gradient_noise.py
 
 1. Values, one batch of 32 synthetic 28x28 images, a ConvNet without BatchNorm (Conv 1→16 k5 → ReLU → MaxPool →
    Conv 16→32 k5 → ReLU → MaxPool → Linear 1568→10, 28,938 parameters, as experiments' ``convnet``), float64:

@@ -35,8 +35,28 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+def _names_of(model: nn.Module, params: Sequence) -> list:
+    """Parameter names for ``params``; a tensor in it (``list(model.parameters())``, say) stands for its own name."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names = []
+    for i, item in enumerate(params):
+        if isinstance(item, torch.Tensor):
+            if id(item) not in by_id:
+                raise ValueError(f"params[{i}] is a tensor of shape {tuple(item.shape)} that is not a parameter of "
+                                 f"the model; give parameter names (e.g. {list(by_id.values())[:2]}) or the model's "
+                                 f"own parameters")
+            names.append(by_id[id(item)])
+        elif isinstance(item, str):
+            names.append(item)
+        else:
+            raise TypeError(f"params[{i}] is a {type(item).__name__}; give parameter names (strings) or the model's "
+                            f"parameters")
+    return names
+
+
 def resolve_params(objective, params: Optional[Sequence[str]]) -> Optional[Tuple[str, ...]]:
-    """``params`` as a tuple of trainable parameter names in ``named_parameters()`` order (None: all of them)."""
+    """``params`` as a tuple of trainable parameter names in ``named_parameters()`` order (None: all of them); the
+    model's parameters themselves may stand for their names."""
     if params is None:
         return None
     if isinstance(params, str) or not isinstance(params, (list, tuple)):
@@ -45,6 +65,7 @@ def resolve_params(objective, params: Optional[Sequence[str]]) -> Optional[Tuple
                                                       else ""))
     if not params:
         raise ValueError("params is empty: give at least one parameter name, or None for all trainable parameters")
+    params = _names_of(objective.model, params)
     unknown = [n for n in params if n not in objective.params]
     if unknown:
         frozen = [n for n in unknown if n in dict(objective.model.named_parameters())]

@@ -102,3 +102,20 @@ def test_watch_stops_cleanly_on_ctrl_c(tmp_path):
     watch.send_signal(signal.SIGINT)
     out, err = watch.communicate(timeout=120)
     assert watch.returncode == 0 and "stopped" in err and "Traceback" not in err
+
+
+def test_a_tracked_loop_writes_the_gradient_noise_records_of_the_built_in_loop(tmp_path):
+    """The Tracker (and so the Lightning callback, which drives it) measures the feature as train_run does: α along
+    the update the optimizer is about to make (SGD with momentum: not −ηg)."""
+    import dataclasses
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tracked_loop import tracked_run
+    cfg = RunConfig(model="mlp", dataset="synthetic", subset=0.1, epochs=2, batch_size=20, optimizer="sgd",
+                    momentum=0.9, probe_every=0, local_smoothness_samples=50, sharpness_samples=50, study="own-loop",
+                    device="cpu", gradient_noise_every=4, gradient_noise_unit="both", gradient_noise_batches=3)
+    train_run(cfg, tmp_path / "built-in")
+    tracked_run(cfg, tmp_path / "tracked")
+    built, tracked = ((tmp_path / d / cfg.run_id / "records.jsonl").read_bytes() for d in ("built-in", "tracked"))
+    assert tracked == built
+    kinds = [json.loads(line)["kind"] for line in built.decode().splitlines()]
+    assert kinds.count("gradient_noise") == kinds.count("gradient_noise_example") == 5

@@ -408,6 +408,13 @@ def test_a_killed_worker_gives_one_clear_error_and_the_rows_stay(copy_of):
     assert 0 < kept.done.sum() < kept.done.size
 
 
+def _status(process):
+    try:
+        return process.status()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def test_workers_and_job_folder_die_with_a_killed_parent(copy_of, tmp_path):
     """kill -9 of the CLI process: its workers exit and remove the shared job folder within seconds.
     Failed before: two workers and the resource tracker kept running, the temporary folder stayed."""
@@ -434,6 +441,12 @@ def test_workers_and_job_folder_die_with_a_killed_parent(copy_of, tmp_path):
     finally:
         proc.kill()
     proc.wait()
-    _, alive = psutil.wait_procs(children, timeout=5)
-    assert alive == [], [p.cmdline() for p in alive]
+    # Generous on a loaded machine; a worker that has exited but whose new parent (a container's init that does not
+    # reap) never collects it is a zombie: it has died, which is what this test asks.
+    _, alive = psutil.wait_procs(children, timeout=60)
+    running = [p for p in alive if _status(p) not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD, None)]
+    assert running == [], [_status(p) for p in running]
+    deadline = time.monotonic() + 60
+    while list(tmp.glob("smoothness-shared-*")) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert list(tmp.glob("smoothness-shared-*")) == []

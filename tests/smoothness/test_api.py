@@ -259,3 +259,15 @@ def test_results_are_frozen_dataclasses(setup):
         obj = getattr(sm, name)
         if inspect.isclass(obj) and dataclasses.is_dataclass(obj):
             assert obj.__dataclass_params__.frozen, name
+
+
+def test_params_may_be_the_models_own_parameters_and_a_foreign_tensor_is_one_short_line(setup):
+    """``params=list(model.parameters())`` used to print every tensor in its error; the parameters now stand for
+    their names, and a tensor that is not one of them is named by its shape only."""
+    model, loss_fn, batch, _ = setup
+    by_tensor = sm.top_eigenvalues(model, loss_fn, batch, params=[model[0].weight, model[0].bias], tol=1e-10)
+    by_name = sm.top_eigenvalues(model, loss_fn, batch, params=["0.weight", "0.bias"], tol=1e-10)
+    assert by_tensor.values == by_name.values
+    with pytest.raises(ValueError) as err:
+        sm.top_eigenvalues(model, loss_fn, batch, params=[torch.zeros(10, 6, dtype=DT)])
+    assert "shape (10, 6)" in str(err.value) and "tensor(" not in str(err.value) and len(str(err.value)) < 300
