@@ -156,3 +156,22 @@ def test_every_link_of_the_readme_resolves():
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
             continue
         assert (ROOT / target.split("#")[0]).exists(), f"README.md links to {target}, which does not exist"
+
+
+def _section(text: str, start: str, end: str) -> str:
+    assert start in text, f"lost the section starting {start!r}"
+    body = text.split(start, 1)[1]
+    body = body.split(end, 1)[0] if end in body else body
+    return re.sub(r"\]\((\.\./)+", "](", body).strip()   # the page's links are relative to docs/tutorials/
+
+
+def test_the_readme_s_quick_start_and_findings_are_the_main_study_page_s():
+    """The README shows the quick start and the reference run's findings, docs/tutorials/main-study.md the same text
+    and more: an edit to one must reach the other (the numbers are checked against the results by
+    tests/test_result_numbers.py)."""
+    readme = (ROOT / "README.md").read_text()
+    page = (ROOT / "docs" / "tutorials" / "main-study.md").read_text()
+    assert _section(readme, "## Quick start\n", "## Documentation") == _section(page, "## Quick start\n", "## Step")
+    no_figures = lambda text: re.sub(r"^!\[.*\n", "", text, flags=re.MULTILINE)   # noqa: E731 (the README shows one)
+    assert no_figures(_section(readme, "## What the reference run shows\n", "\nThe whole discussion")) == \
+        no_figures(_section(page, "## What the reference run shows\n", "**What changed in this regeneration**"))
