@@ -60,9 +60,11 @@ def test_the_python_blocks_of_a_page_run(page, tmp_path):
            "OMP_NUM_THREADS": "1", "SMOOTHNESS_QUICK": "1", "MPLBACKEND": "Agg"}
     skipped = []
     for i, b in enumerate(_python_pages()[page]):
-        if b.snippet:   # an included file: it must exist (mkdocs --strict checks too) and compile
+        if b.snippet:   # an included file: it must exist (mkdocs --strict checks too), compile, and be run by a test
             path = ROOT / b.snippet
             compile(path.read_text(), str(path), "exec")
+            assert any(b.snippet in t.read_text() for t in (ROOT / "tests").rglob("test_*.py")
+                       if t.parent.name != "docs"), f"{b}: no test runs {b.snippet}"
             continue
         compile(b.code, str(b), "exec")
         if b.before.startswith(OWN_LOOP_MARKER):
