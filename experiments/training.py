@@ -36,7 +36,7 @@ from experiments.losses import get_loss
 from experiments.loop import Diverged, Hook, StepState, StopTraining, Timer, run_steps
 from experiments.features import MEASUREMENTS, RunContext
 from experiments.launch_result import RunOutcome
-from experiments.store import CODE, DATASET, RunState, RunStore
+from experiments.store import CODE, DATASET, RunState, RunStore, StoreError
 
 Progress = Callable[[str, int, int], None]   # (run_id, steps done, total steps)
 

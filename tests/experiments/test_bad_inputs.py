@@ -26,6 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 MODULE = "badfactories"
 
 FACTORIES = '''
+import os
+
 import torch
 from torch import nn
 
@@ -67,7 +69,7 @@ def rgb32():
 def grey16():
     return Blobs(200, 0, shape=(1, 16, 16)), Blobs(60, 1, shape=(1, 16, 16))
 
-WIDTH = 8
+WIDTH = int(os.environ.get('BAD_FACTORIES_WIDTH', 8))   # the same code, another shape
 
 def net(input_shape, num_classes, width=None):
     return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(input_shape).prod()), width or WIDTH), nn.ReLU(),
@@ -117,17 +119,9 @@ def batchnorm(input_shape, num_classes):
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
+def user_module(user_module_from):
     """The factories above, importable as `badfactories` (as PYTHONPATH would make them), fresh for every test."""
-    folder = tmp_path / "pkg"
-    folder.mkdir()
-    (folder / f"{MODULE}.py").write_text(textwrap.dedent(FACTORIES))
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    plugins._user_splits.cache_clear()
-    yield folder / f"{MODULE}.py"
-    sys.modules.pop(MODULE, None)
-    plugins._user_splits.cache_clear()
+    return user_module_from(MODULE, FACTORIES)
 
 
 TINY = ["--epochs", "1", "--batch-size", "20", "--probe-every", "0", "--subset", "1", "--device", "cpu"]
@@ -297,12 +291,24 @@ def test_the_checks_pass_a_model_that_trains(user_module, tmp_path):
 
 
 # -- resuming with a model of another shape ------------------------------------------------------------------------
-def test_resuming_with_a_model_of_another_shape_is_one_line(user_module, tmp_path):
+def test_resuming_after_the_factory_changed_is_one_line_naming_it(user_module, tmp_path):
     cfg = RunConfig(model=f"{MODULE}:net", dataset=D, subset=1.0, epochs=1, batch_size=20, probe_every=0,
                     device="cpu", study="train")
     outcome = train_run(cfg, tmp_path / "results" / "train")
     (outcome.path / "done").unlink()      # killed just before `done`: resumable
-    user_module.write_text(user_module.read_text().replace("WIDTH = 8", "WIDTH = 12"))   # the factory changed
+    user_module.write_text(user_module.read_text() + "\n# edited\n")   # the factory's file changed
+    sys.modules.pop(MODULE, None)
+    result = _train(tmp_path, "--model", f"{MODULE}:net", "--dataset", D, "--resume")
+    message = result.output.strip()
+    assert result.exit_code != 0 and "changed since this run started" in message and str(user_module) in message
+
+
+def test_resuming_with_a_model_of_another_shape_is_one_line(user_module, tmp_path, monkeypatch):
+    cfg = RunConfig(model=f"{MODULE}:net", dataset=D, subset=1.0, epochs=1, batch_size=20, probe_every=0,
+                    device="cpu", study="train")
+    outcome = train_run(cfg, tmp_path / "results" / "train")
+    (outcome.path / "done").unlink()      # killed just before `done`: resumable
+    monkeypatch.setenv("BAD_FACTORIES_WIDTH", "12")   # the same code builds another shape (code.json cannot tell)
     sys.modules.pop(MODULE, None)
     result = _train(tmp_path, "--model", f"{MODULE}:net", "--dataset", D, "--resume")
     message = result.output.strip()
@@ -357,19 +363,20 @@ def test_resuming_a_tracked_loop_with_a_model_of_another_shape_is_one_line(tmp_p
     from experiments.store import StoreError
     x, y = torch.randn(20, 4), torch.arange(20) % 2
 
-    def model(width):
+    def model(width, out=2):
         torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, 2))
+        return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, out))
 
+    # the same class and number of parameters (37), so tracker.json cannot tell them apart: the weights do
     tracker = _tracker(tmp_path, model(5), x, y, x[:10], y[:10], eval_every=1)
     tracker.resume()
     tracker.end_epoch()
     tracker.checkpoint()
     tracker.close_files()                       # interrupted after its checkpoint
     with pytest.raises(StoreError) as info:
-        _tracker(tmp_path, model(6), x, y, x[:10], y[:10], eval_every=1).resume()
+        _tracker(tmp_path, model(2, out=9), x, y, x[:10], y[:10], eval_every=1).resume()
     message = str(info.value)
-    assert "do not fit the model given to the Tracker (0.weight is (5, 4) there, (6, 4) in the model;" in message
+    assert "do not fit the model given to the Tracker (0.weight is (5, 4) there, (2, 4) in the model;" in message
     assert "\n" not in message and "size mismatch" not in message
 
 

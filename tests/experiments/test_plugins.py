@@ -86,17 +86,9 @@ NOT_CALLABLE = 3
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
+def user_module(user_module_from):
     """A user package on sys.path (as PYTHONPATH puts it there), fresh for every test."""
-    folder = tmp_path / "pkg"
-    folder.mkdir()
-    (folder / f"{MODULE}.py").write_text(textwrap.dedent(FACTORIES))
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    plugins._user_splits.cache_clear()
-    yield folder / f"{MODULE}.py"
-    sys.modules.pop(MODULE, None)
-    plugins._user_splits.cache_clear()
+    return user_module_from(MODULE, FACTORIES)
 
 
 TINY = ["--epochs", "1", "--batch-size", "20", "--probe-every", "5", "--probe-steps", "2", "--sharpness-samples", "32",
