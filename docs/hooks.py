@@ -27,6 +27,10 @@ def on_config(config):
 PRESETS_MARKER = "<!-- presets -->"
 
 
+def _cell(text) -> str:
+    return str(text).replace("|", "\\|")   # a table cell cannot hold a bare |
+
+
 def presets_table() -> str:
     """One row per preset study: its name, runs, models, learning rates, seeds, passes, dataset and description."""
     from dataclasses import fields
@@ -41,12 +45,11 @@ def presets_table() -> str:
         base = study.base
         changed = ", ".join(f"`{f.name}={getattr(base, f.name)}`" for f in fields(base)
                             if f.name not in shown and getattr(base, f.name) != getattr(default, f.name))
-        seeds = study.seeds
-        seeds = f"{seeds[0]}–{seeds[-1]}" if list(seeds) == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
-        cell = lambda text: str(text).replace("|", "\\|")   # noqa: E731
+        s = list(study.seeds)
+        seeds = f"{s[0]}–{s[-1]}" if s == list(range(s[0], s[-1] + 1)) else ", ".join(map(str, s))
         rows.append(f"| `{name}` | {len(study.runs())} | {', '.join(study.models)} | "
                     f"{', '.join(f'{lr:g}' for lr in study.lrs)} | {seeds} | {base.epochs} | {base.dataset} | "
-                    f"{cell(changed) or '–'} | {cell(DESCRIPTIONS[name])} |")
+                    f"{_cell(changed) or '–'} | {_cell(DESCRIPTIONS[name])} |")
     return "\n".join(rows) + "\n"
 
 

@@ -47,7 +47,7 @@ def test_the_site_builds_strictly(tmp_path):
 @pytest.mark.parametrize("page, complaint", [
     ("See [the report](no-such-page.md).\n", "no-such-page.md"),
     ("::: smoothness.no_such_estimator\n", "smoothness.no_such_estimator"),
-    ("::: smoothness.line_probe\n\nSee [the estimator][smoothness.no_such_estimator].\n", "smoothness.no_such_estimator"),
+    ("::: smoothness.line_probe\n\nSee [it][smoothness.no_such_estimator].\n", "smoothness.no_such_estimator"),
 ])
 def test_strict_fails_on_a_broken_link_and_on_a_vanished_api_object(tmp_path, page, complaint):
     docs = tmp_path / "docs"
