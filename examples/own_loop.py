@@ -29,9 +29,9 @@ model = nn.Sequential(
     nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
 optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
-# What the run is (its config.json) and what to measure. "convnet" is the closest registered model: config.json
-# names a registered model; tracker.json keeps model_label and the model's class.
-config = run_config(optimizer, study="own-loop", model="convnet", dataset="fashion-mnist", subset=0.1, seed=SEED,
+# What the run is (its config.json) and what to measure. The network is taken as it is: the run is named after its
+# class; tracker.json keeps model_label, the class and the normalisation found in its layers.
+config = run_config(optimizer, study="own-loop", dataset="fashion-mnist", subset=0.1, seed=SEED,
                     batch_size=BATCH, epochs=EPOCHS, sampling="shuffle",
                     probe_every=20, probe_direction="update")   # line probe along the step SGD takes, every 20 steps
 tracker = Tracker(STUDY, model, F.cross_entropy, optimizer, train_data=(x, y), test_data=(data.x_test, data.y_test),

@@ -36,14 +36,18 @@ __all__ = ["SmoothnessCallback"]
 
 
 class SmoothnessCallback(pl.Callback):
-    """Records the built-in loop's measurements of a Lightning training run into ``root/<config.run_id>``."""
+    """Records the built-in loop's measurements of a Lightning training run into ``root/<run id>``, the run named
+    after the LightningModule's class (``config.model`` is replaced by its import string)."""
 
     def __init__(self, root, config: RunConfig, *, train_data, test_data, loss_fn: Callable = F.cross_entropy,
-                 model_label: Optional[str] = None, dataset_label: Optional[str] = None):
+                 model_label: Optional[str] = None, dataset_label: Optional[str] = None,
+                 model_args: Optional[dict] = None):
         super().__init__()
         self.root, self.config, self.loss_fn = Path(root), config, loss_fn
         self.train_data, self.test_data = train_data, test_data
-        self.labels = {"model_label": model_label, "dataset_label": dataset_label}
+        # the run is named after the LightningModule's class (experiments.tracker.own_model_config), model_args the
+        # keyword arguments that build it again (smoothness-lab surface rebuilds it from its import string)
+        self.labels = {"model_label": model_label, "dataset_label": dataset_label, "model_args": model_args}
         self.tracker: Optional[Tracker] = None
 
     def on_train_start(self, trainer, pl_module) -> None:

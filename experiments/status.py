@@ -23,6 +23,9 @@ interrupted    started but neither finished nor failed, and no live process hold
                it if the lock is not visible from here).
 not started    expected by the study's ``study.json`` grids (or its directory holds nothing yet).
 =============  ===================================================================================================
+
+Each run's line ends with the features that wrote records in it (``features: evaluation, probe, ...``), read from the
+feature registry, so a feature registered from outside the package is listed too.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ import click
 from experiments import store
 from experiments.config import ConfigError, RunConfig, StudyConfig
 from experiments.store import RunState, StoreError, is_locked, read_code
+from experiments.study import identity_problem
 from experiments.study_files import STUDY_JSON, read_json
 
 STATES = RunState.ON_DISK
@@ -76,9 +80,8 @@ def _read_config(run_dir: Path) -> Tuple[Optional[dict], Optional[str]]:
         return None, f"{store.CONFIG}: {exc}"
     except _READ_ERRORS as exc:
         return None, f"{store.CONFIG}: {type(exc).__name__}: {exc}"
-    if data.get("run_id") not in (None, run_dir.name):
-        return None, f"{store.CONFIG}: it is the config of run {data['run_id']}, not of {run_dir.name}"
-    return data, None
+    problem = identity_problem(run_dir, data)   # the check every study command makes (experiments.study)
+    return (None, problem) if problem else (data, None)
 
 
 def _read_records(run_dir: Path, done: bool) -> Tuple[List[dict], Optional[str]]:
@@ -159,11 +162,29 @@ def _code_note(run_dir: Path) -> str:
             + (f"; its code {', '.join(missing)} is not on PYTHONPATH: unchecked" if missing else ""))
 
 
+def features_written(run_dir: Path) -> List[str]:
+    """The registered features (``experiments.features.FEATURES``, those registered from outside the package too)
+    that wrote records in the run: each feature's record kinds (``Feature.kinds``) against the kinds present."""
+    from experiments.features import FEATURES
+    path = store.records_path(run_dir)
+    try:
+        kinds = {r.get("kind") for r in store.iter_records(path, torn_tail="skip")} if path.exists() else set()
+    except StoreError:
+        return []
+    return [f.name for f in list(FEATURES.values()) if kinds & set(f.kinds)]
+
+
+def _with_features(run_dir: Path, state: str, detail: str) -> Tuple[str, str]:
+    names = features_written(run_dir) if state != RunState.NOT_STARTED else []
+    note = f"features: {', '.join(names)}" if names else ""
+    return state, "; ".join(x for x in (detail, note) if x)
+
+
 def _study_rows(study_dir: Path) -> Tuple[List[tuple], List[str]]:
     found = sorted(p.name for p in study_dir.iterdir() if store.is_run_dir(p))
     expected, warnings = _expected_runs(study_dir)
     ids = found + [r for r in expected if r not in found]
-    return [(r, *run_info(study_dir / r)) for r in ids], warnings
+    return [(r, *_with_features(study_dir / r, *run_info(study_dir / r))) for r in ids], warnings
 
 
 def _print_study(rows: List[tuple]) -> None:

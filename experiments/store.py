@@ -61,7 +61,8 @@ __all__ = ["StoreError", "RunFinished", "RunState", "RunStore", "RecordsCheck", 
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
            "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
            "run_files", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
-           "event_fields", "run_log_handler", "weights_file", "load_weights", "run_lock", "is_locked"]
+           "event_fields", "run_log_handler", "weights_file", "load_weights", "run_lock", "is_locked",
+           "read_tracker_info", "read_dataset_info"]
 
 log = logging.getLogger(__name__)
 
@@ -882,3 +883,13 @@ def is_locked(run_dir: Path) -> bool:
 def read_code(run_dir) -> Optional[dict]:
     """The run's ``code.json`` (written by `RunStore.begin`), or None when it has none or it does not parse."""
     return _read_json_object(Path(run_dir) / CODE)
+
+
+def read_tracker_info(run_dir) -> Optional[dict]:
+    """The run's ``tracker.json`` (a loop tracked by ``experiments.Tracker``), or None."""
+    return _read_json_object(Path(run_dir) / TRACKER)
+
+
+def read_dataset_info(run_dir) -> Optional[dict]:
+    """The run's ``dataset.json`` (what data it read), or None."""
+    return _read_json_object(Path(run_dir) / DATASET)

@@ -49,16 +49,17 @@ one. ``target_train_loss`` is refused: stopping at the target needs the loop's c
 
 What the run is, in config.json
 -------------------------------
-``config`` is a `RunConfig` (`run_config` builds one from the optimizer): the study name (``study``), the model
-and dataset names, lr, seed, batch size, epochs, and the tracking options (``probe_every``, ``probe_direction``,
-``eval_every``, ``sharpness_every``, ``spectrum_every``, ...), with the meanings they have for ``smoothness-lab
-run``. Until RunConfig takes ``MODULE:FACTORY`` import strings, ``model`` and ``dataset`` must be names of the
-registries (``experiments.models.MODELS``, ``experiments.data.DATASETS``): the run id is ``<model>-lr<lr>-s<seed>-
-<hash>`` and every command reads the run. For a network or dataset of one's own, name the closest registered
-one (``norm`` saying whether it normalises), give an explicit ``study`` name, and pass ``model_label`` /
-``dataset_label``: they go, with the model's class and parameter count and the data's sizes, into ``tracker.json``
-beside config.json. ``smoothness-lab surface`` rebuilds the registered model from config.json, so it works only
-when the network *is* that model (same parameter names and shapes); it refuses other weights, saying so.
+``config`` is a `RunConfig` (`run_config` builds one from the optimizer): the study name (``study``), the dataset
+name, lr, seed, batch size, epochs, and the tracking options (``probe_every``, ``probe_direction``, ``eval_every``,
+``sharpness_every``, ``spectrum_every``, ...), with the meanings they have for ``smoothness-lab run``. The network is
+taken as it is (`own_model_config`): when ``config.model`` names a registered network and the model is that network
+(same class, parameter names and shapes), the run is that model's; otherwise ``model`` becomes the import string of
+the network's class (``mymodule:Net``; the run id ``mymodule.Net-lr<lr>-s<seed>-<hash>``), ``norm`` is left to the
+network, and ``model_args`` (a Tracker argument) are the keyword arguments that build it again. tracker.json records
+the class, the parameter count and the normalisation found in the network (``"batch"`` or ``"none"``: the BN axis of
+the analyses). ``smoothness-lab surface`` (and every command that rebuilds a run, `experiments.study.rebuild`) builds
+``Net(**model_args)`` from the import string: the class must be importable (a module on PYTHONPATH, not a script's
+``__main__``), or the command says so in one line.
 
 The tracker never touches the user's RNG streams: the local-smoothness minibatch is drawn from its own generator
 (seeded with ``config.seed``; pass ``generator=`` to draw from yours instead), the fixed measurement samples come
@@ -88,6 +89,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from contextlib import ExitStack
 from pathlib import Path
@@ -99,7 +101,10 @@ from torch import nn
 import smoothness
 
 from experiments import optim
+from experiments import plugins
+from experiments.models import MODELS, build_model
 from experiments.normalization import batch_coupled
+from experiments.study import normalization_of
 from experiments.config import ConfigError, RunConfig
 from experiments.data import Dataset
 from experiments.input_checks import frozen_or_empty, missing_linear, non_finite, single_class, weights_mismatch
@@ -108,7 +113,7 @@ from experiments.plugins import tensor_fingerprint
 from experiments.store import DATASET, TRACKER, RunStore, StoreError, run_lock, timing_of
 from experiments.training import build_measurements, sample_order
 
-__all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields"]
+__all__ = ["Tracker", "StepRecorder", "run_config", "optimizer_fields", "own_model_config", "model_name"]
 
 #: torch optimizer classes RunConfig can describe, by its ``optimizer`` name
 OPTIMIZER_NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
@@ -134,6 +139,44 @@ def run_config(optimizer: torch.optim.Optimizer, **fields) -> RunConfig:
     """A RunConfig for a tracked loop: the optimizer's fields (`optimizer_fields`) and ``fields`` (study, model,
     dataset, seed, batch_size, epochs, the tracking options, ...)."""
     return RunConfig(**{**optimizer_fields(optimizer), **fields})
+
+
+def class_import_string(model: nn.Module) -> str:
+    """``module:QualName`` of the network's class: the run's ``model`` when the network is not a registered one."""
+    cls = type(model)
+    name = cls.__qualname__ if cls.__qualname__.isidentifier() else cls.__name__   # a nested or local class
+    return f"{cls.__module__}:{name}"
+
+
+def model_name(model: str) -> str:
+    """The label of a run's model: a registered name as it is, an import string by its class (``mymod:Net`` ->
+    ``Net``)."""
+    return model.rpartition(":")[2] if model not in MODELS and ":" in model else model
+
+
+def _is_registered(model: nn.Module, name: str, norm, input_shape, num_classes: int) -> bool:
+    """Whether ``model`` is the registered network ``name`` (same class, same parameter names and shapes)."""
+    if name not in MODELS:
+        return False
+    try:
+        ref = build_model(name, norm=norm, input_shape=input_shape, num_classes=num_classes)
+    except (ValueError, RuntimeError):
+        return False
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    return type(ref) is type(model) and shapes(ref) == shapes(model)
+
+
+def own_model_config(cfg: RunConfig, model: nn.Module, input_shape, num_classes: int,
+                     model_args: Optional[dict] = None) -> RunConfig:
+    """The config of a tracked run of ``model`` as it is: unchanged when ``cfg.model`` names a registered network
+    that ``model`` is; otherwise ``model`` becomes the import string of the network's class (``module:QualName``,
+    so the run is named after it and `experiments.study.rebuild` builds it as ``QualName(**model_args)``) and
+    ``norm`` is left to the network (read from its layers into tracker.json)."""
+    if model_args is None and _is_registered(model, cfg.model, cfg.norm, input_shape, num_classes):
+        return cfg
+    if plugins.is_user_model(cfg.model) and not model_args and cfg.model == class_import_string(model):
+        return cfg
+    return dataclasses.replace(cfg, model=class_import_string(model), norm=None, model_args=dict(model_args or {}))
 
 
 def _tensors(data, what: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -183,17 +226,19 @@ class Tracker:
 
     def __init__(self, root, model: nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, *,
                  train_data, test_data, config: RunConfig, model_label: Optional[str] = None,
-                 dataset_label: Optional[str] = None, generator: Optional[torch.Generator] = None):
+                 dataset_label: Optional[str] = None, generator: Optional[torch.Generator] = None,
+                 model_args: Optional[dict] = None):
         if not isinstance(config, RunConfig):
             raise TypeError(f"config must be an experiments.config.RunConfig (see experiments.tracker.run_config), got "
                             f"{type(config).__name__}")
-        self.config = cfg = config
+        (x, y), (xt, yt) = _tensors(train_data, "train_data"), _tensors(test_data, "test_data")
+        self.config = cfg = own_model_config(config, model, tuple(x.shape[1:]), int(max(int(y.max()), int(yt.max())))
+                                             + 1 if not y.is_floating_point() else 0, model_args)
         self.model, self.optimizer, self.loss_fn = model, optimizer, _functional(loss_fn)
         self._check(cfg, model, optimizer)
         self.device = next(model.parameters()).device
-        (x, y), (xt, yt) = _tensors(train_data, "train_data"), _tensors(test_data, "test_data")
         self._check_inputs(x, y, xt)
-        self.labels = {"model": model_label or cfg.model, "dataset": dataset_label or cfg.dataset}
+        self.labels = {"model": model_label or model_name(cfg.model), "dataset": dataset_label or cfg.dataset}
         self.data = Dataset(name=cfg.dataset, x_train=x.to(self.device), y_train=y.to(self.device),
                             x_test=xt.to(self.device), y_test=yt.to(self.device), input_shape=tuple(x.shape[1:]),
                             num_classes=int(max(int(y.max()), int(yt.max())) + 1) if not y.is_floating_point() else 0,
@@ -242,7 +287,7 @@ class Tracker:
                                              if getattr(cfg, "generalization_every", 0) else None)
         if problem:
             raise ConfigError(f"the model {problem}")
-        if batch_coupled(model) and cfg.norm == "none":
+        if cfg.model in MODELS and batch_coupled(model) and cfg.norm == "none":
             raise ConfigError(f"the model normalises with batch statistics but the config says norm='none' "
                               f"(model {cfg.model!r}); name a normalising model or norm (e.g. norm='torch') so that "
                               f"config.json and the BN-mode measurements say what was trained")
@@ -280,6 +325,7 @@ class Tracker:
                 "dataset_label": self.labels["dataset"],
                 "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
                 "parameters": sum(p.numel() for p in self.model.parameters()),
+                "normalization": normalization_of(self.model),
                 "optimizer_class": type(self.optimizer).__name__}}, init_state)
         except BaseException:
             self.close_files()

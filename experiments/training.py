@@ -175,6 +175,9 @@ def train_run(cfg: RunConfig, results_root: Path, *, resume: bool = False, data_
 
     torch.manual_seed(cfg.seed)
     model = plugins.build_run_model(cfg, data).to(device)
+    if provenance[CODE] and "model" in provenance[CODE]:   # the BN axis of a user's network, read from its layers
+        from experiments.study import normalization_of
+        provenance[CODE]["model"]["normalization"] = normalization_of(model)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # the same on resume: same seed
     optimizer, scheduler = make_optimizer(cfg, model, total)
     sampler = torch.Generator().manual_seed(cfg.seed)

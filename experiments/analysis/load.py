@@ -4,7 +4,9 @@ A study directory holds one directory per run (``config.json`` + ``records.jsonl
 through ``experiments.store`` (the one reader of run directories); its StoreErrors become AnalysisErrors here.
 ``load`` melts every numeric field of every record into one long-form row; ``load_runs`` gives one row per run.
 Unfinished and diverged runs are kept and flagged in ``status``; nothing is dropped silently: a directory that holds
-run files but no config.json stops the analysis with its name, and a malformed line stops it with ``file:line``.
+run files but no config.json stops the analysis with its name, a malformed line stops it with ``file:line``, and a
+folder that is not the run its name says (a copy) or a finished run whose records were cut is left out and named
+(``experiments.study``). `read_study` is the one loader every study command uses.
 
 ``model`` is the group a run is averaged in: the model label (``convnet``, ``convnet:noisy``), followed by
 ``[variant]`` when the folder holds several configurations (``pairing``); ``options`` identifies the configuration
@@ -142,17 +144,31 @@ def _run_dirs(root: Path) -> list[Path]:
     return runs
 
 
-def read_study(results_dir) -> list[RunData]:
-    """Parse every run directory of a study (or a single run directory)."""
+def read_study(results_dir, notify=None) -> list[RunData]:
+    """Parse every run directory of a study (or a single run directory): the one reading of a study that every
+    study command uses. Left out, each named through ``notify(message)`` (default: a warning): folders that do not
+    hold the run their name says (a copied run folder: `experiments.study.identity_problem`) and finished runs
+    whose records were cut or changed since they finished (`experiments.study.records_problem`)."""
+    from experiments.study import identity_problem, records_problem
+    say = notify if notify is not None else (lambda message: warnings.warn(message, stacklevel=3))
     runs = []
     for d in _run_dirs(Path(results_dir)):
+        config = _read_config(d)
+        problem = identity_problem(d, config)
         done = store.is_done(d)
+        if problem is None and done:
+            problem = records_problem(d)
+        if problem is not None:
+            say(f"left out {d.name}: {problem}")
+            continue
         records, lines = _read_records(d, done)
-        run = RunData(d, _read_config(d), records, done, lines=lines)
+        run = RunData(d, config, records, done, lines=lines)
         if not run.records:
-            warnings.warn(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only",
-                          stacklevel=2)
+            say(f"{d}: run has no records yet (status {run.status}); it appears in load_runs only")
         runs.append(run)
+    if not runs:
+        raise AnalysisError(f"{results_dir}: every run directory was left out (see the messages above); nothing to "
+                            f"analyse")
     for run, variant in zip(runs, variant_labels([r.config for r in runs])):
         run.variant = variant
     return runs
@@ -245,6 +261,21 @@ def select(df: pd.DataFrame, kind: str, metric: str, bn_mode: str | None = None)
 def model_order(models) -> list[str]:
     """Models sorted with each no-norm baseline just before its "bn-" variant: convnet, bn-convnet, mlp, ..."""
     return sorted(set(models), key=lambda m: (m.removeprefix("bn-"), m.startswith("bn-")))
+
+
+def network_family(label: str) -> str:
+    """The network a group label names, without its BN prefix, norm, variant or lr label: ``bn-convnet [epochs=2]``,
+    ``convnet:noisy, η=0.1`` -> ``convnet``."""
+    return label.split(" [")[0].split(", η=")[0].removeprefix("bn-").split(":")[0]
+
+
+def family_pairs(models) -> list[tuple[str, str]]:
+    """(first, other) for every model after the first of its network family, in ``model_order``: the comparisons
+    of a study (convnet vs bn-convnet, mlp vs bn-mlp; never bn-mlp vs convnet)."""
+    families: dict[str, list[str]] = {}
+    for m in model_order(models):
+        families.setdefault(network_family(m), []).append(m)
+    return [(group[0], other) for group in families.values() for other in group[1:]]
 
 
 def bn_mode_of(df: pd.DataFrame, kind: str, metric: str) -> str:

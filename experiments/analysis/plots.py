@@ -95,7 +95,7 @@ def plot_study(results_dir, out_dir=None, smooth: int = SMOOTH, include_unfinish
 
     ``include_unfinished`` admits unfinished runs to the bold means, as the report's option of the same name does.
     """
-    study = read_study(results_dir)  # raises AnalysisError before anything is written
+    study = read_study(results_dir, notify)  # raises AnalysisError before anything is written
     df, runs = records_frame(study), runs_frame(study)
     if df.empty:
         raise AnalysisError(f"{results_dir}: no run has any records yet; nothing to plot")

@@ -56,7 +56,8 @@ def test_a_lightning_run_writes_the_records_and_the_report_reads_them(tmp_path):
     trainer = pl.Trainer(max_epochs=CFG.epochs, enable_progress_bar=False, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, accelerator="cpu", callbacks=[callback])
     trainer.fit(_module(CFG), loader)
-    run = tmp_path / CFG.run_id
+    run = callback.tracker.store.dir
+    assert run.parent == tmp_path and run.name.split("-lr")[0].endswith(".Classifier")  # the module's class names it
     records = read_records(run / "records.jsonl")
     per_epoch = len(loader)
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(2 * per_epoch))

@@ -203,7 +203,8 @@ def test_train_records_sha256_and_status_says_code_changed(user_module, tmp_path
         M, {"width": 4}, D, {}, None)
     sha = hashlib.sha256(user_module.read_bytes()).hexdigest()
     code = json.loads((run / "code.json").read_text())
-    assert code["model"] == {"import": M, "file": str(user_module.resolve()), "sha256": sha}
+    assert code["model"] == {"import": M, "file": str(user_module.resolve()), "sha256": sha,
+                             "normalization": "none"}   # read from the network's layers: the BN axis
     assert code["dataset"]["sha256"] == sha
     info = json.loads((run / "dataset.json").read_text())
     assert (info["source"], info["n_train"], info["n_test"], info["standardisation"]) == ("import", 200, 60, "none")

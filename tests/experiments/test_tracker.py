@@ -202,10 +202,11 @@ def test_divergence_writes_the_diverged_record_and_finishes_the_run(tmp_path):
                 opt.step()
                 s.record(loss * (float("nan") if t == 3 else 1.0))
         tracker.end_epoch()   # step records are written in bulk: here the loss of step 3 is seen
-    records = read_records(tmp_path / cfg.run_id / "records.jsonl")
+    run = tmp_path / tracker.config.run_id   # named after the network's class (nn.Sequential), not "mlp"
+    records = read_records(run / "records.jsonl")
     assert [r["step"] for r in records if r["kind"] == "step"] == [0, 1, 2]
     assert records[-1]["kind"] == "diverged" and records[-1]["step"] == 3
-    assert (tmp_path / cfg.run_id / "done").exists() and tracker.finished
+    assert (run / "done").exists() and tracker.finished
 
 
 def test_every_command_reads_a_tracked_run(tmp_path):
@@ -238,6 +239,6 @@ def test_map_style_datasets_and_loss_modules_are_accepted(tmp_path):
             opt.step()
             s.record(loss)
         tracker.end_epoch()
-    records = read_records(tmp_path / cfg.run_id / "records.jsonl")
+    records = read_records(tmp_path / tracker.config.run_id / "records.jsonl")
     assert [r["kind"] for r in records] == ["eval", "smoothness", "probe", "step", "eval", "smoothness"]
     assert records[3]["accuracy"] is None   # no outputs given: no accuracy

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from experiments.commands import out_option, results_dir_argument, write_and_list
+from experiments.commands import notify, out_option, results_dir_argument, write_and_list
 
 
 @click.command("generalization")
@@ -18,4 +18,4 @@ def generalization_command(ctx, results_dir, out_dir, resamples):
     --generalization-every, e.g. `smoothness-lab run --study generalization`): generalization.md/.csv with
     Kendall's τ over all runs, Ψ over the hyper-parameter axes, τ within each learning rate, and two figures."""
     from experiments.features.generalization.table import write_generalization
-    write_and_list(ctx, lambda: write_generalization(results_dir, out_dir, n_resamples=resamples))
+    write_and_list(ctx, lambda: write_generalization(results_dir, out_dir, n_resamples=resamples, notify=notify))

@@ -61,7 +61,7 @@ def per_layer_table(results_dir, notify=None) -> pd.DataFrame:
     """One row per per_layer record of the finished runs: run identity, epoch, module, layer, matrix, the numbers.
     ``notify(message)`` is told which runs are left out (unfinished or diverged)."""
     rows = []
-    for run in read_study(results_dir):
+    for run in read_study(results_dir, notify):
         fields = run_fields(run)
         seen = {}
         for r, line in zip(run.records, run.lines):

@@ -20,14 +20,14 @@ import pandas as pd
 
 from experiments.features.per_layer.compute import WHOLE
 from experiments.analysis import stats as st
-from experiments.analysis.load import model_order
+from experiments.analysis.load import family_pairs, model_order
 from experiments.analysis.report import compare_groups
 from experiments.analysis.tables import fmt, fmt_p, md_table
 
 METRICS = (("lambda_H", "λ_max(H)"), ("lambda_G", "λ_max(G)"), ("trace_H", "tr(H)"), ("trace_G", "tr(G)"),
            ("trace_rest", "tr(H − G)"))
 HEADER = ["layer", "metric", "a", "b", "pairs", "mean of b − a", "95% CI", "p (paired t)", "p (Holm)", "d_z"]
-_RUN = ["run", "model", "lr", "seed", "options"]
+_RUN = ["run", "model", "lr", "seed", "variant", "options"]
 # λ_max(H_BB) and λ_max(G_BB) of a block where H_BB = G_BB come out of float32 products by two routes (double
 # backward, jvp + vjp) and differ by ~1e-8 relative; differences within this fraction count as none
 ROUNDING = 1e-5
@@ -66,22 +66,30 @@ def _rows(cases) -> list[list[str]]:
 
 
 def comparison_markdown(table: pd.DataFrame) -> str:
-    """The two families of paired tests at the last epoch as markdown sections ("" when nothing compares)."""
+    """The two families of paired tests at the last epoch as markdown sections ("" when nothing compares). Runs of
+    different configurations (``variant``: options other than model, lr and seed) are never compared or pooled:
+    each variant gets its own families, at its own last epoch."""
+    variants = list(dict.fromkeys(table["variant"])) if "variant" in table else [""]
+    return "\n".join(_variant_markdown(table[table["variant"] == v] if "variant" in table else table, v)
+                     for v in variants)
+
+
+def _variant_markdown(table: pd.DataFrame, variant: str) -> str:
     epoch = last_epoch(table)
     runs = per_run(table, epoch)
     networks, within = [], []
     for _, at_lr in runs.groupby("lr"):
         models = model_order(at_lr["model"])
         of = {m: at_lr[at_lr["model"] == m] for m in models}
-        for other in models[1:]:
-            shared = [lay for lay in dict.fromkeys(of[models[0]]["layer"]) if lay != WHOLE
+        for first, other in family_pairs(models):
+            shared = [lay for lay in dict.fromkeys(of[first]["layer"]) if lay != WHOLE
                       and lay in set(of[other]["layer"])]
             for layer in shared:
-                a, b = (of[m][of[m]["layer"] == layer] for m in (models[0], other))
-                networks += [(layer, label, models[0], other, a, b, column) for column, label in METRICS
+                a, b = (of[m][of[m]["layer"] == layer] for m in (first, other))
+                networks += [(layer, label, first, other, a, b, column) for column, label in METRICS
                              if column in a.columns]
-            a, b = (of[m][of[m]["layer"] == WHOLE] for m in (models[0], other))
-            networks.append(("whole", "λ_min(H)", models[0], other, a, b, "lambda_min"))
+            a, b = (of[m][of[m]["layer"] == WHOLE] for m in (first, other))
+            networks.append(("whole", "λ_min(H)", first, other, a, b, "lambda_min"))
         for model in models:
             for layer in dict.fromkeys(of[model]["layer"]):
                 if layer == WHOLE:
@@ -93,10 +101,13 @@ def comparison_markdown(table: pd.DataFrame) -> str:
                 within.append((layer, "λ_max: H − G", f"{model} G", f"{model} H", rows.assign(value=g),
                                rows.assign(value=h), "value"))
     out = []
-    for title, cases in ((f"BatchNorm: each network − {model_order(runs['model'])[0]}, paired by seed", networks),
+    of_variant = f" ({variant})" if variant else ""
+    models = model_order(runs["model"])
+    bases = list(dict.fromkeys(a for a, _ in family_pairs(models))) or models[:1]
+    for title, cases in ((f"BatchNorm: each network − {', '.join(bases)}, paired by seed", networks),
                          ("H vs G: λ_max of the Hessian block − λ_max of the GGN block, same run", within)):
         if cases:
-            out += [f"## Paired tests at epoch {epoch}: {title}", "", *md_table(HEADER, _rows(cases)), ""]
+            out += [f"## Paired tests at epoch {epoch}{of_variant}: {title}", "", *md_table(HEADER, _rows(cases)), ""]
     if out:
         out = ["Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and options "
                "(a Welch test, labelled, where fewer than 2 pairs exist); 95% CI: paired t-interval.", ""] + out

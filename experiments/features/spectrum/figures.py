@@ -67,7 +67,7 @@ def spectrum_table(results_dir, notify=None) -> pd.DataFrame:
     """One row per spectrum record: run identity, epoch, bn_mode, scalars, and the record itself.
     ``notify(message)`` is told which runs are left out (unfinished or diverged)."""
     rows = []
-    for run in read_study(results_dir):
+    for run in read_study(results_dir, notify):
         fields = run_fields(run)
         for r in _spectrum_records(run):
             rows.append({**fields, "epoch": int(r["epoch"]), "bn_mode": r["bn_mode"],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pandas as pd
 
 from experiments.analysis import stats as st
-from experiments.analysis.load import model_order
+from experiments.analysis.load import family_pairs, model_order
 from experiments.analysis.report import compare_groups
 from experiments.analysis.tables import fmt, fmt_p, md_table
 
@@ -45,19 +45,25 @@ def _rows(cases) -> list[list[str]]:
 
 
 def comparison_markdown(table: pd.DataFrame) -> str:
-    """The two families of paired tests as markdown sections (empty string when nothing can be compared)."""
+    """The two families of paired tests as markdown sections (empty string when nothing can be compared). Runs of
+    different configurations (``variant``) are never compared or pooled: each variant gets its own families."""
+    if "variant" not in table:
+        return _variant_markdown(table, "")
+    return "\n".join(_variant_markdown(table[table["variant"] == v], v) for v in dict.fromkeys(table["variant"]))
+
+
+def _variant_markdown(table: pd.DataFrame, variant: str) -> str:
     t = table.assign(outlier_ratio=table["lambda_max"] / table["lambda_k"],
                      bulk_ratio=table["lambda_max"] / table["rms_eigenvalue"])
     epochs = _epochs(t)
     networks, population = [], []
     for _, at_lr in t.groupby("lr"):
         batch = at_lr[at_lr["bn_mode"] == "batch"]
-        models = model_order(batch["model"])
         for epoch in epochs:
-            ref = batch[(batch["model"] == models[0]) & (batch["epoch"] == epoch)]
-            for other in models[1:]:
+            for first, other in family_pairs(batch["model"]):
+                ref = batch[(batch["model"] == first) & (batch["epoch"] == epoch)]
                 b = batch[(batch["model"] == other) & (batch["epoch"] == epoch)]
-                networks += [(epoch, m, models[0], other, ref, b) for m in METRICS]
+                networks += [(epoch, m, first, other, ref, b) for m in METRICS]
             for model in model_order(at_lr["model"]):
                 rows = at_lr[(at_lr["model"] == model) & (at_lr["epoch"] == epoch)]
                 if {"batch", "running"} <= set(rows["bn_mode"]):
@@ -65,10 +71,11 @@ def comparison_markdown(table: pd.DataFrame) -> str:
                                     rows[rows["bn_mode"] == "batch"], rows[rows["bn_mode"] == "running"])
                                    for m in METRICS]
     out = []
+    of_variant = f" ({variant})" if variant else ""
     for title, cases in (("Networks (train-mode Hessian)", networks),
                          ("Population statistics (same weights, running − batch)", population)):
         if cases:
-            out += [f"## Paired tests: {title}", "", *md_table(HEADER, _rows(cases)), ""]
+            out += [f"## Paired tests{of_variant}: {title}", "", *md_table(HEADER, _rows(cases)), ""]
     if out:
         out = ["Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and options "
                "(a Welch test, labelled, where fewer than 2 pairs exist).", ""] + out

@@ -233,19 +233,15 @@ def load_state(path: Path) -> Tuple[dict, str]:
 
 def check_weights(cfg: RunConfig, path: Path, state: dict, input_shape, num_classes: int) -> None:
     """Refuse, in this process and before any work, weights that do not fit the run's model (another model's file)."""
-    try:
-        build_run_model(cfg, state, input_shape, num_classes)
-    except RuntimeError as exc:
-        lines = str(exc).splitlines()
-        first = (lines[1] if len(lines) > 1 else lines[0]).strip()[:200]
-        raise SurfaceError(f"{path} does not hold weights of this run's model ({cfg.model}, norm {cfg.norm}): "
-                           f"{first}; it belongs to another run: restore the run's own file, or retrain it") \
-            from None
+    build_run_model(cfg, state, input_shape, num_classes, source=path)
 
 
-def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> Tuple[torch.Tensor, torch.Tensor]:
-    from experiments.data import load_dataset
-    data = load_dataset(cfg.dataset, subset=cfg.subset, seed=cfg.seed, data_dir=data_dir)
+def evaluation_batch(data, samples: int, data_dir: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``samples`` training images of the run's data in a fixed order; ``data``: the run's Dataset, or its RunConfig
+    (the data then read through ``experiments.study.run_data``)."""
+    if isinstance(data, RunConfig):
+        from experiments.study import run_data
+        data = run_data(data, data_dir)
     n = data.x_train.shape[0]
     if samples > n:
         raise SurfaceError(f"--samples {samples} exceeds the run's training subset ({n} images); "
@@ -254,30 +250,36 @@ def evaluation_batch(cfg: RunConfig, samples: int, data_dir: Optional[str]) -> T
     return data.x_train[idx], data.y_train[idx]
 
 
-def build_run_model(cfg: RunConfig, state: dict, input_shape, num_classes: int) -> torch.nn.Module:
-    from experiments.models import build_model
-    model = build_model(cfg.model, norm=cfg.norm, input_shape=input_shape, num_classes=num_classes,
-                        naive_init=cfg.naive_init)
-    model.load_state_dict(state)
-    return model
+def build_run_model(cfg: RunConfig, state: dict, input_shape, num_classes: int, source="the weights"):
+    """The run's network with ``state`` loaded (``experiments.study.model_for``: built-in, import-string and tracked
+    runs alike)."""
+    from experiments.study import RebuildError, model_for
+    try:
+        return model_for(cfg, input_shape, num_classes, state, source)
+    except RebuildError as exc:
+        raise SurfaceError(str(exc)) from None
 
 
 # -- jobs: everything a worker needs for one run -------------------------------------------------------------------
 def prepare_job(run_dir: Path, spec: SurfaceSpec, data_dir: Optional[str] = None) -> Tuple[dict, dict]:
     """(job, identity): the job holds tensors only (it travels to workers); the identity goes into the file."""
-    from experiments.data import DATASETS
+    from experiments.study import RebuildError, run_data
     cfg = read_run_config(run_dir)
-    ds = DATASETS[cfg.dataset]
+    try:
+        data = run_data(cfg, data_dir)
+    except RebuildError as exc:
+        raise SurfaceError(f"{run_dir}: {exc}") from None
+    input_shape, num_classes = tuple(data.input_shape), data.num_classes
     epochs = ("init", "final") if spec.kind == "interpolation" else (spec.epoch,)
     states, shas = {}, {}
     for epoch in epochs:
         path = weights_file(run_dir, epoch)
         states[epoch], shas[epoch] = load_state(path)
-        check_weights(cfg, path, states[epoch], ds.input_shape, ds.num_classes)
+        check_weights(cfg, path, states[epoch], input_shape, num_classes)
     state = states[epochs[-1]]
     weights = {"start": states["init"]} if spec.kind == "interpolation" else {}
-    x, y = evaluation_batch(cfg, spec.samples, data_dir)
-    job = {"model": cfg.to_dict(), "input_shape": tuple(ds.input_shape), "num_classes": ds.num_classes,
+    x, y = evaluation_batch(data, spec.samples)
+    job = {"model": cfg.to_dict(), "input_shape": input_shape, "num_classes": num_classes,
            "x": x, "y": y, "spec": dataclasses.asdict(spec), "state": state, **weights}
     identity = {**dataclasses.asdict(spec), "run": cfg.run_id, "model": cfg.model, "norm": cfg.norm,
                 "loss": cfg.loss, "seed": cfg.seed, "lr": cfg.lr, "sample_seed": SAMPLE_SEED, "chunk": CHUNK, "weights_sha256": shas}
