@@ -1,10 +1,11 @@
-# The two commands of the README's quick start: `make run` (the main job) and `make test`.
+# The two commands of the README's quick start: `make run` (the main job) and `make test`; `make docs` builds the
+# documentation site into site/.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 EXTRAS ?= dev
 
-.PHONY: run test install benchmark clean-venv
+.PHONY: run test install docs benchmark clean-venv
 
 $(BIN)/.installed-$(EXTRAS): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "smoothness-lab needs Python >= 3.10")'
@@ -20,6 +21,10 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(ARGS)
+
+docs:
+	$(MAKE) install EXTRAS=dev,docs
+	PYTHONPATH=$(CURDIR) $(BIN)/mkdocs build --strict
 
 benchmark:
 	$(MAKE) install EXTRAS=dev,benchmark,ray

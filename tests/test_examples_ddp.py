@@ -1,5 +1,5 @@
-"""The README's torchrun example (examples/top_eigenvalue_ddp.py) runs as written with 2 gloo processes on CPU, and
-both ranks print the eigenvalues one process computes over all the samples."""
+"""The torchrun example of docs/how-to/torchrun.md (examples/top_eigenvalue_ddp.py) runs as written with 2 gloo
+processes on CPU, and both ranks print the eigenvalues one process computes over all the samples."""
 import re
 import subprocess
 import sys

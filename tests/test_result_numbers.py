@@ -1,6 +1,6 @@
-"""The README's headline numbers against the committed files they come from (results/*/report.md, generalization.md,
-per_layer.md, launch.json, run records, benchmarks/results/*.md), so that a regenerated result or a rerun benchmark
-cannot leave the README stale without a failing test.
+"""The headline numbers of the README and the docs pages against the committed files they come from
+(results/*/report.md, generalization.md, per_layer.md, launch.json, run records, benchmarks/results/*.md), so that a
+regenerated result or a rerun benchmark cannot leave the README stale without a failing test.
 
 Each check finds a README phrase (whitespace-insensitive), reads the numbers in it, and recomputes them from the file;
 a number agrees when the file's value rounds to it at the README's precision. When a check fails, either the README
@@ -21,7 +21,11 @@ def flat(text: str) -> str:
     return re.sub(r"\s+", " ", text)
 
 
-README = flat((ROOT / "README.md").read_text())
+# the README and the docs pages its sections moved to (not the folders docs/ links in: results, benchmarks, ...)
+DOC_PAGES = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").rglob("*.md")
+                                          if not any((ROOT / "docs" / part).is_symlink()
+                                                     for part in p.relative_to(ROOT / "docs").parts[:1]))
+README = flat("\n".join(p.read_text() for p in DOC_PAGES))
 PER_LAYER_DOC = flat((ROOT / "docs" / "per-layer.md").read_text())
 
 

@@ -1,5 +1,5 @@
-"""the README's script: it equals examples/own_loop.py, runs as written from another folder (one pass, via
-SMOOTHNESS_QUICK=1), and `smoothness-lab plot` and `report` accept the run it wrote."""
+"""the own-loop tutorial's script (docs/tutorials/own-loop.md): it equals examples/own_loop.py, runs as written from
+another folder (one pass, via SMOOTHNESS_QUICK=1), and `smoothness-lab plot` and `report` accept the run it wrote."""
 import os
 import re
 import subprocess
@@ -22,9 +22,10 @@ except DataError:
 
 
 def _script() -> str:
-    doc = (ROOT / "README.md").read_text()
+    doc = (ROOT / "docs" / "tutorials" / "own-loop.md").read_text()
     blocks = re.findall(r"<!-- own-loop script:.*?-->\n```python\n(.*?)```\n", doc, flags=re.DOTALL)
-    assert len(blocks) == 1, "the README must hold the script once, after its <!-- own-loop script --> marker"
+    assert len(blocks) == 1, ("docs/tutorials/own-loop.md must hold the script once, after its <!-- own-loop script "
+                              "--> marker")
     return blocks[0]
 
 
