@@ -62,7 +62,9 @@ def dashboard(records: Sequence[dict], title: str) -> Figure:
                        transform=scale.get_xaxis_transform(), clip_on=False,
                        label=f"∞: noise drowns the signal, {label}")
     alpha.axhline(0, color="0.3", lw=0.8)
-    alpha.set(title="step quality α (0: line minimum; > 1: overshoot)", xlabel="SGD step")
+    alpha.set_yscale("symlog", linthresh=1)   # linear on [-1, 1], where α is read; the rare far fits stay visible
+    alpha.set(title="step quality α (0: line minimum; > 1: overshoot)", xlabel="SGD step",
+              ylabel="α (symmetric log beyond ±1)")
     tests.axhline(1, color="0.3", lw=0.8)
     tests.set(title="gradient tests (< 1: the mean gradient suffices)", xlabel="SGD step")
     gsnr.set(title="mean gradient signal-to-noise ratio", xlabel="SGD step")

@@ -68,7 +68,8 @@ GRADIENT_NOISE = Measurement(
                     "gsnr", "median"),
              Metric("norm_test_median", "norm test θ over minibatches, median over measurements", "gradient_noise",
                     "norm_test", "median"),
-             Metric("noise_scale_median", "simple noise scale B_simple (minibatch units), median over measurements",
+             Metric("noise_scale_median", "simple noise scale B_simple (minibatch units), median over the measurements "
+                    "where it is finite",
                     "gradient_noise", "noise_scale", "median"),
              Metric("alpha_median", "step quality α of the update (minibatch units), median over measurements",
                     "gradient_noise", "alpha", "median")))
