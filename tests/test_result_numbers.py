@@ -271,3 +271,46 @@ def test_density_and_product_ratios():
                                  (7, default, "Linearized")):
         check_range(m, ratios(path, "| model | state | product |", "CPU / PyHessian", is_(product)),
                     f"{path.name}: {product}", first)
+
+
+# -- gradient noise: the tutorial's table and the README's sentence against report.csv and launch.json -------------
+
+GN_METRICS = {"norm test θ": "norm_test_median", "simple noise scale B_simple (finite measurements)":
+              "noise_scale_median", "mean GSNR": "gsnr_median", "step quality α": "alpha_median",
+              "gradient predictiveness (line probes)": "grad_predictiveness"}
+
+
+def _gn_report() -> dict:
+    import csv
+    rows = list(csv.DictReader((RESULTS / "gradient-noise" / "report.csv").open()))
+    return {(r["metric"], r["model"]): r for r in rows}
+
+
+@pytest.mark.parametrize("label", list(GN_METRICS))
+def test_gradient_noise_tutorial_table(label):
+    page = flat((ROOT / "docs" / "tutorials" / "gradient-noise.md").read_text())
+    m = phrase(rf"\| {re.escape(label)} \| ({NUM}) ± ({NUM}) \| ({NUM}) ± ({NUM}) \| ({NUM}) \[({NUM}), ({NUM})\] \| "
+               rf"({NUM}) \|", page)
+    rep = _gn_report()
+    a, b = rep[(GN_METRICS[label], "convnet")], rep[(GN_METRICS[label], "bn-convnet")]
+    for text, value in zip(m.groups(), (a["mean"], a["sd"], b["mean"], b["sd"], b["diff"], b["ci_low"], b["ci_high"],
+                                        b["p_holm"])):
+        check(text, float(value), f"{label} in the gradient-noise tutorial")
+
+
+def test_gradient_noise_readme_sentence_and_wall_time():
+    m = phrase(rf"norm test ({NUM}) ± ({NUM}) with BN vs ({NUM}) ± ({NUM}) without, simple noise scale ({NUM}) ± "
+               rf"({NUM}) vs ({NUM}) ± ({NUM}), GSNR ({NUM}) vs ({NUM}); with 3 seeds none survives Holm \(({NUM}), "
+               rf"({NUM}), ({NUM})\)")
+    rep = _gn_report()
+    bn = lambda metric, col: float(rep[(metric, "bn-convnet")][col])
+    plain = lambda metric, col: float(rep[(metric, "convnet")][col])
+    expected = (bn("norm_test_median", "mean"), bn("norm_test_median", "sd"), plain("norm_test_median", "mean"),
+                plain("norm_test_median", "sd"), bn("noise_scale_median", "mean"), bn("noise_scale_median", "sd"),
+                plain("noise_scale_median", "mean"), plain("noise_scale_median", "sd"), bn("gsnr_median", "mean"),
+                plain("gsnr_median", "mean"), bn("norm_test_median", "p_holm"), bn("noise_scale_median", "p_holm"),
+                bn("gsnr_median", "p_holm"))
+    for text, value in zip(m.groups(), expected):
+        check(text, value, "the README's gradient-noise sentence")
+    minutes = phrase(rf"gradient-noise --workers 2 +# 6 runs; ({NUM}) min on 2 cores")
+    check(minutes.group(1), launch_seconds("gradient-noise") / 60, "the gradient-noise study's wall time")

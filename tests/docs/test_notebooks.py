@@ -11,7 +11,7 @@ pytest.importorskip("ipykernel")
 from notebook_kernel import ROOT, ThisPythonKernel, execute  # noqa: E402
 
 STUDIES = ["fashion-mnist-bn", "lr-sweep", "edge-of-stability", "fashion-mnist-spectrum", "per-layer",
-           "generalization", "own-resnet"]
+           "generalization", "own-resnet", "gradient-noise"]
 SLOW = {"generalization"}   # its bootstrap (2,000 resamples x 11 measures) takes the longest
 
 
