@@ -1,37 +1,11 @@
 """Fan a study's runs out on an executor of the registry (experiments.executors), with one progress display.
 
-Every executor calls the same ``execute`` -> ``training.train_run`` with the same config, so a run's records do not
-depend on the executor (the tests compare them byte for byte after parsing).
+Every executor calls the same ``execute`` -> ``training.train_run``, so a run's records do not depend on the
+executor. Threads and reproducibility: every run uses the same ``threads`` (``DEFAULT_THREADS`` = 1) whatever the
+executor or the number of workers, since torch's CPU results depend on the thread count. Finished runs are skipped,
+a failing run does not stop the others, and Ctrl-C or SIGTERM interrupts the runs so that a relaunch resumes them.
 
-Threads and reproducibility
----------------------------
-torch's CPU kernels split their reductions by the number of intra-op threads, so one config trained with 1 and with
-2 threads gives records that differ in the last bits (measured on a synthetic bn-convnet run: the second record
-already differs). A run id names a config, and a relaunched sweep mixes runs made by different executors, so the
-thread count must not follow from the executor, the number of workers or the core count. Every executor therefore
-runs every run with the same ``threads``, by default ``DEFAULT_THREADS`` = 1, whatever the executor; the cores are
-used by running several runs at once (``--workers``), which for these small models is also the fastest way (on 2
-busy cores a run with 2 threads took 114 s against 17 s with 1). ``--threads N`` is passed to every executor alike;
-runs made with different thread counts agree only to rounding, so keep it fixed within a study. On CUDA the thread
-count does not enter the numbers.
-
-Executors
----------
-Runs go to an executor of the registry (``experiments.executors``: ``serial``, ``process``, ``ray``, ``slurm``, or
-one registered from outside) as one task each: ``train_task`` -> ``execute`` with the run's config. Each executor's
-module says how it runs tasks, stops them on Ctrl-C and reports workers that die. A run whose worker died is
-reported ``failed`` (or, when its directory says it finished first, as what it says, with the death noted).
-
-For every executor: runs already finished (``done``) are skipped without touching their directory; a run directory
-holding a different config stops the launch before anything runs (``preflight``); an exception in one run is logged
-with its traceback to that run's ``run.log``, reported as ``failed``, and does not stop the others; a run that
-another launch is training right now is left alone and reported ``busy``; a run that was interrupted before is only
-continued with ``resume`` (else the launch is refused before anything runs). SIGTERM is treated like Ctrl-C: running runs are interrupted (their records stay readable; relaunching resumes them from
-their last checkpoint), queued runs are not started, and KeyboardInterrupt is raised to the caller.
-
-Each run's ``run.log`` gets ``start`` (pid, host, threads, resume point, SLURM job) and ``finish`` / ``failed`` /
-``interrupted`` lines, and is locked (``store.run_lock``) while a process trains the run; ``experiments.status``
-reads both.
+Details: docs/explanation/modules.md#launchers
 """
 from __future__ import annotations
 

@@ -1,35 +1,11 @@
 """The crash-safe run store: one directory per run, records appended and flushed as produced, atomic markers.
 
-Layout and record schema: results/README.md. Files that are replaced (config.json, timing.json, checkpoints, done)
-go through `experiments.atomic`: a temporary file, fsynced, renamed over the target, then the directory fsynced.
+The only code that opens, parses or writes a run directory's files (layout and schema: results/README.md). Its write
+order lets ``--resume`` turn a kill at any moment into exactly the records of an uninterrupted run; `RunStore` is the
+run lifecycle `train_run` and the Tracker share, `RunState` the vocabulary of run states, and its readers raise
+`StoreError` naming the file and line of anything malformed.
 
-Write order, so that a kill or a power loss at any moment leaves a state that ``--resume`` turns into exactly the
-records of an uninterrupted run:
-
-1. records are appended to records.jsonl and flushed (a kill loses at most the line being written);
-2. a checkpoint first fsyncs records.jsonl (and its directory), then is written and renamed in; it stores the length
-   and sha256 of the records it covers (its "records mark");
-3. ``done`` is renamed in only after records.jsonl is fsynced; it holds the records mark of the finished run, so that
-   a records file cut or changed since is named (`check_finished`: `RunState.TRUNCATED` / ``CORRUPT``; an empty
-   ``done``, as older runs have, cannot be checked unless a checkpoint is left).
-
-`RunStore.restore` takes the newest checkpoint, checks that the records file begins with the records it covers, and
-cuts the file back to that mark (dropping records made after the checkpoint, and a torn last line).
-
-The run lifecycle, one for `experiments.training.train_run` and `experiments.tracker.Tracker`: `RunStore.start`
-(refuse a finished run, and an interrupted one without resume), `RunStore.begin` (a fresh start writes code.json,
-dataset.json, tracker.json and weights-init.pt; a resume compares them with what the run started with, refusing any
-change in one line and never rewriting them, then restores the checkpoint), `RunStore.checkpoint`, and
-`RunStore.diverged` or `RunStore.finish`. `RunState` is the one vocabulary of run states.
-
-This module is the only code that opens, parses or writes a run directory's files (status, analysis, launchers,
-slurm, surface and spectrum read through it): the file names, what makes a folder a run (`RUN_FILES`), the record
-schema (`RECORD_NUMBERS`, `RECORD_NUMBER_LISTS`, `smoothness.BN_MODES`), the run.log event lines, checkpoint and
-weights files. Its readers (`read_config_file`, `read_config`, `iter_numbered_records` / `iter_records` /
-`read_records`, `load_weights`) raise `StoreError` naming the file (and line) for anything that is not what
-results/README.md describes: non-UTF-8 bytes, a line that is not a JSON object, a value of the wrong type; such a
-`StoreError` also carries the path, line and problem apart, so that status and analysis can word the location their
-own way.
+Details: docs/explanation/modules.md#store
 """
 from __future__ import annotations
 
@@ -59,7 +35,7 @@ from experiments.features.base import CORE_RECORD_NUMBERS, RecordSchema
 __all__ = ["StoreError", "RunFinished", "RunState", "RunStore", "RecordsCheck", "check_finished", "finish_mark",
            "finished_state", "provenance_change", "timing_of", "check_writable", "read_config", "read_config_file",
            "ConfigFile", "iter_records", "iter_numbered_records", "read_records", "atomic_write", "atomic_write_bytes",
-           "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
+           "atomic_write_json", "RECORD_NUMBERS", "RECORD_NUMBER_LISTS", "RECORD_STRINGS", "RECORD_INTEGERS", "RECORD_MATRICES", "RUN_FILES", "PROGRESS_FILES", "is_run_dir",
            "run_files", "has_config", "is_done", "has_progress", "checkpoint_epochs", "last_record", "last_event",
            "event_fields", "run_log_handler", "weights_file", "load_weights", "run_lock", "is_locked",
            "read_tracker_info", "read_dataset_info"]
@@ -103,6 +79,9 @@ class RunState:
 RECORD_NUMBERS = RecordSchema("numbers", CORE_RECORD_NUMBERS)
 #: list-of-numbers fields of each record kind
 RECORD_NUMBER_LISTS = RecordSchema("number_lists", {})
+RECORD_STRINGS = RecordSchema("strings", {})
+RECORD_INTEGERS = RecordSchema("integers", {})
+RECORD_MATRICES = RecordSchema("number_matrices", {})
 
 
 WEIGHTS = ("init", "final")   # the weight sets every run keeps: weights-init.pt, weights-final.pt
@@ -303,6 +282,24 @@ def _record_problem(record) -> Optional[str]:
         if value is not None and (not isinstance(value, list) or any(
                 v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))) for v in value)):
             return f"{key!r} must be a list of numbers, got {value!r}"
+    for key in RECORD_STRINGS.get(kind, ()):
+        if not isinstance(record.get(key), str):
+            return f"{key!r} must be a string, got {record.get(key)!r:.60}"
+    for key in RECORD_INTEGERS.get(kind, ()):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            return f"{key!r} must be a non-negative integer, got {value!r:.60}"
+    shape = None
+    for key in RECORD_MATRICES.get(kind, ()):
+        rows = record.get(key)
+        if not isinstance(rows, list) or not rows or not all(isinstance(r, list) and r for r in rows):
+            return f"{key!r} must be a non-empty list of non-empty lists of numbers, got {rows!r:.60}"
+        bad = [v for r in rows for v in r if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            return f"{key!r} must hold numbers, got {bad[0]!r:.60}"
+        if shape is not None and [len(r) for r in rows] != shape[1]:
+            return f"{key!r} and {shape[0]!r} must have the same shape (one list per probe, of equal lengths)"
+        shape = shape or (key, [len(r) for r in rows])
     return None
 
 

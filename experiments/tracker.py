@@ -1,89 +1,11 @@
 """The built-in loop's measurements, in a training loop the user writes: ``experiments.Tracker``.
 
-A plain PyTorch loop calls the tracker around its optimizer step; the tracker writes the records the built-in loop
-(`experiments.training.train_run`) writes, on the same schedule, into a run directory of the same layout
-(results/README.md), so ``smoothness-lab status | plot | report | surface | spectrum`` read it as they read any run::
+A plain PyTorch loop calls the tracker around its optimizer step (``with tracker.step(batch) as s: ...``,
+``s.record(loss, out)``, then ``end_epoch``, ``checkpoint`` and ``close``); the tracker writes the records the
+built-in loop writes, on the same schedule, into a run directory of the same layout, so every command reads it as it
+reads any run. After a crash, ``tracker.resume()`` continues to exactly the records of an uninterrupted run.
 
-    tracker = Tracker("results/my-study", model, F.cross_entropy, optimizer, train_data=(x, y),
-                      test_data=(x_test, y_test), config=cfg)
-    state = tracker.resume()                    # None on a fresh start; else the `extra` of the last checkpoint
-    for epoch in range(tracker.epoch, cfg.epochs):
-        for xb, yb in batches(epoch):
-            with tracker.step((xb, yb)) as s:   # evaluation at initialisation; line probe along -g
-                optimizer.zero_grad()
-                out = model(xb)
-                loss = F.cross_entropy(out, yb)
-                loss.backward()
-                optimizer.step()                # just before the update: line probe along it, sharpness
-                s.record(loss, out)             # the step record: loss (and accuracy from the outputs)
-        tracker.end_epoch()                     # evaluation, local smoothness, sharpness, spectrum: per schedule
-        tracker.checkpoint({"sampler": sampler.get_state()})
-    tracker.close()                             # final weights; `done`
-
-One step t, as in experiments/loop.py:
-
-| call | where | what the tracker does |
-|---|---|---|
-| ``tracker.resume()`` (or the first step) | at w_0 | the point measurements at initialisation (eval, smoothness, ...) |
-| entering ``tracker.step(batch)`` | at w_t, before the forward pass | every ``probe_every`` steps the line probe along −g (``probe_direction="gradient"``) |
-| ``optimizer.step()`` inside the block | ``.grad`` = ∇L(w_t; B_t), before the update | every ``probe_every`` steps the line probe along the update the optimizer is about to take (``probe_direction="update"``, through `optim.lookahead`); every ``sharpness_every`` steps the sharpness record |
-| ``s.record(loss, out)``, leaving the block | after the update | the step record (loss, accuracy on B_t at w_t; ``lr`` under a schedule) |
-| ``tracker.end_epoch()`` | at a pass boundary | the point measurements, every ``eval_every`` passes and after pass ``epochs`` |
-| ``tracker.close()`` | at the end | the point measurements at the final weights (unless ``end_epoch`` just took them), final weights, ``done`` |
-
-The gradient-time measurements run in a step pre-hook the block puts on the optimizer (``register_step_pre_hook``),
-so they see the gradients after any unscaling (``GradScaler``), clipping or accumulation the loop does before
-``optimizer.step()``. Without a block, call `begin_step`, `gradient_ready` (after backward, before
-``optimizer.step()``) and `end_step` yourself (the Lightning callback does). Optimizers that take a closure (LBFGS)
-compute the gradient inside ``step()``, after the pre-hook: the tracker refuses them.
-
-The measurements are the registry's (experiments/features/): the tracker builds their hooks from the run's
-`RunContext` as `train_run` does (`experiments.training.build_measurements`) and runs them at its moments with
-`experiments.loop.run_hooks`: "point" hooks at initialisation, at each ``end_epoch`` where they are due (judged at
-``epoch * steps_per_epoch``, the step the built-in loop is at after that many passes) and, each that has not run
-there yet, at the final point (``end_epoch`` of pass ``epochs``, or ``close``); "before" hooks as a step begins;
-"gradient" hooks when the gradient is ready. Step records are buffered in `experiments.loop.StepRecords`. A
-measurement registered later (`experiments.features.register`) is measured in a tracked loop as in the built-in
-one. ``target_train_loss`` is refused: stopping at the target needs the loop's cooperation (stop yours on the
-``eval`` records' ``train_loss``).
-
-What the run is, in config.json
--------------------------------
-``config`` is a `RunConfig` (`run_config` builds one from the optimizer): the study name (``study``), the dataset
-name, lr, seed, batch size, epochs, and the tracking options (``probe_every``, ``probe_direction``, ``eval_every``,
-``sharpness_every``, ``spectrum_every``, ...), with the meanings they have for ``smoothness-lab run``. The network is
-taken as it is (`own_model_config`): when ``config.model`` names a registered network and the model is that network
-(same class, parameter names and shapes), the run is that model's; otherwise ``model`` becomes the import string of
-the network's class (``mymodule:Net``; the run id ``mymodule.Net-lr<lr>-s<seed>-<hash>``), ``norm`` is left to the
-network, and ``model_args`` (a Tracker argument) are the keyword arguments that build it again. tracker.json records
-the class, the parameter count and the normalisation found in the network (``"batch"`` or ``"none"``: the BN axis of
-the analyses). ``smoothness-lab surface`` (and every command that rebuilds a run, `experiments.study.rebuild`) builds
-``Net(**model_args)`` from the import string: the class must be importable (a module on PYTHONPATH, not a script's
-``__main__``), or the command says so in one line.
-
-The tracker never touches the user's RNG streams: the local-smoothness minibatch is drawn from its own generator
-(seeded with ``config.seed``; pass ``generator=`` to draw from yours instead), the fixed measurement samples come
-from a permutation seeded as `train_run` seeds it, and the estimators use their own generators, so a loop trains to
-the same weights tracked or not (tests/experiments/test_tracker.py).
-
-Resuming after a crash
-----------------------
-``tracker.checkpoint(extra)`` writes ``checkpoints/epoch-NNN.pt`` through `RunStore.checkpoint`, records first
-(its records mark): the model's and the optimizer's state_dicts, torch's CPU (and CUDA) RNG state, the tracker's
-`state_dict` (step, epoch, its generator, timing and ``RunContext.checkpointed``: the warm-start vectors, ...) and
-``extra``: everything else the rest of *your* loop depends on, i.e. the learning-rate scheduler's state_dict and
-your data order (a sampler generator's ``get_state()``, or the epoch and position of a DataLoader whose order is
-seeded per epoch). After a crash, the same script calls ``tracker.resume()``: it cuts records.jsonl back to the
-checkpoint's mark, restores model, optimizer, RNG and tracker, and returns ``extra`` (None when there is no
-checkpoint: a fresh start, with any partial records dropped). The loop then continues from ``tracker.epoch`` /
-``tracker.step_index`` and writes exactly the records of an uninterrupted run. Checkpoint at the points where your
-loop can restart (after ``end_epoch``, as the built-in loop does). ``resume()`` refuses other training or test data
-(dataset.json's fingerprint), another model label, model class or parameter count, or another optimizer class
-(tracker.json) than the run started with: the run store's lifecycle (`RunStore.start`, `begin`) that ``train_run``
-goes through too.
-
-The run has ``config.epochs`` passes: ``end_epoch`` after the last is refused, and ``close()`` before it does not
-finish the run (no ``done``; RuntimeError "closed after 1 of 2 epochs: the run ... is not finished").
+Details: docs/explanation/modules.md#tracker
 """
 from __future__ import annotations
 

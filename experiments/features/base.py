@@ -93,12 +93,19 @@ def every(value) -> Optional[str]:
 
 @dataclass(frozen=True)
 class Record:
-    """A record kind: its numeric fields (numbers or null), its list-of-numbers fields, its BatchNorm mode."""
+    """A record kind and its fields, declared once: the run store validates every record through this (and the
+    analysis melts ``numbers`` into the long-form table). ``numbers``: numbers or null; ``number_lists``: lists of
+    numbers; ``strings`` and ``integers``: required strings and non-negative integers; ``number_matrices``:
+    required non-empty lists of non-empty lists of numbers, all of one record's of the same shape (per-probe
+    quadrature nodes and weights); ``bn_mode``: "batch", "running", or "both" (one record per mode)."""
 
     kind: str
     numbers: Tuple[str, ...] = ()
     number_lists: Tuple[str, ...] = ()
-    bn_mode: str = "batch"        # "batch", "running", or "both" (one record per mode)
+    bn_mode: str = "batch"
+    strings: Tuple[str, ...] = ()
+    integers: Tuple[str, ...] = ()
+    number_matrices: Tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

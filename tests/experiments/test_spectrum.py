@@ -495,12 +495,13 @@ def _edit(change):
 @pytest.mark.parametrize("damage,message", [
     # was averaged twice
     (_duplicate, "bad spectrum record: a second record of epoch 0, bn_mode batch (the first is on line"),
-    (_edit(lambda r: r.pop("nodes")), 'bad spectrum record: "nodes" must be a non-empty list'),
+    # the fields are checked by the run store against the spectrum's Record (declared once)
+    (_edit(lambda r: r.pop("nodes")), "corrupt record: 'nodes' must be a non-empty list of non-empty lists"),
     (_edit(lambda r: r.update(weights=r["weights"][:1])),
-     'bad spectrum record: "nodes" has 2 probes but "weights" has 1'),
-    (_edit(lambda r: r["nodes"][0].__setitem__(2, None)),
-     "bad spectrum record: probe 0: nodes and weights must be numbers, got None"),
-    (_edit(lambda r: r.update(nodes=[], weights=[])), 'bad spectrum record: "nodes" must be a non-empty list'),
+     "corrupt record: 'weights' and 'nodes' must have the same shape"),
+    (_edit(lambda r: r["nodes"][0].__setitem__(2, None)), "corrupt record: 'nodes' must hold numbers, got None"),
+    (_edit(lambda r: r.update(nodes=[], weights=[])), "corrupt record: 'nodes' must be a non-empty list"),
+    (_edit(lambda r: r.pop("samples")), "corrupt record: 'samples' must be a non-negative integer, got None"),
     (_edit(lambda r: r.update(lambda_max="big")), "corrupt record: 'lambda_max' must be a number or null"),
     (_edit(lambda r: r.update(bn_mode="eval")), "corrupt record: 'bn_mode' must be 'batch' or 'running'"),
 ])

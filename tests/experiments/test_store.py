@@ -268,3 +268,20 @@ def test_read_config_round_trips_and_names_the_file_and_option(tmp_path):
         path.write_bytes(content)
         with pytest.raises(StoreError, match=f"^{path}: .*{needle}"):
             read_config(path)
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"kind": "per_layer", "step": 0, "epoch": 0, "layer": "fc", "matrix": "hessian"}, "'module' must be a string"),
+    ({"kind": "per_layer", "step": 0, "module": "fc", "layer": "fc", "matrix": "ggn"},
+     "'epoch' must be a non-negative integer"),
+    ({"kind": "spectrum", "step": 0, "epoch": 0, "bn_mode": "batch", "samples": 8, "n_params": 3, "n_steps": 2,
+      "nodes": [[1.0, 2.0]], "weights": [[0.5]]}, "'weights' and 'nodes' must have the same shape"),
+])
+def test_records_are_checked_against_the_fields_their_feature_declares(tmp_path, record, problem):
+    """One validator: the Record a feature declares (strings, integers, number matrices), checked by the store."""
+    from experiments.store import StoreError, read_records
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"kind": "step", "step": 1, "epoch": 0, "loss": 1.0})
+                    + "\n")
+    with pytest.raises(StoreError, match=problem):
+        read_records(path)

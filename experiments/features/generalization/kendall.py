@@ -1,38 +1,11 @@
 """Sharpness versus generalisation: rank correlations between a measure and the generalisation gap over a study.
 
-The input is a plain DataFrame, one row per run: ``run``, the hyper-parameter axes the caller names (``lr``,
-``batch_size``, ``bn``, ``width``...), ``seed``, ``gap`` (test minus train loss or error; the caller says which),
-``reached`` (bool: the run reached the target training loss) and one numeric column per measure. Only runs that
-reached the target enter a coefficient; the others are counted in every result (``n_not_reached``), never dropped
-silently, and so are reached runs whose measure or gap is missing (``n_missing``).
+The input is a DataFrame, one row per run (``run``, the hyper-parameter axes, ``seed``, ``gap``, ``reached``, one
+column per measure); runs that did not reach the target are counted, never dropped silently. The results: Kendall's
+τ, Jiang et al.'s granulated Ψ, both also within each fixed learning rate, cluster-bootstrap intervals over
+configurations, and paired comparisons of two measures.
 
-- **τ** (Jiang et al. 2020, "Fantastic Generalization Measures and Where to Find Them"): Kendall's rank
-  correlation between measure and gap over all usable runs; here τ-b (``scipy.stats.kendalltau``), which equals
-  Jiang's sign-agreement τ when there are no ties.
-- **Ψ**, Jiang et al.'s granulated Kendall coefficient: for axis i, ψ_i = (1/m_i) Σ_{θ_-i} τ(runs where only θ_i
-  varies), the mean over the m_i cells of fixed values of the other axes; Ψ = (1/n) Σ_i ψ_i over the n axes. With
-  several seeds the seed is held fixed like the other axes: a cell is one (θ_-i, seed) combination, so a cell τ never
-  mixes seed noise into the effect of θ_i, and ψ_i is the mean over all cells of all seeds. A cell with fewer than 2
-  distinct values of θ_i, or whose τ is undefined (measure or gap constant in it), is skipped and counted; Ψ averages
-  the axes whose ψ_i is defined. ``seed=None`` pools the seeds instead (a cell then holds every seed's runs).
-- **Within a fixed learning rate** (Andriushchenko et al. 2023, "A Modern Look at the Relationship between
-  Sharpness and Generalization"): sharpness can track the gap across learning rates only because both follow the
-  learning rate; τ and Ψ (over the other axes) at each learning rate separately show whether it does within one.
-- **Bootstrap intervals** (percentile, ``CONFIDENCE``; ``BOOTSTRAP_RESAMPLES`` resamples, generator seeded with
-  ``BOOTSTRAP_SEED``; deterministic): a two-stage cluster bootstrap. The unit is the *configuration* (one combination
-  of the axes), not the run: the seeds of one configuration share its hyper-parameters and are not independent
-  observations of τ. Each resample draws the configurations with replacement, then for every drawn copy of a
-  configuration draws its runs (seeds) with replacement; a run's weight is how often it was drawn. τ* is τ-b of the
-  drawn runs. For Ψ*, each cell τ* is taken on the drawn runs of the cell, and ψ_i* averages the cells weighted by
-  how many of their (θ_i-differing) pairs were drawn, relative to the full data (so every weight is 1 there and
-  Ψ* = Ψ without resampling). Resampling the seeds within a configuration is what puts the seed-to-seed noise of
-  the cells into Ψ*: a configuration drawn as {seed 0, seed 0} weights the seed-0 cells up and the seed-1 cells
-  out, so where the seeds disagree on a cell's sign Ψ* moves. Duplicating every seed therefore does not narrow the
-  intervals as if there were twice the data. One study-wide resample for τ and all axes keeps the dependence between
-  them, which reuse the same runs. A resample where τ* or some ψ_i* is undefined is left out of that interval
-  (counted in ``Interval.n_undefined``). With no axes to define configurations, each run is its own unit.
-- **Paired comparison** of two measures: τ_a − τ_b and Ψ_a − Ψ_b on the same resamples (``compare``), so the
-  interval says whether one measure is ahead of the other, which two overlapping intervals of τ do not.
+Details: docs/explanation/modules.md#generalization-kendall
 """
 from __future__ import annotations
 

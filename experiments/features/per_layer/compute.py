@@ -1,32 +1,10 @@
 """Per-layer curvature along training, in records.
 
-With ``--per-layer`` a run measures, at every per-pass sharpness measurement and on the same fixed sharpness sample
-(train-mode BatchNorm, ``bn_mode="batch"``, as the sharpness):
+With ``--per-layer`` a run measures, at every per-pass sharpness measurement and on the sharpness sample, the top
+eigenvalue and the trace of each parameterised module's diagonal block of the Hessian and of the Gauss-Newton
+matrix, and the whole Hessian's most negative eigenvalue: ``per_layer`` records, a function of the weights alone.
 
-- for each parameterised module (conv, linear, BatchNorm: :func:`blocks`) and for the Hessian H and the generalised
-  Gauss-Newton matrix G, the diagonal block M_BB on the module's parameters: its top eigenvalue (Lanczos to relative
-  tolerance ``TOL``) and its trace (Hutchinson, ``PROBES`` Rademacher probes over all parameters from a generator
-  seeded ``PROBE_SEED``, shared by the blocks: :func:`block_traces`);
-- for the whole network, the Hessian's most negative eigenvalue (``top_eigenvalues(which="smallest")``).
-
-H − G is the part of the curvature that comes from the network's own second derivatives (METHODS.md §10); where
-a block's λ_max(H) and λ_max(G) agree, the layer's curvature is the Gauss-Newton (output-space) part.
-
-Records (results/README.md), flat so that the analysis can melt them: one of kind ``per_layer`` per (module,
-matrix) with the string fields ``module`` (the name in ``named_modules()``), ``layer`` (conv1, conv2, fc, bn1, ...:
-the type and position among modules of that type, the key that pairs ConvNet with BN-ConvNet) and ``matrix``
-(hessian or ggn), the numbers ``lambda_max``, ``trace``, ``trace_stderr``, ``trace_probes``, ``n_params``,
-``samples``, ``n_hvp`` (the block's Lanczos products; the trace probes are shared by all blocks) and the flag
-``converged``; then one with ``module`` = ``layer`` = ``"all"``, ``matrix`` = ``"hessian"`` and ``lambda_min``.
-Every estimator starts from generators seeded with fixed numbers and leaves the model untouched, so the records are
-a function of the weights alone: a resumed run writes the same bytes, and the training trajectory is the same with
-or without them.
-
-Cost: a block product costs a full product (``smoothness.operator``), so a measurement is 2 × (Σ_modules Lanczos
-products + ``PROBES``) + the λ_min products: on the BN-ConvNet after a few hundred steps 5-9 products per block, 20
-for λ_min, about 120 in all (each Lanczos run also pays a forward and a backward pass to build its operator), about
-10x a sharpness measurement. ``TOL`` is 1e-2, ten times looser than the sharpness's 1e-3: the blocks' eigenvalues
-are compared across networks whose differences are tens of percent.
+Details: docs/explanation/modules.md#per-layer-compute
 """
 from __future__ import annotations
 

@@ -36,7 +36,6 @@ from experiments.features.per_layer.stats import comparison_markdown, last_epoch
 MATRIX_STYLE = {"hessian": "-", "ggn": "--"}
 MATRIX_LABEL = {"hessian": "Hessian H (block)", "ggn": "GGN G (block)"}
 _TYPE_ORDER = {"conv": 0, "fc": 1, "bn": 2, "norm": 3}
-_STRINGS = ("module", "layer", "matrix")
 
 
 def layer_order(layers) -> list[str]:
@@ -46,15 +45,6 @@ def layer_order(layers) -> list[str]:
         number = layer[len(kind):]
         return _TYPE_ORDER.get(kind, 9), kind, int(number) if number else 0
     return sorted(set(layers) - {WHOLE}, key=key)
-
-
-def _record_problem(r: dict) -> str | None:
-    for key in _STRINGS:
-        if not isinstance(r.get(key), str):
-            return f'"{key}" must be a string, got {r.get(key)!r}'
-    if not isinstance(r.get("epoch"), int):
-        return f'"epoch" must be an integer, got {r.get("epoch")!r}'
-    return None
 
 
 def per_layer_table(results_dir, notify=None) -> pd.DataFrame:
@@ -67,11 +57,9 @@ def per_layer_table(results_dir, notify=None) -> pd.DataFrame:
         for r, line in zip(run.records, run.lines):
             if r.get("kind") != "per_layer":
                 continue
-            problem = _record_problem(r)
-            key = (r.get("epoch"), r.get("module"), r.get("matrix"))
-            if problem is None and key in seen:
+            key = (r["epoch"], r["module"], r["matrix"])   # fields checked by the run store (the Record)
+            if key in seen:
                 problem = f"a second record of epoch {key[0]}, module {key[1]}, matrix {key[2]} (line {seen[key]})"
-            if problem is not None:
                 raise AnalysisError(f"{records_path(run.path)}:{line}: bad per_layer record: {problem}. Fix or "
                                     f"remove the line (records are written by --per-layer)")
             seen[key] = line

@@ -29,5 +29,6 @@ PER_LAYER = Measurement(
                     "module's block of the Hessian and the GGN, and the Hessian's most negative eigenvalue "
                     "(experiments.features.per_layer.compute; about 10x a sharpness measurement)"),),
     records=(Record("per_layer", numbers=("lambda_max", "trace", "trace_stderr", "lambda_min", "n_params", "samples",
-                                          "n_hvp", "trace_probes")),),
+                                          "n_hvp", "trace_probes"),
+                    strings=("module", "layer", "matrix"), integers=("epoch",)),),
     hooks=_hooks)

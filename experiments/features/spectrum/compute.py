@@ -69,42 +69,6 @@ def measure(model: nn.Module, batch, norm: str, loss_fn=F.cross_entropy) -> List
     return out
 
 
-SCALARS = ("lambda_max", "lambda_k", "gradient_concentration", "mean_eigenvalue")   # numbers (or null)
-COUNTS = ("epoch", "samples", "n_params", "n_steps")                                # required integers
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _probes_problem(record: Dict) -> Optional[str]:
-    nodes, weights = record.get("nodes"), record.get("weights")
-    for key, value in (("nodes", nodes), ("weights", weights)):
-        if not isinstance(value, list) or not value:
-            return f'"{key}" must be a non-empty list (one list per probe), got {value!r:.60}'
-    if len(nodes) != len(weights):
-        return f'"nodes" has {len(nodes)} probes but "weights" has {len(weights)}'
-    for i, (x, w) in enumerate(zip(nodes, weights)):
-        if not (isinstance(x, list) and isinstance(w, list) and x and len(x) == len(w)):
-            return f"probe {i}: nodes and weights must be non-empty lists of the same length"
-        if not all(_number(v) for v in x + w):
-            return f"probe {i}: nodes and weights must be numbers, got {next(v for v in x + w if not _number(v))!r}"
-    return None
-
-
-def record_problem(record: Dict) -> Optional[str]:
-    """What is wrong with a spectrum record as :func:`measure` writes it (and the figures read it), or None."""
-    if record.get("bn_mode") not in smoothness.BN_MODES:
-        return f'"bn_mode" must be one of {", ".join(smoothness.BN_MODES)}, got {record.get("bn_mode")!r}'
-    for key in COUNTS:
-        if not (isinstance(record.get(key), int) and not isinstance(record.get(key), bool)):
-            return f'"{key}" must be an integer, got {record.get(key)!r}'
-    for key in SCALARS:
-        if not (record.get(key) is None or _number(record[key])):
-            return f'"{key}" must be a number or null, got {record[key]!r}'
-    return _probes_problem(record)
-
-
 def density_of(record: Dict) -> smoothness.DensityResult:
     """The DensityResult a spectrum record was made from (its ``density(grid, sigma)`` draws the figures)."""
     return smoothness.DensityResult(

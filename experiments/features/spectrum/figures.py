@@ -29,7 +29,7 @@ from matplotlib.lines import Line2D
 from experiments.analysis.plots import StudyWriter, has_kind
 from experiments.atomic import atomic_write_text
 from experiments.plotstyle import styled
-from experiments.features.spectrum.compute import density_of, record_problem
+from experiments.features.spectrum.compute import density_of
 from experiments.store import records_path
 from experiments.analysis.figures import EPOCH, MEAN_LW, SEED_ALPHA, SEED_LW, figure_grid, save_figure
 from experiments.analysis.load import AnalysisError, model_order, read_study, run_fields
@@ -46,16 +46,16 @@ MODE_LABEL = {"batch": "batch statistics (train mode)", "running": "running stat
 
 
 def _spectrum_records(run) -> list[dict]:
-    """The run's spectrum records, each checked; a corrupt or repeated one stops the analysis at file:line."""
+    """The run's spectrum records (their fields checked by the run store); a repeated one stops the analysis at
+    file:line."""
     path, seen, out = records_path(run.path), {}, []
     for r, line in zip(run.records, run.lines):
         if r.get("kind") != "spectrum":
             continue
-        problem = record_problem(r)
-        if problem is None and (r["epoch"], r["bn_mode"]) in seen:
+        # the fields were checked by the run store against the spectrum's Record; here: no record twice
+        if (r["epoch"], r["bn_mode"]) in seen:
             problem = (f"a second record of epoch {r['epoch']}, bn_mode {r['bn_mode']} (the first is on line "
                        f"{seen[r['epoch'], r['bn_mode']]}); it would be averaged twice")
-        if problem is not None:
             raise AnalysisError(f"{path}:{line}: bad spectrum record: {problem}. Fix or remove the line (records "
                                 f"are written by --spectrum-every, one per epoch and BN mode)")
         seen[r["epoch"], r["bn_mode"]] = line

@@ -41,5 +41,7 @@ SPECTRUM = Measurement(
     records=(Record("spectrum", numbers=("lambda_max", "lambda_k", "gradient_concentration", "mean_eigenvalue",
                                          "grad_norm", "loss", "top_k", "samples", "n_params", "n_probes", "n_steps",
                                          "density_n_hvp", "concentration_n_hvp"),
-                    number_lists=("top_eigenvalues",), bn_mode="both"),),
+                    number_lists=("top_eigenvalues",), bn_mode="both",
+                    strings=("bn_mode",), integers=("epoch", "samples", "n_params", "n_steps"),
+                    number_matrices=("nodes", "weights")),),
     hooks=_hooks)

@@ -1,53 +1,9 @@
 """Loss surfaces of stored runs (Li et al. 2018) and their init → final interpolations (Goodfellow et al. 2015):
-grid jobs, a resumable array store beside each run, and a fan-out of grid rows over worker processes or Ray.
+grid jobs, a resumable array store beside each run (``<run>/surfaces/<stem>.npz``), and a fan-out of grid rows
+over worker processes or Ray. An interpolation evaluates (1 − α)·w_init + α·w_final with the buffers (BN running
+statistics) of the final weights.
 
-What is evaluated
------------------
-The run's model, at the weights of ``epoch`` (``init`` = ``weights-init.pt``, ``final`` = ``weights-final.pt``, an
-integer = ``checkpoints/epoch-NNN.pt`` when the run still has it), on a fixed sample of ``samples`` images of the
-run's own training subset (the first ``samples`` of a permutation seeded with ``SAMPLE_SEED``, so two models
-trained with the same seed are measured on the same images; 0 = the whole subset), with the run's own training loss
-(``config.json``'s ``loss``, ``experiments.losses``: cross-entropy, or mse for runs trained with ``--loss mse``).
-A 2-D surface uses two directions drawn by ``smoothness.random_direction`` from one generator seeded with
-``direction_seed`` (d₁ first, then d₂), normalised at the evaluated weights; a 1-D surface uses d₁ alone. An
-interpolation evaluates (1 − α)·w_init + α·w_final with the buffers (BN running statistics) of the final weights.
-The data go to the model in chunks of at most ``CHUNK`` images (in ``batch`` BN mode each chunk normalises with its
-own statistics).
-
-Store: ``<run>/surfaces/<stem>.npz``
------------------------------------
-``stem`` is ``surface-<dim>d-<epoch>-<bn_mode>-<bn_stats>-<hash>`` or ``interpolation-<bn_mode>-<bn_stats>-<hash>``,
-``hash`` the first 10 hex digits of the sha256 of the spec (every option that changes a number; not the executor,
-workers or device), so the same command on two runs gives the same stem. Arrays (``numpy.load`` without pickle):
-
-==============  ==========================================================================================
-``x``           (n,) float64: coefficients along d₁ (for an interpolation: α, the weight of the final weights)
-``y``           (m,) float64: coefficients along d₂ (2-D only)
-``losses``      (n,) or (n, m) float64: mean loss at w + x[i]·d₁ (+ y[j]·d₂); NaN where not computed
-``accuracies``  same shape: fraction of argmax hits; NaN where not computed
-``done``        same shape, bool: the cell is computed (a computed loss may itself be inf/NaN far from w)
-``spec``        0-d str: JSON of the spec, the run id, model, loss, and sha256 of the weight files used
-==============  ==========================================================================================
-
-The file is rewritten atomically (temporary file + rename) after every completed unit (a grid row, or a few points
-of a 1-D curve), so a killed computation loses at most the units in flight; running the same command again loads
-the file and computes only the cells with ``done == False``. A file whose spec does not match (other weights) is
-never overwritten: the error says to move it away.
-
-Fan-out
--------
-The units of work are the grid rows (2-D) or runs of ``CELLS_1D`` points (1-D) still missing, over every run at
-once. They go to an executor of the registry (``experiments.executors``: serial, process, ray, slurm, or one
-registered from outside) in tasks of several units of one run, about one task per worker
-(``units_per_task``), so that a worker builds the run's model and directions once for many rows, not once per row
-(the process executor starts a process per task). Each unit's values are sent back as progress the moment they are
-computed and stored at once, so a task cut off midway keeps its finished rows; the task's return value repeats them
-for executors that cannot carry progress. A run's job (model, weights, data) is the tasks' shared object, shipped
-once (the process executor: one file that each task's process reads; Ray: one object), and built once per job in a
-worker. Every worker uses ``threads`` torch threads (default 1, as the training launchers do), so a cell's
-value does not depend on the executor. A worker that dies stops the command with a one-line error (the finished rows
-are stored: the same command resumes); workers watch their parent and exit, removing the shared job files, when it
-is killed.
+Details: docs/explanation/modules.md#surface-grid
 """
 from __future__ import annotations
 
