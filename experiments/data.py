@@ -1,32 +1,11 @@
 """Datasets as in-memory tensors: FashionMNIST (the study's dataset), MNIST-1D, a synthetic set for tests, and the
 torchvision image sets MNIST, MNIST-32x3, SVHN and CIFAR-10.
 
-Every dataset goes through the same three steps (`load_dataset`):
+`load_dataset` loads both splits once per process, draws a seeded subset of the training split (``seed`` chooses
+only that) and standardises per channel with the subset's statistics. Files are read only from the folder the user
+chose (``--data-dir``, ``$SMOOTHNESS_DATA``) or, without a choice, the default places, and md5-checked.
 
-1. the full training and test splits are loaded once per process as tensors (cached; no per-sample PIL transforms);
-2. a seeded random subset of the *training* split is drawn without replacement: ``round(subset * n_train)`` images
-   (at least one), picked by ``torch.randperm`` under a ``torch.Generator`` seeded with ``seed``; the test split is
-   always kept whole. The dataset itself never depends on ``seed`` (MNIST-1D and the synthetic set are generated
-   with fixed seeds of their own), so ``seed`` is purely the choice of training subset;
-3. per-channel standardisation with the training subset's mean and (unbiased) standard deviation over all its
-   pixels of that channel, ``(x - mean_c) / std_c``, applied to train and test alike (``torchvision``'s
-   ``Normalize`` convention, with statistics of the subset actually trained on). This departs on purpose from the
-   seed notebook, which standardises every *pixel* by its own std + 1e-6: a pixel that is constant (or nearly) over
-   the training subset but not over the test set is then multiplied by up to 1e6 -- FashionMNIST subset seed 2 gave
-   test inputs of |x| ~ 1.6e4 and a test loss of 173 (issue 9; docs/METHODS.md, "Preprocessing"). Per-channel
-   statistics bound every input by (max - min)/std_c, about 2 for FashionMNIST, whatever the subset.
-
-A folder the user chose -- ``--data-dir``, else ``$SMOOTHNESS_DATA`` -- is the only place looked in: if it does not
-hold the dataset (missing, empty, incomplete, a file), loading fails and says what is missing there; it never falls
-back to another copy. Without a choice, FashionMNIST is searched for in ``./data`` and then
-``/usr/share/datasets/fashion-mnist`` (where Debian's ``dataset-fashion-mnist`` package installs it), each directory
-directly and in torchvision's layout ``<dir>/FashionMNIST/raw/``. The dataset info lists every file read with its
-size and md5 (training saves it as ``dataset.json`` in the run folder); a file that exists but cannot be read is a
-one-line `DataError`. The four ``.gz`` files are md5-checked against
-torchvision's official checksums (or, where an archive was re-compressed, as Debian's are, its decompressed content
-against the official checksums of the idx files) and parsed with gzip + numpy: the idx format is a short header and
-raw bytes, so this is simpler and faster than staging uncompressed copies for torchvision's reader (which needs a
-writable directory, and /usr/share is not). If the files are nowhere, torchvision downloads them (when online).
+Details: docs/explanation/modules.md#data
 """
 from __future__ import annotations
 

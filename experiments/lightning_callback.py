@@ -4,22 +4,8 @@ the ``lightning`` extra (``pip install -e '.[lightning]'``).
     trainer = Trainer(max_epochs=cfg.epochs, callbacks=[SmoothnessCallback("results/my-study", cfg,
                       train_data=(x, y), test_data=(x_test, y_test))])
 
-| Lightning hook | Tracker call |
-|---|---|
-| ``on_train_start`` | a Tracker over the LightningModule and its (single) optimizer; `Tracker.resume` |
-| ``on_train_batch_start`` | `Tracker.begin_step` (the batch, moved to the device) |
-| ``on_before_optimizer_step`` | `Tracker.gradient_ready`: after backward, before the update (before Lightning clips) |
-| ``on_train_batch_end`` | `Tracker.end_step` with the loss ``training_step`` returned |
-| ``on_train_epoch_end`` | `Tracker.end_epoch` |
-| ``on_train_end`` | `Tracker.close` (a Trainer that stops before ``cfg.epochs`` passes, by ``max_steps`` or early
-stopping, leaves the run unfinished: ``close`` raises, naming how many passes were tracked) |
-
-The measurements call the LightningModule itself, ``module(inputs)``, and ``loss_fn(outputs, targets)`` (default
-cross-entropy): its ``forward`` must return what the loss takes. ``training_step`` must return the loss (or a dict
-with ``"loss"``), and the batch must be ``(inputs, targets)``. One optimizer, automatic optimisation, no gradient
-accumulation (the tracker counts one step per batch). Resuming a Lightning run from its checkpoint (``ckpt_path=``)
-is not supported yet (it is refused); a run started afresh in the directory of an interrupted one starts its records
-over.
+One optimizer, automatic optimisation, ``(inputs, targets)`` batches and a ``training_step`` that returns the loss;
+resuming from a Lightning checkpoint is refused. Details: docs/explanation/modules.md#lightning-callback
 """
 from __future__ import annotations
 

@@ -1,23 +1,10 @@
 """The training loop, with measurements as hooks on a schedule. `train_run` and `smoothness-lab ics` both run it.
 
-One step t, top to bottom (``run_steps``)::
+Each step t runs the point hooks at w_t (evaluation, checkpoint), the before hooks on the batch, forward and
+backward, the gradient hooks with the gradient known, the optimizer and scheduler steps and the step record; the
+point hooks run once more at the final weights. A non-finite loss ends the loop with `Diverged`.
 
-    point hooks       at w_t, before anything of step t      evaluation, per-pass smoothness, checkpoint
-    B_t = batches(t)
-    before hooks      at w_t on B_t                           line probe along −g, internal covariate shift
-    forward, backward: .grad = ∇L(w_t; B_t)
-    gradient hooks    at w_t on B_t, gradient known           line probe along the update, sharpness (Adam's P)
-    optimizer.step(); scheduler.step()
-    step record       loss and accuracy at w_t on B_t
-
-and after the last step the point hooks once more, at the final weights. A hook runs at the steps that are
-multiples of its ``every`` (point hooks: at the points t that are). Point hooks run first because a checkpoint
-written there must hold the state from which step t starts: a resumed run begins at such a point and skips its
-point hooks, which already ran.
-
-Step records are buffered (one host transfer per ``FLUSH_EVERY`` steps, not one per step) and always written before
-any other record, so records are in the order they describe. A non-finite step loss, or a hook's
-``smoothness.NonFiniteLossError``, ends the loop with `Diverged` at the first step whose loss was not finite.
+Details: docs/explanation/modules.md#loop
 """
 from __future__ import annotations
 

@@ -1,27 +1,10 @@
-"""Normalisation layers for the BatchNorm-smoothness experiments (METHODS.md §6 and §9).
+"""Normalisation layers for the BatchNorm-smoothness experiments (METHODS.md §6 and §9), written from scratch.
 
-Everything here is written from scratch with differentiable torch ops, so autograd gives the
-backward pass; the tests check it against ``torch.nn.BatchNorm1d/2d`` to 1e-6.
+:func:`batch_norm` and :class:`BatchNorm` (drop-in and state_dict compatible with ``nn.BatchNorm1d/2d``, torch's
+running-statistics convention), :class:`FunctionalBatchNorm`, Santurkar et al.'s :class:`NoisyBatchNorm` and
+:class:`LpNorm`, and the registry :data:`NORMS` / :func:`make_norm` the experiment configs use.
 
-Running-statistics convention (the one torch uses, and the only one exposed here)::
-
-    running = (1 - momentum) * running + momentum * batch_statistic
-
-``momentum`` is the weight of the *new* batch.  The course seeds 000/001/004 use the opposite
-weighting (``momentum * running + (1 - momentum) * batch`` with momentum 0.9) and seed 004 keeps a
-running *standard deviation*; we keep a running *variance* (unbiased) like torch, so state_dicts
-are interchangeable with ``nn.BatchNorm1d/2d``.
-
-Contents
---------
-- :func:`batch_norm` -- functional BatchNorm for (N, C), (N, C, L), (N, C, H, W).
-- :class:`BatchNorm` -- module, drop-in (state_dict compatible) for ``nn.BatchNorm1d/2d``.
-- :class:`FunctionalBatchNorm` -- seed 000's "functional" variant: a holder of parameters and
-  buffers whose forward is one call to :func:`batch_norm`.
-- :class:`NoisyBatchNorm` -- Santurkar et al. 2018 "noisy BN" (distributional shift injected
-  after every BN layer in training).
-- :class:`LpNorm` -- Santurkar's l_p normalisation, p in {1, 2, inf}.
-- :data:`NORMS` / :func:`make_norm` -- registry used by the experiment configs.
+Details: docs/explanation/modules.md#normalization
 """
 
 from __future__ import annotations

@@ -1,28 +1,11 @@
 """Optimizers, learning-rate schedules, the step an optimizer is about to take, and its stability threshold.
 
-- ``build_optimizer``: torch's own SGD (momentum, Nesterov, L2 weight decay), Adam (L2 weight decay) and AdamW
-  (decoupled weight decay); nothing is re-implemented, so a run trains exactly as torch does.
-- ``build_schedule``: torch's ``lr_scheduler`` classes, stepped once per optimizer step: ``constant``, ``cosine``
-  (``CosineAnnealingLR`` to 0 at the last step) or ``step`` (``StepLR``: × ``decay_factor`` every
-  ``decay_every`` steps), after an optional linear warmup (``LinearLR``, lr·(t+1)/W for t < W, chained by
-  ``SequentialLR``). ``lr_at`` is the same schedule in closed form (the tests hold torch's to it).
-- ``lookahead``: the update Δw that ``optimizer.step()`` would apply now, given the ``.grad`` fields, computed by
-  stepping a copy (copied parameters, deep-copied state) so that nothing of the real optimizer or model changes.
-  It also returns Adam's preconditioner for that step. Probes along the step actually taken
-  (``--probe-direction update``) and the preconditioned sharpness use it.
-- ``stability_threshold``: the largest curvature at which the optimizer's iteration on a quadratic stays stable
-  (Cohen et al. 2021, 2022), drawn beside the measured sharpness.
+``build_optimizer`` (torch's own SGD, Adam and AdamW), ``build_schedule`` (torch's schedulers, stepped once per
+optimizer step; ``lr_at`` is the same schedule in closed form), ``lookahead`` (the update ``optimizer.step()`` would
+apply now, and Adam's preconditioner, changing nothing) and ``stability_threshold`` (the largest curvature at which
+the optimizer's iteration on a quadratic stays stable; for Adam's preconditioned sharpness (2 + 2β₁)/((1 − β₁)η)).
 
-The Adam preconditioner (Cohen et al. 2022, "Adaptive Gradient Methods at the Edge of Stability", §2). torch's Adam
-step t (1-based) with m_t = β₁m_{t−1} + (1−β₁)g_t and v_t = β₂v_{t−1} + (1−β₂)g_t² is
-
-    Δw = −η · m_t / ((1 − β₁ᵗ)(√(v_t / (1 − β₂ᵗ)) + ε)) = −η P_t⁻¹ m_t,   P_t = (1 − β₁ᵗ)·diag(√v̂_t + ε),
-
-with v̂_t = v_t/(1 − β₂ᵗ): m's bias correction is folded into P, so the iteration is gradient descent with an
-exponential-moving-average momentum, preconditioned by P_t. (AdamW adds −ηλw, which does not change P.) On a
-quadratic with P frozen, that iteration is heavy-ball with step η(1−β₁) and momentum β₁ along each eigenvector of
-P⁻¹H, stable while λ_max(P⁻¹H) < (2 + 2β₁)/((1 − β₁)η): 38/η for β₁ = 0.9. That, not 2/η, is the threshold
-for Adam's preconditioned sharpness (tested on torch's Adam in tests/experiments/test_optim.py).
+Details: docs/explanation/modules.md#optim
 """
 from __future__ import annotations
 

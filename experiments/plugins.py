@@ -1,33 +1,11 @@
 """Your model, your data: ``--model MODULE:FACTORY`` and ``--dataset MODULE:FACTORY`` (or ``imagefolder:PATH``).
 
-**Which entries are import strings.** ``--model`` / ``--models`` entries already use ``model:norm`` for norm variants
-(``convnet:noisy``). An entry ``A:B`` is a built-in model with a norm when A is a registry name (``MODELS``), and an
-import string otherwise: ``small_resnet:resnet`` imports module ``small_resnet`` (from ``sys.path``: put its folder on
-``PYTHONPATH``) and calls its attribute ``resnet``. A module named like a built-in model (a module ``mlp``) is reached
-through its package (``mypkg.mlp:net``). A dataset ``A:B`` is an image folder when A is ``imagefolder``
-(``experiments.imagefolder``), else an import string.
+Tells import strings from built-in ``model:norm`` entries, calls the factories, reads user datasets once into
+tensors (not standardised), puts the import strings in the run id and the factories' source hashes and the data's
+fingerprint in the run directory, and checks data and models before anything is written (`check_runs`: a one-line
+`PluginError` naming what to fix).
 
-**Factories.** A model factory returns an ``nn.Module`` whose outputs are the logits (with ``--loss mse``, the
-outputs regressed on one-hot targets); it is called with the ``--model-arg`` values plus ``input_shape`` and
-``num_classes`` where its signature takes them. A dataset factory, called with the ``--dataset-arg`` values, returns
-``(train, test)`` map-style torch Datasets (or ``{"train": ..., "test": ...}``) whose items are ``(tensor, int
-label)``: torchvision's convention. Both splits are read once, item by item, into tensors (the project's rule: no
-per-sample transforms in the training loop), cached per process; the input shape is the items' and the number of
-classes ``len(train.classes)`` where the dataset has ``classes``, else the largest label + 1. ``--subset`` and the
-seed choose the training subset as for the built-in datasets; the user's data is **not standardised**: a dataset
-brings its own transforms (torchvision's ``Normalize``), and a second standardisation would silently change them.
-
-**Identity.** The import string and its arguments are part of the run id (``RunConfig.model_args`` /
-``dataset_args``, hashed only when set). The sha256 of each factory's source file is recorded in the run's
-``code.json`` (not hashed: editing a comment must not orphan a run); ``smoothness-lab status`` says "code changed
-since this run" when the file no longer has that hash, and ``--resume`` refuses to continue such a run
-(``store.RunStore.begin``). Image folders and user datasets also put a fingerprint of the tensors read
-(`tensor_fingerprint`) in ``dataset.json``, so a resume on changed data is refused too.
-
-Every mistake is a one-line `PluginError` that names what to fix, raised by the checks the CLI makes before it writes
-anything (`check_runs`, for built-in models and registry datasets too): the data (finite inputs, two classes or more)
-and each model, built once and probed in eval and train mode (`_probe`; `experiments.input_checks` holds the checks
-the Tracker shares).
+Details: docs/explanation/modules.md#plugins
 """
 from __future__ import annotations
 

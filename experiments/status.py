@@ -1,31 +1,16 @@
-"""`smoothness-lab status`: what state each run of a study is in, from what its directory says.
+"""`smoothness-lab status`: what state each run of a study is in, from what its directory says. Reads only.
 
-Reads only. The states, checked in this order (results/README.md describes the files):
+The states, checked in this order:
+running      a live process holds the run's lock (``store.run_lock``)
+corrupt      the directory cannot be trusted; the detail is ``<file>:<line>: <reason>``
+truncated    finished, but records.jsonl holds fewer bytes than the run finished with
+diverged     a ``diverged`` record (the run stopped at a non-finite loss)
+done         the ``done`` marker
+failed       the launcher logged an exception; a relaunch tries again from the last checkpoint
+interrupted  started, neither finished nor failed, and no live process holds it
+not started  expected by the study's ``study.json`` grids (or its directory holds nothing yet)
 
-=============  ===================================================================================================
-running        a live process holds the run's lock (``store.run_lock``: an flock on its run.log, released by
-               the kernel when the process dies, even on SIGKILL); the detail names its pid and host. Seen from
-               any machine whose file system shows that lock (local disks, NFSv4; not every cluster file system).
-corrupt        the directory cannot be trusted: config.json missing (while records or ``done`` exist), not a JSON
-               object or not a valid config; a records line that is not UTF-8, not JSON or not a record object
-               (only the last line of an unfinished run may be torn: a kill mid-write); ``done`` without records.
-               The detail is ``<file>:<line>: <reason>``. Move the directory away (or repair it) and relaunch.
-truncated      finished (``done``), but records.jsonl holds fewer bytes than the run finished with (the records
-               mark that ``done`` keeps, or the last checkpoint's for older runs: ``store.check_finished``); its
-               last records, maybe its final evaluation, are missing. A records file changed otherwise is corrupt.
-diverged       a ``diverged`` record (the run stopped at a non-finite loss; it is finished).
-done           the ``done`` marker; the detail gives the last test accuracy.
-failed         the launcher logged an exception (``failed`` line of run.log), with the checkpoint it would resume
-               from: relaunching (a sweep, or ``--resume``) tries again from there.
-interrupted    started but neither finished nor failed, and no live process holds it: Ctrl-C, SIGTERM, a kill or
-               a crash of the machine. The detail gives the checkpoint a relaunch resumes from, and how it ended
-               where run.log tells (``interrupted`` line; ``start`` line from another host, which may still run
-               it if the lock is not visible from here).
-not started    expected by the study's ``study.json`` grids (or its directory holds nothing yet).
-=============  ===================================================================================================
-
-Each run's line ends with the features that wrote records in it (``features: evaluation, probe, ...``), read from the
-feature registry, so a feature registered from outside the package is listed too.
+Details: docs/explanation/modules.md#status
 """
 from __future__ import annotations
 

@@ -1,23 +1,9 @@
 """One training run, top to bottom: data → model → optimizer and schedule → the loop (experiments/loop.py), with
-every measurement a hook on a schedule. The hooks come from the measurement registry (experiments/features/,
-one file each), built from a `RunContext` of this run, in registry order; every ``--*-every`` is 0 = off:
+every measurement a hook on a schedule, built from the measurement registry (experiments/features/) in registry
+order. Records go to the run's store as they are produced; a checkpoint holds everything the rest of the run depends
+on, so ``resume=True`` continues to the same records as an uninterrupted run.
 
-| measurement | hook | when | record |
-|---|---|---|---|
-| ``step`` | (the loop) | every step, before the update, on the step's batch | ``step``: loss, accuracy (and ``lr`` under a schedule) |
-| ``evaluation`` | ``eval`` | at initialisation, every ``eval_every`` passes and at the end | ``eval``: train/test loss and accuracy, running BN |
-| ``probe`` | ``probe`` | every ``probe_every`` steps, on the step's batch | ``probe``: Santurkar's line probe along −g, or along the optimizer's update (``probe_direction``) |
-| ``sharpness`` | ``sharpness`` | every ``sharpness_every`` steps, gradient known | ``sharpness``: λ_max on the fixed sharpness sample, the optimizer's stability threshold, Adam's λ_max(P⁻¹H) |
-| ``spectrum`` | ``spectrum`` | at evaluations every ``spectrum_every`` passes and at the end | ``spectrum``: Hessian density, top eigenvalues, gradient concentration, per BN mode |
-| ``smoothness`` | ``smoothness`` | at every evaluation | ``smoothness``: local smoothness at the optimizer's current step size (``pass_local_smoothness``), λ_max (``pass_sharpness``) |
-| ``generalization`` | ``generalization``, ``target`` | at evaluations every ``generalization_every`` passes, at the end and at the target | ``generalization``; ``target`` when ``target_train_loss`` is set (then the run stops there) |
-| (this module) | ``checkpoint`` | last at every evaluation | a checkpoint, timing.json |
-
-Records go to the run's store as they are produced (results/README.md). A checkpoint holds everything the rest of
-the run depends on (weights and BatchNorm statistics, optimizer and scheduler state, the minibatch sampler, torch's
-RNGs, what measurements keep between calls (``RunContext.checkpointed``: the last sharpness vectors a warm start
-begins from)) and the records it covers (its records mark), so
-``resume=True`` continues from it to the same records as an uninterrupted run, replaying nothing.
+Details: docs/explanation/modules.md#training
 """
 from __future__ import annotations
 

@@ -1,21 +1,10 @@
 """Figures of a study: every seed drawn as a thin line, the mean over the runs the report averages drawn bold.
 
-Every figure function takes ``(df, runs)`` from ``load`` / ``load_runs`` and returns a matplotlib Figure drawn on the
-Agg canvas (no display, no pyplot state). Curves are smoothed per run with a centred rolling mean over ``smooth``
-consecutive records (as Santurkar et al. do for Fig. 4; capped at a fifth of the run's records).
+Every figure function takes ``(df, runs)`` from ``load`` / ``load_runs`` and returns a matplotlib Figure on the Agg
+canvas, byte-reproducible. Diverged and unfinished runs are drawn thin and enter no mean, as in the report; a 95%
+band is drawn only where at least ``stats.BAND_MIN_N`` runs are averaged.
 
-What is drawn, and why:
-
-- One thin line per run (seed), so that a reader sees the spread itself rather than a summary of three numbers.
-- A bold line: the mean over the runs that the report averages (``metrics.averaged``: finished runs; unfinished
-  ones only with ``include_unfinished``). Diverged runs are drawn thin up to their last finite record and marked ×
-  at the top of the axes at their divergence step; unfinished runs are drawn thin and dashed. Neither enters a mean,
-  exactly as in the report.
-- A shaded 95% t-interval around the mean only where at least ``stats.BAND_MIN_N`` (5) runs are averaged: with 3
-  seeds the interval is ±4.3 standard errors and a band, bootstrap or t, mostly shows how few seeds there are.
-
-Legends give the number of runs per curve and how many diverged or are unfinished. Figures are byte-reproducible:
-nothing random is drawn and no date is written (``save_figure``). Which figures a study gets: the features' figure writers (``plots.plot_study``).
+Details: docs/explanation/modules.md#analysis-figures
 """
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
 """``--executor process``: every task in a process of its own, at most ``workers`` at once.
 
-The processes are forked from multiprocessing's fork server, which imports torch and the training code once and
-never runs a torch operation: starting a task costs about 0.1 s instead of a fresh interpreter's torch import (6-12 s
-on a busy 2-core machine), and, like spawn, no process inherits threads (plain fork after torch has started threads
-can deadlock). Where there is no fork server they are spawned.
+The processes come from multiprocessing's fork server (torch imported once, no inherited threads), or are spawned
+where there is none. A process that dies fails exactly its task; Ctrl-C, SIGTERM or an error in the caller interrupt
+the running processes and kill them after ``INTERRUPT_GRACE`` seconds.
 
-A task's process sends progress and then its result over a pipe of its own; a task leaves the books only with a
-result, or, when its process ended without one (killed, out of memory), as failed with how it died. There is no
-process reuse, so no task can be handed to a dead process, and a death at any moment fails exactly that task while
-the others go on. Objects shared by many tasks (``Task.shared``) are written once to a temporary folder that each
-process reads.
-
-Ctrl-C, SIGTERM or an error in the caller interrupt the running processes (SIGINT: KeyboardInterrupt in the task),
-give them ``INTERRUPT_GRACE`` seconds, then kill them. A process whose parent is gone (the launcher killed, even by
-SIGKILL) removes the shared folder, interrupts its task and exits.
+Details: docs/explanation/modules.md#executors-process
 """
 from __future__ import annotations
 

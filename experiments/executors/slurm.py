@@ -1,21 +1,10 @@
 """``--executor slurm``: one SLURM job per task, submitted and followed through submitit.
 
-Every job calls the task's function with the same arguments and thread count as the other executors, so a training
-run's records are identical to theirs (tests/experiments/test_slurm.py compares them with the serial executor's).
-What the cluster must provide: the results directory and the dataset on a file system every node sees, and this
-package importable by the job's Python (submitit runs the jobs with the launcher's interpreter, ``sys.executable``,
-and SLURM passes the launcher's environment on, so an installed package or a PYTHONPATH both work).
+A run's records are identical to the other executors'. A job cut off by its time limit or by preemption is requeued
+and continues from the run's last checkpoint; ``cluster="local"`` tries a cluster launch without a cluster; Ctrl-C
+or SIGTERM cancels the submitted jobs. Every node must see the results directory and the dataset.
 
-A job cut off by its time limit or by preemption is not lost: SLURM signals it (USR2, 90 s ahead) and submitit
-calls ``TaskJob.checkpoint``, which requeues the task with its ``again`` arguments (a training run: ``resume=True``);
-the requeued job continues from the run's last checkpoint (after 3 time-outs submitit gives up and the task is
-reported failed). ``cluster="local"`` runs the jobs as processes on this machine through submitit's local executor:
-the way to try a cluster launch (and to test it) without a cluster.
-
-The launcher follows the jobs (``job.done()``); a job on another node cannot send progress, so the launcher asks
-each running task's ``watch()`` (a training run reads its records file). Ctrl-C or SIGTERM cancels the jobs it
-submitted (``scancel``); killing the launcher with SIGKILL leaves them running on the cluster. Submitit's job scripts
-and logs go to ``<workdir>/.slurm/`` (the study directory; or ``log_dir``), named by job id.
+Details: docs/explanation/modules.md#slurm
 """
 from __future__ import annotations
 

@@ -1,21 +1,11 @@
 """Sharpness-versus-generalisation measures of one network (Jiang et al. 2020, Andriushchenko et al. 2023):
 the ``generalization`` record a run writes every ``generalization_every`` passes and at its end.
 
-Every measure is taken on the same fixed sample of ``generalization_samples`` training images, in ``running`` BN mode
-(eval mode: the function whose test error the generalisation gap is about), with its random numbers from a generator
-seeded with ``SEED``, so a measure is a deterministic function of the weights. The options are fixed here rather than
-on the command line: they are part of what the ``generalization`` record means, and the report names them.
+Every measure is taken on one fixed sample of training images in ``running`` BN mode, with random numbers from a
+generator seeded with ``SEED``, so it is a deterministic function of the weights; the options are fixed here, as
+part of what the record means.
 
-| field | measure | cost on the MLP of the preset |
-|---|---|---|
-| ``worst_case_sharpness`` | max L(w+δ) − L(w), ‖δ/|w|‖₂ ≤ ρ = 0.1 (adaptive, APGD-style ascent, 20 steps) | 21 passes |
-| ``average_case_sharpness`` | E L(w+δ) − L(w), δ ~ N(0, ρ²diag(w²)), ρ = 0.1, 100 draws | 101 forwards |
-| ``epsilon_sharpness`` | Keskar et al.'s ε-sharpness, ε = 1e-3 | 21 passes |
-| ``pacbayes_flatness`` | Jiang et al.'s 1/σ² at a mean loss increase of 0.1 | ~225 forwards |
-| ``pacbayes_mag_flatness`` | the same with magnitude-aware noise | ~240 forwards |
-| ``relative_flatness`` | Petzka et al.'s κ of the last linear layer (Hutchinson, 50 probes) | 50 products |
-| ``lambda_max``, ``hessian_trace`` | top Hessian eigenvalue (tol 1e-3), Hutchinson trace (50 probes) | ~30 + 50 products |
-| ``distance_to_init``, ``spectral_product_log``, ``path_norm`` | weight-norm baselines | no data |
+Details: docs/explanation/modules.md#generalization-compute
 """
 from __future__ import annotations
 
