@@ -25,7 +25,7 @@ from experiments.config import EXECUTION_FIELDS, RunConfig
 from experiments.executors import ExecutorOptions, Outcome, Task, check_executor, default_workers, run_tasks
 from experiments.launch_result import RunOutcome
 
-DEFAULT_THREADS = 1          # the same for every executor: see the module docstring
+DEFAULT_THREADS = 1          # the same for every executor (docs/explanation/modules.md#threads-and-reproducibility)
 
 
 def default_threads() -> int:
