@@ -1,7 +1,6 @@
 """Named studies (``smoothness-lab run --study NAME``): the seed labs and Santurkar's controls as grids."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Dict
 
 from experiments.config import ConfigError, RunConfig, StudyConfig

@@ -4,11 +4,9 @@ pass, BatchNorm on one input, no nn.Linear for --generalization-every, the wrong
 single class, and resuming a run whose model changed shape."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np

@@ -1,6 +1,5 @@
 """End to end through the CLI on a small subset of real FashionMNIST (skipped, saying why, without the data)."""
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner

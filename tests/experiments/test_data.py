@@ -13,7 +13,6 @@ import hashlib
 import os
 import math
 import random
-import shutil
 import urllib.error
 from pathlib import Path
 

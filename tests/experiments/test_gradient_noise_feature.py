@@ -107,7 +107,6 @@ def test_watch_stops_cleanly_on_ctrl_c(tmp_path):
 def test_a_tracked_loop_writes_the_gradient_noise_records_of_the_built_in_loop(tmp_path):
     """The Tracker (and so the Lightning callback, which drives it) measures the feature as train_run does: α along
     the update the optimizer is about to make (SGD with momentum: not −ηg)."""
-    import dataclasses
     sys.path.insert(0, str(Path(__file__).parent))
     from tracked_loop import tracked_run
     cfg = RunConfig(model="mlp", dataset="synthetic", subset=0.1, epochs=2, batch_size=20, optimizer="sgd",

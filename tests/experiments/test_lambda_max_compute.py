@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from experiments.features.evaluation import compute as evaluation
-from experiments.features.lambda_max import compute as tracking
 from experiments.models import build_model
 
 

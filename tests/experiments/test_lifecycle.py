@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -53,19 +51,12 @@ def _save_split(path: Path, n: int, seed: int) -> None:
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
+def user_module(user_module_from):
     """A user module (model and dataset factories) on sys.path, and the tensor files its dataset reads."""
-    folder = tmp_path / "pkg"
-    folder.mkdir()
-    (folder / f"{MODULE}.py").write_text(textwrap.dedent(FACTORIES))
+    folder = user_module_from(MODULE, FACTORIES).parent
     _save_split(folder / "train.pt", 60, 0)
     _save_split(folder / "test.pt", 30, 1)
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    plugins._user_splits.cache_clear()
-    yield folder
-    sys.modules.pop(MODULE, None)
-    plugins._user_splits.cache_clear()
+    return folder
 
 
 def _user_cfg(folder: Path) -> RunConfig:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -58,16 +57,8 @@ class BNNet(nn.Module):
 
 
 @pytest.fixture
-def user_module(tmp_path, monkeypatch):
-    folder = tmp_path / "pkg"
-    folder.mkdir()
-    (folder / f"{MODULE}.py").write_text(textwrap.dedent(FACTORIES))
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.delitem(sys.modules, MODULE, raising=False)
-    plugins._user_splits.cache_clear()
-    yield folder
-    sys.modules.pop(MODULE, None)
-    plugins._user_splits.cache_clear()
+def user_module(user_module_from):
+    return user_module_from(MODULE, FACTORIES).parent
 
 
 def cli(*args):

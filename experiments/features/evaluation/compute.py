@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import smoothness
 
 # Eval mode makes chunking exact (no batch statistics) and bounds memory. On CPU, small chunks with the conv weights
 # in channels_last (NHWC) layout run oneDNN's fast path (benchmarks/results/training.md); GPUs keep large chunks, and

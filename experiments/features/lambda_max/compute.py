@@ -1,8 +1,7 @@
 """The step-wise sharpness record (λ_max of the train-mode Hessian on a fixed sample) and its warm start."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F

@@ -17,7 +17,6 @@ within ±10% of the threshold (``BAND``). Cohen et al. report the sharpness "hov
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd

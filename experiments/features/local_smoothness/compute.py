@@ -1,10 +1,8 @@
 """Seed 003's local smoothness along a minibatch step (``smoothness.local_lipschitz``)."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -5,10 +5,9 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from experiments.analysis.figures import (GRAD_DIFF, SMOOTH, band, curve_labels, figure_grid, legend, loss_name,
-                                          run_palette, seeds_and_mean)
+from experiments.analysis.figures import (curve_labels, figure_grid, legend, run_palette, seeds_and_mean)
 from experiments.analysis.load import select
-from experiments.analysis.plots import FigureWriter, always
+from experiments.analysis.plots import FigureWriter
 from experiments.plotstyle import styled
 
 

@@ -1,10 +1,8 @@
 """The ``probe`` record: Santurkar et al.'s line probe on the step's batch (``smoothness.line_probe``)."""
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Dict, List, Mapping, Optional
+from typing import Callable, Dict, Mapping, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from experiments.analysis.figures import (BAND_MIN_N, GRAD_DIFF, SMOOTH, band, curve_labels, figure_grid, legend,
                                           loss_name, run_palette, seeds_and_mean)
-from experiments.analysis.load import select
 from experiments.analysis.plots import FigureWriter, always
 from experiments.plotstyle import styled
 

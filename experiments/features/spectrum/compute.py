@@ -23,7 +23,7 @@ trajectory is the same with or without them. The records hold no wall-clock time
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
