@@ -118,3 +118,14 @@ def test_a_tracked_loop_writes_the_gradient_noise_records_of_the_built_in_loop(t
     assert tracked == built
     kinds = [json.loads(line)["kind"] for line in built.decode().splitlines()]
     assert kinds.count("gradient_noise") == kinds.count("gradient_noise_example") == 5
+
+
+def test_the_sample_is_cut_into_minibatches_of_the_runs_size_or_two_halves():
+    import torch
+    from experiments.features.gradient_noise.compute import fixed_minibatches
+    x, y = torch.arange(100.).view(100, 1), torch.arange(100)
+    order = torch.randperm(100, generator=torch.Generator().manual_seed(0))
+    batches = fixed_minibatches(x, y, order, 8, 32)            # only 3 minibatches of 32 fit in 100 images
+    assert [len(b[1]) for b in batches] == [32, 32, 32] and torch.equal(batches[0][1], order[:32])
+    halves = fixed_minibatches(x[:10], y[:10], torch.arange(10), 8, 32)   # fewer than two minibatches: two halves
+    assert [b[1].tolist() for b in halves] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]

@@ -95,7 +95,10 @@ def test_preset_runs_one_step(preset, spec, offline_data, tmp_path):
     kinds = {json.loads(line)["kind"] for line in (outcome.path / "records.jsonl").read_text().splitlines()}
     optional = {"sharpness": cfg.sharpness_every > 0, "spectrum": cfg.spectrum_every > 0,  # preset-specific extras
                 "probe": cfg.probe_every > 0, "generalization": cfg.generalization_every > 0,
-                "target": cfg.target_train_loss > 0, "per_layer": cfg.per_layer}
+                "target": cfg.target_train_loss > 0, "per_layer": cfg.per_layer,
+                "gradient_noise": cfg.gradient_noise_every > 0,
+                "gradient_noise_example": cfg.gradient_noise_every > 0 and cfg.gradient_noise_unit != "batch"
+                and cfg.norm in ("none", None)}
     assert kinds == {"eval", "smoothness", "step"} | {k for k, on in optional.items() if on}
     saved = RunConfig.from_dict(json.loads((outcome.path / "config.json").read_text()))
     assert (saved.model, saved.norm, saved.dataset, saved.naive_init) == (cfg.model, cfg.norm, cfg.dataset,

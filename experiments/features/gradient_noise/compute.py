@@ -18,11 +18,13 @@ EDGES = tuple(float(e) for e in torch.linspace(-2.0, 2.0, 101))
 def fixed_minibatches(x: torch.Tensor, y: torch.Tensor, order: torch.Tensor, n_batches: int,
                       batch_size: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """The first ``n_batches`` × ``batch_size`` images of the run's fixed permutation, as that many minibatches
-    (fewer when the training subset is smaller; at least two)."""
+    (fewer when the training subset is smaller). A subset smaller than two minibatches is cut into two halves: the
+    records' ``unit_size`` says which size the units had."""
+    if len(order) < 2:
+        raise ValueError("the gradient-noise sample needs at least two training images")
     n_batches = min(n_batches, len(order) // batch_size)
     if n_batches < 2:
-        raise ValueError(f"the gradient-noise sample needs two minibatches of {batch_size} images, and the training "
-                          f"subset has {len(order)}: lower --batch-size or raise --subset")
+        n_batches, batch_size = 2, len(order) // 2
     idx = order[:n_batches * batch_size]
     return [(x[idx[i * batch_size:(i + 1) * batch_size]], y[idx[i * batch_size:(i + 1) * batch_size]])
             for i in range(n_batches)]
