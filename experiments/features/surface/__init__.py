@@ -2,5 +2,4 @@
 from experiments.features.base import Feature
 
 FEATURE = Feature("surface", "1-D/2-D loss surfaces and interpolations of finished runs (smoothness-lab surface)",
-                  figures=("experiments.features.surface.figures:SURFACES",),
                   commands=("experiments.features.surface.command:surface_command",))

@@ -20,10 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from experiments.plotstyle import styled
-from experiments.store import has_config, surface_files
-from experiments.features.surface.grid import StoredSurface, read_surface
+from experiments.features.surface.grid import StoredSurface
 from experiments.analysis.figures import save_figure
-from experiments.analysis.plots import StudyWriter
 from experiments.analysis.load import AnalysisError, model_order
 
 VMIN, VMAX, VLEVEL = 0.1, 10.0, 0.5   # loss-landscape's plot_2D.py defaults
@@ -195,36 +193,3 @@ def plot_surfaces(surfaces: Sequence[StoredSurface], out_dir, *, vmin: float = V
     else:
         fig = curves_figure(surfaces)
     return save_figure(fig, out_dir, surfaces[0].path.stem)
-
-
-def find_surfaces(run_dirs: Sequence[Path]) -> Dict[str, List[StoredSurface]]:
-    """Every stored surface of the runs, grouped by file stem (one stem = one set of options)."""
-    groups: Dict[str, List[StoredSurface]] = defaultdict(list)
-    for run_dir in run_dirs:
-        for path in surface_files(run_dir):
-            groups[path.stem].append(read_surface(path))
-    return dict(sorted(groups.items()))
-
-
-def plot_study_surfaces(study_dir, out_dir=None, **levels) -> List[Path]:
-    """Redraw every surface stored under a study's runs into ``study_dir/figures`` (or ``out_dir``)."""
-    study_dir = Path(study_dir)
-    runs = sorted(p for p in study_dir.iterdir() if has_config(p)) if study_dir.is_dir() else []
-    groups = find_surfaces(runs)
-    if not groups:
-        raise AnalysisError(f"{study_dir}: no run holds surfaces/*.npz; compute them with `smoothness-lab surface`")
-    paths: List[Path] = []
-    for surfaces in groups.values():
-        paths += plot_surfaces(surfaces, out_dir or study_dir / "figures", **levels)
-    return paths
-
-
-def _has_surfaces(df, runs) -> bool:
-    return any(surface_files(Path(path)) for path in runs.get("path", ()))
-
-
-def _write(results_dir, out_dir=None, notify=None) -> List[Path]:
-    return plot_study_surfaces(results_dir, out_dir)
-
-
-SURFACES = StudyWriter("surfaces", _has_surfaces, _write)
