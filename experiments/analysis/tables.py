@@ -1,4 +1,4 @@
-"""Markdown cells and tables, shared by the report (``report``) and the spectrum comparison (``spectrum_stats``)."""
+"""Markdown cells and tables, shared by the report and the features' paired-test tables."""
 from __future__ import annotations
 
 import math
@@ -25,3 +25,13 @@ def mean_sd(values, missing: str = "–") -> str:
     if v.empty:
         return missing
     return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.iloc[0]:.4g}"
+
+
+def families_markdown(header: list[str], families, note: str) -> str:
+    """Sections of paired-test tables, one per family ``(heading, rows)`` that has rows, after ``note``; "" when no
+    family has any."""
+    out = []
+    for heading, rows in families:
+        if rows:
+            out += [f"## {heading}", "", *md_table(header, rows), ""]
+    return "\n".join([note, ""] + out) if out else ""

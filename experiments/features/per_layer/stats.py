@@ -22,7 +22,7 @@ from experiments.features.per_layer.compute import WHOLE
 from experiments.analysis import stats as st
 from experiments.analysis.load import family_pairs, model_order
 from experiments.analysis.report import compare_groups
-from experiments.analysis.tables import fmt, fmt_p, md_table
+from experiments.analysis.tables import families_markdown, fmt, fmt_p
 
 METRICS = (("lambda_H", "λ_max(H)"), ("lambda_G", "λ_max(G)"), ("trace_H", "tr(H)"), ("trace_G", "tr(G)"),
            ("trace_rest", "tr(H − G)"))
@@ -100,15 +100,13 @@ def _variant_markdown(table: pd.DataFrame, variant: str) -> str:
                     h = g  # two float32 routes to the same matrix: equal, not a 1e-9 "effect" with a p-value
                 within.append((layer, "λ_max: H − G", f"{model} G", f"{model} H", rows.assign(value=g),
                                rows.assign(value=h), "value"))
-    out = []
     of_variant = f" ({variant})" if variant else ""
     models = model_order(runs["model"])
     bases = list(dict.fromkeys(a for a, _ in family_pairs(models))) or models[:1]
-    for title, cases in ((f"BatchNorm: each network − {', '.join(bases)}, paired by seed", networks),
-                         ("H vs G: λ_max of the Hessian block − λ_max of the GGN block, same run", within)):
-        if cases:
-            out += [f"## Paired tests at epoch {epoch}{of_variant}: {title}", "", *md_table(HEADER, _rows(cases)), ""]
-    if out:
-        out = ["Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and options "
-               "(a Welch test, labelled, where fewer than 2 pairs exist); 95% CI: paired t-interval.", ""] + out
-    return "\n".join(out)
+    families = [(f"BatchNorm: each network − {', '.join(bases)}, paired by seed", networks),
+                ("H vs G: λ_max of the Hessian block − λ_max of the GGN block, same run", within)]
+    return families_markdown(HEADER, [(f"Paired tests at epoch {epoch}{of_variant}: {title}", _rows(cases) if cases
+                                       else []) for title, cases in families],
+                             "Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and "
+                             "options (a Welch test, labelled, where fewer than 2 pairs exist); 95% CI: paired "
+                             "t-interval.")

@@ -20,7 +20,7 @@ import pandas as pd
 from experiments.analysis import stats as st
 from experiments.analysis.load import family_pairs, model_order
 from experiments.analysis.report import compare_groups
-from experiments.analysis.tables import fmt, fmt_p, md_table
+from experiments.analysis.tables import families_markdown, fmt, fmt_p
 
 METRICS = (("lambda_max", "λ_max"), ("outlier_ratio", "λ_max / λ_k"), ("bulk_ratio", "λ_max / rms"),
            ("gradient_concentration", "concentration"))
@@ -70,13 +70,10 @@ def _variant_markdown(table: pd.DataFrame, variant: str) -> str:
                     population += [(epoch, m, f"{model} batch", f"{model} running",
                                     rows[rows["bn_mode"] == "batch"], rows[rows["bn_mode"] == "running"])
                                    for m in METRICS]
-    out = []
     of_variant = f" ({variant})" if variant else ""
-    for title, cases in (("Networks (train-mode Hessian)", networks),
-                         ("Population statistics (same weights, running − batch)", population)):
-        if cases:
-            out += [f"## Paired tests{of_variant}: {title}", "", *md_table(HEADER, _rows(cases)), ""]
-    if out:
-        out = ["Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and options "
-               "(a Welch test, labelled, where fewer than 2 pairs exist).", ""] + out
-    return "\n".join(out)
+    families = [("Networks (train-mode Hessian)", networks),
+                ("Population statistics (same weights, running − batch)", population)]
+    return families_markdown(HEADER, [(f"Paired tests{of_variant}: {title}", _rows(cases) if cases else [])
+                                      for title, cases in families],
+                             "Each family Holm-adjusted over all its rows; pairs = runs with the same seed, lr and "
+                             "options (a Welch test, labelled, where fewer than 2 pairs exist).")
